@@ -1,0 +1,751 @@
+//! From probe events to journal operations.
+//!
+//! [`Capture`] owns the probes, the inode table and the pending write extents. Its loop
+//! drains the ring buffer, turns each event into operations named by path, coalesces data
+//! writes per file, and flushes them whenever the ring buffer runs dry or before any
+//! namespace operation (so the journal stays in causal order). It polls the probes' drop
+//! counter: a loss makes it re-walk the tree and journal a `rescan`, never pass silently.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    fs,
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use imezzo_common::{kind, DevIno, FdEvent, PathEvent, FMODE_CREATED};
+
+use crate::{
+    extents::Extents,
+    inode_table::{components, join, InodeTable, Kind},
+    op::{JournalEntry, Op, RelPath, Timestamp, WriteSource},
+    probes::{ProbeConfig, ProbeError, Probes},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("root {0} does not exist")]
+    RootMissing(PathBuf),
+    #[error("root {0} is not a directory")]
+    RootNotDir(PathBuf),
+    #[error("cannot read root {0}: {1}")]
+    RootUnreadable(PathBuf, std::io::Error),
+    #[error(
+        "another imezzo is already capturing {0} (it holds {1}); stop it first, or watch another root"
+    )]
+    AlreadyRunning(PathBuf, PathBuf),
+    #[error("cannot create the instance lock {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
+    #[error("--ring-bytes must be a power of two and at least 4096, got {0}")]
+    RingSize(u32),
+    #[error(transparent)]
+    Probes(#[from] ProbeError),
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    pub root: PathBuf,
+    /// Ring buffer size in bytes, a power of two, at least one page.
+    pub ring_bytes: u32,
+}
+
+impl CaptureConfig {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        CaptureConfig { root: root.into(), ring_bytes: 8 << 20 }
+    }
+}
+
+/// Counters for the status line and the exit summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureStats {
+    pub events: u64,
+    pub drops: u64,
+    pub rescans: u64,
+    pub ops: u64,
+}
+
+pub struct Capture {
+    root: PathBuf,
+    dev: u64,
+    kernel_dev: u32,
+    probes: Probes,
+    table: InodeTable,
+    pending: Extents,
+    seq: u64,
+    stats: CaptureStats,
+    _lock: fs::File,
+}
+
+/// The kernel's encoding of a device number, `major << 20 | minor`, from `stat`'s.
+pub fn kernel_dev(st_dev: u64) -> u32 {
+    let major = libc::major(st_dev);
+    let minor = libc::minor(st_dev);
+    (major << 20) | minor
+}
+
+fn stat_time(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp { sec, nsec: nsec as u32 }
+}
+
+enum Event {
+    Fd(FdEvent),
+    Path(Box<PathEvent>),
+}
+
+/// Copies one ring-buffer record out, checking its kind and size.
+fn decode(bytes: &[u8]) -> Option<Event> {
+    let k = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    if k == kind::PATH && bytes.len() >= size_of::<PathEvent>() {
+        // SAFETY: a PathEvent is plain integers; read_unaligned copes with alignment.
+        Some(Event::Path(Box::new(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })))
+    } else if k != kind::PATH && bytes.len() >= size_of::<FdEvent>() {
+        // SAFETY: as above, for FdEvent.
+        Some(Event::Fd(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }))
+    } else {
+        None
+    }
+}
+
+/// Where a path in an event leads.
+enum Located {
+    /// Beneath the root: its components.
+    Inside(Vec<Vec<u8>>),
+    /// Elsewhere: not ours.
+    Outside,
+    /// Beneath the root maybe, but we cannot tell where (a symlinked directory, a name we
+    /// do not know): the caller rescans.
+    Unknown(String),
+}
+
+impl Capture {
+    /// Checks the root, takes the instance lock, loads the probes, then walks the tree.
+    /// The probes are attached before the walk, so no change falls between the two.
+    pub fn start(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
+        if !cfg.ring_bytes.is_power_of_two() || cfg.ring_bytes < 4096 {
+            return Err(CaptureError::RingSize(cfg.ring_bytes));
+        }
+        let root = match fs::canonicalize(&cfg.root) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CaptureError::RootMissing(cfg.root.clone()))
+            }
+            Err(e) => return Err(CaptureError::RootUnreadable(cfg.root.clone(), e)),
+        };
+        let meta = fs::metadata(&root).map_err(|e| CaptureError::RootUnreadable(root.clone(), e))?;
+        if !meta.is_dir() {
+            return Err(CaptureError::RootNotDir(cfg.root.clone()));
+        }
+        let instance = format!("dev{}-ino{}", meta.dev(), meta.ino());
+        let lock = take_lock(&root, &instance)?;
+        let kdev = kernel_dev(meta.dev());
+        let probes = Probes::load(&ProbeConfig {
+            root: &root,
+            kernel_dev: kdev,
+            ring_bytes: cfg.ring_bytes,
+            instance: &instance,
+        })?;
+        let table = InodeTable::build(&root).map_err(|e| CaptureError::RootUnreadable(root.clone(), e))?;
+        log::info!(
+            "capturing {} (device {}:{}, {} inodes), probes pinned in {}",
+            root.display(),
+            libc::major(meta.dev()),
+            libc::minor(meta.dev()),
+            table.len(),
+            probes.pin_dir().display()
+        );
+        Ok(Capture {
+            root,
+            dev: meta.dev(),
+            kernel_dev: kdev,
+            probes,
+            table,
+            pending: Extents::default(),
+            seq: 0,
+            stats: CaptureStats::default(),
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn stats(&self) -> CaptureStats {
+        self.stats
+    }
+
+    /// Runs until `stop` is set, handing each journal entry to `sink`.
+    pub fn run(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(JournalEntry)) {
+        let mut out = Vec::new();
+        let mut last_drop_check = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd { fd: self.probes.events_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 50) };
+            self.drain(&mut out);
+            if last_drop_check.elapsed() >= Duration::from_millis(20) || !out.is_empty() {
+                self.check_drops(&mut out);
+                last_drop_check = Instant::now();
+            }
+            for op in out.drain(..) {
+                self.seq += 1;
+                self.stats.ops += 1;
+                sink(JournalEntry { seq: self.seq, op });
+            }
+        }
+        // Whatever the kernel delivered before we were told to stop is still journalled.
+        self.drain(&mut out);
+        self.check_drops(&mut out);
+        for op in out.drain(..) {
+            self.seq += 1;
+            self.stats.ops += 1;
+            sink(JournalEntry { seq: self.seq, op });
+        }
+    }
+
+    /// Runs capture on a thread of its own, for embedding and tests.
+    pub fn spawn(mut self) -> CaptureHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            self.run(&flag, &mut |e| {
+                let _ = tx.send(e);
+            });
+            self.stats
+        });
+        CaptureHandle { stop, rx, thread: Some(thread) }
+    }
+
+    fn drain(&mut self, out: &mut Vec<Op>) {
+        loop {
+            let event = {
+                let Some(item) = self.probes.events.next() else { break };
+                decode(&item)
+            };
+            self.stats.events += 1;
+            match event {
+                Some(Event::Path(ev)) => {
+                    self.flush(out);
+                    self.on_path(&ev, out);
+                }
+                Some(Event::Fd(ev)) => self.on_fd(&ev, out),
+                None => {}
+            }
+        }
+        self.flush(out);
+    }
+
+    fn check_drops(&mut self, out: &mut Vec<Op>) {
+        let drops = self.probes.drops();
+        if drops > self.stats.drops {
+            let lost = drops - self.stats.drops;
+            self.stats.drops = drops;
+            self.rescan(format!("{lost} events lost (ring buffer full)"), out);
+        }
+    }
+
+    /// Re-walks the whole tree and journals a rescan of the root.
+    fn rescan(&mut self, reason: String, out: &mut Vec<Op>) {
+        log::warn!("{reason}: rescanning {}", self.root.display());
+        self.flush(out);
+        match InodeTable::build(&self.root) {
+            Ok(t) => self.table = t,
+            Err(e) => log::error!("rescan of {} failed: {e}", self.root.display()),
+        }
+        self.pending = Extents::default();
+        self.stats.rescans += 1;
+        out.push(Op::Rescan { path: RelPath::default(), reason });
+    }
+
+    fn flush(&mut self, out: &mut Vec<Op>) {
+        for (ino, whole, ranges) in self.pending.take() {
+            let Some(path) = self.table.path_of(ino) else { continue };
+            if whole {
+                let len = fs::symlink_metadata(self.abs(&path)).map(|m| m.len()).unwrap_or(0);
+                out.push(Op::Write { path, offset: 0, len, source: Some(WriteSource::Mmap), mode: None });
+            } else {
+                for (start, end) in ranges {
+                    out.push(Op::Write { path: path.clone(), offset: start, len: end - start, source: None, mode: None });
+                }
+            }
+        }
+    }
+
+    fn abs(&self, rel: &RelPath) -> PathBuf {
+        if rel.0.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(OsStr::from_bytes(&rel.0))
+        }
+    }
+
+    fn on_fd(&mut self, ev: &FdEvent, out: &mut Vec<Op>) {
+        if ev.file.dev != self.kernel_dev || !self.table.contains(ev.file.ino) {
+            return;
+        }
+        match ev.kind {
+            kind::WRITE => self.pending.add(ev.file.ino, ev.a, ev.a.saturating_add(ev.b)),
+            kind::DIRTY => self.pending.add_whole(ev.file.ino),
+            kind::TRUNCATE => {
+                self.flush(out);
+                if let Some(path) = self.table.path_of(ev.file.ino) {
+                    out.push(Op::Truncate { path, size: ev.a });
+                }
+            }
+            kind::FALLOCATE => {
+                self.flush(out);
+                if let Some(path) = self.table.path_of(ev.file.ino) {
+                    out.push(Op::Write {
+                        path,
+                        offset: ev.a,
+                        len: ev.b,
+                        source: Some(WriteSource::Fallocate),
+                        mode: Some(ev.c as u32),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Resolves one path argument of an event.
+    fn locate(&self, start: DevIno, bytes: &[u8], tgid: u32, follow: bool) -> Located {
+        let mut loc = self.locate_raw(start, bytes, tgid);
+        // Calls that follow a final symlink act on its target.
+        for _ in 0..8 {
+            let Located::Inside(parts) = &loc else { break };
+            if !follow || parts.is_empty() {
+                break;
+            }
+            let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+            let Some(ino) = self.table.lookup(&refs) else { break };
+            if self.table.kind(ino) != Some(Kind::Symlink) {
+                break;
+            }
+            let Ok(target) = fs::read_link(self.abs(&join(&refs))) else { break };
+            let target = target.as_os_str().as_bytes();
+            loc = if target.starts_with(b"/") {
+                self.locate_abs(target)
+            } else {
+                let mut joined = refs[..refs.len() - 1].join(&b'/');
+                joined.push(b'/');
+                joined.extend_from_slice(target);
+                match components(&joined) {
+                    Some(c) => Located::Inside(c.into_iter().map(|c| c.to_vec()).collect()),
+                    None => Located::Outside,
+                }
+            };
+        }
+        loc
+    }
+
+    fn locate_abs(&self, bytes: &[u8]) -> Located {
+        let root = self.root.as_os_str().as_bytes();
+        let rest = if root == b"/" {
+            Some(&bytes[1..])
+        } else if bytes.starts_with(root) && matches!(bytes.get(root.len()), None | Some(b'/')) {
+            Some(&bytes[root.len()..])
+        } else {
+            None
+        };
+        match rest.map(components) {
+            Some(Some(c)) => Located::Inside(c.into_iter().map(|c| c.to_vec()).collect()),
+            _ => Located::Outside,
+        }
+    }
+
+    fn locate_raw(&self, start: DevIno, bytes: &[u8], tgid: u32) -> Located {
+        if bytes.first() == Some(&b'/') {
+            return self.locate_abs(bytes);
+        }
+        if start.dev != self.kernel_dev {
+            return Located::Outside;
+        }
+        let base = if start.ino == self.table.root() {
+            Some(Vec::new())
+        } else {
+            self.table.path_of(start.ino).map(|p| p.0)
+        };
+        let Some(mut joined) = base else {
+            if bytes.is_empty() {
+                return Located::Outside;
+            }
+            // A directory on our device we do not know: outside the root, unless the
+            // process is somewhere we cannot see. Ask /proc while the process lives.
+            return match fs::read_link(format!("/proc/{tgid}/cwd")) {
+                Ok(cwd) if cwd.starts_with(&self.root) => {
+                    Located::Unknown(format!("a path relative to an unknown directory inside the root (pid {tgid})"))
+                }
+                _ => Located::Outside,
+            };
+        };
+        if !bytes.is_empty() {
+            if !joined.is_empty() {
+                joined.push(b'/');
+            }
+            joined.extend_from_slice(bytes);
+        }
+        match components(&joined) {
+            Some(c) => Located::Inside(c.into_iter().map(|c| c.to_vec()).collect()),
+            // `..` above the root: outside.
+            None => Located::Outside,
+        }
+    }
+
+    fn on_path(&mut self, ev: &PathEvent, out: &mut Vec<Op>) {
+        if ev.truncated & 1 != 0 || ev.truncated & 2 != 0 && !matches!(ev.nr, 88 | 266) {
+            self.rescan(format!("a path longer than the probes copy ({} bytes)", imezzo_common::PATH_CAP), out);
+            return;
+        }
+        let a = &ev.path_a[..ev.len_a as usize];
+        let b = &ev.path_b[..ev.len_b as usize];
+        let args = ev.args;
+        const AT_SYMLINK_NOFOLLOW: u64 = 0x100;
+        const AT_REMOVEDIR: u64 = 0x200;
+        let nr = ev.nr;
+        match nr {
+            // open, creat, openat, openat2
+            2 | 85 | 257 | 437 => self.on_open(ev, a, out),
+            83 | 258 => {
+                let mode = if nr == 83 { args[1] } else { args[2] } as u32;
+                self.on_new(ev.start_a, a, ev.tgid, out, |path, meta| Op::Mkdir {
+                    path,
+                    mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(mode & 0o7777),
+                });
+            }
+            133 | 259 => {
+                let (mode, rdev) = if nr == 133 { (args[1], args[2]) } else { (args[2], args[3]) };
+                let mode = mode as u32;
+                self.on_new(ev.start_a, a, ev.tgid, out, |path, meta| {
+                    let ty = mode & libc::S_IFMT;
+                    if ty == 0 || ty == libc::S_IFREG {
+                        Op::Create { path, mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(mode & 0o7777) }
+                    } else {
+                        Op::Mknod { path, mode: meta.map(|m| m.mode()).unwrap_or(mode), rdev: meta.map(|m| m.rdev()).unwrap_or(rdev) }
+                    }
+                });
+            }
+            88 | 266 => {
+                let target = RelPath(b.to_vec());
+                self.on_new(ev.start_a, a, ev.tgid, out, move |path, _| Op::Symlink { path, target });
+            }
+            87 | 84 | 263 => {
+                let dir = nr == 84 || (nr == 263 && args[2] & AT_REMOVEDIR != 0);
+                match self.locate(ev.start_a, a, ev.tgid, false) {
+                    Located::Inside(parts) if !parts.is_empty() => {
+                        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+                        let path = join(&refs);
+                        if let Some(parent) = self.table.lookup(&refs[..refs.len() - 1]) {
+                            self.table.unlink(parent, refs[refs.len() - 1]);
+                        }
+                        out.push(if dir { Op::Rmdir { path } } else { Op::Unlink { path } });
+                    }
+                    Located::Unknown(why) => self.rescan(why, out),
+                    _ => {}
+                }
+            }
+            82 | 264 | 316 => self.on_rename(ev, a, b, if nr == 316 { args[4] } else { 0 }, out),
+            86 | 265 => self.on_link(ev, a, b, out),
+            76 => self.on_attr(ev.start_a, a, ev.tgid, true, out, |path, _| Op::Truncate { path, size: args[1] }),
+            90 | 91 | 268 | 452 => {
+                let (mode, follow) = match nr {
+                    90 | 91 => (args[1], true),
+                    268 => (args[2], true),
+                    _ => (args[2], args[3] & AT_SYMLINK_NOFOLLOW == 0),
+                };
+                self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, _| Op::Setattr {
+                    path,
+                    mode: Some(mode as u32 & 0o7777),
+                    uid: None,
+                    gid: None,
+                    atime: None,
+                    mtime: None,
+                });
+            }
+            92 | 93 | 94 | 260 => {
+                let (uid, gid, follow) = match nr {
+                    92 | 93 => (args[1], args[2], true),
+                    94 => (args[1], args[2], false),
+                    _ => (args[2], args[3], args[4] & AT_SYMLINK_NOFOLLOW == 0),
+                };
+                let id = |v: u64| (v as u32 != u32::MAX).then_some(v as u32);
+                self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, _| Op::Setattr {
+                    path,
+                    mode: None,
+                    uid: id(uid),
+                    gid: id(gid),
+                    atime: None,
+                    mtime: None,
+                });
+            }
+            132 | 235 | 261 | 280 => {
+                let follow = !(nr == 280 && args[3] & AT_SYMLINK_NOFOLLOW != 0);
+                self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, meta| Op::Setattr {
+                    path,
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                    atime: meta.map(|m| stat_time(m.atime(), m.atime_nsec())),
+                    mtime: meta.map(|m| stat_time(m.mtime(), m.mtime_nsec())),
+                });
+            }
+            188 | 189 | 190 | 463 | 197 | 198 | 199 | 466 => {
+                let follow = match nr {
+                    189 | 198 => false,
+                    463 | 466 => args[2] & AT_SYMLINK_NOFOLLOW == 0,
+                    _ => true,
+                };
+                let name = RelPath(b.to_vec());
+                let set = matches!(nr, 188 | 189 | 190 | 463);
+                self.on_attr(ev.start_a, a, ev.tgid, follow, out, move |path, _| {
+                    if set {
+                        Op::Setxattr { path, name }
+                    } else {
+                        Op::Removexattr { path, name }
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn on_open(&mut self, ev: &PathEvent, a: &[u8], out: &mut Vec<Op>) {
+        if ev.result.dev != self.kernel_dev {
+            return;
+        }
+        const O_TRUNC: u64 = 0o1000;
+        const O_ACCMODE: u64 = 0o3;
+        const O_TMPFILE: u64 = 0o20000000;
+        let flags = match ev.nr {
+            2 => ev.args[1],
+            85 => O_TRUNC | 1,
+            _ => ev.args[2],
+        };
+        if flags & O_TMPFILE != 0 {
+            // Nameless until linkat(AT_EMPTY_PATH) gives it one; journalled then.
+            return;
+        }
+        if ev.f_mode & FMODE_CREATED != 0 {
+            let ino = ev.result.ino;
+            self.on_new_known(ev.start_a, a, ev.tgid, ino, Kind::File, out, |path, meta| Op::Create {
+                path,
+                mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(0o644),
+            });
+        } else if flags & O_TRUNC != 0 && flags & O_ACCMODE != 0 {
+            if let Some(path) = self.table.path_of(ev.result.ino) {
+                out.push(Op::Truncate { path, size: 0 });
+            }
+        }
+    }
+
+    /// A new name for a new object whose inode the agent learns with lstat.
+    fn on_new(
+        &mut self,
+        start: DevIno,
+        a: &[u8],
+        tgid: u32,
+        out: &mut Vec<Op>,
+        make: impl FnOnce(RelPath, Option<&fs::Metadata>) -> Op,
+    ) {
+        self.on_new_known(start, a, tgid, 0, Kind::Other, out, make)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_new_known(
+        &mut self,
+        start: DevIno,
+        a: &[u8],
+        tgid: u32,
+        known_ino: u64,
+        known_kind: Kind,
+        out: &mut Vec<Op>,
+        make: impl FnOnce(RelPath, Option<&fs::Metadata>) -> Op,
+    ) {
+        match self.locate(start, a, tgid, false) {
+            Located::Inside(parts) if !parts.is_empty() => {
+                let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+                let path = join(&refs);
+                let Some(parent) = self.table.lookup(&refs[..refs.len() - 1]) else {
+                    // Its directory is unknown to us: we missed something.
+                    self.rescan(format!("new {} in an unknown directory", path.display()), out);
+                    return;
+                };
+                let meta = fs::symlink_metadata(self.abs(&path)).ok();
+                let (ino, kind) = match (&meta, known_ino) {
+                    (_, ino) if ino != 0 => (ino, known_kind),
+                    (Some(m), _) if m.dev() == self.dev => (m.ino(), Kind::of(m.file_type())),
+                    // Already gone again: a later event removes it; keep the op.
+                    _ => (0, Kind::Other),
+                };
+                let meta = meta.filter(|m| m.ino() == ino);
+                if ino != 0 {
+                    self.table.link(parent, refs[refs.len() - 1], ino, kind);
+                }
+                out.push(make(path, meta.as_ref()));
+            }
+            Located::Unknown(why) => self.rescan(why, out),
+            _ => {}
+        }
+    }
+
+    /// An attribute change of an existing object.
+    fn on_attr(
+        &mut self,
+        start: DevIno,
+        a: &[u8],
+        tgid: u32,
+        follow: bool,
+        out: &mut Vec<Op>,
+        make: impl FnOnce(RelPath, Option<&fs::Metadata>) -> Op,
+    ) {
+        match self.locate(start, a, tgid, follow) {
+            Located::Inside(parts) => {
+                let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+                let Some(ino) = self.table.lookup(&refs) else { return };
+                // The object's current name: the one in the event may already be stale.
+                let path = self.table.path_of(ino).unwrap_or_else(|| join(&refs));
+                let meta = fs::symlink_metadata(self.abs(&path)).ok().filter(|m| m.ino() == ino);
+                out.push(make(path, meta.as_ref()));
+            }
+            Located::Unknown(why) => self.rescan(why, out),
+            Located::Outside => {}
+        }
+    }
+
+    fn on_rename(&mut self, ev: &PathEvent, a: &[u8], b: &[u8], flags: u64, out: &mut Vec<Op>) {
+        const RENAME_NOREPLACE: u64 = 1;
+        const RENAME_EXCHANGE: u64 = 2;
+        let from = self.locate(ev.start_a, a, ev.tgid, false);
+        let to = self.locate(ev.start_b, b, ev.tgid, false);
+        match (from, to) {
+            (Located::Unknown(why), _) | (_, Located::Unknown(why)) => self.rescan(why, out),
+            (Located::Inside(f), Located::Inside(t)) if !f.is_empty() && !t.is_empty() => {
+                let fr: Vec<&[u8]> = f.iter().map(|p| &p[..]).collect();
+                let tr: Vec<&[u8]> = t.iter().map(|p| &p[..]).collect();
+                let (Some(fp), Some(tp)) =
+                    (self.table.lookup(&fr[..fr.len() - 1]), self.table.lookup(&tr[..tr.len() - 1]))
+                else {
+                    self.rescan(format!("rename between unknown directories ({})", join(&fr).display()), out);
+                    return;
+                };
+                let exchange = flags & RENAME_EXCHANGE != 0;
+                if exchange {
+                    self.table.exchange((fp, fr[fr.len() - 1]), (tp, tr[tr.len() - 1]));
+                } else {
+                    self.table.rename((fp, fr[fr.len() - 1]), (tp, tr[tr.len() - 1]));
+                }
+                out.push(Op::Rename {
+                    path: join(&fr),
+                    new_path: join(&tr),
+                    exchange,
+                    noreplace: flags & RENAME_NOREPLACE != 0,
+                });
+            }
+            (Located::Inside(f), _) if !f.is_empty() => {
+                // Moved out of the root: gone, as far as the replica is concerned.
+                let fr: Vec<&[u8]> = f.iter().map(|p| &p[..]).collect();
+                let path = join(&fr);
+                let parent = self.table.lookup(&fr[..fr.len() - 1]);
+                let ino = self.table.lookup(&fr);
+                let dir = ino.and_then(|i| self.table.kind(i)) == Some(Kind::Dir);
+                if let Some(p) = parent {
+                    self.table.unlink(p, fr[fr.len() - 1]);
+                }
+                out.push(if dir { Op::Rmdir { path } } else { Op::Unlink { path } });
+            }
+            (_, Located::Inside(t)) if !t.is_empty() => self.moved_in(t, out),
+            _ => {}
+        }
+    }
+
+    /// Something arrived from outside the root (rename or link): add it to the table and
+    /// let the consumer compare it as a whole.
+    fn moved_in(&mut self, t: Vec<Vec<u8>>, out: &mut Vec<Op>) {
+        let tr: Vec<&[u8]> = t.iter().map(|p| &p[..]).collect();
+        let path = join(&tr);
+        let abs = self.abs(&path);
+        if let (Some(parent), Ok(meta)) = (self.table.lookup(&tr[..tr.len() - 1]), fs::symlink_metadata(&abs)) {
+            let kind = Kind::of(meta.file_type());
+            self.table.link(parent, tr[tr.len() - 1], meta.ino(), kind);
+            if kind == Kind::Dir {
+                let _ = self.table.walk(&abs, meta.ino(), self.dev);
+            }
+        }
+        self.stats.rescans += 1;
+        out.push(Op::Rescan { path, reason: "moved in from outside the root".into() });
+    }
+
+    fn on_link(&mut self, ev: &PathEvent, a: &[u8], b: &[u8], out: &mut Vec<Op>) {
+        let to = self.locate(ev.start_b, b, ev.tgid, false);
+        let from = self.locate(ev.start_a, a, ev.tgid, ev.nr == 265 && ev.args[4] & 0x400 != 0);
+        match (from, to) {
+            (Located::Unknown(why), _) | (_, Located::Unknown(why)) => self.rescan(why, out),
+            (Located::Inside(f), Located::Inside(t)) if !t.is_empty() => {
+                let fr: Vec<&[u8]> = f.iter().map(|p| &p[..]).collect();
+                let tr: Vec<&[u8]> = t.iter().map(|p| &p[..]).collect();
+                let ino = self.table.lookup(&fr);
+                match (ino, self.table.lookup(&tr[..tr.len() - 1])) {
+                    (Some(ino), Some(tp)) if !fr.is_empty() => {
+                        let kind = self.table.kind(ino).unwrap_or(Kind::File);
+                        self.table.link(tp, tr[tr.len() - 1], ino, kind);
+                        out.push(Op::Link { path: self.table.path_of(ino).unwrap_or_else(|| join(&fr)), new_path: join(&tr) });
+                    }
+                    _ => self.moved_in(t, out),
+                }
+            }
+            (_, Located::Inside(t)) if !t.is_empty() => self.moved_in(t, out),
+            _ => {}
+        }
+    }
+}
+
+/// A capture running on its own thread; [`CaptureHandle::stop`] joins it.
+pub struct CaptureHandle {
+    stop: Arc<AtomicBool>,
+    pub rx: mpsc::Receiver<JournalEntry>,
+    thread: Option<thread::JoinHandle<CaptureStats>>,
+}
+
+impl CaptureHandle {
+    pub fn stop(mut self) -> CaptureStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for CaptureHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One agent per root: an exclusive lock the kernel releases if the agent dies.
+fn take_lock(root: &Path, instance: &str) -> Result<fs::File, CaptureError> {
+    let dir = Path::new("/run/imezzo");
+    let path = dir.join(format!("{instance}.lock"));
+    fs::create_dir_all(dir).map_err(|e| CaptureError::Lock(path.clone(), e))?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| CaptureError::Lock(path.clone(), e))?;
+    // SAFETY: flock on an fd we own.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(CaptureError::AlreadyRunning(root.to_path_buf(), path));
+    }
+    let _ = HashMap::<u8, u8>::new();
+    Ok(file)
+}

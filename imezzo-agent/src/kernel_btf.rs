@@ -1,0 +1,117 @@
+//! Kernel struct offsets for the probes, read from the running kernel's BTF.
+//!
+//! Rust eBPF gets no CO-RE relocations, so the probes take every offset they use from the
+//! `OFFSETS` global, filled here at load time. A missing field means a kernel this build
+//! does not understand: we refuse to load rather than read the wrong bytes.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use imezzo_common::KernelOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error(
+        "the kernel has no BTF at {VMLINUX_BTF}: imezzo needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    Missing,
+    #[error("cannot parse the kernel BTF at {VMLINUX_BTF}: {0}")]
+    Parse(String),
+    #[error("the kernel's BTF has no `struct {0}` with a field `{1}`; this kernel is not supported")]
+    Field(&'static str, &'static str),
+}
+
+/// Byte offset of `field` in `struct name`, looking through anonymous unions and structs.
+fn field_offset(btf: &Btf, name: &'static str, field: &'static str) -> Result<u32, BtfError> {
+    let types = btf.resolve_types_by_name(name).map_err(|_| BtfError::Field(name, field))?;
+    for ty in types {
+        if let Type::Struct(st) = ty {
+            if let Some(bits) = find_member(btf, &st, field, 0) {
+                return Ok(bits / 8);
+            }
+        }
+    }
+    Err(BtfError::Field(name, field))
+}
+
+fn find_member(btf: &Btf, st: &btf_rs::Struct, field: &str, base_bits: u32) -> Option<u32> {
+    for member in &st.members {
+        let name = btf.resolve_name(member).unwrap_or_default();
+        let bits = base_bits + member.bit_offset();
+        if name == field {
+            return Some(bits);
+        }
+        if name.is_empty() {
+            // An anonymous struct or union: its fields belong to the outer struct.
+            let mut ty = btf.resolve_chained_type(member).ok()?;
+            loop {
+                ty = match ty {
+                    Type::Struct(inner) | Type::Union(inner) => {
+                        if let Some(found) = find_member(btf, &inner, field, bits) {
+                            return Some(found);
+                        }
+                        break;
+                    }
+                    Type::Typedef(ref t) => btf.resolve_chained_type(t).ok()?,
+                    Type::Const(ref t) => btf.resolve_chained_type(t).ok()?,
+                    Type::Volatile(ref t) => btf.resolve_chained_type(t).ok()?,
+                    _ => break,
+                };
+            }
+        }
+    }
+    None
+}
+
+/// Reads every offset the probes need from the running kernel.
+pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
+    if !Path::new(VMLINUX_BTF).exists() {
+        return Err(BtfError::Missing);
+    }
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Parse(e.to_string()))?;
+    let f = |s, m| field_offset(&btf, s, m);
+    Ok(KernelOffsets {
+        task_files: f("task_struct", "files")?,
+        task_fs: f("task_struct", "fs")?,
+        task_flags: f("task_struct", "flags")?,
+        files_fdt: f("files_struct", "fdt")?,
+        fdt_max_fds: f("fdtable", "max_fds")?,
+        fdt_fd: f("fdtable", "fd")?,
+        file_inode: f("file", "f_inode")?,
+        file_pos: f("file", "f_pos")?,
+        file_mode: f("file", "f_mode")?,
+        inode_sb: f("inode", "i_sb")?,
+        inode_ino: f("inode", "i_ino")?,
+        inode_mode: f("inode", "i_mode")?,
+        sb_dev: f("super_block", "s_dev")?,
+        fs_root: f("fs_struct", "root")?,
+        fs_pwd: f("fs_struct", "pwd")?,
+        path_dentry: f("path", "dentry")?,
+        dentry_inode: f("dentry", "d_inode")?,
+        regs_di: f("pt_regs", "di")?,
+        regs_si: f("pt_regs", "si")?,
+        regs_dx: f("pt_regs", "dx")?,
+        regs_r10: f("pt_regs", "r10")?,
+        regs_r8: f("pt_regs", "r8")?,
+        regs_r9: f("pt_regs", "r9")?,
+        regs_orig_ax: f("pt_regs", "orig_ax")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_of_the_running_kernel_are_found_and_plausible() {
+        let o = kernel_offsets().expect("this machine has BTF");
+        // pt_regs is ABI on x86_64: orig_ax follows the 15 general registers.
+        assert_eq!(o.regs_orig_ax, 15 * 8);
+        assert_eq!(o.regs_di, 14 * 8);
+        assert!(o.file_inode > 0 && o.inode_ino > 0 && o.task_files > 0);
+        assert_ne!(o.fs_root, o.fs_pwd);
+    }
+}

@@ -1,0 +1,9 @@
+//! imezzo's agent: capture of every change under an exported tree, as a journal of
+//! path-level operations. Replication (streaming and replay) builds on [`capture`].
+pub mod capture;
+pub mod extents;
+pub mod inode_table;
+pub mod kernel_btf;
+pub mod op;
+pub mod probes;
+pub mod syscalls;

@@ -1,0 +1,169 @@
+//! Journal operations: what changed, named by path relative to the exported root.
+//!
+//! The journal records operations and metadata, never file data (InterMezzo's rule): a
+//! `Write` names a byte range, and whoever replays it reads the current bytes from the
+//! master file. The JSON form is documented in docs/journal-format.md.
+
+use serde::Serialize;
+
+/// A path relative to the root, as raw bytes (`/`-separated, no leading `/`, `""` = root).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RelPath(pub Vec<u8>);
+
+impl RelPath {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn display(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.0)
+    }
+}
+
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.display())
+    }
+}
+
+impl From<&str> for RelPath {
+    fn from(s: &str) -> Self {
+        RelPath(s.as_bytes().to_vec())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    Create { path: RelPath, mode: u32 },
+    Mkdir { path: RelPath, mode: u32 },
+    Mknod { path: RelPath, mode: u32, rdev: u64 },
+    Symlink { path: RelPath, target: RelPath },
+    Link { path: RelPath, new_path: RelPath },
+    Unlink { path: RelPath },
+    Rmdir { path: RelPath },
+    Rename {
+        path: RelPath,
+        new_path: RelPath,
+        #[serde(skip_serializing_if = "is_false")]
+        exchange: bool,
+        #[serde(skip_serializing_if = "is_false")]
+        noreplace: bool,
+    },
+    Write {
+        path: RelPath,
+        offset: u64,
+        len: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<WriteSource>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+    },
+    Truncate { path: RelPath, size: u64 },
+    Setattr {
+        path: RelPath,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gid: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        atime: Option<Timestamp>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mtime: Option<Timestamp>,
+    },
+    Setxattr { path: RelPath, name: RelPath },
+    Removexattr { path: RelPath, name: RelPath },
+    /// Changes below `path` were lost or cannot be described op by op: the consumer must
+    /// compare that subtree as a whole.
+    Rescan { path: RelPath, reason: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteSource {
+    Fallocate,
+    Mmap,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JournalEntry {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+impl Op {
+    pub fn path(&self) -> &RelPath {
+        match self {
+            Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Link { path, .. }
+            | Op::Unlink { path }
+            | Op::Rmdir { path }
+            | Op::Rename { path, .. }
+            | Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Setattr { path, .. }
+            | Op::Setxattr { path, .. }
+            | Op::Removexattr { path, .. }
+            | Op::Rescan { path, .. } => path,
+        }
+    }
+}
+
+impl std::fmt::Display for JournalEntry {
+    /// One line for humans: `seq op path [-> new_path] [details]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        let obj = v.as_object().ok_or(std::fmt::Error)?;
+        let s = |k: &str| obj.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+        write!(f, "{:>8} {:<11} {}", self.seq, s("op"), s("path"))?;
+        if obj.contains_key("new_path") {
+            write!(f, " -> {}", s("new_path"))?;
+        }
+        for (k, val) in obj {
+            if !matches!(k.as_str(), "seq" | "op" | "path" | "new_path") {
+                write!(f, " {k}={val}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_serializes_with_new_path_and_only_set_flags() {
+        let e = JournalEntry {
+            seq: 7,
+            op: Op::Rename { path: "a".into(), new_path: "b/c".into(), exchange: true, noreplace: false },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v, serde_json::json!({"seq": 7, "op": "rename", "path": "a", "new_path": "b/c", "exchange": true}));
+    }
+
+    #[test]
+    fn setattr_carries_only_changed_attributes() {
+        let e = JournalEntry {
+            seq: 1,
+            op: Op::Setattr { path: "f".into(), mode: Some(0o600), uid: None, gid: None, atime: None, mtime: None },
+        };
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"seq":1,"op":"setattr","path":"f","mode":384}"#);
+        assert_eq!(e.to_string(), "       1 setattr     f mode=384");
+    }
+}

@@ -1,0 +1,236 @@
+//! Loading, attaching and pinning the probes embedded in this binary.
+//!
+//! While the agent runs, its programs and maps are pinned under
+//! `/sys/fs/bpf/imezzo/<instance>/` so that `bpftool prog show` and
+//! `bpftool map dump pinned /sys/fs/bpf/imezzo/<instance>/imezzo_drops` show them; the pins
+//! are removed when [`Probes`] is dropped (a clean exit). A pin directory left behind by a
+//! killed agent is removed by the next one on the same root, which holds the instance lock.
+
+use std::{
+    fs, io,
+    os::fd::{AsRawFd, RawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
+    programs::RawTracePoint,
+    Ebpf, EbpfLoader,
+};
+use imezzo_common::{Filter, DROPS_RINGBUF_FULL, PATH_CAP};
+
+use crate::{kernel_btf, syscalls};
+
+/// The probe object, built by build.rs from imezzo-ebpf.
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imezzo"));
+
+pub const BPFFS_DIR: &str = "/sys/fs/bpf/imezzo";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Btf(#[from] kernel_btf::BtfError),
+    #[error(
+        "not allowed to load eBPF programs ({0}): run imezzo as root, or give it \
+         CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"
+    )]
+    Privilege(String),
+    #[error("cannot load the probes into this kernel: {0}")]
+    Load(String),
+    #[error("cannot attach probe {0}: {1}")]
+    Attach(&'static str, String),
+    #[error("cannot pin the probes under {0}: {1} (is bpffs mounted at /sys/fs/bpf?)")]
+    Pin(PathBuf, String),
+    #[error("the root path {0} is longer than {max} bytes, which the probes cannot match", max = PATH_CAP - 1)]
+    RootTooLong(PathBuf),
+}
+
+pub struct ProbeConfig<'a> {
+    /// Canonical absolute path of the exported root.
+    pub root: &'a Path,
+    /// Kernel-encoded device of the root.
+    pub kernel_dev: u32,
+    pub ring_bytes: u32,
+    /// Name of the pin directory under [`BPFFS_DIR`].
+    pub instance: &'a str,
+}
+
+pub struct Probes {
+    _ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    drops: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+}
+
+fn is_permission(e: &dyn std::fmt::Display) -> bool {
+    let s = e.to_string();
+    s.contains("Operation not permitted") || s.contains("EPERM") || s.contains("os error 1)")
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+impl Probes {
+    pub fn load(cfg: &ProbeConfig) -> Result<Probes, ProbeError> {
+        let offsets = kernel_btf::kernel_offsets()?;
+        let root_bytes = cfg.root.as_os_str().as_encoded_bytes();
+        if root_bytes.len() >= PATH_CAP {
+            return Err(ProbeError::RootTooLong(cfg.root.to_path_buf()));
+        }
+        let mut filter = Filter {
+            dev: cfg.kernel_dev,
+            agent_tgid: std::process::id(),
+            root_len: root_bytes.len() as u32,
+            quiet_dirty: syscalls::quiet_dirty_bitmap(),
+            ..Filter::default()
+        };
+        filter.root_path[..root_bytes.len()].copy_from_slice(root_bytes);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("FILTER", &filter, true)
+            .map_max_entries("imezzo_events", cfg.ring_bytes)
+            .load(PROBE_OBJECT)
+            .map_err(|e| {
+                let msg = chain(&e);
+                if is_permission(&msg) {
+                    ProbeError::Privilege(msg)
+                } else {
+                    ProbeError::Load(msg)
+                }
+            })?;
+
+        let pin_dir = Path::new(BPFFS_DIR).join(cfg.instance);
+        prepare_pin_dir(&pin_dir).map_err(|e| ProbeError::Pin(pin_dir.clone(), e.to_string()))?;
+
+        // Tail-call targets first, then the dispatch table, then the entry points: once
+        // attached, every syscall's exit goes through them.
+        let mut targets = Vec::new();
+        for name in ["imezzo_write", "imezzo_path"] {
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
+                .try_into()
+                .map_err(|e| ProbeError::Load(chain(&e)))?;
+            prog.load().map_err(|e| load_error(name, &e))?;
+            prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
+            targets.push(prog.fd().map_err(|e| ProbeError::Load(chain(&e)))?.try_clone().map_err(|e| ProbeError::Load(e.to_string()))?);
+        }
+        {
+            let mut dispatch = ProgramArray::try_from(
+                ebpf.map_mut("imezzo_dispatch").ok_or_else(|| ProbeError::Load("imezzo_dispatch missing".into()))?,
+            )
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+            for (family, fd) in [(syscalls::WRITE_FAMILY, &targets[0]), (syscalls::PATH_FAMILY, &targets[1])] {
+                for (nr, _) in family {
+                    dispatch.set(*nr, fd, 0).map_err(|e| ProbeError::Load(chain(&e)))?;
+                }
+            }
+        }
+        for (name, tracepoint) in [("imezzo_dirty", "writeback_mark_inode_dirty"), ("imezzo_sys_exit", "sys_exit")] {
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
+                .try_into()
+                .map_err(|e| ProbeError::Load(chain(&e)))?;
+            prog.load().map_err(|e| load_error(name, &e))?;
+            prog.attach(tracepoint).map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
+            prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
+        }
+        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch"] {
+            if let Some(map) = ebpf.map(name) {
+                map.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
+            }
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map("imezzo_events").expect("ring buffer in object"))
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        let drops = PerCpuArray::try_from(ebpf.take_map("imezzo_drops").expect("drop counter in object"))
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        Ok(Probes { _ebpf: ebpf, events, drops, pin_dir })
+    }
+
+    /// Events the probes could not deliver since load, summed over CPUs.
+    pub fn drops(&self) -> u64 {
+        self.drops
+            .get(&DROPS_RINGBUF_FULL, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn events_fd(&self) -> RawFd {
+        self.events.as_raw_fd()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+fn name_static(name: &str) -> &'static str {
+    match name {
+        "imezzo_dirty" => "imezzo_dirty",
+        _ => "imezzo_sys_exit",
+    }
+}
+
+fn load_error(name: &str, e: &dyn std::error::Error) -> ProbeError {
+    let msg = format!("{name}: {}", chain(e));
+    if is_permission(&msg) {
+        ProbeError::Privilege(msg)
+    } else {
+        ProbeError::Load(msg)
+    }
+}
+
+/// Makes sure bpffs is mounted and the instance's pin directory exists and is empty.
+fn prepare_pin_dir(dir: &Path) -> io::Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, ty) = (f.next(), f.next(), f.next());
+        at == Some("/sys/fs/bpf") && ty == Some("bpf")
+    });
+    if !mounted {
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if dir.exists() {
+        // Left by an agent that was killed; we hold the instance lock, so it is stale.
+        remove_pins(dir)?;
+    }
+    fs::create_dir_all(dir)
+}
+
+fn remove_pins(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        fs::remove_file(entry?.path())?;
+    }
+    fs::remove_dir(dir)
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        if let Err(e) = remove_pins(&self.pin_dir) {
+            log::warn!("could not remove the pins in {}: {e}", self.pin_dir.display());
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Plain-old-data shared by the probes (`imezzo-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]` and crosses the kernel/user boundary as raw bytes, through
+//! the ring buffer or as a global patched into the probe object at load time. Changing a layout
+//! means rebuilding both sides, which the single embedded binary guarantees.
+#![no_std]
+
+/// Bytes of a path (or xattr name, or symlink target) the probe copies from user memory.
+/// A longer string arrives with [`PathEvent::truncated`] set and makes the agent rescan.
+pub const PATH_CAP: usize = 256;
+
+/// Size of the syscall-number bitmaps below: x86_64 syscall numbers fit well under 512.
+pub const SYSCALL_SLOTS: usize = 512;
+
+/// Kinds of [`FdEvent`] and [`PathEvent`]; the first field of every ring-buffer record.
+pub mod kind {
+    /// Data written through a file descriptor: `a` = offset, `b` = length.
+    pub const WRITE: u32 = 1;
+    /// `ftruncate`: `a` = new size.
+    pub const TRUNCATE: u32 = 2;
+    /// `fallocate`: `a` = offset, `b` = length, `c` = mode.
+    pub const FALLOCATE: u32 = 3;
+    /// The dirty-inode safety net saw a data change outside any captured syscall
+    /// (a store through a shared mmap, io_uring, an in-kernel writer).
+    pub const DIRTY: u32 = 4;
+    /// A namespace or attribute syscall: the record is a [`super::PathEvent`].
+    pub const PATH: u32 = 5;
+}
+
+/// An inode as the kernel names it. `dev` is the kernel's encoding, `major << 20 | minor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DevIno {
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
+/// A data change to an open file, already resolved to its inode in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FdEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub nr: u32,
+    pub _pad: u32,
+    pub file: DevIno,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+}
+
+/// A namespace or attribute syscall that succeeded, with the strings it was given.
+///
+/// The kernel does not resolve paths: it reports where each path starts (`start_a`,
+/// `start_b`: the directory of the `dirfd`, the working directory, or the process root for
+/// an absolute path; for an fd-only call such as `fchmod`, the fd's own inode with an empty
+/// path) and the agent walks the rest in its inode table.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PathEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub nr: u32,
+    /// Bit 0: `path_a` was cut at [`PATH_CAP`]; bit 1: `path_b` was.
+    pub truncated: u32,
+    pub ret: i64,
+    /// The syscall's six raw arguments.
+    pub args: [u64; 6],
+    pub start_a: DevIno,
+    pub start_b: DevIno,
+    /// For `open` family: the inode the returned fd refers to.
+    pub result: DevIno,
+    /// For `open` family: the returned file's `f_mode` (FMODE_CREATED says it was created).
+    pub f_mode: u32,
+    pub len_a: u16,
+    pub len_b: u16,
+    pub path_a: [u8; PATH_CAP],
+    pub path_b: [u8; PATH_CAP],
+}
+
+/// `FMODE_CREATED` in `struct file`'s `f_mode`: the open created the file.
+pub const FMODE_CREATED: u32 = 0x10_0000;
+
+/// Offsets of the kernel struct fields the probes read, in bytes, taken from the running
+/// kernel's BTF by the agent and patched into the probe object as the global `OFFSETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub task_fs: u32,
+    pub task_flags: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_inode: u32,
+    pub file_pos: u32,
+    pub file_mode: u32,
+    pub inode_sb: u32,
+    pub inode_ino: u32,
+    pub inode_mode: u32,
+    pub sb_dev: u32,
+    pub fs_root: u32,
+    pub fs_pwd: u32,
+    pub path_dentry: u32,
+    pub dentry_inode: u32,
+    pub regs_di: u32,
+    pub regs_si: u32,
+    pub regs_dx: u32,
+    pub regs_r10: u32,
+    pub regs_r8: u32,
+    pub regs_r9: u32,
+    pub regs_orig_ax: u32,
+}
+
+/// What the agent tells the probes about the tree it watches, patched in as the global
+/// `FILTER` at load time.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Filter {
+    /// Kernel-encoded device of the exported root; events on other devices are dropped.
+    pub dev: u32,
+    /// The agent's own process: its changes are never captured.
+    pub agent_tgid: u32,
+    /// Length of `root_path`.
+    pub root_len: u32,
+    pub _pad: u32,
+    /// Canonical absolute path of the root: an absolute path argument is kept only when
+    /// it lies beneath it.
+    pub root_path: [u8; PATH_CAP],
+    /// Syscalls during which the dirty-inode safety net stays quiet, because a syscall
+    /// probe reports the change precisely, or because the syscall only reads
+    /// (an atime update marks the inode dirty too).
+    pub quiet_dirty: [u64; SYSCALL_SLOTS / 64],
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Self {
+            dev: 0,
+            agent_tgid: 0,
+            root_len: 0,
+            _pad: 0,
+            root_path: [0; PATH_CAP],
+            quiet_dirty: [0; SYSCALL_SLOTS / 64],
+        }
+    }
+}
+
+/// Index of the lost-event counter in the per-CPU `imezzo_drops` array.
+pub const DROPS_RINGBUF_FULL: u32 = 0;
+pub const DROPS_SLOTS: u32 = 1;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), made only of integers and arrays of integers, with
+    // explicit padding fields, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::DevIno {}
+    unsafe impl aya::Pod for super::FdEvent {}
+    unsafe impl aya::Pod for super::PathEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Filter {}
+}

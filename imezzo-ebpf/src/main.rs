@@ -1,0 +1,491 @@
+//! imezzo's probes: every successful change under the exported tree, into one ring buffer.
+//!
+//! One raw tracepoint on `sys_exit` fires for every syscall. It exits at once for failed
+//! calls, then tail-calls through `imezzo_dispatch`, a program array indexed by syscall
+//! number that the agent fills only for the syscalls that change files; every other syscall
+//! falls through the empty slot for the cost of one kernel read. At `sys_exit` the saved user
+//! registers still hold the arguments, the return value says the call succeeded, and the
+//! path strings are paged in because the kernel has just read them.
+//!
+//! * `imezzo_write`: the write family, `fallocate`, `ftruncate`, resolved fd -> inode here.
+//! * `imezzo_path`: namespace and attribute calls; paths are copied raw with where they start
+//!   (dirfd, cwd or process root) and resolved by the agent in its inode table.
+//! * `imezzo_dirty`: a raw tracepoint on `writeback_mark_inode_dirty`, the safety net for
+//!   data changes that no syscall probe sees (stores through mmap, io_uring, kernel writers).
+//!
+//! Struct offsets come from the running kernel's BTF through the `OFFSETS` global; nothing
+//! here is compiled for one kernel.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    macros::{map, raw_tracepoint},
+    maps::{PerCpuArray, ProgramArray, RingBuf},
+    programs::RawTracePointContext,
+};
+use imezzo_common::{
+    kind, DevIno, FdEvent, Filter, KernelOffsets, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
+    PATH_CAP, SYSCALL_SLOTS,
+};
+
+#[no_mangle]
+static OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
+
+#[no_mangle]
+static FILTER: Filter = unsafe { core::mem::zeroed() };
+
+/// The agent sizes it at load time (`--ring-bytes`).
+#[map(name = "imezzo_events")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+#[map(name = "imezzo_dispatch")]
+static DISPATCH: ProgramArray = ProgramArray::with_max_entries(SYSCALL_SLOTS as u32, 0);
+
+/// Events that could not be delivered; the agent polls it and rescans when it grows.
+#[map(name = "imezzo_drops")]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROPS_SLOTS, 0);
+
+/// A `PathEvent` is larger than the 512-byte BPF stack: it is built here.
+#[map(name = "imezzo_scratch")]
+static SCRATCH: PerCpuArray<PathEvent> = PerCpuArray::with_max_entries(1, 0);
+
+const AT_FDCWD: i64 = -100;
+const S_IFMT: u16 = 0o170000;
+const S_IFREG: u16 = 0o100000;
+const PF_IO_WORKER: u32 = 0x10;
+const PF_KTHREAD: u32 = 0x20_0000;
+
+mod nr {
+    pub const PWRITE64: u64 = 18;
+    pub const FTRUNCATE: u64 = 77;
+    pub const SPLICE: u64 = 275;
+    pub const FALLOCATE: u64 = 285;
+    pub const PWRITEV: u64 = 296;
+    pub const COPY_FILE_RANGE: u64 = 326;
+    pub const PWRITEV2: u64 = 328;
+    pub const OPENAT2: u64 = 437;
+}
+
+/// A field of the `OFFSETS` global. The volatile read keeps the compiler from folding the
+/// zero the object was compiled with: the agent patches the real value in at load time.
+macro_rules! off {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
+}
+
+/// A field of the `FILTER` global, read like `off!`.
+macro_rules! filt {
+    ($($field:tt)+) => {
+        unsafe { core::ptr::read_volatile(&raw const FILTER.$($field)+) }
+    };
+}
+
+#[inline(always)]
+fn rd<T>(base: *const u8, off: u32) -> Result<T, i64> {
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }.map_err(|e| e as i64)
+}
+
+#[inline(always)]
+fn count_drop() {
+    if let Some(slot) = DROPS.get_ptr_mut(DROPS_RINGBUF_FULL) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Syscall argument `n` (0..6) from the saved user registers.
+#[inline(always)]
+fn arg(regs: *const u8, n: u32) -> Result<u64, i64> {
+        let off = match n {
+        0 => off!(regs_di),
+        1 => off!(regs_si),
+        2 => off!(regs_dx),
+        3 => off!(regs_r10),
+        4 => off!(regs_r8),
+        _ => off!(regs_r9),
+    };
+    rd::<u64>(regs, off)
+}
+
+/// `fd -> struct file *` of the current task, or null when the fd is not open.
+#[inline(always)]
+fn fd_file(fd: u64) -> Result<*const u8, i64> {
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files: *const u8 = rd(task, off!(task_files))?;
+    let fdt: *const u8 = rd(files, off!(files_fdt))?;
+    let max: u32 = rd(fdt, off!(fdt_max_fds))?;
+    if fd >= max as u64 {
+        return Ok(core::ptr::null());
+    }
+    let table: *const u8 = rd(fdt, off!(fdt_fd))?;
+    rd(table, (fd as u32).wrapping_mul(8))
+}
+
+#[inline(always)]
+fn inode_dev(inode: *const u8) -> Result<u32, i64> {
+        let sb: *const u8 = rd(inode, off!(inode_sb))?;
+    rd(sb, off!(sb_dev))
+}
+
+#[inline(always)]
+fn inode_devino(inode: *const u8) -> Result<DevIno, i64> {
+    if inode.is_null() {
+        return Ok(DevIno::default());
+    }
+    Ok(DevIno { dev: inode_dev(inode)?, _pad: 0, ino: rd(inode, off!(inode_ino))? })
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn imezzo_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    let Ok(nr) = rd::<u64>(regs, off!(regs_orig_ax)) else { return 0 };
+    if nr < SYSCALL_SLOTS as u64 {
+        // SAFETY: a failed tail call (empty slot) simply returns here.
+        unsafe { DISPATCH.tail_call(&ctx, nr as u32) };
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn imezzo_write(ctx: RawTracePointContext) -> i32 {
+    let _ = try_write(&ctx);
+    0
+}
+
+fn try_write(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let ret: i64 = ctx.arg(1);
+    let regs: *const u8 = ctx.arg(0);
+        let nr: u64 = rd(regs, off!(regs_orig_ax))?;
+    let fd_arg = match nr {
+        nr::SPLICE | nr::COPY_FILE_RANGE => 2,
+        _ => 0,
+    };
+    let file = fd_file(arg(regs, fd_arg)?)?;
+    if file.is_null() {
+        return Ok(());
+    }
+    let inode: *const u8 = rd(file, off!(file_inode))?;
+    let dev = inode_dev(inode)?;
+    if dev != filt!(dev) {
+        return Ok(());
+    }
+    let tgid = current_tgid();
+    if tgid == filt!(agent_tgid) {
+        return Ok(());
+    }
+    let (kind, a, b, c) = match nr {
+        nr::FTRUNCATE => (kind::TRUNCATE, arg(regs, 1)?, 0, 0),
+        nr::FALLOCATE => (kind::FALLOCATE, arg(regs, 2)?, arg(regs, 3)?, arg(regs, 1)?),
+        _ => {
+            if ret == 0 {
+                return Ok(());
+            }
+            let len = ret as u64;
+            let explicit = match nr {
+                nr::PWRITE64 | nr::PWRITEV => Some(arg(regs, 3)?),
+                nr::PWRITEV2 => match arg(regs, 3)? as i64 {
+                    -1 => None,
+                    off => Some(off as u64),
+                },
+                nr::SPLICE | nr::COPY_FILE_RANGE => {
+                    let ptr = arg(regs, 3)? as *const u64;
+                    if ptr.is_null() {
+                        None
+                    } else {
+                        // The kernel advanced *off_out by the bytes it wrote.
+                        let after: u64 = unsafe { bpf_probe_read_user(ptr) }.map_err(|e| e as i64)?;
+                        Some(after.wrapping_sub(len))
+                    }
+                }
+                _ => None,
+            };
+            let offset = match explicit {
+                Some(off) => off,
+                // write, writev, sendfile and friends advanced f_pos past what they wrote
+                // (O_APPEND included: f_pos is set to the end first).
+                None => rd::<u64>(file, off!(file_pos))?.wrapping_sub(len),
+            };
+            (kind::WRITE, offset, len, 0)
+        }
+    };
+    let ino: u64 = rd(inode, off!(inode_ino))?;
+    match EVENTS.reserve::<FdEvent>(0) {
+        Some(mut entry) => {
+            entry.write(FdEvent {
+                kind,
+                tgid,
+                nr: nr as u32,
+                _pad: 0,
+                file: DevIno { dev, _pad: 0, ino },
+                a,
+                b,
+                c,
+            });
+            entry.submit(0);
+        }
+        None => count_drop(),
+    }
+    Ok(())
+}
+
+/// How a syscall names its objects: where each path argument starts.
+#[derive(Clone, Copy)]
+enum Start {
+    /// No such argument.
+    None,
+    /// Relative to the working directory (`AT_FDCWD` implied).
+    Cwd,
+    /// Relative to the directory fd in argument n.
+    DirFd(u32),
+    /// The fd in argument n names the object itself (fchmod, fsetxattr ...).
+    Fd(u32),
+    /// Argument n is a plain string, not a path (an xattr name, a symlink target).
+    Text,
+}
+
+/// Per syscall: (start of path a, index of path a, start of b, index of b).
+#[inline(always)]
+fn layout(nr: u64) -> Option<(Start, u32, Start, u32)> {
+    use Start::*;
+    Some(match nr {
+        2 | 85 | 83 | 133 | 87 | 84 | 76 | 90 | 92 | 94 | 132 | 235 => (Cwd, 0, None, 0),
+        257 | 437 | 258 | 259 | 263 | 268 | 452 | 260 | 261 | 280 => (DirFd(0), 1, None, 0),
+        82 | 86 => (Cwd, 0, Cwd, 1),
+        264 | 316 | 265 => (DirFd(0), 1, DirFd(2), 3),
+        88 => (Cwd, 1, Text, 0),
+        266 => (DirFd(1), 2, Text, 0),
+        91 | 93 => (Fd(0), 0, None, 0),
+        188 | 189 | 197 | 198 => (Cwd, 0, Text, 1),
+        190 | 199 => (Fd(0), 0, Text, 1),
+        463 | 466 => (DirFd(0), 1, Text, 3),
+        _ => return Option::None,
+    })
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn imezzo_path(ctx: RawTracePointContext) -> i32 {
+    let _ = try_path(&ctx);
+    0
+}
+
+/// The inode a path walk starts from: the fd's, the cwd's or the process root's.
+#[inline(always)]
+fn start_inode(abs: bool, dirfd: i64) -> Result<*const u8, i64> {
+        if abs || dirfd == AT_FDCWD {
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let fs: *const u8 = rd(task, off!(task_fs))?;
+        let which = if abs { off!(fs_root) } else { off!(fs_pwd) };
+        let dentry: *const u8 = rd(fs, which.wrapping_add(off!(path_dentry)))?;
+        return rd(dentry, off!(dentry_inode));
+    }
+    let file = fd_file(dirfd as u64)?;
+    if file.is_null() {
+        return Ok(core::ptr::null());
+    }
+    rd(file, off!(file_inode))
+}
+
+/// Is this absolute path the root or beneath it?
+#[inline(always)]
+fn beneath_root(path: &[u8; PATH_CAP]) -> bool {
+    let n = filt!(root_len) as usize;
+    if n == 0 || n >= PATH_CAP {
+        return false;
+    }
+    let mut i = 0usize;
+    while i < PATH_CAP - 1 {
+        if i >= n {
+            break;
+        }
+        if path[i] != filt!(root_path[i]) {
+            return false;
+        }
+        i += 1;
+    }
+    let next = path[n & (PATH_CAP - 1)];
+    next == 0 || next == b'/'
+}
+
+/// Fill one path argument of the event: its start inode and its bytes.
+/// Returns whether it touches the watched device.
+#[inline(always)]
+fn fill_path(
+    regs: *const u8,
+    start: Start,
+    idx: u32,
+    dst: &mut [u8; PATH_CAP],
+    len: &mut u16,
+    at: &mut DevIno,
+    truncated: &mut u32,
+    bit: u32,
+) -> Result<bool, i64> {
+    let watched = filt!(dev);
+    *len = 0;
+    *at = DevIno::default();
+    dst[0] = 0;
+    match start {
+        Start::None => Ok(false),
+        Start::Fd(n) => {
+            let file = fd_file(arg(regs, n)?)?;
+            if file.is_null() {
+                return Ok(false);
+            }
+            let inode: *const u8 = rd(file, off!(file_inode))?;
+            *at = inode_devino(inode)?;
+            Ok(at.dev == watched)
+        }
+        Start::Text | Start::Cwd | Start::DirFd(_) => {
+            let ptr = arg(regs, idx)? as *const u8;
+            if !ptr.is_null() {
+                let got = unsafe { bpf_probe_read_user_str_bytes(ptr, dst) }.map_err(|e| e as i64)?;
+                *len = got.len() as u16;
+                if got.len() >= PATH_CAP - 1 {
+                    *truncated |= bit;
+                }
+            }
+            if let Start::Text = start {
+                return Ok(false);
+            }
+            let dirfd = match start {
+                Start::DirFd(n) => arg(regs, n)? as i32 as i64,
+                _ => AT_FDCWD,
+            };
+            let abs = *len > 0 && dst[0] == b'/';
+            let inode = start_inode(abs, dirfd)?;
+            *at = inode_devino(inode)?;
+            Ok(at.dev == watched || (abs && beneath_root(dst)))
+        }
+    }
+}
+
+fn try_path(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let ret: i64 = ctx.arg(1);
+    let regs: *const u8 = ctx.arg(0);
+        let nr: u64 = rd(regs, off!(regs_orig_ax))?;
+    let Some((start_a, idx_a, start_b, idx_b)) = layout(nr) else { return Ok(()) };
+    let tgid = current_tgid();
+    if tgid == filt!(agent_tgid) {
+        return Ok(());
+    }
+    let ev = SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: per-CPU scratch, this program is its only user on this CPU.
+    let ev = unsafe { &mut *ev };
+    ev.kind = kind::PATH;
+    ev.tgid = tgid;
+    ev.nr = nr as u32;
+    ev.truncated = 0;
+    ev.ret = ret;
+    let mut i = 0u32;
+    while i < 6 {
+        ev.args[i as usize] = arg(regs, i)?;
+        i += 1;
+    }
+    let mut keep = fill_path(regs, start_a, idx_a, &mut ev.path_a, &mut ev.len_a, &mut ev.start_a, &mut ev.truncated, 1)?;
+    keep |= fill_path(regs, start_b, idx_b, &mut ev.path_b, &mut ev.len_b, &mut ev.start_b, &mut ev.truncated, 2)?;
+    ev.result = DevIno::default();
+    ev.f_mode = 0;
+    if matches!(nr, 2 | 85 | 257 | 437) {
+        // open family: ret is the new fd; its inode says what was opened, f_mode whether
+        // this call created it.
+        let file = fd_file(ret as u64)?;
+        if !file.is_null() {
+            let inode: *const u8 = rd(file, off!(file_inode))?;
+            ev.result = inode_devino(inode)?;
+            ev.f_mode = rd(file, off!(file_mode))?;
+            keep |= ev.result.dev == filt!(dev);
+        }
+        if nr == nr::OPENAT2 {
+            // struct open_how { u64 flags; u64 mode; u64 resolve; } replaces (how, size).
+            let how = ev.args[2] as *const u64;
+            ev.args[2] = unsafe { bpf_probe_read_user(how) }.map_err(|e| e as i64)?;
+            ev.args[3] = unsafe { bpf_probe_read_user(how.wrapping_add(1)) }.map_err(|e| e as i64)?;
+        }
+    }
+    if !keep {
+        return Ok(());
+    }
+    if EVENTS.output::<PathEvent>(ev, 0).is_err() {
+        count_drop();
+    }
+    Ok(())
+}
+
+#[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
+pub fn imezzo_dirty(ctx: RawTracePointContext) -> i32 {
+    let _ = try_dirty(&ctx);
+    0
+}
+
+fn try_dirty(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let inode: *const u8 = ctx.arg(0);
+        let dev = inode_dev(inode)?;
+    if dev != filt!(dev) {
+        return Ok(());
+    }
+    let mode: u16 = rd(inode, off!(inode_mode))?;
+    if mode & S_IFMT != S_IFREG {
+        return Ok(());
+    }
+    let tgid = current_tgid();
+    if tgid == filt!(agent_tgid) {
+        return Ok(());
+    }
+    // Which syscall is this task in? A page fault's entry stores its error code where a
+    // syscall stores its number; neither collides with the quiet set below.
+    let task = unsafe { bpf_get_current_task_btf() };
+    // io_uring workers and kernel threads write on someone's behalf with no syscall of
+    // their own (their saved registers are zeroed): always report them.
+    let flags: u32 = rd(task as *const u8, off!(task_flags))?;
+    let in_thread = flags & (PF_KTHREAD | PF_IO_WORKER) != 0;
+    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
+    let nr: u64 = rd(regs, off!(regs_orig_ax))?;
+    if !in_thread && nr < SYSCALL_SLOTS as u64 {
+        let word = filt!(quiet_dirty[(nr as usize / 64) & (SYSCALL_SLOTS / 64 - 1)]);
+        if word & (1u64 << (nr % 64)) != 0 {
+            return Ok(());
+        }
+    }
+    let ino: u64 = rd(inode, off!(inode_ino))?;
+    match EVENTS.reserve::<FdEvent>(0) {
+        Some(mut entry) => {
+            entry.write(FdEvent {
+                kind: kind::DIRTY,
+                tgid,
+                nr: nr as u32,
+                _pad: 0,
+                file: DevIno { dev, _pad: 0, ino },
+                a: 0,
+                b: 0,
+                c: 0,
+            });
+            entry.submit(0);
+        }
+        None => count_drop(),
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
