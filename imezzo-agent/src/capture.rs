@@ -94,6 +94,9 @@ fn stat_time(sec: i64, nsec: i64) -> Timestamp {
     Timestamp { sec, nsec: nsec as u32 }
 }
 
+/// The longest a data event waits in the ring buffer before the agent looks.
+const POLL_MS: i32 = 2;
+
 enum Event {
     Fd(FdEvent),
     Path(Box<PathEvent>),
@@ -187,9 +190,21 @@ impl Capture {
         let mut last_drop_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let mut pfd = libc::pollfd { fd: self.probes.events_fd(), events: libc::POLLIN, revents: 0 };
+            // Data events do not wake us (see `Filter::wake_bytes`): polling every couple of
+            // milliseconds bounds their delay and lets a storm coalesce into few extents.
             // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 50) };
+            unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
+            let before = self.stats.events;
+            let started = Instant::now();
             self.drain(&mut out);
+            if self.stats.events != before {
+                // Under a storm, drain in batches: a consumer that chases every event
+                // bounces the ring's cache lines and slows the writers it watches.
+                let batch = Duration::from_millis(POLL_MS as u64);
+                if let Some(rest) = batch.checked_sub(started.elapsed()) {
+                    thread::sleep(rest);
+                }
+            }
             if last_drop_check.elapsed() >= Duration::from_millis(20) || !out.is_empty() {
                 self.check_drops(&mut out);
                 last_drop_check = Instant::now();

@@ -89,6 +89,7 @@ impl Probes {
             dev: cfg.kernel_dev,
             agent_tgid: std::process::id(),
             root_len: root_bytes.len() as u32,
+            wake_bytes: cfg.ring_bytes / 8,
             quiet_dirty: syscalls::quiet_dirty_bitmap(),
             ..Filter::default()
         };

@@ -124,7 +124,9 @@ pub struct Filter {
     pub agent_tgid: u32,
     /// Length of `root_path`.
     pub root_len: u32,
-    pub _pad: u32,
+    /// Data events do not wake the agent (it polls every few milliseconds) until this many
+    /// bytes wait in the ring buffer: a wakeup per write would cost more than the probe.
+    pub wake_bytes: u32,
     /// Canonical absolute path of the root: an absolute path argument is kept only when
     /// it lies beneath it.
     pub root_path: [u8; PATH_CAP],
@@ -140,7 +142,7 @@ impl Default for Filter {
             dev: 0,
             agent_tgid: 0,
             root_len: 0,
-            _pad: 0,
+            wake_bytes: 0,
             root_path: [0; PATH_CAP],
             quiet_dirty: [0; SYSCALL_SLOTS / 64],
         }

@@ -91,6 +91,20 @@ fn rd<T>(base: *const u8, off: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }.map_err(|e| e as i64)
 }
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Wakeup policy for data events: none until the agent has a good batch waiting.
+#[inline(always)]
+fn data_wakeup() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= filt!(wake_bytes) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 fn count_drop() {
     if let Some(slot) = DROPS.get_ptr_mut(DROPS_RINGBUF_FULL) {
@@ -236,7 +250,7 @@ fn try_write(ctx: &RawTracePointContext) -> Result<(), i64> {
                 b,
                 c,
             });
-            entry.submit(0);
+            entry.submit(data_wakeup());
         }
         None => count_drop(),
     }
@@ -473,7 +487,7 @@ fn try_dirty(ctx: &RawTracePointContext) -> Result<(), i64> {
                 b: 0,
                 c: 0,
             });
-            entry.submit(0);
+            entry.submit(data_wakeup());
         }
         None => count_drop(),
     }
