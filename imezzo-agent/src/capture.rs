@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use imezzo_common::{kind, DevIno, FdEvent, PathEvent, FMODE_CREATED};
+use imezzo_common::{kind, DevIno, FdEvent, PathEvent, FMODE_CREATED, UTIME_OMIT};
 
 use crate::{
     extents::Extents,
@@ -503,13 +503,16 @@ impl Capture {
             }
             132 | 235 | 261 | 280 => {
                 let follow = !(nr == 280 && args[3] & AT_SYMLINK_NOFOLLOW != 0);
+                // utimensat can leave either time alone (UTIME_OMIT): journal what changed.
+                let set_atime = nr != 280 || ev.extra[0] != UTIME_OMIT;
+                let set_mtime = nr != 280 || ev.extra[1] != UTIME_OMIT;
                 self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, meta| Op::Setattr {
                     path,
                     mode: None,
                     uid: None,
                     gid: None,
-                    atime: meta.map(|m| stat_time(m.atime(), m.atime_nsec())),
-                    mtime: meta.map(|m| stat_time(m.mtime(), m.mtime_nsec())),
+                    atime: meta.filter(|_| set_atime).map(|m| stat_time(m.atime(), m.atime_nsec())),
+                    mtime: meta.filter(|_| set_mtime).map(|m| stat_time(m.mtime(), m.mtime_nsec())),
                 });
             }
             188 | 189 | 190 | 463 | 197 | 198 | 199 | 466 => {

@@ -73,11 +73,17 @@ pub struct PathEvent {
     pub result: DevIno,
     /// For `open` family: the returned file's `f_mode` (FMODE_CREATED says it was created).
     pub f_mode: u32,
+    /// Call-specific values read from user memory at exit: for `utimensat`, the `tv_nsec`
+    /// of the two timespecs (to tell UTIME_OMIT), or `u64::MAX` when `times` was NULL.
+    pub extra: [u64; 2],
     pub len_a: u16,
     pub len_b: u16,
     pub path_a: [u8; PATH_CAP],
     pub path_b: [u8; PATH_CAP],
 }
+
+/// `tv_nsec` value of a timespec that `utimensat` must leave alone.
+pub const UTIME_OMIT: u64 = (1 << 30) - 2;
 
 /// `FMODE_CREATED` in `struct file`'s `f_mode`: the open created the file.
 pub const FMODE_CREATED: u32 = 0x10_0000;

@@ -70,6 +70,7 @@ mod nr {
     pub const PWRITEV2: u64 = 328;
     pub const OPENAT2: u64 = 437;
 }
+const UTIMENSAT: u64 = 280;
 
 /// A field of the `OFFSETS` global. The volatile read keeps the compiler from folding the
 /// zero the object was compiled with: the agent patches the real value in at load time.
@@ -429,6 +430,13 @@ fn try_path(ctx: &RawTracePointContext) -> Result<(), i64> {
             ev.args[2] = unsafe { bpf_probe_read_user(how) }.map_err(|e| e as i64)?;
             ev.args[3] = unsafe { bpf_probe_read_user(how.wrapping_add(1)) }.map_err(|e| e as i64)?;
         }
+    }
+    ev.extra = [u64::MAX; 2];
+    if nr == UTIMENSAT && ev.args[2] != 0 {
+        // struct timespec times[2] = { atime, mtime }: 16 bytes each, tv_nsec second.
+        let times = ev.args[2] as *const u64;
+        ev.extra[0] = unsafe { bpf_probe_read_user(times.wrapping_add(1)) }.map_err(|e| e as i64)?;
+        ev.extra[1] = unsafe { bpf_probe_read_user(times.wrapping_add(3)) }.map_err(|e| e as i64)?;
     }
     if !keep {
         return Ok(());
