@@ -80,6 +80,7 @@ pub struct Capture {
     pending: Extents,
     seq: u64,
     stats: CaptureStats,
+    placeholders: u64,
     _lock: fs::File,
 }
 
@@ -96,6 +97,19 @@ fn stat_time(sec: i64, nsec: i64) -> Timestamp {
 
 /// The longest a data event waits in the ring buffer before the agent looks.
 const POLL_MS: i32 = 2;
+
+const AT_FDCWD: i64 = -100;
+
+/// The directory fd a path argument is relative to (`AT_FDCWD` when the call takes none).
+fn dirfd_of(ev: &PathEvent, second: bool) -> i64 {
+    let idx = match (ev.nr, second) {
+        (264 | 316 | 265, true) => 2,
+        (266, false) => 1,
+        (257 | 437 | 258 | 259 | 263 | 268 | 452 | 260 | 261 | 280 | 264 | 316 | 265 | 463 | 466, false) => 0,
+        _ => return AT_FDCWD,
+    };
+    ev.args[idx] as i32 as i64
+}
 
 enum Event {
     Fd(FdEvent),
@@ -172,8 +186,15 @@ impl Capture {
             pending: Extents::default(),
             seq: 0,
             stats: CaptureStats::default(),
+            placeholders: 0,
             _lock: lock,
         })
+    }
+
+    /// An inode number no real inode has (top bit set), for objects seen by name only.
+    fn placeholder_ino(&mut self) -> u64 {
+        self.placeholders += 1;
+        (1 << 63) | self.placeholders
     }
 
     pub fn root(&self) -> &Path {
@@ -332,8 +353,8 @@ impl Capture {
     }
 
     /// Resolves one path argument of an event.
-    fn locate(&self, start: DevIno, bytes: &[u8], tgid: u32, follow: bool) -> Located {
-        let mut loc = self.locate_raw(start, bytes, tgid);
+    fn locate(&self, start: DevIno, bytes: &[u8], tgid: u32, dirfd: i64, follow: bool) -> Located {
+        let mut loc = self.locate_raw(start, bytes, tgid, dirfd);
         // Calls that follow a final symlink act on its target.
         for _ in 0..8 {
             let Located::Inside(parts) = &loc else { break };
@@ -377,9 +398,12 @@ impl Capture {
         }
     }
 
-    fn locate_raw(&self, start: DevIno, bytes: &[u8], tgid: u32) -> Located {
+    fn locate_raw(&self, start: DevIno, bytes: &[u8], tgid: u32, dirfd: i64) -> Located {
         if bytes.first() == Some(&b'/') {
-            return self.locate_abs(bytes);
+            return match self.locate_abs(bytes) {
+                Located::Inside(parts) if !self.parent_known(&parts) => self.locate_slow(bytes, tgid, dirfd),
+                other => other,
+            };
         }
         if start.dev != self.kernel_dev {
             return Located::Outside;
@@ -393,14 +417,9 @@ impl Capture {
             if bytes.is_empty() {
                 return Located::Outside;
             }
-            // A directory on our device we do not know: outside the root, unless the
-            // process is somewhere we cannot see. Ask /proc while the process lives.
-            return match fs::read_link(format!("/proc/{tgid}/cwd")) {
-                Ok(cwd) if cwd.starts_with(&self.root) => {
-                    Located::Unknown(format!("a path relative to an unknown directory inside the root (pid {tgid})"))
-                }
-                _ => Located::Outside,
-            };
+            // A directory on our device that is not in the tree (above the root, or a
+            // sibling): the path may still climb into the root with `..`.
+            return self.locate_slow(bytes, tgid, dirfd);
         };
         if !bytes.is_empty() {
             if !joined.is_empty() {
@@ -408,11 +427,77 @@ impl Capture {
             }
             joined.extend_from_slice(bytes);
         }
+        let dotdot = bytes.split(|b| *b == b'/').any(|c| c == b"..");
         match components(&joined) {
-            Some(c) => Located::Inside(c.into_iter().map(|c| c.to_vec()).collect()),
-            // `..` above the root: outside.
-            None => Located::Outside,
+            Some(c) if !dotdot || self.parent_known_refs(&c) => {
+                let parts: Vec<Vec<u8>> = c.into_iter().map(|c| c.to_vec()).collect();
+                if self.parent_known(&parts) {
+                    Located::Inside(parts)
+                } else {
+                    // A symlinked directory on the way, or one we do not know yet: ask
+                    // the file system where the path really leads.
+                    self.locate_slow(bytes, tgid, dirfd)
+                }
+            }
+            _ => self.locate_slow(bytes, tgid, dirfd),
         }
+    }
+
+    /// Every directory on the way to the last component is a directory the table knows.
+    fn parent_known(&self, parts: &[Vec<u8>]) -> bool {
+        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        self.parent_known_refs(&refs)
+    }
+
+    fn parent_known_refs(&self, parts: &[&[u8]]) -> bool {
+        if parts.is_empty() {
+            return true;
+        }
+        let mut cur = self.table.root();
+        for c in &parts[..parts.len() - 1] {
+            match self.table.lookup_child(cur, c) {
+                Some(next) if self.table.kind(next) == Some(Kind::Dir) => cur = next,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Resolves a path through the file system as it is now: the start directory from
+    /// /proc (the process's cwd or dirfd) or the table, the parent canonicalized, so
+    /// symlinked directories and `..` lead where the kernel went. Racy by nature: used only
+    /// when the table alone cannot answer.
+    fn locate_slow(&self, bytes: &[u8], tgid: u32, dirfd: i64) -> Located {
+        let base: PathBuf = if bytes.first() == Some(&b'/') {
+            PathBuf::from("/")
+        } else if dirfd == AT_FDCWD {
+            match fs::read_link(format!("/proc/{tgid}/cwd")) {
+                Ok(p) => p,
+                Err(_) => return Located::Unknown(format!("process {tgid} exited before its path could be resolved")),
+            }
+        } else {
+            match fs::read_link(format!("/proc/{tgid}/fd/{dirfd}")) {
+                Ok(p) => p,
+                Err(_) => return Located::Unknown(format!("process {tgid} closed its directory fd before its path could be resolved")),
+            }
+        };
+        let full = base.join(OsStr::from_bytes(bytes));
+        let (parent, name) = match (full.parent(), full.file_name()) {
+            (Some(p), Some(n)) => (p.to_path_buf(), Some(n.as_bytes().to_vec())),
+            // `.`/`..` as the last component, or the root itself: the object is a directory.
+            _ => (full.clone(), None),
+        };
+        let Ok(real_parent) = fs::canonicalize(&parent) else {
+            // The directory is gone already; its removal will be journalled on its own.
+            return Located::Outside;
+        };
+        let Ok(rel) = real_parent.strip_prefix(&self.root) else { return Located::Outside };
+        let mut parts: Vec<Vec<u8>> = rel.iter().map(|c| c.as_bytes().to_vec()).collect();
+        match name {
+            Some(n) if n != b".." && n != b"." => parts.push(n),
+            _ => {}
+        }
+        Located::Inside(parts)
     }
 
     fn on_path(&mut self, ev: &PathEvent, out: &mut Vec<Op>) {
@@ -428,10 +513,10 @@ impl Capture {
         let nr = ev.nr;
         match nr {
             // open, creat, openat, openat2
-            2 | 85 | 257 | 437 => self.on_open(ev, a, out),
+            2 | 85 | 257 | 437 => self.on_open(ev, out),
             83 | 258 => {
                 let mode = if nr == 83 { args[1] } else { args[2] } as u32;
-                self.on_new(ev.start_a, a, ev.tgid, out, |path, meta| Op::Mkdir {
+                self.on_new(ev, Kind::Dir, out, |path, meta| Op::Mkdir {
                     path,
                     mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(mode & 0o7777),
                 });
@@ -439,7 +524,7 @@ impl Capture {
             133 | 259 => {
                 let (mode, rdev) = if nr == 133 { (args[1], args[2]) } else { (args[2], args[3]) };
                 let mode = mode as u32;
-                self.on_new(ev.start_a, a, ev.tgid, out, |path, meta| {
+                self.on_new(ev, if matches!(mode & libc::S_IFMT, 0 | libc::S_IFREG) { Kind::File } else { Kind::Other }, out, |path, meta| {
                     let ty = mode & libc::S_IFMT;
                     if ty == 0 || ty == libc::S_IFREG {
                         Op::Create { path, mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(mode & 0o7777) }
@@ -450,11 +535,11 @@ impl Capture {
             }
             88 | 266 => {
                 let target = RelPath(b.to_vec());
-                self.on_new(ev.start_a, a, ev.tgid, out, move |path, _| Op::Symlink { path, target });
+                self.on_new(ev, Kind::Symlink, out, move |path, _| Op::Symlink { path, target });
             }
             87 | 84 | 263 => {
                 let dir = nr == 84 || (nr == 263 && args[2] & AT_REMOVEDIR != 0);
-                match self.locate(ev.start_a, a, ev.tgid, false) {
+                match self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), false) {
                     Located::Inside(parts) if !parts.is_empty() => {
                         let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
                         let path = join(&refs);
@@ -469,14 +554,14 @@ impl Capture {
             }
             82 | 264 | 316 => self.on_rename(ev, a, b, if nr == 316 { args[4] } else { 0 }, out),
             86 | 265 => self.on_link(ev, a, b, out),
-            76 => self.on_attr(ev.start_a, a, ev.tgid, true, out, |path, _| Op::Truncate { path, size: args[1] }),
+            76 => self.on_attr(ev, true, out, |path, _| Op::Truncate { path, size: args[1] }),
             90 | 91 | 268 | 452 => {
                 let (mode, follow) = match nr {
                     90 | 91 => (args[1], true),
                     268 => (args[2], true),
                     _ => (args[2], args[3] & AT_SYMLINK_NOFOLLOW == 0),
                 };
-                self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, _| Op::Setattr {
+                self.on_attr(ev, follow, out, |path, _| Op::Setattr {
                     path,
                     mode: Some(mode as u32 & 0o7777),
                     uid: None,
@@ -492,7 +577,7 @@ impl Capture {
                     _ => (args[2], args[3], args[4] & AT_SYMLINK_NOFOLLOW == 0),
                 };
                 let id = |v: u64| (v as u32 != u32::MAX).then_some(v as u32);
-                self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, _| Op::Setattr {
+                self.on_attr(ev, follow, out, |path, _| Op::Setattr {
                     path,
                     mode: None,
                     uid: id(uid),
@@ -506,7 +591,7 @@ impl Capture {
                 // utimensat can leave either time alone (UTIME_OMIT): journal what changed.
                 let set_atime = nr != 280 || ev.extra[0] != UTIME_OMIT;
                 let set_mtime = nr != 280 || ev.extra[1] != UTIME_OMIT;
-                self.on_attr(ev.start_a, a, ev.tgid, follow, out, |path, meta| Op::Setattr {
+                self.on_attr(ev, follow, out, |path, meta| Op::Setattr {
                     path,
                     mode: None,
                     uid: None,
@@ -523,7 +608,7 @@ impl Capture {
                 };
                 let name = RelPath(b.to_vec());
                 let set = matches!(nr, 188 | 189 | 190 | 463);
-                self.on_attr(ev.start_a, a, ev.tgid, follow, out, move |path, _| {
+                self.on_attr(ev, follow, out, move |path, _| {
                     if set {
                         Op::Setxattr { path, name }
                     } else {
@@ -535,7 +620,7 @@ impl Capture {
         }
     }
 
-    fn on_open(&mut self, ev: &PathEvent, a: &[u8], out: &mut Vec<Op>) {
+    fn on_open(&mut self, ev: &PathEvent, out: &mut Vec<Op>) {
         if ev.result.dev != self.kernel_dev {
             return;
         }
@@ -553,7 +638,7 @@ impl Capture {
         }
         if ev.f_mode & FMODE_CREATED != 0 {
             let ino = ev.result.ino;
-            self.on_new_known(ev.start_a, a, ev.tgid, ino, Kind::File, out, |path, meta| Op::Create {
+            self.on_new_known(ev, ino, Kind::File, out, |path, meta| Op::Create {
                 path,
                 mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(0o644),
             });
@@ -567,27 +652,25 @@ impl Capture {
     /// A new name for a new object whose inode the agent learns with lstat.
     fn on_new(
         &mut self,
-        start: DevIno,
-        a: &[u8],
-        tgid: u32,
+        ev: &PathEvent,
+        kind: Kind,
         out: &mut Vec<Op>,
         make: impl FnOnce(RelPath, Option<&fs::Metadata>) -> Op,
     ) {
-        self.on_new_known(start, a, tgid, 0, Kind::Other, out, make)
+        self.on_new_known(ev, 0, kind, out, make)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn on_new_known(
         &mut self,
-        start: DevIno,
-        a: &[u8],
-        tgid: u32,
+        ev: &PathEvent,
         known_ino: u64,
         known_kind: Kind,
         out: &mut Vec<Op>,
         make: impl FnOnce(RelPath, Option<&fs::Metadata>) -> Op,
     ) {
-        match self.locate(start, a, tgid, false) {
+        let a = &ev.path_a[..ev.len_a as usize];
+        match self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), false) {
             Located::Inside(parts) if !parts.is_empty() => {
                 let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
                 let path = join(&refs);
@@ -600,13 +683,12 @@ impl Capture {
                 let (ino, kind) = match (&meta, known_ino) {
                     (_, ino) if ino != 0 => (ino, known_kind),
                     (Some(m), _) if m.dev() == self.dev => (m.ino(), Kind::of(m.file_type())),
-                    // Already gone again: a later event removes it; keep the op.
-                    _ => (0, Kind::Other),
+                    // Already gone (or replaced) by the time we look: the events that did it
+                    // follow. Name it with a placeholder inode so they find it by path.
+                    _ => (self.placeholder_ino(), known_kind),
                 };
                 let meta = meta.filter(|m| m.ino() == ino);
-                if ino != 0 {
-                    self.table.link(parent, refs[refs.len() - 1], ino, kind);
-                }
+                self.table.link(parent, refs[refs.len() - 1], ino, kind);
                 out.push(make(path, meta.as_ref()));
             }
             Located::Unknown(why) => self.rescan(why, out),
@@ -617,14 +699,13 @@ impl Capture {
     /// An attribute change of an existing object.
     fn on_attr(
         &mut self,
-        start: DevIno,
-        a: &[u8],
-        tgid: u32,
+        ev: &PathEvent,
         follow: bool,
         out: &mut Vec<Op>,
         make: impl FnOnce(RelPath, Option<&fs::Metadata>) -> Op,
     ) {
-        match self.locate(start, a, tgid, follow) {
+        let a = &ev.path_a[..ev.len_a as usize];
+        match self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), follow) {
             Located::Inside(parts) => {
                 let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
                 let Some(ino) = self.table.lookup(&refs) else { return };
@@ -641,8 +722,8 @@ impl Capture {
     fn on_rename(&mut self, ev: &PathEvent, a: &[u8], b: &[u8], flags: u64, out: &mut Vec<Op>) {
         const RENAME_NOREPLACE: u64 = 1;
         const RENAME_EXCHANGE: u64 = 2;
-        let from = self.locate(ev.start_a, a, ev.tgid, false);
-        let to = self.locate(ev.start_b, b, ev.tgid, false);
+        let from = self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), false);
+        let to = self.locate(ev.start_b, b, ev.tgid, dirfd_of(ev, true), false);
         match (from, to) {
             (Located::Unknown(why), _) | (_, Located::Unknown(why)) => self.rescan(why, out),
             (Located::Inside(f), Located::Inside(t)) if !f.is_empty() && !t.is_empty() => {
@@ -702,8 +783,8 @@ impl Capture {
     }
 
     fn on_link(&mut self, ev: &PathEvent, a: &[u8], b: &[u8], out: &mut Vec<Op>) {
-        let to = self.locate(ev.start_b, b, ev.tgid, false);
-        let from = self.locate(ev.start_a, a, ev.tgid, ev.nr == 265 && ev.args[4] & 0x400 != 0);
+        let to = self.locate(ev.start_b, b, ev.tgid, dirfd_of(ev, true), false);
+        let from = self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), ev.nr == 265 && ev.args[4] & 0x400 != 0);
         match (from, to) {
             (Located::Unknown(why), _) | (_, Located::Unknown(why)) => self.rescan(why, out),
             (Located::Inside(f), Located::Inside(t)) if !t.is_empty() => {

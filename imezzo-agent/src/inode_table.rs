@@ -151,6 +151,11 @@ impl InodeTable {
         Some(cur)
     }
 
+    /// The inode named `name` in directory `dir`.
+    pub fn lookup_child(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        self.nodes.get(&dir)?.children.get(name).copied()
+    }
+
     /// Adds the link `parent/name -> ino`, replacing whatever `name` named before.
     pub fn link(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind) {
         if let Some(old) = self.nodes.get(&parent).and_then(|p| p.children.get(name)).copied() {

@@ -86,6 +86,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         inode_sb: f("inode", "i_sb")?,
         inode_ino: f("inode", "i_ino")?,
         inode_mode: f("inode", "i_mode")?,
+        inode_size: f("inode", "i_size")?,
         sb_dev: f("super_block", "s_dev")?,
         fs_root: f("fs_struct", "root")?,
         fs_pwd: f("fs_struct", "pwd")?,

@@ -105,6 +105,7 @@ pub struct KernelOffsets {
     pub inode_sb: u32,
     pub inode_ino: u32,
     pub inode_mode: u32,
+    pub inode_size: u32,
     pub sb_dev: u32,
     pub fs_root: u32,
     pub fs_pwd: u32,

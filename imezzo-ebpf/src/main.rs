@@ -71,6 +71,7 @@ mod nr {
     pub const OPENAT2: u64 = 437;
 }
 const UTIMENSAT: u64 = 280;
+const RWF_APPEND: u64 = 0x10;
 
 /// A field of the `OFFSETS` global. The volatile read keeps the compiler from folding the
 /// zero the object was compiled with: the agent patches the real value in at load time.
@@ -215,6 +216,10 @@ fn try_write(ctx: &RawTracePointContext) -> Result<(), i64> {
                 nr::PWRITE64 | nr::PWRITEV => Some(arg(regs, 3)?),
                 nr::PWRITEV2 => match arg(regs, 3)? as i64 {
                     -1 => None,
+                    // RWF_APPEND writes at the end whatever the offset, and leaves f_pos.
+                    _ if arg(regs, 5)? & RWF_APPEND != 0 => {
+                        Some(rd::<u64>(inode, off!(inode_size))?.wrapping_sub(len))
+                    }
                     off => Some(off as u64),
                 },
                 nr::SPLICE | nr::COPY_FILE_RANGE => {
