@@ -1,0 +1,791 @@
+//! Namespace changes: create, mkdir, mknod, symlink, link, unlink, rmdir, rename.
+//!
+//! Each test sets up its tree before the capture starts (so the agent learns it
+//! from its initial walk) unless the scenario is about live tracking, performs
+//! the syscall under test, then uses a marker file to collect and assert the
+//! exact journal.
+
+use imezzo_tests::sys::{self, AT_FDCWD};
+use imezzo_tests::*;
+use libc::{O_CREAT, O_EXCL, O_RDWR, O_TRUNC, O_WRONLY};
+use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn rel(s: &str) -> &Path {
+    Path::new(s)
+}
+
+// ---------------------------------------------------------------- create
+
+#[test]
+fn open_o_creat_with_absolute_path_journals_create_with_mode() {
+    let fs = Fs::tmpfs("open-creat");
+    let mut cap = Capture::start(&fs.root);
+    drop(sys::open(&fs.p("new.txt"), O_WRONLY | O_CREAT, 0o640).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "new.txt", "mode": perm(&fs.p("new.txt"))})]);
+}
+
+#[test]
+fn openat_o_creat_relative_to_dirfd_inside_root_journals_create() {
+    let fs = Fs::tmpfs("openat-dirfd");
+    fs.dirs("d/e");
+    let mut cap = Capture::start(&fs.root);
+    let d = sys::dir(&fs.p("d/e")).unwrap();
+    drop(sys::openat(d.as_raw_fd(), rel("f"), O_WRONLY | O_CREAT | O_EXCL, 0o600).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "d/e/f", "mode": perm(&fs.p("d/e/f"))})]);
+}
+
+#[test]
+fn openat_o_creat_at_fdcwd_with_absolute_path_journals_create() {
+    let fs = Fs::tmpfs("openat-cwd");
+    fs.dirs("d");
+    let mut cap = Capture::start(&fs.root);
+    drop(sys::openat(AT_FDCWD, &fs.p("d/f"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "d/f", "mode": perm(&fs.p("d/f"))})]);
+}
+
+#[test]
+fn creat_of_new_file_journals_create() {
+    let fs = Fs::tmpfs("creat-new");
+    let mut cap = Capture::start(&fs.root);
+    drop(sys::creat(&fs.p("c"), 0o604).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "c", "mode": perm(&fs.p("c"))})]);
+}
+
+#[test]
+fn openat2_o_creat_relative_to_root_dirfd_journals_create() {
+    let fs = Fs::tmpfs("openat2");
+    fs.dirs("sub");
+    let mut cap = Capture::start(&fs.root);
+    let root = sys::dir(&fs.root).unwrap();
+    const RESOLVE_BENEATH: u64 = 0x08;
+    drop(
+        sys::openat2(
+            root.as_raw_fd(),
+            rel("sub/g"),
+            O_WRONLY | O_CREAT,
+            0o600,
+            RESOLVE_BENEATH,
+        )
+        .unwrap(),
+    );
+    cap.expect(&[json!({"op": "create", "path": "sub/g", "mode": perm(&fs.p("sub/g"))})]);
+}
+
+#[test]
+fn open_o_creat_of_existing_file_journals_nothing() {
+    let fs = Fs::tmpfs("creat-existing");
+    fs.put("f", b"hello");
+    let mut cap = Capture::start(&fs.root);
+    drop(sys::open(&fs.p("f"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    drop(sys::openat(AT_FDCWD, &fs.p("f"), O_RDWR | O_CREAT, 0o600).unwrap());
+    cap.expect(&[]);
+    assert_eq!(std::fs::read(fs.p("f")).unwrap(), b"hello");
+}
+
+#[test]
+fn open_o_creat_o_trunc_of_new_file_journals_only_create() {
+    let fs = Fs::tmpfs("creat-trunc-new");
+    let mut cap = Capture::start(&fs.root);
+    drop(sys::open(&fs.p("n"), O_WRONLY | O_CREAT | O_TRUNC, 0o644).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "n", "mode": perm(&fs.p("n"))})]);
+}
+
+#[test]
+fn openat_on_dirfd_of_a_renamed_directory_creates_under_the_new_name() {
+    let fs = Fs::tmpfs("openat-renamed");
+    fs.dirs("d");
+    let mut cap = Capture::start(&fs.root);
+    let d = sys::dir(&fs.p("d")).unwrap();
+    sys::rename(&fs.p("d"), &fs.p("e")).unwrap();
+    drop(sys::openat(d.as_raw_fd(), rel("f"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[
+        json!({"op": "rename", "path": "d", "new_path": "e"}),
+        json!({"op": "create", "path": "e/f", "mode": perm(&fs.p("e/f"))}),
+    ]);
+}
+
+#[test]
+fn openat_from_a_dirfd_above_the_root_creates_inside_the_root() {
+    let fs = Fs::tmpfs("openat-above");
+    let mut cap = Capture::start(&fs.root);
+    let mnt = sys::dir(&fs.mnt).unwrap();
+    drop(sys::openat(mnt.as_raw_fd(), rel("root/x"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "x", "mode": perm(&fs.p("x"))})]);
+}
+
+#[test]
+fn openat_with_dotdot_from_the_sibling_into_the_root_journals_create() {
+    let fs = Fs::tmpfs("openat-dotdot");
+    let mut cap = Capture::start(&fs.root);
+    let sib = sys::dir(&fs.sibling).unwrap();
+    drop(sys::openat(sib.as_raw_fd(), rel("../root/y"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "y", "mode": perm(&fs.p("y"))})]);
+}
+
+#[test]
+fn create_through_a_symlinked_directory_journals_the_real_path() {
+    let fs = Fs::tmpfs("create-via-symlink");
+    fs.dirs("real");
+    std::os::unix::fs::symlink("real", fs.p("ln")).unwrap();
+    let mut cap = Capture::start(&fs.root);
+    drop(sys::open(&fs.p("ln/f"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "real/f", "mode": perm(&fs.p("real/f"))})]);
+}
+
+#[test]
+fn non_utf8_name_is_journalled_with_replacement_character() {
+    let fs = Fs::tmpfs("non-utf8");
+    let mut cap = Capture::start(&fs.root);
+    let p = fs.root.join(OsStr::from_bytes(b"caf\xe9"));
+    drop(sys::open(&p, O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[json!({"op": "create", "path": "caf\u{FFFD}", "mode": perm(&p)})]);
+}
+
+// ---------------------------------------------------------------- mkdir / mknod
+
+#[test]
+fn mkdir_with_absolute_path_journals_mkdir_with_mode() {
+    let fs = Fs::tmpfs("mkdir");
+    let mut cap = Capture::start(&fs.root);
+    sys::mkdir(&fs.p("dir"), 0o750).unwrap();
+    cap.expect(&[json!({"op": "mkdir", "path": "dir", "mode": perm(&fs.p("dir"))})]);
+}
+
+#[test]
+fn mkdirat_relative_to_dirfd_journals_mkdir() {
+    let fs = Fs::tmpfs("mkdirat-dirfd");
+    fs.dirs("a");
+    let mut cap = Capture::start(&fs.root);
+    let a = sys::dir(&fs.p("a")).unwrap();
+    sys::mkdirat(a.as_raw_fd(), rel("b"), 0o700).unwrap();
+    cap.expect(&[json!({"op": "mkdir", "path": "a/b", "mode": perm(&fs.p("a/b"))})]);
+}
+
+#[test]
+fn mkdirat_at_fdcwd_with_absolute_path_journals_mkdir() {
+    let fs = Fs::tmpfs("mkdirat-cwd");
+    let mut cap = Capture::start(&fs.root);
+    sys::mkdirat(AT_FDCWD, &fs.p("top"), 0o755).unwrap();
+    cap.expect(&[json!({"op": "mkdir", "path": "top", "mode": perm(&fs.p("top"))})]);
+}
+
+#[test]
+fn mknod_of_fifo_journals_mknod_with_type_and_mode() {
+    let fs = Fs::tmpfs("mknod-fifo");
+    let mut cap = Capture::start(&fs.root);
+    sys::mknod(&fs.p("fifo"), libc::S_IFIFO | 0o640, 0).unwrap();
+    let st = sys::lstat(&fs.p("fifo")).unwrap();
+    assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO);
+    cap.expect(&[json!({"op": "mknod", "path": "fifo", "mode": st.st_mode, "rdev": 0})]);
+}
+
+#[test]
+fn mknodat_of_fifo_relative_to_dirfd_journals_mknod() {
+    let fs = Fs::tmpfs("mknodat-fifo");
+    fs.dirs("p");
+    let mut cap = Capture::start(&fs.root);
+    let d = sys::dir(&fs.p("p")).unwrap();
+    sys::mknodat(d.as_raw_fd(), rel("q"), libc::S_IFIFO | 0o600, 0).unwrap();
+    let st = sys::lstat(&fs.p("p/q")).unwrap();
+    cap.expect(&[json!({"op": "mknod", "path": "p/q", "mode": st.st_mode, "rdev": 0})]);
+}
+
+#[test]
+fn mknod_of_char_device_journals_rdev_as_stat_reports_it() {
+    let fs = Fs::tmpfs("mknod-chr");
+    let mut cap = Capture::start(&fs.root);
+    sys::mknod(&fs.p("null"), libc::S_IFCHR | 0o600, libc::makedev(1, 3)).unwrap();
+    let st = sys::lstat(&fs.p("null")).unwrap();
+    assert_eq!(st.st_rdev, libc::makedev(1, 3));
+    cap.expect(&[json!({"op": "mknod", "path": "null", "mode": st.st_mode, "rdev": st.st_rdev})]);
+}
+
+// ---------------------------------------------------------------- symlink / link
+
+#[test]
+fn symlink_journals_the_target_verbatim() {
+    let fs = Fs::tmpfs("symlink");
+    let mut cap = Capture::start(&fs.root);
+    sys::symlink("../x/./y//z", &fs.p("l")).unwrap();
+    cap.expect(&[json!({"op": "symlink", "path": "l", "target": "../x/./y//z"})]);
+}
+
+#[test]
+fn symlinkat_relative_to_dirfd_journals_symlink() {
+    let fs = Fs::tmpfs("symlinkat");
+    fs.dirs("d");
+    let mut cap = Capture::start(&fs.root);
+    let d = sys::dir(&fs.p("d")).unwrap();
+    sys::symlinkat("/abs/target", d.as_raw_fd(), rel("l")).unwrap();
+    cap.expect(&[json!({"op": "symlink", "path": "d/l", "target": "/abs/target"})]);
+}
+
+#[test]
+fn symlinkat_at_fdcwd_with_absolute_path_journals_symlink() {
+    let fs = Fs::tmpfs("symlinkat-cwd");
+    let mut cap = Capture::start(&fs.root);
+    sys::symlinkat("dangling", AT_FDCWD, &fs.p("l2")).unwrap();
+    cap.expect(&[json!({"op": "symlink", "path": "l2", "target": "dangling"})]);
+}
+
+#[test]
+fn link_journals_existing_and_new_name() {
+    let fs = Fs::tmpfs("link");
+    fs.put("a", b"data");
+    let mut cap = Capture::start(&fs.root);
+    sys::link(&fs.p("a"), &fs.p("b")).unwrap();
+    cap.expect(&[json!({"op": "link", "path": "a", "new_path": "b"})]);
+}
+
+#[test]
+fn linkat_relative_to_two_dirfds_journals_link() {
+    let fs = Fs::tmpfs("linkat-dirfd");
+    fs.dirs("x");
+    fs.dirs("y");
+    fs.put("x/a", b"data");
+    let mut cap = Capture::start(&fs.root);
+    let (x, y) = (sys::dir(&fs.p("x")).unwrap(), sys::dir(&fs.p("y")).unwrap());
+    sys::linkat(x.as_raw_fd(), rel("a"), y.as_raw_fd(), rel("b"), 0).unwrap();
+    cap.expect(&[json!({"op": "link", "path": "x/a", "new_path": "y/b"})]);
+}
+
+#[test]
+fn linkat_at_fdcwd_with_absolute_paths_journals_link() {
+    let fs = Fs::tmpfs("linkat-cwd");
+    fs.put("a", b"data");
+    let mut cap = Capture::start(&fs.root);
+    sys::linkat(AT_FDCWD, &fs.p("a"), AT_FDCWD, &fs.p("c"), 0).unwrap();
+    cap.expect(&[json!({"op": "link", "path": "a", "new_path": "c"})]);
+}
+
+#[test]
+fn link_then_write_through_the_second_name_journals_write_on_a_linked_name() {
+    let fs = Fs::tmpfs("link-write");
+    fs.put("a", b"0123456789");
+    let mut cap = Capture::start(&fs.root);
+    sys::link(&fs.p("a"), &fs.p("b")).unwrap();
+    let f = sys::open(&fs.p("b"), O_WRONLY, 0).unwrap();
+    assert_eq!(sys::pwrite64(&f, b"xyz", 1).unwrap(), 3);
+    drop(f);
+    let ops = cap.mark();
+    let n: Vec<_> = ops.iter().map(normalize).collect();
+    let ok = n.len() == 2
+        && n[0] == normalize(&json!({"op": "link", "path": "a", "new_path": "b"}))
+        && (n[1] == normalize(&json!({"op": "write", "path": "a", "offset": 1, "len": 3}))
+            || n[1] == normalize(&json!({"op": "write", "path": "b", "offset": 1, "len": 3})));
+    assert!(
+        ok,
+        "expected [link a->b, write (a or b) 1+3], got {}\n{}",
+        fmt_ops(&n),
+        cap.context()
+    );
+}
+
+#[test]
+fn unlink_one_name_then_write_through_the_other_journals_the_remaining_name() {
+    let fs = Fs::tmpfs("unlink-other");
+    fs.put("a", b"0123456789");
+    std::fs::hard_link(fs.p("a"), fs.p("b")).unwrap();
+    let mut cap = Capture::start(&fs.root);
+    sys::unlink(&fs.p("a")).unwrap();
+    let f = sys::open(&fs.p("b"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"abc", 0).unwrap();
+    drop(f);
+    cap.expect(&[
+        json!({"op": "unlink", "path": "a"}),
+        json!({"op": "write", "path": "b", "offset": 0, "len": 3}),
+    ]);
+}
+
+#[test]
+fn unlink_of_the_opened_name_then_write_through_its_fd_journals_the_remaining_name() {
+    let fs = Fs::tmpfs("unlink-fd");
+    fs.put("a", b"0123456789");
+    std::fs::hard_link(fs.p("a"), fs.p("b")).unwrap();
+    let mut cap = Capture::start(&fs.root);
+    let f = sys::open(&fs.p("a"), O_WRONLY, 0).unwrap();
+    sys::unlink(&fs.p("a")).unwrap();
+    sys::pwrite64(&f, b"abcd", 4).unwrap();
+    drop(f);
+    cap.expect(&[
+        json!({"op": "unlink", "path": "a"}),
+        json!({"op": "write", "path": "b", "offset": 4, "len": 4}),
+    ]);
+}
+
+// ---------------------------------------------------------------- unlink / rmdir
+
+#[test]
+fn unlink_with_absolute_path_journals_unlink() {
+    let fs = Fs::tmpfs("unlink");
+    fs.put("gone", b"x");
+    let mut cap = Capture::start(&fs.root);
+    sys::unlink(&fs.p("gone")).unwrap();
+    cap.expect(&[json!({"op": "unlink", "path": "gone"})]);
+}
+
+#[test]
+fn unlinkat_relative_to_dirfd_journals_unlink() {
+    let fs = Fs::tmpfs("unlinkat");
+    fs.dirs("d");
+    fs.put("d/gone", b"x");
+    let mut cap = Capture::start(&fs.root);
+    let d = sys::dir(&fs.p("d")).unwrap();
+    sys::unlinkat(d.as_raw_fd(), rel("gone"), 0).unwrap();
+    cap.expect(&[json!({"op": "unlink", "path": "d/gone"})]);
+}
+
+#[test]
+fn unlinkat_at_fdcwd_of_a_symlink_journals_unlink_of_the_link() {
+    let fs = Fs::tmpfs("unlinkat-link");
+    fs.put("t", b"x");
+    std::os::unix::fs::symlink("t", fs.p("l")).unwrap();
+    let mut cap = Capture::start(&fs.root);
+    sys::unlinkat(AT_FDCWD, &fs.p("l"), 0).unwrap();
+    cap.expect(&[json!({"op": "unlink", "path": "l"})]);
+}
+
+#[test]
+fn unlinkat_with_at_removedir_journals_rmdir() {
+    let fs = Fs::tmpfs("unlinkat-rmdir");
+    fs.dirs("d/empty");
+    let mut cap = Capture::start(&fs.root);
+    let d = sys::dir(&fs.p("d")).unwrap();
+    sys::unlinkat(d.as_raw_fd(), rel("empty"), libc::AT_REMOVEDIR).unwrap();
+    cap.expect(&[json!({"op": "rmdir", "path": "d/empty"})]);
+}
+
+#[test]
+fn rmdir_with_absolute_path_journals_rmdir() {
+    let fs = Fs::tmpfs("rmdir");
+    fs.dirs("e");
+    let mut cap = Capture::start(&fs.root);
+    sys::rmdir(&fs.p("e")).unwrap();
+    cap.expect(&[json!({"op": "rmdir", "path": "e"})]);
+}
+
+#[test]
+fn failed_namespace_syscalls_journal_nothing() {
+    let fs = Fs::tmpfs("failures");
+    fs.put("f", b"x");
+    fs.dirs("full");
+    fs.put("full/child", b"x");
+    let mut cap = Capture::start(&fs.root);
+    assert_eq!(
+        sys::unlink(&fs.p("missing")).unwrap_err().errno,
+        libc::ENOENT
+    );
+    assert_eq!(
+        sys::mkdir(&fs.p("full"), 0o755).unwrap_err().errno,
+        libc::EEXIST
+    );
+    assert_eq!(
+        sys::rmdir(&fs.p("full")).unwrap_err().errno,
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        sys::rename(&fs.p("missing"), &fs.p("other"))
+            .unwrap_err()
+            .errno,
+        libc::ENOENT
+    );
+    assert_eq!(
+        sys::link(&fs.p("f"), &fs.p("full/child"))
+            .unwrap_err()
+            .errno,
+        libc::EEXIST
+    );
+    assert_eq!(
+        sys::open(&fs.p("f"), O_WRONLY | O_CREAT | O_EXCL, 0o644)
+            .unwrap_err()
+            .errno,
+        libc::EEXIST
+    );
+    assert_eq!(
+        sys::symlink("t", &fs.p("f")).unwrap_err().errno,
+        libc::EEXIST
+    );
+    assert_eq!(
+        sys::mknod(&fs.p("f"), libc::S_IFIFO | 0o644, 0)
+            .unwrap_err()
+            .errno,
+        libc::EEXIST
+    );
+    cap.expect(&[]);
+}
+
+// ---------------------------------------------------------------- rename
+
+#[test]
+fn rename_of_a_file_journals_rename() {
+    let fs = Fs::tmpfs("rename");
+    fs.put("a", b"x");
+    let mut cap = Capture::start(&fs.root);
+    sys::rename(&fs.p("a"), &fs.p("b")).unwrap();
+    cap.expect(&[json!({"op": "rename", "path": "a", "new_path": "b"})]);
+}
+
+#[test]
+fn renameat_between_two_dirfds_journals_rename() {
+    let fs = Fs::tmpfs("renameat-dirfd");
+    fs.dirs("a");
+    fs.dirs("b");
+    fs.put("a/f", b"x");
+    let mut cap = Capture::start(&fs.root);
+    let (a, b) = (sys::dir(&fs.p("a")).unwrap(), sys::dir(&fs.p("b")).unwrap());
+    sys::renameat(a.as_raw_fd(), rel("f"), b.as_raw_fd(), rel("g")).unwrap();
+    cap.expect(&[json!({"op": "rename", "path": "a/f", "new_path": "b/g"})]);
+}
+
+#[test]
+fn renameat_at_fdcwd_with_absolute_paths_journals_rename() {
+    let fs = Fs::tmpfs("renameat-cwd");
+    fs.dirs("a");
+    fs.put("a/f", b"x");
+    let mut cap = Capture::start(&fs.root);
+    sys::renameat(AT_FDCWD, &fs.p("a/f"), AT_FDCWD, &fs.p("g")).unwrap();
+    cap.expect(&[json!({"op": "rename", "path": "a/f", "new_path": "g"})]);
+}
+
+#[test]
+fn rename_over_an_existing_file_journals_one_rename_and_later_writes_use_the_new_name() {
+    let fs = Fs::tmpfs("rename-over");
+    fs.put("a", b"aaaa");
+    fs.put("b", b"bbbbbbbb");
+    let mut cap = Capture::start(&fs.root);
+    sys::rename(&fs.p("a"), &fs.p("b")).unwrap();
+    let f = sys::open(&fs.p("b"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"zz", 2).unwrap();
+    drop(f);
+    cap.expect(&[
+        json!({"op": "rename", "path": "a", "new_path": "b"}),
+        json!({"op": "write", "path": "b", "offset": 2, "len": 2}),
+    ]);
+}
+
+#[test]
+fn rename_of_directory_with_deep_subtree_then_write_journals_the_new_path() {
+    let fs = Fs::tmpfs("rename-deep");
+    fs.dirs("top/l1/l2/l3/l4/l5");
+    fs.put("top/l1/l2/l3/l4/l5/f", b"0123456789");
+    let mut cap = Capture::start(&fs.root);
+    sys::rename(&fs.p("top"), &fs.p("moved")).unwrap();
+    let f = sys::open(&fs.p("moved/l1/l2/l3/l4/l5/f"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"ABCD", 2).unwrap();
+    drop(f);
+    cap.expect(&[
+        json!({"op": "rename", "path": "top", "new_path": "moved"}),
+        json!({"op": "write", "path": "moved/l1/l2/l3/l4/l5/f", "offset": 2, "len": 4}),
+    ]);
+}
+
+#[test]
+fn deep_subtree_created_live_then_renamed_then_written_journals_the_new_path() {
+    let fs = Fs::tmpfs("rename-deep-live");
+    let mut cap = Capture::start(&fs.root);
+    let mut expected = Vec::new();
+    let mut rel_path = String::from("top");
+    sys::mkdir(&fs.p(&rel_path), 0o755).unwrap();
+    expected.push(json!({"op": "mkdir", "path": rel_path.clone(), "mode": perm(&fs.p(&rel_path))}));
+    for i in 1..=5 {
+        rel_path = format!("{rel_path}/l{i}");
+        sys::mkdir(&fs.p(&rel_path), 0o755).unwrap();
+        expected
+            .push(json!({"op": "mkdir", "path": rel_path.clone(), "mode": perm(&fs.p(&rel_path))}));
+    }
+    let file = format!("{rel_path}/f");
+    drop(sys::open(&fs.p(&file), O_WRONLY | O_CREAT, 0o644).unwrap());
+    expected.push(json!({"op": "create", "path": file.clone(), "mode": perm(&fs.p(&file))}));
+    cap.expect(&expected);
+
+    sys::rename(&fs.p("top/l1"), &fs.p("l1-moved")).unwrap();
+    let f = sys::open(&fs.p("l1-moved/l2/l3/l4/l5/f"), O_WRONLY, 0).unwrap();
+    sys::write(&f, b"hello").unwrap();
+    drop(f);
+    cap.expect(&[
+        json!({"op": "rename", "path": "top/l1", "new_path": "l1-moved"}),
+        json!({"op": "write", "path": "l1-moved/l2/l3/l4/l5/f", "offset": 0, "len": 5}),
+    ]);
+}
+
+#[test]
+fn write_through_fd_opened_before_a_directory_rename_journals_the_new_path() {
+    let fs = Fs::tmpfs("rename-open-fd");
+    fs.dirs("d/e");
+    fs.put("d/e/f", b"0123456789");
+    let mut cap = Capture::start(&fs.root);
+    let f = sys::open(&fs.p("d/e/f"), O_WRONLY, 0).unwrap();
+    sys::rename(&fs.p("d"), &fs.p("z")).unwrap();
+    sys::pwrite64(&f, b"Q", 9).unwrap();
+    drop(f);
+    cap.expect(&[
+        json!({"op": "rename", "path": "d", "new_path": "z"}),
+        json!({"op": "write", "path": "z/e/f", "offset": 9, "len": 1}),
+    ]);
+}
+
+#[test]
+fn write_then_rename_journals_write_under_old_name_before_the_rename_or_under_new_name_after() {
+    let fs = Fs::tmpfs("write-rename");
+    fs.put("f", b"");
+    let mut cap = Capture::start(&fs.root);
+    let f = sys::open(&fs.p("f"), O_WRONLY, 0).unwrap();
+    sys::write(&f, b"0123456789").unwrap();
+    sys::rename(&fs.p("f"), &fs.p("g")).unwrap();
+    drop(f);
+    let ops: Vec<_> = cap.mark().iter().map(normalize).collect();
+    let write_f = normalize(&json!({"op": "write", "path": "f", "offset": 0, "len": 10}));
+    let write_g = normalize(&json!({"op": "write", "path": "g", "offset": 0, "len": 10}));
+    let rename = normalize(&json!({"op": "rename", "path": "f", "new_path": "g"}));
+    assert!(
+        ops == vec![write_f, rename.clone()] || ops == vec![rename, write_g],
+        "expected [write f, rename f->g] or [rename f->g, write g], got {}\n{}",
+        fmt_ops(&ops),
+        cap.context()
+    );
+}
+
+#[test]
+fn renameat2_exchange_of_file_and_directory_journals_exchange_and_later_ops_use_swapped_paths() {
+    let fs = Fs::tmpfs("exchange");
+    fs.put("f", b"abc");
+    fs.dirs("d");
+    fs.put("d/c", b"xyz");
+    let mut cap = Capture::start(&fs.root);
+    sys::renameat2(
+        AT_FDCWD,
+        &fs.p("f"),
+        AT_FDCWD,
+        &fs.p("d"),
+        libc::RENAME_EXCHANGE,
+    )
+    .unwrap();
+    // "d" is now the regular file, "f" the directory holding "c".
+    let d = sys::open(&fs.p("d"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&d, b"1", 0).unwrap();
+    drop(d);
+    let c = sys::open(&fs.p("f/c"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&c, b"2", 2).unwrap();
+    drop(c);
+    cap.expect(&[
+        json!({"op": "rename", "path": "f", "new_path": "d", "exchange": true}),
+        json!({"op": "write", "path": "d", "offset": 0, "len": 1}),
+        json!({"op": "write", "path": "f/c", "offset": 2, "len": 1}),
+    ]);
+}
+
+#[test]
+fn renameat2_noreplace_relative_to_dirfd_journals_noreplace() {
+    let fs = Fs::tmpfs("noreplace");
+    fs.put("a", b"x");
+    let mut cap = Capture::start(&fs.root);
+    let root = sys::dir(&fs.root).unwrap();
+    sys::renameat2(
+        root.as_raw_fd(),
+        rel("a"),
+        root.as_raw_fd(),
+        rel("b"),
+        libc::RENAME_NOREPLACE,
+    )
+    .unwrap();
+    cap.expect(&[json!({"op": "rename", "path": "a", "new_path": "b", "noreplace": true})]);
+}
+
+#[test]
+fn renameat2_noreplace_onto_an_existing_name_fails_and_journals_nothing() {
+    let fs = Fs::tmpfs("noreplace-fail");
+    fs.put("a", b"x");
+    fs.put("b", b"y");
+    let mut cap = Capture::start(&fs.root);
+    let e = sys::renameat2(
+        AT_FDCWD,
+        &fs.p("a"),
+        AT_FDCWD,
+        &fs.p("b"),
+        libc::RENAME_NOREPLACE,
+    )
+    .unwrap_err();
+    assert_eq!(e.errno, libc::EEXIST);
+    cap.expect(&[]);
+}
+
+// ---------------------------------------------------------------- ext4
+
+#[test]
+fn namespace_ops_on_ext4_journal_like_on_tmpfs() {
+    let fs = Fs::ext4("ns-ext4");
+    fs.put("old", b"x");
+    let mut cap = Capture::start(&fs.root);
+    sys::mkdir(&fs.p("d"), 0o755).unwrap();
+    drop(sys::open(&fs.p("d/f"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    sys::rename(&fs.p("d/f"), &fs.p("g")).unwrap();
+    sys::symlink("g", &fs.p("s")).unwrap();
+    sys::link(&fs.p("g"), &fs.p("h")).unwrap();
+    sys::unlink(&fs.p("old")).unwrap();
+    sys::rmdir(&fs.p("d")).unwrap();
+    cap.expect(&[
+        json!({"op": "mkdir", "path": "d", "mode": 0o755}),
+        json!({"op": "create", "path": "d/f", "mode": perm(&fs.p("g"))}),
+        json!({"op": "rename", "path": "d/f", "new_path": "g"}),
+        json!({"op": "symlink", "path": "s", "target": "g"}),
+        json!({"op": "link", "path": "g", "new_path": "h"}),
+        json!({"op": "unlink", "path": "old"}),
+        json!({"op": "rmdir", "path": "d"}),
+    ]);
+}
+
+#[test]
+fn create_inside_a_directory_made_during_capture_on_ext4_journals_both() {
+    let fs = Fs::ext4("mkdir-create-ext4");
+    let mut cap = Capture::start(&fs.root);
+    sys::mkdir(&fs.p("d"), 0o755).unwrap();
+    drop(sys::open(&fs.p("d/f"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.expect(&[
+        json!({"op": "mkdir", "path": "d", "mode": perm(&fs.p("d"))}),
+        json!({"op": "create", "path": "d/f", "mode": perm(&fs.p("d/f"))}),
+    ]);
+}
+
+// ---------------------------------------------------------------- crossing the root's boundary
+//
+// The journal format does not fix which ops a move across the root's boundary
+// produces, but it cannot be silent: the consumer has to learn that the name
+// appeared (create/mkdir/symlink..., or a rescan covering it) or disappeared.
+
+fn assert_journal_covers(cap: &Capture, ops: &[serde_json::Value], name: &str) {
+    let covers = |o: &serde_json::Value| {
+        let p = o["path"].as_str().unwrap_or("\u{0}");
+        p == name || p.starts_with(&format!("{name}/")) || (o["op"] == "rescan" && p.is_empty())
+    };
+    assert!(
+        !ops.is_empty() && ops.iter().all(covers),
+        "expected a non-empty journal about {name:?} (or a rescan of the root), got {}\n{}",
+        fmt_ops(ops),
+        cap.context()
+    );
+}
+
+#[test]
+fn rename_of_a_tree_from_the_sibling_into_the_root_is_journalled() {
+    let fs = Fs::tmpfs("move-in");
+    std::fs::create_dir_all(fs.s("t/sub")).unwrap();
+    std::fs::write(fs.s("t/sub/f"), b"data").unwrap();
+    let mut cap = Capture::start(&fs.root);
+    sys::rename(&fs.s("t"), &fs.p("t")).unwrap();
+    let ops = cap.mark();
+    assert_journal_covers(&cap, &ops, "t");
+    // The agent now knows the moved-in tree: a write inside it has its path.
+    let f = sys::open(&fs.p("t/sub/f"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"X", 1).unwrap();
+    drop(f);
+    cap.expect(&[json!({"op": "write", "path": "t/sub/f", "offset": 1, "len": 1})]);
+}
+
+#[test]
+fn rename_of_a_file_from_the_root_to_the_sibling_is_journalled() {
+    let fs = Fs::tmpfs("move-out");
+    fs.put("leaving", b"data");
+    let mut cap = Capture::start(&fs.root);
+    sys::rename(&fs.p("leaving"), &fs.s("arrived")).unwrap();
+    let ops = cap.mark();
+    assert_journal_covers(&cap, &ops, "leaving");
+    // ...and the file, now outside, is no longer journalled.
+    let f = sys::open(&fs.s("arrived"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"X", 1).unwrap();
+    drop(f);
+    cap.expect(&[]);
+}
+
+// ---------------------------------------------------------------- fast sequences
+
+/// mkdir d; create d/f; write; rename d/f -> f<i>; rmdir d — a hundred times,
+/// as fast as the test can go. Every object is gone or renamed again before
+/// the agent reads its event, so the agent cannot rely on looking names up
+/// after the fact.
+fn rapid_sequences_journal_exactly(fs: Fs) {
+    let mut cap = Capture::start(&fs.root);
+    let mut expected = Vec::new();
+    for i in 0..100 {
+        sys::mkdir(&fs.p("d"), 0o755).unwrap();
+        let f = sys::open(&fs.p("d/f"), O_WRONLY | O_CREAT, 0o644).unwrap();
+        sys::write(&f, b"abc").unwrap();
+        drop(f);
+        let g = format!("f{i}");
+        sys::rename(&fs.p("d/f"), &fs.p(&g)).unwrap();
+        sys::rmdir(&fs.p("d")).unwrap();
+        expected.push(json!({"op": "mkdir", "path": "d", "mode": 0o755}));
+        expected.push(json!({"op": "create", "path": "d/f", "mode": perm(&fs.p(&g))}));
+        expected.push(json!({"op": "write", "path": "d/f", "offset": 0, "len": 3}));
+        expected.push(json!({"op": "rename", "path": "d/f", "new_path": g}));
+        expected.push(json!({"op": "rmdir", "path": "d"}));
+    }
+    cap.expect(&expected);
+}
+
+#[test]
+fn rapid_mkdir_create_rename_rmdir_sequences_on_tmpfs_journal_exactly() {
+    rapid_sequences_journal_exactly(Fs::tmpfs("rapid-tmpfs"));
+}
+
+#[test]
+fn rapid_mkdir_create_rename_rmdir_sequences_on_ext4_journal_exactly() {
+    rapid_sequences_journal_exactly(Fs::ext4("rapid-ext4"));
+}
+
+#[test]
+fn concurrent_changes_from_several_threads_are_all_journalled_in_per_thread_order() {
+    const THREADS: usize = 4;
+    const N: usize = 50;
+    let fs = Fs::tmpfs("threads");
+    for t in 0..THREADS {
+        fs.dirs(&format!("t{t}"));
+    }
+    let mut cap = Capture::start(&fs.root);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let fs = &fs;
+            s.spawn(move || {
+                for i in 0..N {
+                    let (a, b) = (fs.p(&format!("t{t}/f{i}")), fs.p(&format!("t{t}/g{i}")));
+                    let f = sys::open(&a, O_WRONLY | O_CREAT, 0o644).unwrap();
+                    sys::write(&f, &[b'x'; 10]).unwrap();
+                    drop(f);
+                    sys::rename(&a, &b).unwrap();
+                }
+            });
+        }
+    });
+    let ops: Vec<_> = cap.mark().iter().map(normalize).collect();
+    for t in 0..THREADS {
+        let prefix = format!("t{t}/");
+        let mine: Vec<_> = ops
+            .iter()
+            .filter(|o| o["path"].as_str().unwrap_or("").starts_with(&prefix))
+            .cloned()
+            .collect();
+        let mut want = Vec::new();
+        for i in 0..N {
+            let (a, b) = (format!("t{t}/f{i}"), format!("t{t}/g{i}"));
+            want.push(normalize(
+                &json!({"op": "create", "path": a, "mode": perm(&fs.p(&b))}),
+            ));
+            want.push(normalize(
+                &json!({"op": "write", "path": a, "offset": 0, "len": 10}),
+            ));
+            want.push(normalize(
+                &json!({"op": "rename", "path": a, "new_path": b}),
+            ));
+        }
+        assert_eq!(mine, want, "thread {t}'s ops differ\n{}", cap.context());
+    }
+    assert_eq!(
+        ops.len(),
+        THREADS * N * 3,
+        "unexpected extra ops: {}\n{}",
+        fmt_ops(&ops),
+        cap.context()
+    );
+}
