@@ -7,7 +7,6 @@
 //! counter: a loss makes it re-walk the tree and journal a `rescan`, never pass silently.
 
 use std::{
-    collections::HashMap,
     ffi::OsStr,
     fs,
     os::unix::{ffi::OsStrExt, fs::MetadataExt},
@@ -845,6 +844,5 @@ fn take_lock(root: &Path, instance: &str) -> Result<fs::File, CaptureError> {
     if rc != 0 {
         return Err(CaptureError::AlreadyRunning(root.to_path_buf(), path));
     }
-    let _ = HashMap::<u8, u8>::new();
     Ok(file)
 }

@@ -8,6 +8,9 @@ use std::collections::HashMap;
 
 pub const MAX_RANGES: usize = 32;
 
+/// One file's pending change: (inode, whole file?, ranges `[start, end)`).
+pub type PendingFile = (u64, bool, Vec<(u64, u64)>);
+
 #[derive(Default, Debug)]
 struct FileExtents {
     /// Sorted, disjoint, non-adjacent `[start, end)` ranges.
@@ -69,7 +72,7 @@ impl Extents {
     }
 
     /// Everything pending, in the order files were first written: (inode, whole, ranges).
-    pub fn take(&mut self) -> Vec<(u64, bool, Vec<(u64, u64)>)> {
+    pub fn take(&mut self) -> Vec<PendingFile> {
         let files = std::mem::take(&mut self.files);
         let order = std::mem::take(&mut self.order);
         let mut files = files;

@@ -205,7 +205,6 @@ impl InodeTable {
     /// `rename(from, to)`: `to` is replaced if it existed.
     pub fn rename(&mut self, from: (u64, &[u8]), to: (u64, &[u8])) {
         let Some(ino) = self.nodes.get(&from.0).and_then(|p| p.children.get(from.1)).copied() else { return };
-        let kind = self.nodes[&ino].kind;
         // Detach without forgetting: the inode keeps living under its new name.
         if let Some(p) = self.nodes.get_mut(&from.0) {
             p.children.remove(from.1);
@@ -226,7 +225,6 @@ impl InodeTable {
         } else if self.nodes.get(&ino).is_some_and(|n| n.links.is_empty()) {
             self.forget(ino);
         }
-        let _ = kind;
     }
 
     /// `renameat2(RENAME_EXCHANGE)`: the two names swap inodes.

@@ -3,10 +3,7 @@ use std::{
     io::Write,
     path::PathBuf,
     process::ExitCode,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use clap::{Parser, Subcommand};
@@ -82,7 +79,6 @@ fn capture(root: PathBuf, json: bool, ring_bytes: u32) -> anyhow::Result<()> {
     eprintln!("imezzo: capture ready: journalling changes under {}", cap.root().display());
     let stdout = std::io::stdout();
     let mut out = std::io::LineWriter::new(stdout.lock());
-    let _keep = Arc::new(());
     cap.run(&STOP, &mut |entry| {
         let line = if json {
             serde_json::to_string(&entry).unwrap_or_default()

@@ -72,19 +72,7 @@ fn provenance(workspace: &Workspace) -> String {
             })
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let memory_gib = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
+    let memory_gib = meminfo_kib("MemTotal")
         .map_or_else(
             || "?".into(),
             |kib| format!("{:.0}", kib as f64 / 1024.0 / 1024.0),
@@ -285,6 +273,15 @@ pub(crate) fn numeric_fields(line: &str) -> Vec<(String, f64)> {
         })
         .filter(|(key, _)| !key.is_empty())
         .collect()
+}
+
+/// A `/proc/meminfo` field in KiB, e.g. `meminfo_kib("MemAvailable")`.
+pub fn meminfo_kib(field: &str) -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    info.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.trim().trim_end_matches("kB").trim().parse().ok()
+    })
 }
 
 #[cfg(test)]

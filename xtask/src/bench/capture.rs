@@ -143,19 +143,7 @@ fn programs(
 /// The fio file lives in RAM, on a tmpfs that may take at most half of it by default.
 fn check_memory(pwrites: u64) -> Result<()> {
     let needed_kib = pwrites.saturating_mul(4);
-    let available_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("MemAvailable:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        });
+    let available_kib = super::meminfo_kib("MemAvailable");
     if let Some(available_kib) = available_kib {
         if needed_kib > available_kib / 2 {
             bail!(
