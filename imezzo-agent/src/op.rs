@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 /// A path relative to the root, as raw bytes (`/`-separated, no leading `/`, `""` = root).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RelPath(pub Vec<u8>);
 
 impl RelPath {
@@ -31,7 +31,7 @@ impl From<&str> for RelPath {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Timestamp {
     pub sec: i64,
     pub nsec: u32,
@@ -41,7 +41,7 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
     Create { path: RelPath, mode: u32 },
@@ -89,14 +89,14 @@ pub enum Op {
     Rescan { path: RelPath, reason: String },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WriteSource {
     Fallocate,
     Mmap,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct JournalEntry {
     pub seq: u64,
     #[serde(flatten)]
@@ -155,6 +155,18 @@ mod tests {
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v, serde_json::json!({"seq": 7, "op": "rename", "path": "a", "new_path": "b/c", "exchange": true}));
+    }
+
+    #[test]
+    fn an_entry_survives_an_rkyv_round_trip_with_validation() {
+        let e = JournalEntry {
+            seq: 42,
+            op: Op::Write { path: RelPath(vec![b'a', 0xff]), offset: 4096, len: 10, source: Some(WriteSource::Mmap), mode: None },
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&e).unwrap();
+        let back = rkyv::from_bytes::<JournalEntry, rkyv::rancor::Error>(&bytes).unwrap();
+        assert_eq!(back, e);
+        assert!(rkyv::from_bytes::<JournalEntry, rkyv::rancor::Error>(&bytes[..bytes.len() / 2]).is_err());
     }
 
     #[test]
