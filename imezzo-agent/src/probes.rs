@@ -14,8 +14,8 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
-    programs::RawTracePoint,
-    Ebpf, EbpfLoader,
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfLoader,
 };
 use imezzo_common::{Filter, DROPS_RINGBUF_FULL, PATH_CAP};
 
@@ -114,14 +114,15 @@ impl Probes {
 
         // Tail-call targets first, then the dispatch table, then the entry points: once
         // attached, every syscall's exit goes through them.
+        let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Load(format!("kernel BTF: {}", chain(&e))))?;
         let mut targets = Vec::new();
         for name in ["imezzo_write", "imezzo_path"] {
-            let prog: &mut RawTracePoint = ebpf
+            let prog: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
                 .try_into()
                 .map_err(|e| ProbeError::Load(chain(&e)))?;
-            prog.load().map_err(|e| load_error(name, &e))?;
+            prog.load("sys_exit", &btf).map_err(|e| load_error(name, &e))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
             targets.push(prog.fd().map_err(|e| ProbeError::Load(chain(&e)))?.try_clone().map_err(|e| ProbeError::Load(e.to_string()))?);
         }
@@ -137,13 +138,13 @@ impl Probes {
             }
         }
         for (name, tracepoint) in [("imezzo_dirty", "writeback_mark_inode_dirty"), ("imezzo_sys_exit", "sys_exit")] {
-            let prog: &mut RawTracePoint = ebpf
+            let prog: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
                 .try_into()
                 .map_err(|e| ProbeError::Load(chain(&e)))?;
-            prog.load().map_err(|e| load_error(name, &e))?;
-            prog.attach(tracepoint).map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
+            prog.load(tracepoint, &btf).map_err(|e| load_error(name, &e))?;
+            prog.attach().map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
         }
         for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch"] {

@@ -20,13 +20,13 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map},
     maps::{PerCpuArray, ProgramArray, RingBuf},
-    programs::RawTracePointContext,
+    programs::BtfTracePointContext,
 };
 use imezzo_common::{
     kind, DevIno, FdEvent, Filter, KernelOffsets, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
@@ -88,6 +88,21 @@ macro_rules! filt {
     };
 }
 
+/// A field of a struct the verifier knows the type of (a BTF pointer: the tracepoint's
+/// typed arguments, `bpf_get_current_task_btf()` and what is reached from them): one
+/// instruction, the kernel's exception table covers a bad pointer.
+#[inline(always)]
+fn ld<T: Copy>(base: *const u8, off: u32) -> T {
+    unsafe { core::ptr::read(base.wrapping_add(off as usize) as *const T) }
+}
+
+#[inline(always)]
+fn current_task() -> *const u8 {
+    unsafe { bpf_get_current_task_btf() as *const u8 }
+}
+
+/// A field behind a pointer the verifier sees as a plain number (read from memory with
+/// a helper): through `bpf_probe_read_kernel`.
 #[inline(always)]
 fn rd<T>(base: *const u8, off: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }.map_err(|e| e as i64)
@@ -131,20 +146,20 @@ fn arg(regs: *const u8, n: u32) -> Result<u64, i64> {
         4 => off!(regs_r8),
         _ => off!(regs_r9),
     };
-    rd::<u64>(regs, off)
+    Ok(ld::<u64>(regs, off))
 }
 
 /// `fd -> struct file *` of the current task, or null when the fd is not open.
 #[inline(always)]
 fn fd_file(fd: u64) -> Result<*const u8, i64> {
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-    let files: *const u8 = rd(task, off!(task_files))?;
-    let fdt: *const u8 = rd(files, off!(files_fdt))?;
-    let max: u32 = rd(fdt, off!(fdt_max_fds))?;
+        let task = current_task();
+    let files: *const u8 = ld(task, off!(task_files));
+    let fdt: *const u8 = ld(files, off!(files_fdt));
+    let max: u32 = ld(fdt, off!(fdt_max_fds));
     if fd >= max as u64 {
         return Ok(core::ptr::null());
     }
-    let table: *const u8 = rd(fdt, off!(fdt_fd))?;
+    let table: *const u8 = ld(fdt, off!(fdt_fd));
     rd(table, (fd as u32).wrapping_mul(8))
 }
 
@@ -162,14 +177,14 @@ fn inode_devino(inode: *const u8) -> Result<DevIno, i64> {
     Ok(DevIno { dev: inode_dev(inode)?, _pad: 0, ino: rd(inode, off!(inode_ino))? })
 }
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn imezzo_sys_exit(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn imezzo_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let ret: i64 = ctx.arg(1);
     if ret < 0 {
         return 0;
     }
     let regs: *const u8 = ctx.arg(0);
-    let Ok(nr) = rd::<u64>(regs, off!(regs_orig_ax)) else { return 0 };
+    let nr: u64 = ld(regs, off!(regs_orig_ax));
     if nr < SYSCALL_SLOTS as u64 {
         // SAFETY: a failed tail call (empty slot) simply returns here.
         unsafe { DISPATCH.tail_call(&ctx, nr as u32) };
@@ -177,16 +192,16 @@ pub fn imezzo_sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn imezzo_write(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn imezzo_write(ctx: BtfTracePointContext) -> i32 {
     let _ = try_write(&ctx);
     0
 }
 
-fn try_write(ctx: &RawTracePointContext) -> Result<(), i64> {
+fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let ret: i64 = ctx.arg(1);
     let regs: *const u8 = ctx.arg(0);
-        let nr: u64 = rd(regs, off!(regs_orig_ax))?;
+        let nr: u64 = ld(regs, off!(regs_orig_ax));
     let fd_arg = match nr {
         nr::SPLICE | nr::COPY_FILE_RANGE => 2,
         _ => 0,
@@ -297,8 +312,8 @@ fn layout(nr: u64) -> Option<(Start, u32, Start, u32)> {
     })
 }
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn imezzo_path(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sys_exit")]
+pub fn imezzo_path(ctx: BtfTracePointContext) -> i32 {
     let _ = try_path(&ctx);
     0
 }
@@ -307,11 +322,13 @@ pub fn imezzo_path(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn start_inode(abs: bool, dirfd: i64) -> Result<*const u8, i64> {
         if abs || dirfd == AT_FDCWD {
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-        let fs: *const u8 = rd(task, off!(task_fs))?;
-        let which = if abs { off!(fs_root) } else { off!(fs_pwd) };
-        let dentry: *const u8 = rd(fs, which.wrapping_add(off!(path_dentry)))?;
-        return rd(dentry, off!(dentry_inode));
+        let fs: *const u8 = ld(current_task(), off!(task_fs));
+        let dentry: *const u8 = if abs {
+            ld(fs, off!(fs_root).wrapping_add(off!(path_dentry)))
+        } else {
+            ld(fs, off!(fs_pwd).wrapping_add(off!(path_dentry)))
+        };
+        return Ok(ld(dentry, off!(dentry_inode)));
     }
     let file = fd_file(dirfd as u64)?;
     if file.is_null() {
@@ -393,10 +410,10 @@ fn fill_path(
     }
 }
 
-fn try_path(ctx: &RawTracePointContext) -> Result<(), i64> {
+fn try_path(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let ret: i64 = ctx.arg(1);
     let regs: *const u8 = ctx.arg(0);
-        let nr: u64 = rd(regs, off!(regs_orig_ax))?;
+        let nr: u64 = ld(regs, off!(regs_orig_ax));
     let Some((start_a, idx_a, start_b, idx_b)) = layout(nr) else { return Ok(()) };
     let tgid = current_tgid();
     if tgid == filt!(agent_tgid) {
@@ -452,19 +469,19 @@ fn try_path(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
-pub fn imezzo_dirty(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "writeback_mark_inode_dirty")]
+pub fn imezzo_dirty(ctx: BtfTracePointContext) -> i32 {
     let _ = try_dirty(&ctx);
     0
 }
 
-fn try_dirty(ctx: &RawTracePointContext) -> Result<(), i64> {
+fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let inode: *const u8 = ctx.arg(0);
         let dev = inode_dev(inode)?;
     if dev != filt!(dev) {
         return Ok(());
     }
-    let mode: u16 = rd(inode, off!(inode_mode))?;
+    let mode: u16 = ld(inode, off!(inode_mode));
     if mode & S_IFMT != S_IFREG {
         return Ok(());
     }
@@ -474,20 +491,20 @@ fn try_dirty(ctx: &RawTracePointContext) -> Result<(), i64> {
     }
     // Which syscall is this task in? A page fault's entry stores its error code where a
     // syscall stores its number; neither collides with the quiet set below.
-    let task = unsafe { bpf_get_current_task_btf() };
+    let task = current_task();
     // io_uring workers and kernel threads write on someone's behalf with no syscall of
     // their own (their saved registers are zeroed): always report them.
-    let flags: u32 = rd(task as *const u8, off!(task_flags))?;
+    let flags: u32 = ld(task, off!(task_flags));
     let in_thread = flags & (PF_KTHREAD | PF_IO_WORKER) != 0;
-    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
-    let nr: u64 = rd(regs, off!(regs_orig_ax))?;
+    let regs = unsafe { bpf_task_pt_regs(task as *mut aya_ebpf::bindings::task_struct) } as *const u8;
+    let nr: u64 = ld(regs, off!(regs_orig_ax));
     if !in_thread && nr < SYSCALL_SLOTS as u64 {
         let word = filt!(quiet_dirty[(nr as usize / 64) & (SYSCALL_SLOTS / 64 - 1)]);
         if word & (1u64 << (nr % 64)) != 0 {
             return Ok(());
         }
     }
-    let ino: u64 = rd(inode, off!(inode_ino))?;
+    let ino: u64 = ld(inode, off!(inode_ino));
     match EVENTS.reserve::<FdEvent>(0) {
         Some(mut entry) => {
             entry.write(FdEvent {
