@@ -80,6 +80,9 @@ pub struct Capture {
     seq: u64,
     stats: CaptureStats,
     placeholders: u64,
+    /// How far each (cpu, run) of coalesced writes has been journalled, so a run seen
+    /// live and later flushed by the probe is journalled once.
+    runs_seen: std::collections::HashMap<(u32, u64), u64>,
     _lock: fs::File,
 }
 
@@ -186,6 +189,7 @@ impl Capture {
             seq: 0,
             stats: CaptureStats::default(),
             placeholders: 0,
+            runs_seen: Default::default(),
             _lock: lock,
         })
     }
@@ -217,6 +221,8 @@ impl Capture {
             let before = self.stats.events;
             let started = Instant::now();
             self.drain(&mut out);
+            self.poll_runs();
+            self.flush(&mut out);
             if self.stats.events != before {
                 // Under a storm, drain in batches: a consumer that chases every event
                 // bounces the ring's cache lines and slows the writers it watches.
@@ -237,6 +243,8 @@ impl Capture {
         }
         // Whatever the kernel delivered before we were told to stop is still journalled.
         self.drain(&mut out);
+        self.poll_runs();
+        self.flush(&mut out);
         self.check_drops(&mut out);
         for op in out.drain(..) {
             self.seq += 1;
@@ -276,6 +284,35 @@ impl Capture {
             }
         }
         self.flush(out);
+    }
+
+    /// The part of a write run not journalled yet.
+    fn add_run(&mut self, cpu: u32, run: u64, ino: u64, start: u64, end: u64) {
+        let seen = self.runs_seen.entry((cpu, run)).or_insert(start);
+        let from = (*seen).max(start);
+        if end > from {
+            *seen = end;
+            self.pending.add(ino, from, end);
+        }
+        // Runs older than the previous one on this CPU can no longer be seen live.
+        if self.runs_seen.len() > 64 {
+            let newest: std::collections::HashMap<u32, u64> =
+                self.runs_seen.keys().fold(Default::default(), |mut m, &(c, r)| {
+                    let e = m.entry(c).or_insert(r);
+                    *e = (*e).max(r);
+                    m
+                });
+            self.runs_seen.retain(|&(c, r), _| r + 1 >= newest[&c]);
+        }
+    }
+
+    /// Writes still held in the probes' per-CPU runs (a writer that paused).
+    fn poll_runs(&mut self) {
+        for (cpu, r) in self.probes.open_runs() {
+            if r.dev == self.kernel_dev && self.table.contains(r.ino) {
+                self.add_run(cpu, r.run, r.ino, r.start, r.end);
+            }
+        }
     }
 
     fn check_drops(&mut self, out: &mut Vec<Op>) {
@@ -327,6 +364,7 @@ impl Capture {
             return;
         }
         match ev.kind {
+            kind::WRITE if ev.c != 0 => self.add_run(ev.cpu, ev.c, ev.file.ino, ev.a, ev.a.saturating_add(ev.b)),
             kind::WRITE => self.pending.add(ev.file.ino, ev.a, ev.a.saturating_add(ev.b)),
             kind::DIRTY => self.pending.add_whole(ev.file.ino),
             kind::TRUNCATE => {

@@ -17,7 +17,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use imezzo_common::{Filter, DROPS_RINGBUF_FULL, PATH_CAP};
+use imezzo_common::{Filter, OpenRun, DROPS_RINGBUF_FULL, PATH_CAP};
 
 use crate::{kernel_btf, syscalls};
 
@@ -59,6 +59,7 @@ pub struct Probes {
     _ebpf: Ebpf,
     pub events: RingBuf<MapData>,
     drops: PerCpuArray<MapData, u64>,
+    runs: PerCpuArray<MapData, OpenRun>,
     pin_dir: PathBuf,
 }
 
@@ -147,7 +148,7 @@ impl Probes {
             prog.attach().map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
         }
-        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch"] {
+        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch", "imezzo_runs"] {
             if let Some(map) = ebpf.map(name) {
                 map.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
             }
@@ -157,7 +158,9 @@ impl Probes {
             .map_err(|e| ProbeError::Load(chain(&e)))?;
         let drops = PerCpuArray::try_from(ebpf.take_map("imezzo_drops").expect("drop counter in object"))
             .map_err(|e| ProbeError::Load(chain(&e)))?;
-        Ok(Probes { _ebpf: ebpf, events, drops, pin_dir })
+        let runs = PerCpuArray::try_from(ebpf.take_map("imezzo_runs").expect("write runs in object"))
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        Ok(Probes { _ebpf: ebpf, events, drops, runs, pin_dir })
     }
 
     /// Events the probes could not deliver since load, summed over CPUs.
@@ -166,6 +169,22 @@ impl Probes {
             .get(&DROPS_RINGBUF_FULL, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
+    }
+
+    /// The write run each CPU holds, as (cpu, run), for the runs that were stable while
+    /// read: the probe makes `seq` odd while it changes a slot, so a slot read twice with
+    /// the same even `seq` is consistent. A slot that was changing is skipped this time.
+    pub fn open_runs(&self) -> Vec<(u32, OpenRun)> {
+        let (Ok(first), Ok(second)) = (self.runs.get(&0, 0), self.runs.get(&0, 0)) else {
+            return Vec::new();
+        };
+        first
+            .iter()
+            .zip(second.iter())
+            .enumerate()
+            .filter(|(_, (a, b))| a == b && a.seq % 2 == 0 && a.end > a.start)
+            .map(|(cpu, (a, _))| (cpu as u32, *a))
+            .collect()
     }
 
     pub fn events_fd(&self) -> RawFd {

@@ -43,11 +43,34 @@ pub struct FdEvent {
     pub kind: u32,
     pub tgid: u32,
     pub nr: u32,
-    pub _pad: u32,
+    /// The CPU whose [`OpenRun`] this write run came from (when `c`, the run id, is not 0).
+    pub cpu: u32,
     pub file: DevIno,
     pub a: u64,
     pub b: u64,
     pub c: u64,
+}
+
+/// A run of contiguous writes through one open file, held per CPU by the write probe
+/// instead of one ring-buffer record per write. The probe emits it (a WRITE [`FdEvent`]
+/// with `cpu` and `c` = `run`) when the run breaks or before any namespace event on that
+/// CPU; the agent also reads the live runs every batch, under `seq` (odd while the probe
+/// changes the slot), so a run that simply stops is journalled within one batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenRun {
+    pub seq: u64,
+    /// Run id, per CPU, increasing; 0 = never used.
+    pub run: u64,
+    /// `struct file *` and `struct inode *` of the run: a write through the same open file
+    /// at the run's end extends it without reading anything else.
+    pub file: u64,
+    pub inode: u64,
+    pub dev: u32,
+    pub tgid: u32,
+    pub ino: u64,
+    pub start: u64,
+    pub end: u64,
 }
 
 /// A namespace or attribute syscall that succeeded, with the strings it was given.
@@ -166,6 +189,7 @@ mod pod {
     // explicit padding fields, so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::DevIno {}
     unsafe impl aya::Pod for super::FdEvent {}
+    unsafe impl aya::Pod for super::OpenRun {}
     unsafe impl aya::Pod for super::PathEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Filter {}

@@ -22,14 +22,14 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+        generated::{bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, map},
     maps::{PerCpuArray, ProgramArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use imezzo_common::{
-    kind, DevIno, FdEvent, Filter, KernelOffsets, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
+    kind, DevIno, FdEvent, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
     PATH_CAP, SYSCALL_SLOTS,
 };
 
@@ -49,6 +49,10 @@ static DISPATCH: ProgramArray = ProgramArray::with_max_entries(SYSCALL_SLOTS as 
 /// Events that could not be delivered; the agent polls it and rescans when it grows.
 #[map(name = "imezzo_drops")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROPS_SLOTS, 0);
+
+/// The current run of contiguous writes on each CPU (see `OpenRun`).
+#[map(name = "imezzo_runs")]
+static RUNS: PerCpuArray<OpenRun> = PerCpuArray::with_max_entries(1, 0);
 
 /// A `PathEvent` is larger than the 512-byte BPF stack: it is built here.
 #[map(name = "imezzo_scratch")]
@@ -211,14 +215,21 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let inode: *const u8 = rd(file, off!(file_inode))?;
-    let dev = inode_dev(inode)?;
-    if dev != filt!(dev) {
-        return Ok(());
-    }
+    let run = RUNS.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: per-CPU slot; the agent reads it concurrently only under `seq`.
+    let run = unsafe { &mut *run };
+    let extends = run.file == file as u64 && run.inode == inode as u64 && run.end > run.start;
     let tgid = current_tgid();
-    if tgid == filt!(agent_tgid) {
-        return Ok(());
-    }
+    let dev = if extends {
+        // The run only ever holds a watched file written by someone else than the agent.
+        run.dev
+    } else {
+        let dev = inode_dev(inode)?;
+        if dev != filt!(dev) || tgid == filt!(agent_tgid) {
+            return Ok(());
+        }
+        dev
+    };
     let (kind, a, b, c) = match nr {
         nr::FTRUNCATE => (kind::TRUNCATE, arg(regs, 1)?, 0, 0),
         nr::FALLOCATE => (kind::FALLOCATE, arg(regs, 2)?, arg(regs, 3)?, arg(regs, 1)?),
@@ -255,9 +266,30 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 // (O_APPEND included: f_pos is set to the end first).
                 None => rd::<u64>(file, off!(file_pos))?.wrapping_sub(len),
             };
-            (kind::WRITE, offset, len, 0)
+            if extends && offset == run.end {
+                // The common case of a sequential writer: one more run, nothing emitted.
+                run.seq += 1;
+                run.end = offset.wrapping_add(len);
+                run.seq += 1;
+                return Ok(());
+            }
+            let ino: u64 = rd(inode, off!(inode_ino))?;
+            run.seq += 1;
+            flush_run(run);
+            run.run += 1;
+            run.file = file as u64;
+            run.inode = inode as u64;
+            run.dev = dev;
+            run.tgid = tgid;
+            run.ino = ino;
+            run.start = offset;
+            run.end = offset.wrapping_add(len);
+            run.seq += 1;
+            return Ok(());
         }
     };
+    // Truncate and fallocate: after any run this CPU holds, so the journal keeps order.
+    flush_this_cpu();
     let ino: u64 = rd(inode, off!(inode_ino))?;
     match EVENTS.reserve::<FdEvent>(0) {
         Some(mut entry) => {
@@ -265,7 +297,7 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 kind,
                 tgid,
                 nr: nr as u32,
-                _pad: 0,
+                cpu: 0,
                 file: DevIno { dev, _pad: 0, ino },
                 a,
                 b,
@@ -276,6 +308,44 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
         None => count_drop(),
     }
     Ok(())
+}
+
+/// Emits this CPU's run, if it holds any bytes, and leaves it empty.
+#[inline(always)]
+fn flush_run(r: &mut OpenRun) {
+    if r.end > r.start {
+        match EVENTS.reserve::<FdEvent>(0) {
+            Some(mut entry) => {
+                entry.write(FdEvent {
+                    kind: kind::WRITE,
+                    tgid: r.tgid,
+                    nr: 0,
+                    cpu: unsafe { bpf_get_smp_processor_id() },
+                    file: DevIno { dev: r.dev, _pad: 0, ino: r.ino },
+                    a: r.start,
+                    b: r.end - r.start,
+                    c: r.run,
+                });
+                entry.submit(data_wakeup());
+            }
+            None => count_drop(),
+        }
+    }
+    r.start = r.end;
+}
+
+/// Flushes this CPU's run under the slot's sequence counter.
+#[inline(always)]
+fn flush_this_cpu() {
+    if let Some(r) = RUNS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; only the agent reads it concurrently, under `seq`.
+        let r = unsafe { &mut *r };
+        if r.end > r.start {
+            r.seq += 1;
+            flush_run(r);
+            r.seq += 1;
+        }
+    }
 }
 
 /// How a syscall names its objects: where each path argument starts.
@@ -463,6 +533,8 @@ fn try_path(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if !keep {
         return Ok(());
     }
+    // Writes this CPU still holds happened before this call: journal them first.
+    flush_this_cpu();
     if EVENTS.output::<PathEvent>(ev, 0).is_err() {
         count_drop();
     }
@@ -511,7 +583,7 @@ fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 kind: kind::DIRTY,
                 tgid,
                 nr: nr as u32,
-                _pad: 0,
+                cpu: 0,
                 file: DevIno { dev, _pad: 0, ino },
                 a: 0,
                 b: 0,
