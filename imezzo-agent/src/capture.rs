@@ -210,6 +210,12 @@ impl Capture {
 
     /// Runs until `stop` is set, handing each journal entry to `sink`.
     pub fn run(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(JournalEntry)) {
+        self.run_batches(stop, &mut |batch| batch.into_iter().for_each(&mut *sink));
+    }
+
+    /// Runs until `stop` is set, handing over the entries of each batch (one drain of the
+    /// ring buffer) together: the unit a durable journal commits at once.
+    pub fn run_batches(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(Vec<JournalEntry>)) {
         let mut out = Vec::new();
         let mut last_drop_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
@@ -223,6 +229,11 @@ impl Capture {
             self.drain(&mut out);
             self.poll_runs();
             self.flush(&mut out);
+            if last_drop_check.elapsed() >= Duration::from_millis(20) || !out.is_empty() {
+                self.check_drops(&mut out);
+                last_drop_check = Instant::now();
+            }
+            self.emit(&mut out, sink);
             if self.stats.events != before {
                 // Under a storm, drain in batches: a consumer that chases every event
                 // bounces the ring's cache lines and slows the writers it watches.
@@ -231,26 +242,28 @@ impl Capture {
                     thread::sleep(rest);
                 }
             }
-            if last_drop_check.elapsed() >= Duration::from_millis(20) || !out.is_empty() {
-                self.check_drops(&mut out);
-                last_drop_check = Instant::now();
-            }
-            for op in out.drain(..) {
-                self.seq += 1;
-                self.stats.ops += 1;
-                sink(JournalEntry { seq: self.seq, op });
-            }
         }
         // Whatever the kernel delivered before we were told to stop is still journalled.
         self.drain(&mut out);
         self.poll_runs();
         self.flush(&mut out);
         self.check_drops(&mut out);
-        for op in out.drain(..) {
-            self.seq += 1;
-            self.stats.ops += 1;
-            sink(JournalEntry { seq: self.seq, op });
+        self.emit(&mut out, sink);
+    }
+
+    fn emit(&mut self, out: &mut Vec<Op>, sink: &mut dyn FnMut(Vec<JournalEntry>)) {
+        if out.is_empty() {
+            return;
         }
+        let batch = out
+            .drain(..)
+            .map(|op| {
+                self.seq += 1;
+                JournalEntry { seq: self.seq, op }
+            })
+            .collect::<Vec<_>>();
+        self.stats.ops += batch.len() as u64;
+        sink(batch);
     }
 
     /// Runs capture on a thread of its own, for embedding and tests.

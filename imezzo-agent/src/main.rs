@@ -1,4 +1,7 @@
 //! The `imezzo` binary.
+mod cli_identity;
+mod cli_verify;
+
 use std::{
     io::Write,
     path::PathBuf,
@@ -36,6 +39,9 @@ enum Command {
         #[arg(long, default_value_t = 8 << 20)]
         ring_bytes: u32,
     },
+    Verify(cli_verify::VerifyArgs),
+    Init(cli_identity::InitArgs),
+    Id(cli_identity::IdArgs),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -50,7 +56,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
@@ -63,9 +69,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Capture { root, json, ring_bytes } => capture(root, json, ring_bytes),
+        Command::Capture { root, json, ring_bytes } => capture(root, json, ring_bytes).map(|()| ExitCode::SUCCESS),
+        Command::Verify(args) => Ok(cli_verify::run(args)),
+        Command::Init(args) => cli_identity::init(args).map(|()| ExitCode::SUCCESS),
+        Command::Id(args) => cli_identity::id(args).map(|()| ExitCode::SUCCESS),
     }
 }
 

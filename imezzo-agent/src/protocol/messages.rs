@@ -1,0 +1,471 @@
+//! What travels between server and client: the [`Msg`] enum, its framing
+//! (`u32 body_len | u16 version | rkyv body`), and the checks every received frame passes
+//! before any field is used. docs/protocol.md is the specification.
+
+use crate::op::{JournalEntry, Op, RelPath, Timestamp};
+
+/// The protocol version this agent speaks; it travels in every frame header.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
+pub const HEADER_LEN: usize = 6;
+/// Largest body accepted on the control stream (both directions) and from a client on a
+/// fetch stream.
+pub const MAX_CONTROL_BODY: usize = 1 << 20;
+/// Largest body accepted from the server on a fetch stream (a `Data` chunk plus its
+/// envelope, or an `Attrs` answer with many xattrs).
+pub const MAX_DATA_BODY: usize = 16 << 20;
+/// Largest `bytes` of one `Data` frame.
+pub const DATA_CHUNK: usize = 1 << 20;
+/// Longest path accepted from the wire (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Most paths in one `FetchAttrs`.
+pub const MAX_ATTRS_PATHS: usize = 1024;
+
+/// A journal's volume id: the big-endian bytes of the journal's `u128` (journal.md).
+pub type VolumeId = [u8; 16];
+
+/// The wire form of a journal's volume id.
+pub fn volume_id(v: u128) -> VolumeId {
+    v.to_be_bytes()
+}
+
+/// Every message of the protocol, on every stream and in both directions. One enum, so a
+/// message on the wrong stream or from the wrong side is recognised and named.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Msg {
+    // Control stream, client to server.
+    Hello { volume_id: Option<VolumeId>, last_applied: Option<u64>, window: u32, agent: String },
+    Ack { applied_seq: u64 },
+    // Control stream, server to client.
+    Welcome { volume_id: VolumeId, start: Start, agent: String },
+    Refuse { reason: String },
+    Entries { from_seq: u64, entries: Vec<JournalEntry> },
+    Manifest { entries: Vec<ManifestEntry> },
+    ManifestEnd { seq: u64 },
+    Heartbeat { sent_through: u64, journal_last: u64 },
+    // Fetch streams, client to server.
+    Fetch { req_id: u64, path: RelPath, offset: u64, len: u64 },
+    FetchAttrs { req_id: u64, paths: Vec<RelPath> },
+    // Fetch streams, server to client.
+    Data { req_id: u64, offset: u64, bytes: Vec<u8> },
+    DataEnd { req_id: u64, file_size: u64 },
+    Attrs { req_id: u64, attrs: Vec<Option<FileAttrs>> },
+    Gone { req_id: u64 },
+    Unreadable { req_id: u64, reason: String },
+}
+
+/// Where a client starts, chosen by the server in `Welcome`.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Start {
+    /// The journal holds everything after the client's last applied seq.
+    Resume { from_seq: u64 },
+    /// The client rebuilds from a manifest consistent with `manifest_seq`.
+    FullSync { manifest_seq: u64, why: FullSyncReason },
+}
+
+/// Why the server sends a full sync; for the operator's logs.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum FullSyncReason {
+    /// The client has no complete replica (new, or a full sync was interrupted).
+    NewClient,
+    /// The client's replica belongs to another volume.
+    OtherVolume { client_volume: VolumeId },
+    /// Entries the client needs were dropped by retention.
+    Expired { first_retained: u64 },
+    /// The client applied entries this journal never wrote (journal replaced or restored).
+    AheadOfJournal { last_seq: u64 },
+}
+
+impl std::fmt::Display for FullSyncReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FullSyncReason::NewClient => write!(f, "the client has no complete replica yet"),
+            FullSyncReason::OtherVolume { client_volume } => {
+                write!(f, "the client's replica belongs to volume {}", hex::encode(client_volume))
+            }
+            FullSyncReason::Expired { first_retained } => write!(
+                f,
+                "the client's resume point is older than the journal's first retained seq {first_retained} \
+                 (raise the server's retention if this happens often)"
+            ),
+            FullSyncReason::AheadOfJournal { last_seq } => write!(
+                f,
+                "the client applied entries past the journal's last seq {last_seq} (was the server's journal replaced?)"
+            ),
+        }
+    }
+}
+
+/// The type of a file system object, as the wire names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    CharDevice,
+    BlockDevice,
+    Socket,
+}
+
+/// A master object's attributes as read when they are sent.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct FileAttrs {
+    pub kind: FileKind,
+    /// Permission bits, `0o7777` at most.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub size: u64,
+    pub rdev: u64,
+    pub symlink_target: Option<Vec<u8>>,
+    /// `(name, value)`, replay's own bookkeeping excluded.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One object of a full-sync manifest.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ManifestEntry {
+    pub path: RelPath,
+    pub attrs: FileAttrs,
+    /// The xattrs were too large to travel inline: `attrs.xattrs` is empty and the client
+    /// fetches them with `FetchAttrs`.
+    pub xattrs_omitted: bool,
+    /// Shared by every name of one multiply-linked regular file within this manifest.
+    pub link_group: Option<u64>,
+}
+
+/// Which side of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Server => "server",
+            Side::Client => "client",
+        })
+    }
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Server => Side::Client,
+            Side::Client => Side::Server,
+        }
+    }
+}
+
+/// Which kind of stream a message belongs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    Control,
+    Fetch,
+}
+
+impl Msg {
+    /// The message's name, for close reasons and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Ack { .. } => "Ack",
+            Msg::Welcome { .. } => "Welcome",
+            Msg::Refuse { .. } => "Refuse",
+            Msg::Entries { .. } => "Entries",
+            Msg::Manifest { .. } => "Manifest",
+            Msg::ManifestEnd { .. } => "ManifestEnd",
+            Msg::Heartbeat { .. } => "Heartbeat",
+            Msg::Fetch { .. } => "Fetch",
+            Msg::FetchAttrs { .. } => "FetchAttrs",
+            Msg::Data { .. } => "Data",
+            Msg::DataEnd { .. } => "DataEnd",
+            Msg::Attrs { .. } => "Attrs",
+            Msg::Gone { .. } => "Gone",
+            Msg::Unreadable { .. } => "Unreadable",
+        }
+    }
+
+    /// The side that may send this message.
+    pub fn sender(&self) -> Side {
+        match self {
+            Msg::Hello { .. } | Msg::Ack { .. } | Msg::Fetch { .. } | Msg::FetchAttrs { .. } => Side::Client,
+            _ => Side::Server,
+        }
+    }
+
+    /// The stream this message travels on.
+    pub fn stream(&self) -> StreamKind {
+        match self {
+            Msg::Fetch { .. }
+            | Msg::FetchAttrs { .. }
+            | Msg::Data { .. }
+            | Msg::DataEnd { .. }
+            | Msg::Attrs { .. }
+            | Msg::Gone { .. }
+            | Msg::Unreadable { .. } => StreamKind::Fetch,
+            _ => StreamKind::Control,
+        }
+    }
+}
+
+/// Why a received frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("a frame of protocol version {theirs} (this agent speaks {ours})")]
+    Version { theirs: u16, ours: u16 },
+    #[error("a frame of {len} bytes, over this stream's limit of {max}")]
+    Oversized { len: usize, max: usize },
+    #[error("a malformed frame ({0})")]
+    Malformed(String),
+    #[error("a stream that ended inside a frame ({buffered} bytes of an unfinished frame)")]
+    Truncated { buffered: usize },
+}
+
+/// Why a message could not be encoded; a bug of the sender, never of the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("a {name} message of {len} bytes exceeds the largest frame ({max}); this is a bug: please report it")]
+    TooLarge { name: &'static str, len: usize, max: usize },
+    #[error("cannot archive a {name} message: {reason}")]
+    Archive { name: &'static str, reason: String },
+}
+
+/// One frame: header and archived body, ready to write to a stream.
+pub fn encode(msg: &Msg) -> Result<Vec<u8>, EncodeError> {
+    let body = rkyv::to_bytes::<rkyv::rancor::Error>(msg)
+        .map_err(|e| EncodeError::Archive { name: msg.name(), reason: e.to_string() })?;
+    if body.len() > MAX_DATA_BODY {
+        return Err(EncodeError::TooLarge { name: msg.name(), len: body.len(), max: MAX_DATA_BODY });
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Validates and deserializes one frame body (without its header).
+pub fn decode_body(body: &[u8]) -> Result<Msg, FrameError> {
+    // rkyv's validation checks alignment; a body sliced out of a stream buffer has none,
+    // so it is copied into an aligned buffer first.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    rkyv::from_bytes::<Msg, rkyv::rancor::Error>(&aligned).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Splits a stream's bytes into messages. Feed it what the stream delivers with
+/// [`push`](Self::push), then take messages with [`next_msg`](Self::next_msg) until `None`.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Start of the unread bytes in `buf`; consumed bytes are dropped on the next push.
+    pos: usize,
+    max_body: usize,
+    /// Set after the first error: the stream is unusable from there on.
+    failed: Option<FrameError>,
+}
+
+impl FrameDecoder {
+    /// A decoder accepting bodies of at most `max_body` bytes.
+    pub fn new(max_body: usize) -> FrameDecoder {
+        FrameDecoder { buf: Vec::new(), pos: 0, max_body, failed: None }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, `Ok(None)` when more bytes are needed. After an error
+    /// every call returns the same error.
+    pub fn next_msg(&mut self) -> Result<Option<Msg>, FrameError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let r = self.next_inner();
+        if let Err(e) = &r {
+            self.failed = Some(e.clone());
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
+        r
+    }
+
+    fn next_inner(&mut self) -> Result<Option<Msg>, FrameError> {
+        let avail = &self.buf[self.pos..];
+        let Some(header) = avail.get(..HEADER_LEN) else { return Ok(None) };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        // The version first: a peer of another version may frame differently, and "upgrade"
+        // is the useful message, not "oversized".
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::Version { theirs: version, ours: PROTOCOL_VERSION });
+        }
+        // Checked before anything is allocated for the body.
+        if len > self.max_body {
+            return Err(FrameError::Oversized { len, max: self.max_body });
+        }
+        let Some(body) = avail.get(HEADER_LEN..HEADER_LEN + len) else {
+            // Reserve once for the whole frame, bounded by the check above.
+            self.buf.reserve((HEADER_LEN + len).saturating_sub(avail.len()));
+            return Ok(None);
+        };
+        let msg = decode_body(body)?;
+        self.pos += HEADER_LEN + len;
+        Ok(Some(msg))
+    }
+
+    /// Bytes received but not yet returned as a message.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// The stream ended: an error if it ended inside a frame.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None if self.buffered() > 0 => Err(FrameError::Truncated { buffered: self.buffered() }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What is wrong with a path from the wire, if anything: it must be relative,
+/// `/`-separated, without empty, `.` or `..` components or NUL, at most [`MAX_PATH_LEN`]
+/// bytes; `""` is the root.
+pub fn wire_path_problem(path: &RelPath) -> Option<&'static str> {
+    let p = path.as_bytes();
+    if p.is_empty() {
+        return None;
+    }
+    if p.len() > MAX_PATH_LEN {
+        return Some("longer than PATH_MAX");
+    }
+    if p.contains(&0) {
+        return Some("contains a NUL byte");
+    }
+    if p[0] == b'/' {
+        return Some("absolute");
+    }
+    for c in p.split(|&b| b == b'/') {
+        match c {
+            b"" => return Some("has an empty component"),
+            b"." => return Some("has a '.' component"),
+            b".." => return Some("has a '..' component"),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The paths of an entry that name objects in the tree (a symlink's target is content, not
+/// a path of the tree, and may legitimately be absolute).
+pub(crate) fn entry_paths(op: &Op) -> [Option<&RelPath>; 2] {
+    match op {
+        Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => [Some(path), Some(new_path)],
+        other => [Some(other.path()), None],
+    }
+}
+
+/// A generous estimate of an entry's archived size, used to keep frames far below the
+/// control limit without encoding twice.
+pub(crate) fn entry_size_estimate(e: &JournalEntry) -> usize {
+    let var = match &e.op {
+        Op::Symlink { path, target } => path.0.len() + target.0.len(),
+        Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => path.0.len() + new_path.0.len(),
+        Op::Setxattr { path, name } | Op::Removexattr { path, name } => path.0.len() + name.0.len(),
+        Op::Rescan { path, reason } => path.0.len() + reason.len(),
+        other => other.path().0.len(),
+    };
+    // Fixed part: the enum's widest variant (under 100 bytes) plus padding of each buffer.
+    128 + var
+}
+
+/// Like [`entry_size_estimate`] for a manifest entry.
+pub(crate) fn manifest_size_estimate(m: &ManifestEntry) -> usize {
+    160 + m.path.0.len() + m.attrs.symlink_target.as_ref().map_or(0, Vec::len) + xattrs_size_estimate(&m.attrs.xattrs)
+}
+
+pub(crate) fn xattrs_size_estimate(x: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    x.iter().map(|(n, v)| 32 + n.len() + v.len()).sum()
+}
+
+// Conversions with the replayer's types, so the client's data source and the server's
+// reader hand them over without field-by-field code in the drivers. The wire keeps its
+// own types so that a change in replay cannot change the wire format unnoticed.
+
+impl From<crate::replay::FileKind> for FileKind {
+    fn from(k: crate::replay::FileKind) -> FileKind {
+        use crate::replay::FileKind as R;
+        match k {
+            R::Regular => FileKind::Regular,
+            R::Directory => FileKind::Directory,
+            R::Symlink => FileKind::Symlink,
+            R::Fifo => FileKind::Fifo,
+            R::CharDevice => FileKind::CharDevice,
+            R::BlockDevice => FileKind::BlockDevice,
+            R::Socket => FileKind::Socket,
+        }
+    }
+}
+
+impl From<FileKind> for crate::replay::FileKind {
+    fn from(k: FileKind) -> crate::replay::FileKind {
+        use crate::replay::FileKind as R;
+        match k {
+            FileKind::Regular => R::Regular,
+            FileKind::Directory => R::Directory,
+            FileKind::Symlink => R::Symlink,
+            FileKind::Fifo => R::Fifo,
+            FileKind::CharDevice => R::CharDevice,
+            FileKind::BlockDevice => R::BlockDevice,
+            FileKind::Socket => R::Socket,
+        }
+    }
+}
+
+impl From<crate::replay::Attrs> for FileAttrs {
+    fn from(a: crate::replay::Attrs) -> FileAttrs {
+        FileAttrs {
+            kind: a.kind.into(),
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            atime: a.atime,
+            mtime: a.mtime,
+            size: a.size,
+            rdev: a.rdev,
+            symlink_target: a.symlink_target,
+            xattrs: a.xattrs,
+        }
+    }
+}
+
+impl From<FileAttrs> for crate::replay::Attrs {
+    fn from(a: FileAttrs) -> crate::replay::Attrs {
+        crate::replay::Attrs {
+            kind: a.kind.into(),
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            atime: a.atime,
+            mtime: a.mtime,
+            size: a.size,
+            rdev: a.rdev,
+            symlink_target: a.symlink_target,
+            xattrs: a.xattrs,
+        }
+    }
+}

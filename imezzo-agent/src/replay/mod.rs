@@ -1,0 +1,1343 @@
+//! Replay of journal operations onto a client's replica root.
+//!
+//! A [`Replayer`] holds an `O_PATH` descriptor of the replica root and applies one [`Op`] at
+//! a time. It does no networking: what the journal does not carry (file bytes, the owner
+//! and times of a new object) it asks of a [`DataSource`], which answers with the master's
+//! *current* state.
+//!
+//! # Safety of paths
+//! Every path comes from the wire and is checked before anything is touched: an absolute
+//! path or a `..` component is refused as [`ReplayError::EscapesRoot`]; an empty or `.`
+//! component, a NUL byte, an over-long name, or the reserved prefix `.imezzo-tmp.` as
+//! [`ReplayError::BadPath`]. The parent directory is then opened with `openat2` under
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`: a symlink anywhere in
+//! the parent chain is refused, never followed, so nothing outside the root is reached even
+//! if the replica was tampered with. The final component is only ever handled by `*at`
+//! syscalls relative to that parent, without following it.
+//!
+//! # Idempotence
+//! Every operation can be applied again: creating what exists with the same type (and
+//! target, inode, device number) is [`Applied::AlreadyApplied`], removing what is absent
+//! too, a rename whose source is gone and whose destination exists is taken as done. Data
+//! and attribute operations are idempotent by value: they set, from the master's current
+//! state, what the first application set.
+//!
+//! After a crash the client replays up to one batch again on a tree that already has it.
+//! Presence alone cannot tell "not applied yet" from "applied, and the name reused later"
+//! (`create t; rename t f; create t` replayed again would move the new `t` over `f`), so
+//! [`Replayer::apply_entry`] also records on each object it places (create, mkdir, mknod,
+//! symlink, link, rename) the sequence number of that operation, in the xattr
+//! [`SEQ_XATTR`] (with the volume, so a journal restarted from 1 is not confused with an
+//! old one). An operation meeting an object placed by a *later* operation leaves it alone,
+//! and a rename that finds its destination already placed by it removes a source that
+//! replay itself resurrected. That xattr is local bookkeeping: `Attrs::read` leaves it out,
+//! and a tree comparison must skip it. Without `CAP_SYS_ADMIN` (needed for `trusted.*`)
+//! the replayer logs once and works by presence alone.
+//!
+//! # Atomicity
+//! New objects are built under a temporary name `.imezzo-tmp.<random>` in the target
+//! directory, given their owner, mode, xattrs and times, then renamed into place: a crash
+//! leaves either the finished object or a temporary, and [`Replayer::open`] removes every
+//! stale temporary. A write covering the whole file (from 0 to at least the master's size)
+//! is built the same way; a partial write is done in place, and so is the first write into
+//! an empty file (there is no old content to keep). A file with more than one hard link is
+//! always written in place, since a rename would split the link group.
+//! Zero-filled 4 KiB blocks are left as holes (skipped past EOF, punched inside data), so
+//! sparse files stay sparse.
+//!
+//! # What each operation asks of the [`DataSource`]
+//! | op | `attrs` of | `read_range` of |
+//! | --- | --- | --- |
+//! | create, mkdir, mknod, symlink | `path`, its parent | |
+//! | link | `new_path`, its parent | |
+//! | unlink, rmdir | the parent | |
+//! | rename | `new_path` (and `path` for an exchange), both parents | |
+//! | write | `path`, and its parent for a whole-file rewrite | `path` |
+//! | truncate | `path` | |
+//! | setxattr | `path` | |
+//! | setattr, removexattr, rescan | | |
+//!
+//! Whenever the replica lacks what an operation needs (its target, source or parent), the
+//! replayer also asks `attrs` of that path: absent at the master means a later operation
+//! accounts for it ([`Applied::Obsolete`]), present means the replica has diverged
+//! ([`Applied::NeedsResync`]). Parent attributes restore the directory's times, which
+//! every name change bumps. Owner and times of a new object come from the master because
+//! the journal records neither (InterMezzo: replay restores the recorded owner and times).
+
+mod source;
+mod sys;
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+pub use source::{Attrs, DataSource, DirSource, FileKind};
+use sys::{errno, is_kind, Loc};
+
+use crate::op::{JournalEntry, Op, RelPath, Timestamp};
+
+/// Names starting with this are replay's temporary files; they are reserved.
+pub const TEMP_PREFIX: &[u8] = b".imezzo-tmp.";
+
+/// The xattr in which [`Replayer::apply_entry`] records, on each object it places, the
+/// volume and sequence number of the operation that placed it (16 bytes, little-endian).
+pub const SEQ_XATTR: &CStr = c"trusted.imezzo.seq";
+
+/// Bytes asked of the data source at a time.
+const CHUNK: u64 = 1 << 20;
+/// Granularity of hole detection.
+const BLOCK: u64 = 4096;
+
+/// What applying one operation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The replica changed.
+    Changed,
+    /// The replica already reflected the operation; nothing was changed.
+    AlreadyApplied,
+    /// The object the operation concerns is gone at the master too, so a later operation
+    /// in the journal (an unlink, a rename) accounts for it; nothing was changed.
+    Obsolete,
+    /// The replica differs from what the operation presumes (a type mismatch, a missing
+    /// parent or file the master still has), or the operation was a rescan: the caller
+    /// must compare the subtree at `path` with the master as a whole.
+    NeedsResync { path: RelPath },
+}
+
+/// Why an operation was not applied. Each is about one operation; the replica is left as
+/// it was before it, except where the message says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("cannot open the replica root {}: {source}; create the directory or correct --root", root.display())]
+    OpenRoot { root: PathBuf, source: io::Error },
+    #[error("this kernel lacks openat2 (Linux 5.6 or later), which replay needs to keep every path beneath the root; upgrade the kernel")]
+    NoOpenat2,
+    #[error("refused path {path:?}: it leads outside the replica root (absolute, `..`, or through a symlink); nothing was changed. The sender is faulty or hostile, or someone planted a symlink in the replica: check both")]
+    EscapesRoot { path: String },
+    #[error("refused path {path:?}: {why}; nothing was changed. The sender is faulty or hostile: check its version")]
+    BadPath { path: String, why: &'static str },
+    #[error(
+        "refused operation on {path:?}: {why}; nothing was changed. The sender is faulty or hostile: check its version"
+    )]
+    BadOp { path: String, why: &'static str },
+    #[error("reading {path:?} from the master failed: {source}; nothing was changed, apply the operation again once the master answers")]
+    Source { path: String, source: io::Error },
+    #[error("{op} {path:?} failed in the replica: {source}; check the replica's file system (space, permissions), then apply the operation again or resync the path")]
+    Io { op: &'static str, path: String, source: io::Error },
+}
+
+/// Adds the operation and path to an I/O error.
+trait Ctx<T> {
+    fn ctx(self, op: &'static str, path: &RelPath) -> Result<T, ReplayError>;
+}
+
+impl<T> Ctx<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &RelPath) -> Result<T, ReplayError> {
+        self.map_err(|source| ReplayError::Io { op, path: path.display().into_owned(), source })
+    }
+}
+
+fn refuse_escape(path: &RelPath) -> ReplayError {
+    log::warn!("replay: refused path {:?}: it leads outside the root", path.display());
+    ReplayError::EscapesRoot { path: path.display().into_owned() }
+}
+
+fn refuse_bad(path: &RelPath, why: &'static str) -> ReplayError {
+    log::warn!("replay: refused path {:?}: {why}", path.display());
+    ReplayError::BadPath { path: path.display().into_owned(), why }
+}
+
+fn bad_op(path: &RelPath, why: &'static str) -> ReplayError {
+    log::warn!("replay: refused operation on {:?}: {why}", path.display());
+    ReplayError::BadOp { path: path.display().into_owned(), why }
+}
+
+/// Checks a path from the wire against the rules in the module doc. `""` is the root.
+pub(crate) fn check_rel_path(path: &RelPath) -> Result<(), ReplayError> {
+    let b = path.as_bytes();
+    if b.is_empty() {
+        return Ok(());
+    }
+    if b[0] == b'/' {
+        return Err(refuse_escape(path));
+    }
+    if b.contains(&0) {
+        return Err(refuse_bad(path, "it contains a NUL byte"));
+    }
+    if b.len() >= libc::PATH_MAX as usize {
+        return Err(refuse_bad(path, "it is longer than PATH_MAX"));
+    }
+    // `..` anywhere is refused even where it would stay inside (`a/../b`): the journal never
+    // produces one, so it can only come from a faulty or hostile sender.
+    if b.split(|&c| c == b'/').any(|c| c == b"..") {
+        return Err(refuse_escape(path));
+    }
+    for c in b.split(|&c| c == b'/') {
+        if c.is_empty() {
+            return Err(refuse_bad(path, "it has an empty component"));
+        }
+        if c == b"." {
+            return Err(refuse_bad(path, "it has a `.` component"));
+        }
+        if c.len() > 255 {
+            return Err(refuse_bad(path, "a component is longer than 255 bytes"));
+        }
+        if c.starts_with(TEMP_PREFIX) {
+            return Err(refuse_bad(path, "it uses the prefix .imezzo-tmp., reserved for replay's temporary files"));
+        }
+    }
+    Ok(())
+}
+
+/// A checked path as (parent, final component); `None` for the root.
+fn split(path: &RelPath) -> Result<Option<(RelPath, CString)>, ReplayError> {
+    check_rel_path(path)?;
+    let b = path.as_bytes();
+    if b.is_empty() {
+        return Ok(None);
+    }
+    let (parent, name) = match b.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&b[..i], &b[i + 1..]),
+        None => (&b[..0], b),
+    };
+    let name = CString::new(name).map_err(|_| refuse_bad(path, "it contains a NUL byte"))?;
+    Ok(Some((RelPath(parent.to_vec()), name)))
+}
+
+/// A name in an open parent directory.
+struct Entry {
+    parent: OwnedFd,
+    parent_rel: RelPath,
+    name: CString,
+}
+
+impl Entry {
+    fn loc(&self) -> Loc {
+        Loc::entry(self.parent.as_fd(), &self.name)
+    }
+}
+
+/// The outcome of looking up an operation's parent directory.
+enum Lookup<T> {
+    Found(T),
+    /// The parent is missing, or is not a directory, in the replica.
+    Missing,
+    /// A directory on the way was placed by an operation after this one: the operation
+    /// concerns an earlier object of that name, and the replica is already past it.
+    Stale,
+}
+
+/// The object an attribute operation names: an entry, or the root itself.
+enum Target {
+    Root,
+    Entry(Entry),
+}
+
+/// A temporary name in a directory, removed on drop unless the object was renamed into
+/// place: an error at any step leaves nothing behind.
+struct Temp<'a> {
+    dir: BorrowedFd<'a>,
+    name: CString,
+    is_dir: bool,
+    armed: bool,
+}
+
+impl<'a> Temp<'a> {
+    fn new(dir: BorrowedFd<'a>, is_dir: bool) -> Temp<'a> {
+        let mut name = TEMP_PREFIX.to_vec();
+        name.extend_from_slice(sys::random_hex().as_bytes());
+        Temp { dir, name: CString::new(name).expect("hex has no NUL"), is_dir, armed: true }
+    }
+
+    fn loc(&self) -> Loc {
+        Loc::entry(self.dir, &self.name)
+    }
+
+    /// Renames the temporary over `name` in the same directory; the temporary is gone
+    /// either way once this returns.
+    fn rename_to(mut self, name: &CStr) -> io::Result<()> {
+        sys::renameat2(self.dir, &self.name, self.dir, name, 0)?;
+        self.armed = false;
+        Ok(())
+    }
+}
+
+impl Drop for Temp<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            match sys::unlinkat(self.dir, &self.name, self.is_dir) {
+                Ok(()) => {}
+                Err(e) if errno(&e) == libc::ENOENT => {}
+                Err(e) => log::warn!("replay: could not remove temporary {:?}: {e}", self.name),
+            }
+        }
+    }
+}
+
+/// How to create one object.
+enum Make {
+    Regular {
+        mode: u32,
+    },
+    Dir {
+        mode: u32,
+    },
+    /// fifo, socket, character or block device: `mode` includes the type bits.
+    Node {
+        mode: u32,
+        rdev: u64,
+    },
+    Symlink {
+        target: CString,
+    },
+}
+
+impl Make {
+    fn kind(&self) -> FileKind {
+        match self {
+            Make::Regular { .. } => FileKind::Regular,
+            Make::Dir { .. } => FileKind::Directory,
+            Make::Node { mode, .. } => FileKind::from_mode(*mode).unwrap_or(FileKind::Fifo),
+            Make::Symlink { .. } => FileKind::Symlink,
+        }
+    }
+
+    fn op_name(&self) -> &'static str {
+        match self {
+            Make::Regular { .. } => "create",
+            Make::Dir { .. } => "mkdir",
+            Make::Node { .. } => "mknod",
+            Make::Symlink { .. } => "symlink",
+        }
+    }
+
+    /// Whether the existing object `st` at `loc` is what this would create.
+    fn matches(&self, st: &libc::stat, loc: &Loc) -> io::Result<bool> {
+        Ok(match self {
+            Make::Regular { .. } => is_kind(st, libc::S_IFREG),
+            Make::Dir { .. } => is_kind(st, libc::S_IFDIR),
+            Make::Node { mode, rdev } => {
+                let fmt = mode & libc::S_IFMT;
+                is_kind(st, fmt) && (!matches!(fmt, libc::S_IFCHR | libc::S_IFBLK) || st.st_rdev == *rdev)
+            }
+            Make::Symlink { target } => is_kind(st, libc::S_IFLNK) && loc.readlink()? == target.to_bytes(),
+        })
+    }
+
+    fn create_at(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        match self {
+            Make::Regular { mode } => {
+                sys::openat(dir, name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW, mode & 0o7777)
+                    .map(drop)
+            }
+            Make::Dir { mode } => sys::mkdirat(dir, name, mode & 0o7777),
+            Make::Node { mode, rdev } => sys::mknodat(dir, name, *mode, *rdev),
+            Make::Symlink { target } => sys::symlinkat(target, dir, name),
+        }
+    }
+
+    fn mode(&self) -> Option<u32> {
+        match self {
+            Make::Regular { mode } | Make::Dir { mode } | Make::Node { mode, .. } => Some(mode & 0o7777),
+            Make::Symlink { .. } => None,
+        }
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Create { .. } => "create",
+        Op::Mkdir { .. } => "mkdir",
+        Op::Mknod { .. } => "mknod",
+        Op::Symlink { .. } => "symlink",
+        Op::Link { .. } => "link",
+        Op::Unlink { .. } => "unlink",
+        Op::Rmdir { .. } => "rmdir",
+        Op::Rename { .. } => "rename",
+        Op::Write { .. } => "write",
+        Op::Truncate { .. } => "truncate",
+        Op::Setattr { .. } => "setattr",
+        Op::Setxattr { .. } => "setxattr",
+        Op::Removexattr { .. } => "removexattr",
+        Op::Rescan { .. } => "rescan",
+    }
+}
+
+/// Checks an xattr name from the wire.
+fn xattr_name(path: &RelPath, name: &RelPath) -> Result<CString, ReplayError> {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > 255 {
+        return Err(bad_op(path, "the xattr name is empty or longer than 255 bytes"));
+    }
+    if b == SEQ_XATTR.to_bytes() {
+        return Err(bad_op(path, "the xattr name trusted.imezzo.seq is replay's own bookkeeping"));
+    }
+    CString::new(b).map_err(|_| bad_op(path, "the xattr name contains a NUL byte"))
+}
+
+/// Xattrs a replica keeps as its own when converging an object's xattrs on the master's.
+fn xattr_is_local(name: &[u8]) -> bool {
+    // The SELinux label is the replica host's policy, not the master's.
+    name == SEQ_XATTR.to_bytes() || name == b"security.selinux"
+}
+
+/// Replays journal operations beneath one replica root. See the module doc.
+#[derive(Debug)]
+pub struct Replayer {
+    /// `O_PATH | O_DIRECTORY`: every lookup starts here.
+    root: OwnedFd,
+    root_path: PathBuf,
+    volume: u64,
+    /// Whether [`SEQ_XATTR`] can be written here; cleared on the first EPERM or ENOTSUP.
+    tags: bool,
+}
+
+impl Replayer {
+    /// Opens the replica root (which must exist) and removes the temporaries a crash may
+    /// have left: one walk of the tree's directories.
+    pub fn open(root: &Path) -> Result<Replayer, ReplayError> {
+        let fd = sys::open(root, libc::O_PATH | libc::O_DIRECTORY)
+            .map_err(|source| ReplayError::OpenRoot { root: root.to_path_buf(), source })?;
+        // Probe openat2 now rather than fail every operation later.
+        match sys::openat2(fd.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, sys::RESOLVE_STRICT) {
+            Ok(_) => {}
+            Err(e) if errno(&e) == libc::ENOSYS => return Err(ReplayError::NoOpenat2),
+            Err(source) => return Err(ReplayError::OpenRoot { root: root.to_path_buf(), source }),
+        }
+        let mut r = Replayer { root: fd, root_path: root.to_path_buf(), volume: 0, tags: true };
+        let n = r.sweep_temps()?;
+        if n > 0 {
+            log::info!("replay: removed {n} temporaries left by an interrupted replay in {}", root.display());
+        }
+        Ok(r)
+    }
+
+    /// Sets the volume recorded with sequence numbers (see [`SEQ_XATTR`]): marks from
+    /// another volume, or from a journal restarted from scratch under a new volume id, are
+    /// then ignored. Defaults to 0.
+    pub fn with_volume(mut self, volume: u64) -> Replayer {
+        self.volume = volume;
+        self
+    }
+
+    /// The replica root this replayer was opened on.
+    pub fn root(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// Whether sequence marks are recorded (false once the file system or our privileges
+    /// refused them).
+    pub fn records_sequence_marks(&self) -> bool {
+        self.tags
+    }
+
+    /// Applies one operation without sequence marks: idempotent by presence only.
+    pub fn apply(&mut self, op: &Op, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
+        self.apply_inner(op, None, data)
+    }
+
+    /// Applies one journal entry, recording and honouring sequence marks, so replaying a
+    /// batch again after a crash converges (see the module doc). Apply entries in
+    /// sequence order.
+    pub fn apply_entry(&mut self, entry: &JournalEntry, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
+        self.apply_inner(&entry.op, Some(entry.seq), data)
+    }
+
+    /// Makes every change applied so far durable: `syncfs` of the replica's file system,
+    /// one call per batch however many files it touched.
+    pub fn sync(&mut self) -> io::Result<()> {
+        // syncfs refuses O_PATH descriptors: open the root for reading just for this.
+        let fd = sys::openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        sys::syncfs(fd.as_fd())
+    }
+
+    /// Removes every `.imezzo-tmp.*` beneath the root; returns how many.
+    pub fn sweep_temps(&mut self) -> Result<usize, ReplayError> {
+        let root = RelPath::default();
+        let mut removed = 0;
+        // Directories to visit by path, not by open fd, so a wide tree does not exhaust
+        // descriptors.
+        let mut queue: Vec<Vec<u8>> = vec![Vec::new()];
+        while let Some(rel) = queue.pop() {
+            let c = if rel.is_empty() { c".".to_owned() } else { sys::cstring(&rel).ctx("sweep", &root)? };
+            let dir = match sys::openat2(self.root.as_fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY, sys::RESOLVE_STRICT)
+            {
+                Ok(fd) => fd,
+                // Gone, replaced, or too deep to name: nothing of ours to find there.
+                Err(e) if matches!(errno(&e), libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG) => {
+                    continue
+                }
+                Err(e) => return Err(e).ctx("sweep", &RelPath(rel)),
+            };
+            for (name, is_dir) in sys::read_dir(dir.as_fd()).ctx("sweep", &RelPath(rel.clone()))? {
+                if name.starts_with(TEMP_PREFIX) {
+                    let c = sys::cstring(&name).ctx("sweep", &root)?;
+                    remove_tree(dir.as_fd(), &c).ctx("sweep", &RelPath(rel.clone()))?;
+                    removed += 1;
+                } else if is_dir {
+                    let mut sub = rel.clone();
+                    if !sub.is_empty() {
+                        sub.push(b'/');
+                    }
+                    sub.extend_from_slice(&name);
+                    queue.push(sub);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn apply_inner(&mut self, op: &Op, seq: Option<u64>, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
+        let r = match op {
+            Op::Create { path, mode } => self.make(path, Make::Regular { mode: *mode }, seq, data),
+            Op::Mkdir { path, mode } => self.make(path, Make::Dir { mode: *mode }, seq, data),
+            Op::Mknod { path, mode, rdev } => {
+                let make = match mode & libc::S_IFMT {
+                    0 | libc::S_IFREG => Make::Regular { mode: *mode },
+                    libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK => {
+                        Make::Node { mode: *mode, rdev: *rdev }
+                    }
+                    _ => {
+                        return Err(bad_op(path, "mknod of a type that is not a fifo, socket, device or regular file"))
+                    }
+                };
+                self.make(path, make, seq, data)
+            }
+            Op::Symlink { path, target } => {
+                let t = target.as_bytes();
+                if t.is_empty() || t.contains(&0) {
+                    return Err(bad_op(path, "the symlink target is empty or contains a NUL byte"));
+                }
+                let target = CString::new(t).map_err(|_| bad_op(path, "the symlink target contains a NUL byte"))?;
+                self.make(path, Make::Symlink { target }, seq, data)
+            }
+            Op::Link { path, new_path } => self.link(path, new_path, seq, data),
+            Op::Unlink { path } => self.remove(path, false, seq, data),
+            Op::Rmdir { path } => self.remove(path, true, seq, data),
+            // RENAME_NOREPLACE is not passed on: the master's rename succeeded, so the
+            // destination was free there, and whatever the replica has in its place is stale.
+            Op::Rename { path, new_path, exchange, noreplace: _ } => self.rename(path, new_path, *exchange, seq, data),
+            Op::Write { path, offset, len, .. } => self.write(path, *offset, *len, seq, data),
+            Op::Truncate { path, size } => self.truncate(path, *size, seq, data),
+            Op::Setattr { path, mode, uid, gid, atime, mtime } => {
+                self.setattr(path, *mode, *uid, *gid, *atime, *mtime, seq, data)
+            }
+            Op::Setxattr { path, name } => self.setxattr(path, name, seq, data),
+            Op::Removexattr { path, name } => self.removexattr(path, name, seq, data),
+            Op::Rescan { path, .. } => {
+                check_rel_path(path)?;
+                Ok(Applied::NeedsResync { path: path.clone() })
+            }
+        };
+        match &r {
+            Ok(a) => log::debug!("replay: {} {:?}: {a:?}", op_name(op), op.path().display()),
+            Err(e) => log::warn!("replay: {e}"),
+        }
+        r
+    }
+
+    // ---- lookups -------------------------------------------------------------------
+
+    /// Opens the directory `parent` beneath the root for the operation `seq`.
+    fn open_dir(&self, path: &RelPath, parent: &RelPath, seq: Option<u64>) -> Result<Lookup<OwnedFd>, ReplayError> {
+        let open = |dir: BorrowedFd<'_>, rel: &[u8]| -> Result<Option<OwnedFd>, ReplayError> {
+            let c = if rel.is_empty() { c".".to_owned() } else { sys::cstring(rel).ctx("resolve", path)? };
+            match sys::openat2(dir, &c, libc::O_PATH | libc::O_DIRECTORY, sys::RESOLVE_STRICT) {
+                Ok(fd) => Ok(Some(fd)),
+                Err(e) => match errno(&e) {
+                    libc::ENOENT | libc::ENOTDIR => Ok(None),
+                    // ELOOP: a symlink in the chain (RESOLVE_NO_SYMLINKS); EXDEV: the walk
+                    // would have left the root.
+                    libc::ELOOP | libc::EXDEV => Err(refuse_escape(path)),
+                    libc::ENOSYS => Err(ReplayError::NoOpenat2),
+                    _ => Err(e).ctx("resolve", path),
+                },
+            }
+        };
+        let (Some(s), true, false) = (seq, self.tags, parent.as_bytes().is_empty()) else {
+            return Ok(open(self.root.as_fd(), parent.as_bytes())?.map_or(Lookup::Missing, Lookup::Found));
+        };
+        // Replaying again after a crash, a directory on the way may be a later one of the
+        // same name (`rename x z; mkdir x`): an operation from before would then land in
+        // the wrong directory. So walk one component at a time and check each mark.
+        let mut dir: Option<OwnedFd> = None;
+        for comp in parent.as_bytes().split(|&c| c == b'/') {
+            let at = dir.as_ref().map_or(self.root.as_fd(), |d| d.as_fd());
+            let Some(next) = open(at, comp)? else { return Ok(Lookup::Missing) };
+            if self.mark(&Loc::dir(next.as_fd())).is_some_and(|m| m > s) {
+                return Ok(Lookup::Stale);
+            }
+            dir = Some(next);
+        }
+        Ok(dir.map_or(Lookup::Missing, Lookup::Found))
+    }
+
+    /// The entry `path` names, which must not be the root.
+    fn entry(&self, path: &RelPath, op: &'static str, seq: Option<u64>) -> Result<Lookup<Entry>, ReplayError> {
+        let Some((parent_rel, name)) = split(path)? else {
+            return Err(bad_op(
+                path,
+                match op {
+                    "write" | "truncate" => "the root is a directory, it has no data",
+                    _ => "the root itself cannot be created, removed, renamed or linked",
+                },
+            ));
+        };
+        Ok(match self.open_dir(path, &parent_rel, seq)? {
+            Lookup::Found(parent) => Lookup::Found(Entry { parent, parent_rel, name }),
+            Lookup::Missing => Lookup::Missing,
+            Lookup::Stale => Lookup::Stale,
+        })
+    }
+
+    /// The object `path` names, the root included.
+    fn target(&self, path: &RelPath, seq: Option<u64>) -> Result<Lookup<Target>, ReplayError> {
+        match split(path)? {
+            None => Ok(Lookup::Found(Target::Root)),
+            Some((parent_rel, name)) => Ok(match self.open_dir(path, &parent_rel, seq)? {
+                Lookup::Found(parent) => Lookup::Found(Target::Entry(Entry { parent, parent_rel, name })),
+                Lookup::Missing => Lookup::Missing,
+                Lookup::Stale => Lookup::Stale,
+            }),
+        }
+    }
+
+    fn target_loc(&self, t: &Target) -> Loc {
+        match t {
+            Target::Root => Loc::dir(self.root.as_fd()),
+            Target::Entry(e) => e.loc(),
+        }
+    }
+
+    fn master(&self, path: &RelPath, data: &mut dyn DataSource) -> Result<Option<Attrs>, ReplayError> {
+        data.attrs(path).map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })
+    }
+
+    /// What to answer when the replica lacks what an operation on `path` needs.
+    fn missing(&self, path: &RelPath, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
+        Ok(match self.master(path, data)? {
+            None => Applied::Obsolete,
+            Some(_) => Applied::NeedsResync { path: path.clone() },
+        })
+    }
+
+    // ---- sequence marks ------------------------------------------------------------
+
+    fn mark(&self, loc: &Loc) -> Option<u64> {
+        if !self.tags {
+            return None;
+        }
+        let v = loc.get_xattr(SEQ_XATTR).ok().flatten()?;
+        let v: [u8; 16] = v.try_into().ok()?;
+        let volume = u64::from_le_bytes(v[..8].try_into().ok()?);
+        (volume == self.volume).then(|| u64::from_le_bytes(v[8..].try_into().expect("8 bytes")))
+    }
+
+    /// The object at `loc` was placed by an operation after `seq`.
+    fn placed_after(&self, loc: &Loc, seq: Option<u64>) -> bool {
+        seq.is_some_and(|s| self.mark(loc).is_some_and(|m| m > s))
+    }
+
+    /// The object at `loc` was placed by the operation `seq` or a later one.
+    fn placed_since(&self, loc: &Loc, seq: Option<u64>) -> bool {
+        seq.is_some_and(|s| self.mark(loc).is_some_and(|m| m >= s))
+    }
+
+    fn set_mark(&mut self, loc: &Loc, seq: Option<u64>) {
+        let Some(seq) = seq else { return };
+        if !self.tags {
+            return;
+        }
+        let mut v = self.volume.to_le_bytes().to_vec();
+        v.extend_from_slice(&seq.to_le_bytes());
+        match loc.set_xattr(SEQ_XATTR, &v) {
+            Ok(()) => {}
+            Err(e) if matches!(errno(&e), libc::EPERM | libc::ENOTSUP | libc::EACCES) => {
+                log::warn!(
+                    "replay: cannot record sequence marks ({SEQ_XATTR:?}: {e}); replaying a batch again after a crash may then \
+                     misapply renames and links. Run the client as root on a file system with xattrs"
+                );
+                self.tags = false;
+            }
+            Err(e) => log::warn!("replay: cannot record the sequence mark on {:?}: {e}", loc.name()),
+        }
+    }
+
+    // ---- metadata ------------------------------------------------------------------
+
+    /// Gives the object at `loc` the master's owner, mode, xattrs and times (times last,
+    /// since the others change ctime only but a write would change mtime). With `prune`,
+    /// xattrs the master lacks are removed too.
+    fn apply_attrs(&self, loc: &Loc, a: &Attrs, prune: bool) -> io::Result<()> {
+        // chown before chmod: chown clears set-user-ID and set-group-ID bits. Both before
+        // xattrs: chown drops security.capability.
+        loc.chown(Some(a.uid), Some(a.gid))?;
+        if a.kind != FileKind::Symlink {
+            loc.chmod(a.mode)?;
+        }
+        for (name, value) in &a.xattrs {
+            if xattr_is_local(name) {
+                continue;
+            }
+            let c = sys::cstring(name)?;
+            match loc.set_xattr(&c, value) {
+                Ok(()) => {}
+                // A namespace this file system or host does not allow (e.g. user.* on a
+                // symlink, security.* without the LSM): one attribute must not stall replay.
+                Err(e) if matches!(errno(&e), libc::ENOTSUP | libc::EPERM | libc::EACCES) => {
+                    log::warn!("replay: cannot set xattr {} on {:?}: {e}", String::from_utf8_lossy(name), loc.name())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if prune {
+            for name in loc.list_xattrs()? {
+                if !xattr_is_local(&name) && !a.xattrs.iter().any(|(n, _)| *n == name) {
+                    loc.remove_xattr(&sys::cstring(&name)?)?;
+                }
+            }
+        }
+        loc.set_times(Some(a.atime), Some(a.mtime))
+    }
+
+    /// Puts back the master's times on a directory whose entries just changed (a name
+    /// change bumps the directory's mtime, which the journal does not record).
+    fn restore_dir_times(&self, dir: BorrowedFd<'_>, rel: &RelPath, data: &mut dyn DataSource) {
+        match data.attrs(rel) {
+            Ok(Some(a)) if a.kind == FileKind::Directory => {
+                if let Err(e) = Loc::dir(dir).set_times(Some(a.atime), Some(a.mtime)) {
+                    log::warn!("replay: cannot restore the times of directory {:?}: {e}", rel.display());
+                }
+            }
+            Ok(_) => {}
+            // The next change in this directory restores them again: not worth failing an
+            // operation that is already done.
+            Err(e) => log::warn!("replay: cannot read the master's times of {:?}: {e}", rel.display()),
+        }
+    }
+
+    // ---- namespace operations ------------------------------------------------------
+
+    fn make(
+        &mut self,
+        path: &RelPath,
+        what: Make,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        let op = what.op_name();
+        let e = match self.entry(path, op, seq)? {
+            Lookup::Found(e) => e,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let loc = e.loc();
+        if let Some(st) = loc.stat().ctx(op, path)? {
+            if self.placed_since(&loc, seq) {
+                return Ok(Applied::AlreadyApplied);
+            }
+            if what.matches(&st, &loc).ctx(op, path)? {
+                self.set_mark(&loc, seq);
+                return Ok(Applied::AlreadyApplied);
+            }
+            // A rename cannot put a directory over a file, nor anything over a directory
+            // that may hold files: the replica has diverged.
+            if is_kind(&st, libc::S_IFDIR) || matches!(what, Make::Dir { .. }) {
+                return Ok(Applied::NeedsResync { path: path.clone() });
+            }
+            // Otherwise a stale non-directory is replaced, atomically, below.
+        }
+        let master = self.master(path, data)?.filter(|a| a.kind == what.kind());
+        let tmp = Temp::new(e.parent.as_fd(), matches!(what, Make::Dir { .. }));
+        what.create_at(e.parent.as_fd(), &tmp.name).ctx(op, path)?;
+        let tloc = tmp.loc();
+        match &master {
+            Some(a) => self.apply_attrs(&tloc, a, false).ctx(op, path)?,
+            // Gone at the master already (a later op removes or renames it): at least undo
+            // our umask. Owner and times follow when a later op places it.
+            None => {
+                if let Some(mode) = what.mode() {
+                    tloc.chmod(mode).ctx(op, path)?;
+                }
+            }
+        }
+        self.set_mark(&tloc, seq);
+        tmp.rename_to(&e.name).ctx(op, path)?;
+        self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
+        Ok(Applied::Changed)
+    }
+
+    fn remove(
+        &mut self,
+        path: &RelPath,
+        dir: bool,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        let op = if dir { "rmdir" } else { "unlink" };
+        // A missing parent: the name is absent, which is what the op wants.
+        let Lookup::Found(e) = self.entry(path, op, seq)? else { return Ok(Applied::AlreadyApplied) };
+        let loc = e.loc();
+        let Some(st) = loc.stat().ctx(op, path)? else { return Ok(Applied::AlreadyApplied) };
+        if self.placed_after(&loc, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        if is_kind(&st, libc::S_IFDIR) != dir {
+            return Ok(Applied::NeedsResync { path: path.clone() });
+        }
+        match sys::unlinkat(e.parent.as_fd(), &e.name, dir) {
+            Ok(()) => {}
+            Err(err) if errno(&err) == libc::ENOENT => return Ok(Applied::AlreadyApplied),
+            // The master's directory was empty when removed; the replica's is not.
+            Err(err) if matches!(errno(&err), libc::ENOTEMPTY | libc::EEXIST) => {
+                return Ok(Applied::NeedsResync { path: path.clone() })
+            }
+            Err(err) => return Err(err).ctx(op, path),
+        }
+        self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
+        Ok(Applied::Changed)
+    }
+
+    fn rename(
+        &mut self,
+        path: &RelPath,
+        new_path: &RelPath,
+        exchange: bool,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "rename";
+        // Both paths are checked before anything is touched.
+        split(new_path)?;
+        let from = self.entry(path, OP, seq)?;
+        let to = self.entry(new_path, OP, seq)?;
+        if matches!(from, Lookup::Stale) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        let (from, to_stale) = (found(from), matches!(to, Lookup::Stale));
+        let to = found(to);
+        let src = match &from {
+            Some(e) => e.loc().stat().ctx(OP, path)?,
+            None => None,
+        };
+        let dst = match &to {
+            Some(e) => e.loc().stat().ctx(OP, new_path)?,
+            None => None,
+        };
+        if to_stale {
+            // The destination's directory came after this op, so the op was applied.
+            if !exchange {
+                self.remove_resurrected(from.as_ref(), src.is_some(), seq, path, data);
+            }
+            return Ok(Applied::AlreadyApplied);
+        }
+        if let (Some(f), Some(_)) = (&from, &src) {
+            if self.placed_since(&f.loc(), seq) {
+                // What is at the source was placed by this op (an exchange) or a later one.
+                return Ok(Applied::AlreadyApplied);
+            }
+        }
+        if let (Some(t), Some(_)) = (&to, &dst) {
+            if self.placed_since(&t.loc(), seq) {
+                if !exchange {
+                    self.remove_resurrected(from.as_ref(), src.is_some(), seq, path, data);
+                }
+                return Ok(Applied::AlreadyApplied);
+            }
+        }
+        let (Some(f), Some(t), Some(_)) = (&from, &to, &src) else {
+            // No source. Unless an exchange, a destination means the rename is done.
+            if !exchange && dst.is_some() {
+                return Ok(Applied::AlreadyApplied);
+            }
+            return self.missing(new_path, data);
+        };
+        if exchange && dst.is_none() {
+            return self.missing(new_path, data);
+        }
+        let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
+        match sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags) {
+            Ok(()) => {}
+            // A directory over a file, anything over a non-empty directory: diverged.
+            Err(e) if matches!(errno(&e), libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR) => {
+                return Ok(Applied::NeedsResync { path: new_path.clone() })
+            }
+            Err(e) => return Err(e).ctx(OP, path),
+        }
+        // The moved object(s) are placed by this op; owner, mode and times converge on the
+        // master's (the object may have been created with ones the master no longer had).
+        let moved = if exchange { vec![(t, new_path), (f, path)] } else { vec![(t, new_path)] };
+        for (e, p) in moved {
+            let loc = e.loc();
+            self.set_mark(&loc, seq);
+            let st = loc.stat().ctx(OP, p)?;
+            if let (Some(st), Some(a)) = (st, self.master(p, data)?) {
+                if FileKind::from_mode(st.st_mode) == Some(a.kind) {
+                    self.apply_attrs(&loc, &a, true).ctx(OP, p)?;
+                }
+            }
+        }
+        self.restore_dir_times(f.parent.as_fd(), &f.parent_rel, data);
+        if t.parent_rel != f.parent_rel {
+            self.restore_dir_times(t.parent.as_fd(), &t.parent_rel, data);
+        }
+        Ok(Applied::Changed)
+    }
+
+    /// After a rename found already done, an object at its source with an older mark can
+    /// only have been re-created by replaying the ops before it again (every op that
+    /// places an object marks it, and marks only grow): remove it, with whatever replay
+    /// put inside. An unmarked object is never touched.
+    fn remove_resurrected(
+        &self,
+        from: Option<&Entry>,
+        present: bool,
+        seq: Option<u64>,
+        path: &RelPath,
+        data: &mut dyn DataSource,
+    ) {
+        let (Some(f), true, Some(s)) = (from, present, seq) else { return };
+        if self.mark(&f.loc()).is_none_or(|m| m >= s) {
+            return;
+        }
+        match remove_tree(f.parent.as_fd(), &f.name) {
+            Ok(()) => log::debug!("replay: removed {:?}, re-created by replaying again", path.display()),
+            Err(e) => log::warn!("replay: cannot remove {:?}, re-created by replaying again: {e}", path.display()),
+        }
+        self.restore_dir_times(f.parent.as_fd(), &f.parent_rel, data);
+    }
+
+    fn link(
+        &mut self,
+        path: &RelPath,
+        new_path: &RelPath,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "link";
+        split(new_path)?;
+        let from = match self.entry(path, OP, seq)? {
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+            l => found(l),
+        };
+        let to = match self.entry(new_path, OP, seq)? {
+            Lookup::Found(e) => e,
+            Lookup::Missing => return self.missing(new_path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let src = match &from {
+            Some(e) => e.loc().stat().ctx(OP, path)?,
+            None => None,
+        };
+        let tloc = to.loc();
+        let dst = tloc.stat().ctx(OP, new_path)?;
+        if let Some(d) = &dst {
+            if src.is_some_and(|s| s.st_dev == d.st_dev && s.st_ino == d.st_ino) {
+                self.set_mark(&tloc, seq);
+                return Ok(Applied::AlreadyApplied);
+            }
+            if self.placed_since(&tloc, seq) {
+                return Ok(Applied::AlreadyApplied);
+            }
+            if is_kind(d, libc::S_IFDIR) {
+                return Ok(Applied::NeedsResync { path: new_path.clone() });
+            }
+        }
+        let (Some(f), Some(s)) = (&from, &src) else { return self.missing(new_path, data) };
+        if self.placed_after(&f.loc(), seq) {
+            // The source is a later object than the one this op linked.
+            return Ok(Applied::AlreadyApplied);
+        }
+        if is_kind(s, libc::S_IFDIR) {
+            return Ok(Applied::NeedsResync { path: new_path.clone() });
+        }
+        if dst.is_none() {
+            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &to.name).ctx(OP, new_path)?;
+        } else {
+            // Replace the stale object atomically: link under a temporary name, rename over.
+            let tmp = Temp::new(to.parent.as_fd(), false);
+            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &tmp.name).ctx(OP, new_path)?;
+            tmp.rename_to(&to.name).ctx(OP, new_path)?;
+        }
+        self.set_mark(&tloc, seq);
+        if let Some(a) = self.master(new_path, data)? {
+            if FileKind::from_mode(s.st_mode) == Some(a.kind) {
+                self.apply_attrs(&tloc, &a, false).ctx(OP, new_path)?;
+            }
+        }
+        self.restore_dir_times(to.parent.as_fd(), &to.parent_rel, data);
+        Ok(Applied::Changed)
+    }
+
+    // ---- data operations -----------------------------------------------------------
+
+    fn write(
+        &mut self,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "write";
+        let e = match self.entry(path, OP, seq)? {
+            Lookup::Found(e) => e,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let master = match self.master(path, data)? {
+            Some(a) if a.kind == FileKind::Regular => a,
+            // The master's file is gone or replaced: a later op accounts for it, and the
+            // bytes written then cannot be read any more.
+            _ => return Ok(Applied::Obsolete),
+        };
+        let loc = e.loc();
+        let st = loc.stat().ctx(OP, path)?;
+        if let Some(st) = &st {
+            if self.placed_after(&loc, seq) {
+                return Ok(Applied::AlreadyApplied);
+            }
+            if !is_kind(st, libc::S_IFREG) {
+                return Ok(Applied::NeedsResync { path: path.clone() });
+            }
+        }
+        let end = offset.saturating_add(len).min(master.size);
+        // A file still empty (just created) has no old content a reader could lose, so it
+        // is filled in place: one inode and one rename less per new file.
+        let whole = offset == 0 && len >= master.size && st.is_none_or(|s| s.st_nlink == 1 && s.st_size > 0);
+        if whole {
+            self.rewrite(&e, path, end, &master, data)?;
+            return Ok(Applied::Changed);
+        }
+        if st.is_none() {
+            // Only part of a file we do not have: the rest must come from a resync.
+            return Ok(Applied::NeedsResync { path: path.clone() });
+        }
+        let fd = sys::openat(
+            e.parent.as_fd(),
+            &e.name,
+            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+            0,
+        )
+        .ctx(OP, path)?;
+        let st = sys::fstat(fd.as_fd()).ctx(OP, path)?;
+        if !is_kind(&st, libc::S_IFREG) {
+            return Ok(Applied::NeedsResync { path: path.clone() });
+        }
+        self.copy_range(fd.as_fd(), st.st_size as u64, path, offset, end, data)?;
+        if sys::fstat(fd.as_fd()).ctx(OP, path)?.st_size as u64 != master.size {
+            sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
+        }
+        loc.set_times(Some(master.atime), Some(master.mtime)).ctx(OP, path)?;
+        Ok(Applied::Changed)
+    }
+
+    /// Builds the whole file under a temporary name and renames it over the old one.
+    fn rewrite(
+        &mut self,
+        e: &Entry,
+        path: &RelPath,
+        end: u64,
+        master: &Attrs,
+        data: &mut dyn DataSource,
+    ) -> Result<(), ReplayError> {
+        const OP: &str = "write";
+        // The mark says which op placed this name's object; the new inode stands for the
+        // same object.
+        let old_mark = if self.tags { e.loc().get_xattr(SEQ_XATTR).ok().flatten() } else { None };
+        let tmp = Temp::new(e.parent.as_fd(), false);
+        let fd = sys::openat(
+            e.parent.as_fd(),
+            &tmp.name,
+            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .ctx(OP, path)?;
+        self.copy_range(fd.as_fd(), 0, path, 0, end, data)?;
+        sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
+        drop(fd);
+        let tloc = tmp.loc();
+        self.apply_attrs(&tloc, master, false).ctx(OP, path)?;
+        if let Some(m) = old_mark {
+            if let Err(err) = tloc.set_xattr(SEQ_XATTR, &m) {
+                log::warn!("replay: cannot carry the sequence mark of {:?} over: {err}", path.display());
+            }
+        }
+        tmp.rename_to(&e.name).ctx(OP, path)?;
+        self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
+        Ok(())
+    }
+
+    /// Copies the master's bytes `[start, end)` into `fd`, whose size is `eof`, leaving
+    /// zero-filled blocks as holes: skipped at or past EOF, punched inside existing data.
+    fn copy_range(
+        &self,
+        fd: BorrowedFd<'_>,
+        mut eof: u64,
+        path: &RelPath,
+        start: u64,
+        end: u64,
+        data: &mut dyn DataSource,
+    ) -> Result<(), ReplayError> {
+        const OP: &str = "write";
+        let mut pos = start;
+        while pos < end {
+            let want = (end - pos).min(CHUNK);
+            let mut buf = data
+                .read_range(path, pos, want)
+                .map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })?;
+            buf.truncate(want as usize);
+            let mut i = 0usize;
+            while i < buf.len() {
+                // A run of blocks (aligned on file offsets) that are all zero, or all not.
+                let run = i;
+                let mut zero = None;
+                while i < buf.len() {
+                    let abs = pos + i as u64;
+                    let next = (abs / BLOCK + 1) * BLOCK;
+                    let seg_end = buf.len().min(i + (next - abs) as usize);
+                    let z = buf[i..seg_end].iter().all(|&b| b == 0);
+                    if *zero.get_or_insert(z) != z {
+                        break;
+                    }
+                    i = seg_end;
+                }
+                let abs = pos + run as u64;
+                let n = (i - run) as u64;
+                if zero == Some(false) {
+                    sys::pwrite_all(fd, &buf[run..i], abs).ctx(OP, path)?;
+                    eof = eof.max(abs + n);
+                } else if abs < eof {
+                    // Zeroes over existing data: punch, or write them where holes are not
+                    // supported. Past EOF nothing is written; the final size makes the hole.
+                    let m = n.min(eof - abs);
+                    if !sys::punch_hole(fd, abs, m).ctx(OP, path)? {
+                        sys::pwrite_all(fd, &buf[run..run + m as usize], abs).ctx(OP, path)?;
+                    }
+                }
+            }
+            pos += buf.len() as u64;
+            if (buf.len() as u64) < want {
+                break; // the master's file ends here
+            }
+        }
+        Ok(())
+    }
+
+    fn truncate(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "truncate";
+        let e = match self.entry(path, OP, seq)? {
+            Lookup::Found(e) => e,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let loc = e.loc();
+        let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
+        if self.placed_after(&loc, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        if !is_kind(&st, libc::S_IFREG) {
+            return Ok(Applied::NeedsResync { path: path.clone() });
+        }
+        let fd = sys::openat(
+            e.parent.as_fd(),
+            &e.name,
+            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+            0,
+        )
+        .ctx(OP, path)?;
+        sys::ftruncate(fd.as_fd(), size).ctx(OP, path)?;
+        if let Some(a) = self.master(path, data)? {
+            if a.kind == FileKind::Regular {
+                loc.set_times(Some(a.atime), Some(a.mtime)).ctx(OP, path)?;
+            }
+        }
+        Ok(Applied::Changed)
+    }
+
+    // ---- attribute operations --------------------------------------------------------
+
+    #[expect(clippy::too_many_arguments, reason = "one argument per field of Op::Setattr")]
+    fn setattr(
+        &mut self,
+        path: &RelPath,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Timestamp>,
+        mtime: Option<Timestamp>,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "setattr";
+        let t = match self.target(path, seq)? {
+            Lookup::Found(t) => t,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let loc = self.target_loc(&t);
+        if loc.stat().ctx(OP, path)?.is_none() {
+            return self.missing(path, data);
+        }
+        if self.placed_after(&loc, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        // Owner first: chown clears set-user-ID and set-group-ID bits the mode may set.
+        if uid.is_some() || gid.is_some() {
+            loc.chown(uid, gid).ctx(OP, path)?;
+        }
+        if let Some(m) = mode {
+            loc.chmod(m).ctx(OP, path)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            loc.set_times(atime, mtime).ctx(OP, path)?;
+        }
+        Ok(Applied::Changed)
+    }
+
+    fn setxattr(
+        &mut self,
+        path: &RelPath,
+        name: &RelPath,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "setxattr";
+        let cname = xattr_name(path, name)?;
+        let t = match self.target(path, seq)? {
+            Lookup::Found(t) => t,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let Some(master) = self.master(path, data)? else { return Ok(Applied::Obsolete) };
+        let loc = self.target_loc(&t);
+        if loc.stat().ctx(OP, path)?.is_none() {
+            return Ok(Applied::NeedsResync { path: path.clone() });
+        }
+        if self.placed_after(&loc, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        match master.xattrs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
+            Some((_, value)) => {
+                if loc.get_xattr(&cname).ctx(OP, path)?.as_deref() == Some(value.as_slice()) {
+                    return Ok(Applied::AlreadyApplied);
+                }
+                loc.set_xattr(&cname, value).ctx(OP, path)?;
+            }
+            // Removed at the master since: the replica follows the current state.
+            None => {
+                if !loc.remove_xattr(&cname).ctx(OP, path)? {
+                    return Ok(Applied::AlreadyApplied);
+                }
+            }
+        }
+        Ok(Applied::Changed)
+    }
+
+    fn removexattr(
+        &mut self,
+        path: &RelPath,
+        name: &RelPath,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "removexattr";
+        let cname = xattr_name(path, name)?;
+        let t = match self.target(path, seq)? {
+            Lookup::Found(t) => t,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let loc = self.target_loc(&t);
+        if loc.stat().ctx(OP, path)?.is_none() {
+            return self.missing(path, data);
+        }
+        if self.placed_after(&loc, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        Ok(if loc.remove_xattr(&cname).ctx(OP, path)? { Applied::Changed } else { Applied::AlreadyApplied })
+    }
+}
+
+/// Removes `name` in `dir` and, for a directory, everything beneath it, never following a
+/// symlink.
+fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let Some(st) = Loc::entry(dir, name).stat()? else { return Ok(()) };
+    if !is_kind(&st, libc::S_IFDIR) {
+        return ignore_enoent(sys::unlinkat(dir, name, false));
+    }
+    let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+    for (child, is_dir) in sys::read_dir(sub.as_fd())? {
+        let c = sys::cstring(&child)?;
+        if is_dir {
+            remove_tree(sub.as_fd(), &c)?;
+        } else {
+            ignore_enoent(sys::unlinkat(sub.as_fd(), &c, false))?;
+        }
+    }
+    ignore_enoent(sys::unlinkat(dir, name, true))
+}
+
+fn found<T>(l: Lookup<T>) -> Option<T> {
+    match l {
+        Lookup::Found(t) => Some(t),
+        Lookup::Missing | Lookup::Stale => None,
+    }
+}
+
+fn ignore_enoent(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if errno(&e) == libc::ENOENT => Ok(()),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(p: &str) -> bool {
+        check_rel_path(&RelPath::from(p)).is_err()
+    }
+
+    #[test]
+    fn paths_that_leave_or_bend_the_root_are_refused() {
+        for p in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/..",
+            "..",
+            "a//b",
+            "a/",
+            "./a",
+            "a/./b",
+            ".imezzo-tmp.1",
+            "d/.imezzo-tmp.x/f",
+        ] {
+            assert!(refused(p), "{p:?} should be refused");
+        }
+        assert!(check_rel_path(&RelPath(b"a\0b".to_vec())).is_err());
+        assert!(matches!(check_rel_path(&RelPath::from("a/../../x")), Err(ReplayError::EscapesRoot { .. })));
+        assert!(matches!(check_rel_path(&RelPath::from("a//b")), Err(ReplayError::BadPath { .. })));
+    }
+
+    #[test]
+    fn ordinary_paths_pass_and_split_at_the_last_slash() {
+        for p in ["", "a", "a/b/c", "...", "..a", "a..", ".hidden", "a b/ü"] {
+            assert!(!refused(p), "{p:?} should pass");
+        }
+        let (parent, name) = split(&RelPath::from("a/b/c")).unwrap().unwrap();
+        assert_eq!((parent.as_bytes(), name.to_bytes()), (&b"a/b"[..], &b"c"[..]));
+        let (parent, name) = split(&RelPath::from("c")).unwrap().unwrap();
+        assert_eq!((parent.as_bytes(), name.to_bytes()), (&b""[..], &b"c"[..]));
+        assert!(split(&RelPath::from("")).unwrap().is_none());
+    }
+}
