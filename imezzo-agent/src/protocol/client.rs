@@ -178,7 +178,9 @@ impl ClientSession {
         }
         match self.decoder.finish() {
             Err(e) => self.frame_error(e),
-            Ok(()) => self.close(CloseReason::Shutdown { side: Side::Server, detail: "it ended the control stream".into() }),
+            Ok(()) => {
+                self.close(CloseReason::Shutdown { side: Side::Server, detail: "it ended the control stream".into() })
+            }
         }
     }
 
@@ -191,7 +193,10 @@ impl ClientSession {
         if seq > self.received_through {
             return self.close(CloseReason::Internal {
                 side: Side::Client,
-                detail: format!("the driver reports seq {seq} applied, but only {} was received", self.received_through),
+                detail: format!(
+                    "the driver reports seq {seq} applied, but only {} was received",
+                    self.received_through
+                ),
             });
         }
         if seq < self.acked || (seq == self.acked && self.ack_sent) {
@@ -284,7 +289,7 @@ impl ClientSession {
                 self.deadline = now + self.config.silence_timeout;
                 match start {
                     Start::Resume { from_seq } => {
-                        let expected = self.state.last_applied.map(|l| l + 1);
+                        let expected = self.state.last_applied.and_then(|l| l.checked_add(1));
                         if self.state.volume_id != Some(volume_id) || expected != Some(from_seq) {
                             return self.violation(format!(
                                 "Welcome resumes volume {} at seq {from_seq}, but this replica is volume {} \
@@ -351,7 +356,8 @@ impl ClientSession {
     }
 
     fn take_entries(&mut self, from_seq: u64, entries: Vec<JournalEntry>) {
-        if from_seq != self.received_through + 1 {
+        // Written as a subtraction: a hostile manifest seq of 2^64 - 1 must not overflow.
+        if from_seq.checked_sub(1) != Some(self.received_through) {
             return self.violation(format!(
                 "Entries from seq {from_seq}, but the stream delivered through {} (a gap or a repeat)",
                 self.received_through
@@ -435,8 +441,14 @@ pub enum FetchEvent {
 #[derive(Debug, Clone, Copy)]
 enum Expect {
     /// `[start, end)` asked; `next`: where the next chunk may start.
-    Data { start: u64, end: u64, next: u64 },
-    Attrs { count: usize },
+    Data {
+        start: u64,
+        end: u64,
+        next: u64,
+    },
+    Attrs {
+        count: usize,
+    },
 }
 
 /// The client's end of one fetch stream: builds the request and checks every frame of the
@@ -533,7 +545,11 @@ impl FetchExchange {
             }
         };
         if id != self.req_id {
-            return Err(self.violation(format!("{} for request {id} on the stream of request {}", msg.name(), self.req_id)));
+            return Err(self.violation(format!(
+                "{} for request {id} on the stream of request {}",
+                msg.name(),
+                self.req_id
+            )));
         }
         match (&mut self.expect, msg) {
             (Expect::Data { end, next, .. }, Msg::Data { offset, bytes, .. }) => {

@@ -72,7 +72,9 @@ fn version_mismatch_text(local: Side, ours: u16, theirs: u16) -> String {
     let peer = local.other();
     let (local_v, peer_v) = (ours, theirs);
     let older = if local_v < peer_v { local } else { peer };
-    format!("this {local} speaks imezzo protocol {local_v} and the {peer} speaks protocol {peer_v}: upgrade the {older}")
+    format!(
+        "this {local} speaks imezzo protocol {local_v} and the {peer} speaks protocol {peer_v}: upgrade the {older}"
+    )
 }
 
 /// The answer to a [`ServerOutput::ReadJournal`]: the journal's `read_from`, in the

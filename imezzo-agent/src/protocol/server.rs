@@ -64,10 +64,14 @@ pub enum ServerOutput {
 enum Phase {
     AwaitHello,
     /// `Hello` accepted; the first journal read decides between resume and full sync.
-    Deciding { from: u64 },
+    Deciding {
+        from: u64,
+    },
     /// Full sync decided; waiting for the driver's `manifest_seq`.
     WaitManifestSeq,
-    SendingManifest { manifest_seq: u64 },
+    SendingManifest {
+        manifest_seq: u64,
+    },
     Streaming,
     Closed,
 }
@@ -173,10 +177,9 @@ impl ServerSession {
         }
         match self.decoder.finish() {
             Err(e) => self.frame_error(e),
-            Ok(()) => self.close(CloseReason::Shutdown {
-                side: Side::Client,
-                detail: "it ended the control stream".into(),
-            }),
+            Ok(()) => {
+                self.close(CloseReason::Shutdown { side: Side::Client, detail: "it ended the control stream".into() })
+            }
         }
     }
 
@@ -193,11 +196,14 @@ impl ServerSession {
                 self.sent_through = from - 1;
                 self.acked = from - 1;
                 self.phase = Phase::Streaming;
-                self.send(now, Msg::Welcome {
-                    volume_id: self.volume_id,
-                    start: Start::Resume { from_seq: from },
-                    agent: self.config.agent.clone(),
-                });
+                self.send(
+                    now,
+                    Msg::Welcome {
+                        volume_id: self.volume_id,
+                        start: Start::Resume { from_seq: from },
+                        agent: self.config.agent.clone(),
+                    },
+                );
                 self.take_entries(now, entries, max);
             }
             (Phase::Deciding { .. }, JournalRead::Expired { first_retained }) => {
@@ -249,11 +255,14 @@ impl ServerSession {
         self.acked = manifest_seq;
         self.journal_last = self.journal_last.max(manifest_seq);
         self.phase = Phase::SendingManifest { manifest_seq };
-        self.send(now, Msg::Welcome {
-            volume_id: self.volume_id,
-            start: Start::FullSync { manifest_seq, why },
-            agent: self.config.agent.clone(),
-        });
+        self.send(
+            now,
+            Msg::Welcome {
+                volume_id: self.volume_id,
+                start: Start::FullSync { manifest_seq, why },
+                agent: self.config.agent.clone(),
+            },
+        );
     }
 
     /// The next objects of the walk, parents before children.
@@ -311,7 +320,10 @@ impl ServerSession {
             _ => {
                 if let Some(last) = self.last_send {
                     if now >= last + self.config.heartbeat {
-                        self.send(now, Msg::Heartbeat { sent_through: self.sent_through, journal_last: self.journal_last });
+                        self.send(
+                            now,
+                            Msg::Heartbeat { sent_through: self.sent_through, journal_last: self.journal_last },
+                        );
                     }
                 }
             }
@@ -349,7 +361,7 @@ impl ServerSession {
     pub fn retention_floor(&self) -> Option<u64> {
         match self.phase {
             Phase::Deciding { from } => Some(from),
-            Phase::SendingManifest { .. } | Phase::Streaming => Some(self.acked + 1),
+            Phase::SendingManifest { .. } | Phase::Streaming => Some(self.acked.saturating_add(1)),
             _ => None,
         }
     }
@@ -591,7 +603,10 @@ impl FetchRequestReader {
             Err(e) => return Err(violation(format!("sent {e} on a fetch stream"))),
         };
         if self.got_request {
-            return Err(violation(format!("{} after its request on a fetch stream (one request per stream)", msg.name())));
+            return Err(violation(format!(
+                "{} after its request on a fetch stream (one request per stream)",
+                msg.name()
+            )));
         }
         self.got_request = true;
         let request = match msg {
@@ -645,7 +660,9 @@ impl FetchRequestReader {
 fn check_path(req_id: u64, path: &RelPath) -> Result<(), CloseReason> {
     match wire_path_problem(path) {
         None => Ok(()),
-        Some(problem) => Err(violation(format!("request {req_id} names a path that is {problem}: {:?}", path.display()))),
+        Some(problem) => {
+            Err(violation(format!("request {req_id} names a path that is {problem}: {:?}", path.display())))
+        }
     }
 }
 
