@@ -25,14 +25,62 @@
 //! After a crash the client replays up to one batch again on a tree that already has it.
 //! Presence alone cannot tell "not applied yet" from "applied, and the name reused later"
 //! (`create t; rename t f; create t` replayed again would move the new `t` over `f`), so
-//! [`Replayer::apply_entry`] also records on each object it places (create, mkdir, mknod,
-//! symlink, link, rename) the sequence number of that operation, in the xattr
-//! [`SEQ_XATTR`] (with the volume, so a journal restarted from 1 is not confused with an
-//! old one). An operation meeting an object placed by a *later* operation leaves it alone,
+//! [`Replayer::apply_entry`] also records which operation placed each object (create,
+//! mkdir, mknod, symlink, link, rename): a [`Mark`] of volume and seq, kept in a
+//! [`MarkStore`] in the client's own state and keyed by the object's inode identity
+//! `(st_dev, st_ino)`, which follows the object across renames. Nothing of it is written on
+//! the replica's files, which are compared attribute by attribute with the master's, xattrs
+//! included. An operation meeting an object placed by a *later* operation leaves it alone,
 //! and a rename that finds its destination already placed by it removes a source that
-//! replay itself resurrected. That xattr is local bookkeeping: `Attrs::read` leaves it out,
-//! and a tree comparison must skip it. Without `CAP_SYS_ADMIN` (needed for `trusted.*`)
-//! the replayer logs once and works by presence alone.
+//! replay itself resurrected. [`Replayer::apply`] uses no marks: presence alone.
+//!
+//! # Sequence marks and crashes
+//! The marks must describe the tree at whatever moment a crash picks, and the store is a
+//! file of its own: nothing orders its writes with the replica's but these invariants.
+//!
+//! - **M1, write-ahead.** The mark of an operation that places an object is recorded (in
+//!   memory and in the store's log) *before* the change that gives the object its name: the
+//!   rename of a temporary into place, a rename, an exchange, a link. An object placed by an
+//!   applied operation therefore carries that operation's mark, or a later one's.
+//! - **M2, a mark ahead of its change is recognisable.** A change that fails puts the
+//!   previous mark back, so only the operation in flight at a crash (or one whose failure
+//!   could not even be logged) has its mark without its change. A temporary never got its
+//!   name: it is removed with its mark when the replayer opens. A rename or exchange marks
+//!   each object it moves with the side it goes to ([`Mark::to_new_path`]): finding at
+//!   `path` an object that op s sends to `new_path`, or at `new_path` one it sends to
+//!   `path`, means s did not run. A link is recognised by inode, the mark aside. Any other
+//!   operation meeting such an object sees it placed by s: if it comes before s it was
+//!   applied already, so it loses nothing by being skipped.
+//! - **M3, sync orders the two files.** [`Replayer::sync`] makes the replica durable
+//!   (`syncfs`) and only then commits every mark change since the last sync, in one redb
+//!   transaction. No operation is in flight during a sync, so every committed mark describes
+//!   a change already durable: the durable store is never ahead of the durable tree. The
+//!   caller acknowledges a seq only after the sync.
+//! - **M4, between syncs the page cache holds both.** Every mark change is also appended to
+//!   `<store>.log`, never fsynced. A process crash (`kill -9`, a panic) loses neither the
+//!   replica's changes nor the log, so the next open during the same boot replays the log
+//!   and the marks are exactly as at the crash ([`Recovered::Unsynced`]). A machine restart
+//!   (power loss, kernel crash) keeps an unknown part of each, unordered, so the log (which
+//!   names its boot) is dropped ([`Recovered::Dropped`]) and the entries applied since the
+//!   last sync are replayed by presence alone, which can leave a difference where a name was
+//!   reused among them: the caller should then compare the replica with the master. This is
+//!   the one guarantee of marks kept on the files themselves that a separate file cannot give
+//!   short of an fsync per operation.
+//! - **M5, removal.** When replay frees an object (unlinks its last name, removes a
+//!   directory, renames or replaces something over it, removes a resurrected subtree or a
+//!   stale temporary), it removes the object's entry. That removal is logged lazily: a crash
+//!   may lose it and leave a stale entry.
+//! - **M6, stale entries are harmless.** A stale entry `(v, m)` outlives an inode freed
+//!   after op m was applied. Replay writes or clears the entry of every object it creates
+//!   before naming it (M1), so an object replay creates never inherits one. An object created
+//!   outside replay (a resync, a person) on a reused inode number came after op m; a mark only
+//!   makes replay skip operations with seq ≤ m of volume v, which were applied before that
+//!   object existed, so skipping them loses nothing newer. A journal restarted from seq 1 has
+//!   a new volume id, and marks of another volume are ignored.
+//! - **M7, cheap lookups.** Every mark is in memory. The store keeps the highest seq it ever
+//!   marked per volume: an operation above it (every entry applied for the first time) meets
+//!   no later object, so it skips the mark check of each directory on its path. The redb file
+//!   is written once per sync; the log costs one write per placement.
 //!
 //! # Atomicity
 //! New objects are built under a temporary name `.imezzo-tmp.<random>` in the target
@@ -64,6 +112,7 @@
 //! every name change bumps. Owner and times of a new object come from the master because
 //! the journal records neither (InterMezzo: replay restores the recorded owner and times).
 
+mod marks;
 mod source;
 mod sys;
 
@@ -72,6 +121,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+pub use marks::{InodeId, Mark, MarkStore, MarkStoreError, Recovered};
 pub use source::{Attrs, DataSource, DirSource, FileKind};
 use sys::{errno, is_kind, Loc};
 
@@ -79,10 +129,6 @@ use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 
 /// Names starting with this are replay's temporary files; they are reserved.
 pub const TEMP_PREFIX: &[u8] = b".imezzo-tmp.";
-
-/// The xattr in which [`Replayer::apply_entry`] records, on each object it places, the
-/// volume and sequence number of the operation that placed it (16 bytes, little-endian).
-pub const SEQ_XATTR: &CStr = c"trusted.imezzo.seq";
 
 /// Bytes asked of the data source at a time.
 const CHUNK: u64 = 1 << 20;
@@ -125,6 +171,10 @@ pub enum ReplayError {
     Source { path: String, source: io::Error },
     #[error("{op} {path:?} failed in the replica: {source}; check the replica's file system (space, permissions), then apply the operation again or resync the path")]
     Io { op: &'static str, path: String, source: io::Error },
+    #[error("making the replica {} durable failed: {source}; do not acknowledge anything applied since the last sync, check the replica's disk (dmesg), then restart the client", root.display())]
+    Sync { root: PathBuf, source: io::Error },
+    #[error("recording replay's sequence marks failed ({0}); nothing more was changed in the replica, apply the operation again once the state dir is usable")]
+    Marks(#[from] MarkStoreError),
 }
 
 /// Adds the operation and path to an I/O error.
@@ -370,16 +420,13 @@ fn xattr_name(path: &RelPath, name: &RelPath) -> Result<CString, ReplayError> {
     if b.is_empty() || b.len() > 255 {
         return Err(bad_op(path, "the xattr name is empty or longer than 255 bytes"));
     }
-    if b == SEQ_XATTR.to_bytes() {
-        return Err(bad_op(path, "the xattr name trusted.imezzo.seq is replay's own bookkeeping"));
-    }
     CString::new(b).map_err(|_| bad_op(path, "the xattr name contains a NUL byte"))
 }
 
 /// Xattrs a replica keeps as its own when converging an object's xattrs on the master's.
 fn xattr_is_local(name: &[u8]) -> bool {
     // The SELinux label is the replica host's policy, not the master's.
-    name == SEQ_XATTR.to_bytes() || name == b"security.selinux"
+    name == b"security.selinux"
 }
 
 /// Replays journal operations beneath one replica root. See the module doc.
@@ -388,9 +435,12 @@ pub struct Replayer {
     /// `O_PATH | O_DIRECTORY`: every lookup starts here.
     root: OwnedFd,
     root_path: PathBuf,
+    root_id: InodeId,
     volume: u64,
-    /// Whether [`SEQ_XATTR`] can be written here; cleared on the first EPERM or ENOTSUP.
-    tags: bool,
+    marks: MarkStore,
+    /// Temporaries `open` removed before a store was attached: [`Replayer::with_marks`]
+    /// removes their marks, which an interrupted create may have written ahead (M2).
+    swept: Vec<InodeId>,
 }
 
 impl Replayer {
@@ -405,31 +455,60 @@ impl Replayer {
             Err(e) if errno(&e) == libc::ENOSYS => return Err(ReplayError::NoOpenat2),
             Err(source) => return Err(ReplayError::OpenRoot { root: root.to_path_buf(), source }),
         }
-        let mut r = Replayer { root: fd, root_path: root.to_path_buf(), volume: 0, tags: true };
-        let n = r.sweep_temps()?;
+        let root_st =
+            sys::fstat(fd.as_fd()).map_err(|source| ReplayError::OpenRoot { root: root.to_path_buf(), source })?;
+        let root_id = InodeId::of(&root_st);
+        let mut marks = MarkStore::in_memory();
+        marks.bind_root(root_id)?;
+        let mut r = Replayer { root: fd, root_path: root.to_path_buf(), root_id, volume: 0, marks, swept: Vec::new() };
+        let (n, swept) = r.sweep()?;
+        r.swept = swept;
         if n > 0 {
             log::info!("replay: removed {n} temporaries left by an interrupted replay in {}", root.display());
         }
         Ok(r)
     }
 
-    /// Sets the volume recorded with sequence numbers (see [`SEQ_XATTR`]): marks from
-    /// another volume, or from a journal restarted from scratch under a new volume id, are
-    /// then ignored. Defaults to 0.
+    /// Sets the volume recorded in sequence marks: marks from another volume, or from a
+    /// journal restarted from scratch under a new volume id, are then ignored. Defaults to 0.
     pub fn with_volume(mut self, volume: u64) -> Replayer {
         self.volume = volume;
         self
     }
 
+    /// [`Replayer::with_volume`] on a replayer already in use (the volume is known once the
+    /// server has answered).
+    pub fn set_volume(&mut self, volume: u64) {
+        self.volume = volume;
+    }
+
+    /// Keeps sequence marks in `store` (by default they live in memory, for this replayer
+    /// only): `Replayer::open(root)?.with_marks(MarkStore::open(state_dir.join("replay-marks.redb"))?)`.
+    /// A store that describes another replica root is emptied. Marks written ahead for the
+    /// temporaries `open` removed are dropped (M2). Check [`MarkStore::recovered`] before:
+    /// [`Recovered::Dropped`] means the replica must be compared with the master.
+    pub fn with_marks(mut self, mut store: MarkStore) -> Result<Replayer, ReplayError> {
+        store.bind_root(self.root_id)?;
+        for id in self.swept.drain(..) {
+            store.remove(id);
+        }
+        self.marks = store;
+        Ok(self)
+    }
+
+    /// The sequence marks, for inspection.
+    pub fn marks(&self) -> &MarkStore {
+        &self.marks
+    }
+
+    /// Hands the store back, unsynced changes included (as a crash would leave them, M4).
+    pub fn into_marks(self) -> MarkStore {
+        self.marks
+    }
+
     /// The replica root this replayer was opened on.
     pub fn root(&self) -> &Path {
         &self.root_path
-    }
-
-    /// Whether sequence marks are recorded (false once the file system or our privileges
-    /// refused them).
-    pub fn records_sequence_marks(&self) -> bool {
-        self.tags
     }
 
     /// Applies one operation without sequence marks: idempotent by presence only.
@@ -444,18 +523,34 @@ impl Replayer {
         self.apply_inner(&entry.op, Some(entry.seq), data)
     }
 
-    /// Makes every change applied so far durable: `syncfs` of the replica's file system,
-    /// one call per batch however many files it touched.
-    pub fn sync(&mut self) -> io::Result<()> {
+    /// Makes every change applied so far durable: `syncfs` of the replica's file system
+    /// (one call per batch however many files it touched), then one commit of the sequence
+    /// marks (M3). Acknowledge a seq only after this returns `Ok`.
+    pub fn sync(&mut self) -> Result<(), ReplayError> {
+        let err = |source| ReplayError::Sync { root: self.root_path.clone(), source };
         // syncfs refuses O_PATH descriptors: open the root for reading just for this.
-        let fd = sys::openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        sys::syncfs(fd.as_fd())
+        let fd = sys::openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(err)?;
+        sys::syncfs(fd.as_fd()).map_err(err)?;
+        // M3: the tree first. A store committed before it could describe placements that a
+        // power cut then takes back from the tree.
+        self.marks.commit()?;
+        Ok(())
     }
 
-    /// Removes every `.imezzo-tmp.*` beneath the root; returns how many.
+    /// Removes every `.imezzo-tmp.*` beneath the root, and their marks; returns how many.
     pub fn sweep_temps(&mut self) -> Result<usize, ReplayError> {
+        let (n, freed) = self.sweep()?;
+        for id in freed {
+            self.marks.remove(id);
+        }
+        Ok(n)
+    }
+
+    /// Removes every temporary; returns how many, and the objects freed.
+    fn sweep(&mut self) -> Result<(usize, Vec<InodeId>), ReplayError> {
         let root = RelPath::default();
         let mut removed = 0;
+        let mut freed = Vec::new();
         // Directories to visit by path, not by open fd, so a wide tree does not exhaust
         // descriptors.
         let mut queue: Vec<Vec<u8>> = vec![Vec::new()];
@@ -473,7 +568,7 @@ impl Replayer {
             for (name, is_dir) in sys::read_dir(dir.as_fd()).ctx("sweep", &RelPath(rel.clone()))? {
                 if name.starts_with(TEMP_PREFIX) {
                     let c = sys::cstring(&name).ctx("sweep", &root)?;
-                    remove_tree(dir.as_fd(), &c).ctx("sweep", &RelPath(rel.clone()))?;
+                    remove_tree(dir.as_fd(), &c, &mut freed).ctx("sweep", &RelPath(rel.clone()))?;
                     removed += 1;
                 } else if is_dir {
                     let mut sub = rel.clone();
@@ -485,7 +580,7 @@ impl Replayer {
                 }
             }
         }
-        Ok(removed)
+        Ok((removed, freed))
     }
 
     fn apply_inner(&mut self, op: &Op, seq: Option<u64>, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
@@ -555,7 +650,7 @@ impl Replayer {
                 },
             }
         };
-        let (Some(s), true, false) = (seq, self.tags, parent.as_bytes().is_empty()) else {
+        let (Some(s), true, false) = (seq, self.may_meet_later(seq), parent.as_bytes().is_empty()) else {
             return Ok(open(self.root.as_fd(), parent.as_bytes())?.map_or(Lookup::Missing, Lookup::Found));
         };
         // Replaying again after a crash, a directory on the way may be a later one of the
@@ -565,7 +660,8 @@ impl Replayer {
         for comp in parent.as_bytes().split(|&c| c == b'/') {
             let at = dir.as_ref().map_or(self.root.as_fd(), |d| d.as_fd());
             let Some(next) = open(at, comp)? else { return Ok(Lookup::Missing) };
-            if self.mark(&Loc::dir(next.as_fd())).is_some_and(|m| m > s) {
+            let st = sys::fstat(next.as_fd()).ctx("resolve", path)?;
+            if self.mark(&st).is_some_and(|m| m.seq > s) {
                 return Ok(Lookup::Stale);
             }
             dir = Some(next);
@@ -624,43 +720,65 @@ impl Replayer {
 
     // ---- sequence marks ------------------------------------------------------------
 
-    fn mark(&self, loc: &Loc) -> Option<u64> {
-        if !self.tags {
-            return None;
+    /// The mark of the object `st`, if an operation of this volume placed it.
+    fn mark(&self, st: &libc::stat) -> Option<Mark> {
+        self.marks.get(InodeId::of(st)).filter(|m| m.volume == self.volume)
+    }
+
+    /// Some object may carry a mark above `seq` (M7): when not, no lookup can find a later
+    /// object, and the per-directory checks are skipped.
+    fn may_meet_later(&self, seq: Option<u64>) -> bool {
+        seq.is_some_and(|s| self.marks.max_seq(self.volume).is_some_and(|m| m > s))
+    }
+
+    /// The object `st` was placed by an operation after `seq`.
+    fn placed_after(&self, st: &libc::stat, seq: Option<u64>) -> bool {
+        seq.is_some_and(|s| self.mark(st).is_some_and(|m| m.seq > s))
+    }
+
+    /// The object `st` was placed by the operation `seq` or a later one.
+    fn placed_since(&self, st: &libc::stat, seq: Option<u64>) -> bool {
+        seq.is_some_and(|s| self.mark(st).is_some_and(|m| m.seq >= s))
+    }
+
+    /// The mark operation `seq` gives what it places at its `path`, or (`to_new_path`) what
+    /// it sends to its `new_path`.
+    fn mark_for(&self, seq: u64, to_new_path: bool) -> Mark {
+        Mark { volume: self.volume, seq, to_new_path }
+    }
+
+    /// Records `mark` for the object `id` *before* the change that places it (M1); `None`
+    /// clears the entry, so that an object replay creates without a seq never inherits a
+    /// stale one (M6). Returns the mark it replaces, for [`Replayer::unmark`].
+    fn mark_ahead(&mut self, id: InodeId, mark: Option<Mark>) -> Result<Option<Mark>, ReplayError> {
+        let prev = self.marks.get(id);
+        match mark {
+            Some(m) => self.marks.set(id, m)?,
+            None => self.marks.remove(id),
         }
-        let v = loc.get_xattr(SEQ_XATTR).ok().flatten()?;
-        let v: [u8; 16] = v.try_into().ok()?;
-        let volume = u64::from_le_bytes(v[..8].try_into().ok()?);
-        (volume == self.volume).then(|| u64::from_le_bytes(v[8..].try_into().expect("8 bytes")))
+        Ok(prev)
     }
 
-    /// The object at `loc` was placed by an operation after `seq`.
-    fn placed_after(&self, loc: &Loc, seq: Option<u64>) -> bool {
-        seq.is_some_and(|s| self.mark(loc).is_some_and(|m| m > s))
-    }
-
-    /// The object at `loc` was placed by the operation `seq` or a later one.
-    fn placed_since(&self, loc: &Loc, seq: Option<u64>) -> bool {
-        seq.is_some_and(|s| self.mark(loc).is_some_and(|m| m >= s))
-    }
-
-    fn set_mark(&mut self, loc: &Loc, seq: Option<u64>) {
-        let Some(seq) = seq else { return };
-        if !self.tags {
-            return;
-        }
-        let mut v = self.volume.to_le_bytes().to_vec();
-        v.extend_from_slice(&seq.to_le_bytes());
-        match loc.set_xattr(SEQ_XATTR, &v) {
-            Ok(()) => {}
-            Err(e) if matches!(errno(&e), libc::EPERM | libc::ENOTSUP | libc::EACCES) => {
-                log::warn!(
-                    "replay: cannot record sequence marks ({SEQ_XATTR:?}: {e}); replaying a batch again after a crash may then \
-                     misapply renames and links. Run the client as root on a file system with xattrs"
-                );
-                self.tags = false;
+    /// Puts back the mark `prev` of `id` after the change it was written ahead of failed (M2).
+    fn unmark(&mut self, id: InodeId, prev: Option<Mark>) {
+        let r = match prev {
+            Some(m) => self.marks.set(id, m),
+            None => {
+                self.marks.remove(id);
+                Ok(())
             }
-            Err(e) => log::warn!("replay: cannot record the sequence mark on {:?}: {e}", loc.name()),
+        };
+        if let Err(e) = r {
+            // The mark stays ahead of a change that did not happen: M2 recognises it.
+            log::warn!("replay: cannot put back a sequence mark: {e}");
+        }
+    }
+
+    /// The object `st` (as it was before) is gone from the tree: if that was its last name,
+    /// its entry goes too (M5).
+    fn forget_if_freed(&mut self, st: &libc::stat) {
+        if is_kind(st, libc::S_IFDIR) || st.st_nlink <= 1 {
+            self.marks.remove(InodeId::of(st));
         }
     }
 
@@ -733,17 +851,22 @@ impl Replayer {
             Lookup::Stale => return Ok(Applied::AlreadyApplied),
         };
         let loc = e.loc();
-        if let Some(st) = loc.stat().ctx(op, path)? {
-            if self.placed_since(&loc, seq) {
+        let old = loc.stat().ctx(op, path)?;
+        if let Some(st) = &old {
+            if self.placed_since(st, seq) {
                 return Ok(Applied::AlreadyApplied);
             }
-            if what.matches(&st, &loc).ctx(op, path)? {
-                self.set_mark(&loc, seq);
+            if what.matches(st, &loc).ctx(op, path)? {
+                // What this op made, or an earlier object it now stands for: either way,
+                // from here on it is this op's.
+                if let Some(s) = seq {
+                    self.marks.set(InodeId::of(st), self.mark_for(s, false))?;
+                }
                 return Ok(Applied::AlreadyApplied);
             }
             // A rename cannot put a directory over a file, nor anything over a directory
             // that may hold files: the replica has diverged.
-            if is_kind(&st, libc::S_IFDIR) || matches!(what, Make::Dir { .. }) {
+            if is_kind(st, libc::S_IFDIR) || matches!(what, Make::Dir { .. }) {
                 return Ok(Applied::NeedsResync { path: path.clone() });
             }
             // Otherwise a stale non-directory is replaced, atomically, below.
@@ -762,8 +885,19 @@ impl Replayer {
                 }
             }
         }
-        self.set_mark(&tloc, seq);
-        tmp.rename_to(&e.name).ctx(op, path)?;
+        let Some(tst) = tloc.stat().ctx(op, path)? else {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT)).ctx(op, path);
+        };
+        let tid = InodeId::of(&tst);
+        self.mark_ahead(tid, seq.map(|s| self.mark_for(s, false)))?;
+        if let Err(err) = tmp.rename_to(&e.name) {
+            // The temporary is gone, and its inode with it.
+            self.marks.remove(tid);
+            return Err(err).ctx(op, path);
+        }
+        if let Some(st) = &old {
+            self.forget_if_freed(st);
+        }
         self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
         Ok(Applied::Changed)
     }
@@ -780,7 +914,7 @@ impl Replayer {
         let Lookup::Found(e) = self.entry(path, op, seq)? else { return Ok(Applied::AlreadyApplied) };
         let loc = e.loc();
         let Some(st) = loc.stat().ctx(op, path)? else { return Ok(Applied::AlreadyApplied) };
-        if self.placed_after(&loc, seq) {
+        if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
         if is_kind(&st, libc::S_IFDIR) != dir {
@@ -795,6 +929,7 @@ impl Replayer {
             }
             Err(err) => return Err(err).ctx(op, path),
         }
+        self.forget_if_freed(&st);
         self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
         Ok(Applied::Changed)
     }
@@ -828,25 +963,29 @@ impl Replayer {
         if to_stale {
             // The destination's directory came after this op, so the op was applied.
             if !exchange {
-                self.remove_resurrected(from.as_ref(), src.is_some(), seq, path, data);
+                self.remove_resurrected(from.as_ref(), src.as_ref(), seq, path, data);
             }
             return Ok(Applied::AlreadyApplied);
         }
-        if let (Some(f), Some(_)) = (&from, &src) {
-            if self.placed_since(&f.loc(), seq) {
-                // What is at the source was placed by this op (an exchange) or a later one.
+        if let (Some(s), Some(m)) = (seq, src.as_ref().and_then(|st| self.mark(st))) {
+            // At the source: a later op's object, or this op's come from `new_path` (an
+            // exchange done). This op's own mark sending it to `new_path` means the mark was
+            // written and the rename never ran (M2): go on.
+            if m.seq > s || (m.seq == s && !m.to_new_path) {
                 return Ok(Applied::AlreadyApplied);
             }
         }
-        if let (Some(t), Some(_)) = (&to, &dst) {
-            if self.placed_since(&t.loc(), seq) {
+        if let (Some(s), Some(m)) = (seq, dst.as_ref().and_then(|st| self.mark(st))) {
+            // At the destination: a later op's object, or the one this op sent there. This
+            // op's mark sending it to `path` is an exchange that never ran (M2): go on.
+            if m.seq > s || (m.seq == s && m.to_new_path) {
                 if !exchange {
-                    self.remove_resurrected(from.as_ref(), src.is_some(), seq, path, data);
+                    self.remove_resurrected(from.as_ref(), src.as_ref(), seq, path, data);
                 }
                 return Ok(Applied::AlreadyApplied);
             }
         }
-        let (Some(f), Some(t), Some(_)) = (&from, &to, &src) else {
+        let (Some(f), Some(t), Some(src_st)) = (&from, &to, &src) else {
             // No source. Unless an exchange, a destination means the rename is done.
             if !exchange && dst.is_some() {
                 return Ok(Applied::AlreadyApplied);
@@ -856,21 +995,42 @@ impl Replayer {
         if exchange && dst.is_none() {
             return self.missing(new_path, data);
         }
-        let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
-        match sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags) {
-            Ok(()) => {}
-            // A directory over a file, anything over a non-empty directory: diverged.
-            Err(e) if matches!(errno(&e), libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR) => {
-                return Ok(Applied::NeedsResync { path: new_path.clone() })
+        // M1: the moved objects' marks before the move.
+        let mut ahead = Vec::new();
+        if let Some(s) = seq {
+            let id = InodeId::of(src_st);
+            ahead.push((id, self.mark_ahead(id, Some(self.mark_for(s, true)))?));
+            if let (true, Some(d)) = (exchange, &dst) {
+                let id = InodeId::of(d);
+                match self.mark_ahead(id, Some(self.mark_for(s, false))) {
+                    Ok(prev) => ahead.push((id, prev)),
+                    Err(e) => {
+                        self.unmark_all(ahead);
+                        return Err(e);
+                    }
+                }
             }
-            Err(e) => return Err(e).ctx(OP, path),
         }
-        // The moved object(s) are placed by this op; owner, mode and times converge on the
-        // master's (the object may have been created with ones the master no longer had).
+        let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
+        if let Err(e) = sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags) {
+            self.unmark_all(ahead);
+            // A directory over a file, anything over a non-empty directory: diverged.
+            if matches!(errno(&e), libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR) {
+                return Ok(Applied::NeedsResync { path: new_path.clone() });
+            }
+            return Err(e).ctx(OP, path);
+        }
+        if let (false, Some(d)) = (exchange, &dst) {
+            // Renaming a name onto another name of the same inode changes nothing.
+            if InodeId::of(d) != InodeId::of(src_st) {
+                self.forget_if_freed(d);
+            }
+        }
+        // Owner, mode and times of the moved object(s) converge on the master's (the object
+        // may have been created with ones the master no longer had).
         let moved = if exchange { vec![(t, new_path), (f, path)] } else { vec![(t, new_path)] };
         for (e, p) in moved {
             let loc = e.loc();
-            self.set_mark(&loc, seq);
             let st = loc.stat().ctx(OP, p)?;
             if let (Some(st), Some(a)) = (st, self.master(p, data)?) {
                 if FileKind::from_mode(st.st_mode) == Some(a.kind) {
@@ -890,22 +1050,32 @@ impl Replayer {
     /// places an object marks it, and marks only grow): remove it, with whatever replay
     /// put inside. An unmarked object is never touched.
     fn remove_resurrected(
-        &self,
+        &mut self,
         from: Option<&Entry>,
-        present: bool,
+        src: Option<&libc::stat>,
         seq: Option<u64>,
         path: &RelPath,
         data: &mut dyn DataSource,
     ) {
-        let (Some(f), true, Some(s)) = (from, present, seq) else { return };
-        if self.mark(&f.loc()).is_none_or(|m| m >= s) {
+        let (Some(f), Some(st), Some(s)) = (from, src, seq) else { return };
+        if self.mark(st).is_none_or(|m| m.seq >= s) {
             return;
         }
-        match remove_tree(f.parent.as_fd(), &f.name) {
+        let mut freed = Vec::new();
+        match remove_tree(f.parent.as_fd(), &f.name, &mut freed) {
             Ok(()) => log::debug!("replay: removed {:?}, re-created by replaying again", path.display()),
             Err(e) => log::warn!("replay: cannot remove {:?}, re-created by replaying again: {e}", path.display()),
         }
+        for id in freed {
+            self.marks.remove(id);
+        }
         self.restore_dir_times(f.parent.as_fd(), &f.parent_rel, data);
+    }
+
+    fn unmark_all(&mut self, ahead: Vec<(InodeId, Option<Mark>)>) {
+        for (id, prev) in ahead.into_iter().rev() {
+            self.unmark(id, prev);
+        }
     }
 
     fn link(
@@ -933,11 +1103,14 @@ impl Replayer {
         let tloc = to.loc();
         let dst = tloc.stat().ctx(OP, new_path)?;
         if let Some(d) = &dst {
-            if src.is_some_and(|s| s.st_dev == d.st_dev && s.st_ino == d.st_ino) {
-                self.set_mark(&tloc, seq);
+            if src.is_some_and(|s| InodeId::of(&s) == InodeId::of(d)) {
+                // Linked already. The inode becomes this op's unless a later op placed it.
+                if let (Some(s), false) = (seq, self.placed_since(d, seq)) {
+                    self.marks.set(InodeId::of(d), self.mark_for(s, true))?;
+                }
                 return Ok(Applied::AlreadyApplied);
             }
-            if self.placed_since(&tloc, seq) {
+            if self.placed_since(d, seq) {
                 return Ok(Applied::AlreadyApplied);
             }
             if is_kind(d, libc::S_IFDIR) {
@@ -945,22 +1118,35 @@ impl Replayer {
             }
         }
         let (Some(f), Some(s)) = (&from, &src) else { return self.missing(new_path, data) };
-        if self.placed_after(&f.loc(), seq) {
+        if self.placed_after(s, seq) {
             // The source is a later object than the one this op linked.
             return Ok(Applied::AlreadyApplied);
         }
         if is_kind(s, libc::S_IFDIR) {
             return Ok(Applied::NeedsResync { path: new_path.clone() });
         }
-        if dst.is_none() {
-            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &to.name).ctx(OP, new_path)?;
+        // M1: the inode's mark before its new name. A link not done is recognised by inode.
+        let id = InodeId::of(s);
+        let ahead = match seq {
+            Some(q) => Some(self.mark_ahead(id, Some(self.mark_for(q, true)))?),
+            None => None,
+        };
+        let linked = if dst.is_none() {
+            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &to.name)
         } else {
             // Replace the stale object atomically: link under a temporary name, rename over.
             let tmp = Temp::new(to.parent.as_fd(), false);
-            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &tmp.name).ctx(OP, new_path)?;
-            tmp.rename_to(&to.name).ctx(OP, new_path)?;
+            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &tmp.name).and_then(|()| tmp.rename_to(&to.name))
+        };
+        if let Err(e) = linked {
+            if let Some(prev) = ahead {
+                self.unmark(id, prev);
+            }
+            return Err(e).ctx(OP, new_path);
         }
-        self.set_mark(&tloc, seq);
+        if let Some(d) = &dst {
+            self.forget_if_freed(d);
+        }
         if let Some(a) = self.master(new_path, data)? {
             if FileKind::from_mode(s.st_mode) == Some(a.kind) {
                 self.apply_attrs(&tloc, &a, false).ctx(OP, new_path)?;
@@ -995,7 +1181,7 @@ impl Replayer {
         let loc = e.loc();
         let st = loc.stat().ctx(OP, path)?;
         if let Some(st) = &st {
-            if self.placed_after(&loc, seq) {
+            if self.placed_after(st, seq) {
                 return Ok(Applied::AlreadyApplied);
             }
             if !is_kind(st, libc::S_IFREG) {
@@ -1007,7 +1193,7 @@ impl Replayer {
         // is filled in place: one inode and one rename less per new file.
         let whole = offset == 0 && len >= master.size && st.is_none_or(|s| s.st_nlink == 1 && s.st_size > 0);
         if whole {
-            self.rewrite(&e, path, end, &master, data)?;
+            self.rewrite(&e, st.as_ref(), path, end, &master, data)?;
             return Ok(Applied::Changed);
         }
         if st.is_none() {
@@ -1037,6 +1223,7 @@ impl Replayer {
     fn rewrite(
         &mut self,
         e: &Entry,
+        old: Option<&libc::stat>,
         path: &RelPath,
         end: u64,
         master: &Attrs,
@@ -1044,8 +1231,8 @@ impl Replayer {
     ) -> Result<(), ReplayError> {
         const OP: &str = "write";
         // The mark says which op placed this name's object; the new inode stands for the
-        // same object.
-        let old_mark = if self.tags { e.loc().get_xattr(SEQ_XATTR).ok().flatten() } else { None };
+        // same object, so it carries the mark over (whatever its volume).
+        let carried = old.and_then(|st| self.marks.get(InodeId::of(st)));
         let tmp = Temp::new(e.parent.as_fd(), false);
         let fd = sys::openat(
             e.parent.as_fd(),
@@ -1056,15 +1243,19 @@ impl Replayer {
         .ctx(OP, path)?;
         self.copy_range(fd.as_fd(), 0, path, 0, end, data)?;
         sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
+        let tid = InodeId::of(&sys::fstat(fd.as_fd()).ctx(OP, path)?);
         drop(fd);
         let tloc = tmp.loc();
         self.apply_attrs(&tloc, master, false).ctx(OP, path)?;
-        if let Some(m) = old_mark {
-            if let Err(err) = tloc.set_xattr(SEQ_XATTR, &m) {
-                log::warn!("replay: cannot carry the sequence mark of {:?} over: {err}", path.display());
-            }
+        // M1, and M6: a file that had no mark gets none, not a stale one.
+        self.mark_ahead(tid, carried)?;
+        if let Err(err) = tmp.rename_to(&e.name) {
+            self.marks.remove(tid);
+            return Err(err).ctx(OP, path);
         }
-        tmp.rename_to(&e.name).ctx(OP, path)?;
+        if let Some(st) = old {
+            self.forget_if_freed(st);
+        }
         self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
         Ok(())
     }
@@ -1140,7 +1331,7 @@ impl Replayer {
         };
         let loc = e.loc();
         let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
-        if self.placed_after(&loc, seq) {
+        if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
         if !is_kind(&st, libc::S_IFREG) {
@@ -1183,10 +1374,8 @@ impl Replayer {
             Lookup::Stale => return Ok(Applied::AlreadyApplied),
         };
         let loc = self.target_loc(&t);
-        if loc.stat().ctx(OP, path)?.is_none() {
-            return self.missing(path, data);
-        }
-        if self.placed_after(&loc, seq) {
+        let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
+        if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
         // Owner first: chown clears set-user-ID and set-group-ID bits the mode may set.
@@ -1218,10 +1407,8 @@ impl Replayer {
         };
         let Some(master) = self.master(path, data)? else { return Ok(Applied::Obsolete) };
         let loc = self.target_loc(&t);
-        if loc.stat().ctx(OP, path)?.is_none() {
-            return Ok(Applied::NeedsResync { path: path.clone() });
-        }
-        if self.placed_after(&loc, seq) {
+        let Some(st) = loc.stat().ctx(OP, path)? else { return Ok(Applied::NeedsResync { path: path.clone() }) };
+        if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
         match master.xattrs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
@@ -1256,10 +1443,8 @@ impl Replayer {
             Lookup::Stale => return Ok(Applied::AlreadyApplied),
         };
         let loc = self.target_loc(&t);
-        if loc.stat().ctx(OP, path)?.is_none() {
-            return self.missing(path, data);
-        }
-        if self.placed_after(&loc, seq) {
+        let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
+        if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
         Ok(if loc.remove_xattr(&cname).ctx(OP, path)? { Applied::Changed } else { Applied::AlreadyApplied })
@@ -1267,22 +1452,23 @@ impl Replayer {
 }
 
 /// Removes `name` in `dir` and, for a directory, everything beneath it, never following a
-/// symlink.
-fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+/// symlink; adds to `freed` each object whose last name it removed.
+fn remove_tree(dir: BorrowedFd<'_>, name: &CStr, freed: &mut Vec<InodeId>) -> io::Result<()> {
     let Some(st) = Loc::entry(dir, name).stat()? else { return Ok(()) };
     if !is_kind(&st, libc::S_IFDIR) {
-        return ignore_enoent(sys::unlinkat(dir, name, false));
+        ignore_enoent(sys::unlinkat(dir, name, false))?;
+        if st.st_nlink <= 1 {
+            freed.push(InodeId::of(&st));
+        }
+        return Ok(());
     }
     let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-    for (child, is_dir) in sys::read_dir(sub.as_fd())? {
-        let c = sys::cstring(&child)?;
-        if is_dir {
-            remove_tree(sub.as_fd(), &c)?;
-        } else {
-            ignore_enoent(sys::unlinkat(sub.as_fd(), &c, false))?;
-        }
+    for (child, _) in sys::read_dir(sub.as_fd())? {
+        remove_tree(sub.as_fd(), &sys::cstring(&child)?, freed)?;
     }
-    ignore_enoent(sys::unlinkat(dir, name, true))
+    ignore_enoent(sys::unlinkat(dir, name, true))?;
+    freed.push(InodeId::of(&st));
+    Ok(())
 }
 
 fn found<T>(l: Lookup<T>) -> Option<T> {

@@ -6,8 +6,8 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::check_rel_path;
 use super::sys;
-use super::{check_rel_path, SEQ_XATTR};
 use crate::op::{RelPath, Timestamp};
 
 /// The type of a file system object.
@@ -70,7 +70,7 @@ pub struct Attrs {
     pub rdev: u64,
     /// The link's content, for symlinks.
     pub symlink_target: Option<Vec<u8>>,
-    /// Every extended attribute, `(name, value)`, replay's own bookkeeping excluded.
+    /// Every extended attribute, `(name, value)`.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -83,10 +83,7 @@ impl Attrs {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "unknown file type"));
         };
         let symlink_target = if kind == FileKind::Symlink { Some(sys::readlink_path(path)?) } else { None };
-        let mut xattrs = sys::path_xattrs(path)?;
-        // A master that is itself a replica carries our bookkeeping: it is local to each
-        // replica and never replicated.
-        xattrs.retain(|(n, _)| n.as_slice() != SEQ_XATTR.to_bytes());
+        let xattrs = sys::path_xattrs(path)?;
         Ok(Some(Attrs {
             kind,
             mode: st.st_mode & 0o7777,
