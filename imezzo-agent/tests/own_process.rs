@@ -50,3 +50,26 @@ fn changes_made_by_the_capturing_process_itself_are_not_journalled() {
     let stats = handle.stop();
     assert_eq!(stats.drops, 0);
 }
+
+#[test]
+fn chmod_through_proc_self_fd_of_an_o_path_fd_is_journalled_as_setattr() {
+    // GNU tar sets a directory's final mode with chmod("/proc/self/fd/N") on an O_PATH fd.
+    let fs_ = Tmpfs::new("procfd");
+    let root = fs_.0.join("root");
+    fs::create_dir_all(root.join("d")).unwrap();
+    let cap = Capture::start(&CaptureConfig::new(&root)).expect("probes load (run as root)");
+    let handle = cap.spawn();
+    let script = format!(
+        "import os\nfd = os.open('{}', os.O_PATH)\nos.chmod('/proc/self/fd/%d' % fd, 0o751)\n",
+        root.join("d").display()
+    );
+    let st = Command::new("python3").arg("-c").arg(script).status().unwrap();
+    assert!(st.success());
+    let first = handle.rx.recv_timeout(Duration::from_secs(10)).expect("the chmod is journalled");
+    assert_eq!(
+        first.op,
+        Op::Setattr { path: "d".into(), mode: Some(0o751), uid: None, gid: None, atime: None, mtime: None },
+        "first op was {first:?}"
+    );
+    handle.stop();
+}

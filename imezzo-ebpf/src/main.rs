@@ -413,6 +413,37 @@ fn start_inode(abs: bool, dirfd: i64) -> Result<*const u8, i64> {
     rd(file, off!(file_inode))
 }
 
+/// The fd number of a `/proc/self/fd/N` or `/proc/thread-self/fd/N` path, if it is one.
+#[inline(always)]
+fn proc_self_fd(path: &[u8; PATH_CAP]) -> Option<u64> {
+    const SELF: &[u8; 14] = b"/proc/self/fd/";
+    const THREAD: &[u8; 21] = b"/proc/thread-self/fd/";
+    let start = if path[..SELF.len()] == SELF[..] {
+        SELF.len()
+    } else if path[..THREAD.len()] == THREAD[..] {
+        THREAD.len()
+    } else {
+        return None;
+    };
+    let mut fd: u64 = 0;
+    let mut i = 0usize;
+    while i < 10 {
+        let c = path[(start + i) & (PATH_CAP - 1)];
+        if c == 0 {
+            break;
+        }
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        fd = fd * 10 + (c - b'0') as u64;
+        i += 1;
+    }
+    if i == 0 || i == 10 {
+        return None;
+    }
+    Some(fd)
+}
+
 /// Is this absolute path the root or beneath it?
 #[inline(always)]
 fn beneath_root(path: &[u8; PATH_CAP]) -> bool {
@@ -479,6 +510,21 @@ fn fill_path(
                 _ => AT_FDCWD,
             };
             let abs = *len > 0 && dst[0] == b'/';
+            if abs {
+                if let Some(fd) = proc_self_fd(dst) {
+                    // `/proc/self/fd/N` (tar's chmod of an O_PATH fd, for one) names the
+                    // object open at fd N: resolve it here, while the fd is still open.
+                    let file = fd_file(fd)?;
+                    if file.is_null() {
+                        return Ok(false);
+                    }
+                    let inode: *const u8 = rd(file, off!(file_inode))?;
+                    *at = inode_devino(inode)?;
+                    *len = 0;
+                    dst[0] = 0;
+                    return Ok(at.dev == watched);
+                }
+            }
             let inode = start_inode(abs, dirfd)?;
             *at = inode_devino(inode)?;
             Ok(at.dev == watched || (abs && beneath_root(dst)))
