@@ -1,5 +1,8 @@
 //! The `imezzo` binary.
+mod cli_client;
+mod cli_demo;
 mod cli_identity;
+mod cli_server;
 mod cli_verify;
 
 use std::{
@@ -42,6 +45,9 @@ enum Command {
     Verify(cli_verify::VerifyArgs),
     Init(cli_identity::InitArgs),
     Id(cli_identity::IdArgs),
+    Server(cli_server::ServerArgs),
+    Client(cli_client::ClientArgs),
+    Demo(cli_demo::DemoArgs),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -75,6 +81,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => Ok(cli_verify::run(args)),
         Command::Init(args) => cli_identity::init(args).map(|()| ExitCode::SUCCESS),
         Command::Id(args) => cli_identity::id(args).map(|()| ExitCode::SUCCESS),
+        Command::Server(args) => cli_server::run(args),
+        Command::Client(args) => cli_client::run(args),
+        Command::Demo(args) => cli_demo::run(args),
     }
 }
 

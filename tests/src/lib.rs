@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::json;
 
+/// Servers, clients and trees for the replication tests.
+pub mod replica;
+
 /// How long the agent may take to print `capture ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a journal op may take to show up after the syscall that caused it.

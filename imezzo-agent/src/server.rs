@@ -1,0 +1,656 @@
+//! The server agent (`imezzo server`): capture → journal → one QUIC session per client.
+//!
+//! What runs, and why in this order at start:
+//! 1. the node identity is loaded and the journal opened (`<state>/journal.redb`);
+//! 2. capture starts on a thread of its own: the probes are attached, then the inode table
+//!    walks the tree. From here on every change is journalled, so any later walk (a
+//!    client's manifest) can only miss what the journal will deliver after it;
+//! 3. the QUIC endpoint is bound; only now is the server "ready".
+//!
+//! The capture thread runs [`Capture::run_batches`] and appends each batch (one drain of the
+//! ring buffer, ~2 ms of changes) to the journal as one group commit, then publishes the
+//! journal's last seq on a `watch` channel that wakes every session. A failed append stops
+//! the server: redb refuses writes after an I/O error, and carrying on would drop changes.
+//!
+//! Per connection, a task completes the pinned handshake, then owns a [`ServerSession`] (the
+//! protocol's state machine) for the control stream: it feeds it the stream's bytes, the
+//! journal's growth and the time, and carries out what it asks: journal reads on the
+//! blocking pool, the manifest walk on a blocking thread (through a bounded channel, so a
+//! slow client stalls the walk rather than grow the server). Fetch streams are served by
+//! their own tasks, one per stream: a fetch reads the master file's *current* bytes when it
+//! is asked (InterMezzo's rule), skipping holes, in 1 MiB chunks.
+//!
+//! A compaction task bounds the journal to `--retain-bytes`.
+
+mod export;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
+use crate::config::ServerOptions;
+use crate::identity::{Identity, IdentityError, NodeId};
+use crate::journal::{Journal, JournalError};
+use crate::op::{Op, RelPath};
+use crate::protocol::{
+    self, CloseReason, FetchRequest, FetchRequestReader, FileAttrs, JournalRead, ManifestEntry, Msg, ServerOutput,
+    ServerSession, Start, VolumeId, DATA_CHUNK,
+};
+use crate::transport::{self, TransportError};
+
+pub(crate) use export::{cstring, fd_path, is_absent, openat2_strict, split_parent};
+
+/// How often the journal's size is checked against the retention bound.
+const COMPACT_CHECK: Duration = Duration::from_secs(1);
+/// How often compaction runs for supersession alone, when retention does not force it: a
+/// compaction scans every retained entry.
+const SUPERSEDE_EVERY: Duration = Duration::from_secs(600);
+/// Manifest entries per chunk handed from the walk to the session.
+const MANIFEST_CHUNK: usize = 256;
+/// Most bytes taken from a stream per read.
+const READ_CHUNK: usize = 64 << 10;
+/// A client must open its control stream within this after the handshake.
+const CONTROL_STREAM_WAIT: Duration = Duration::from_secs(10);
+/// Longest reason text put in a CONNECTION_CLOSE (it must fit one packet).
+const CLOSE_TEXT_MAX: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("cannot start capturing changes under {}: {error}", export.display())]
+    Capture { export: PathBuf, error: CaptureError },
+    #[error("cannot open the exported directory {}: {error}; give an existing directory to --export", path.display())]
+    Export { path: PathBuf, error: std::io::Error },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(
+        "the journal failed to record changes ({0}); the server stopped so that no change goes unrecorded: fix \
+         the cause (free space, dmesg), then restart it; clients resume where they were"
+    )]
+    JournalAppend(String),
+    #[error("the capture thread stopped unexpectedly ({0}); this is a bug: restart the server, and please report it")]
+    CaptureThread(String),
+}
+
+/// A running server: capture is journalling and the endpoint is bound.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    id: NodeId,
+    shared: Arc<Shared>,
+    retain_bytes: u64,
+    capture: CaptureThread,
+}
+
+/// What every connection task reads.
+struct Shared {
+    journal: Arc<Journal>,
+    export: export::Export,
+    volume: VolumeId,
+    /// The journal's last seq, published after each append.
+    appended: watch::Receiver<u64>,
+}
+
+impl Server {
+    /// Loads the identity, opens the journal, starts capture, then binds the endpoint.
+    pub async fn start(opts: &ServerOptions) -> Result<Server, ServerError> {
+        let identity = Identity::load(&opts.state)?;
+        let state = opts.state.clone();
+        let journal = Arc::new(blocking(move || Journal::open(&state)).await??);
+        let export_root = std::fs::canonicalize(&opts.export)
+            .map_err(|error| ServerError::Export { path: opts.export.clone(), error })?;
+        let export = export::Export::open(&export_root)
+            .map_err(|error| ServerError::Export { path: export_root.clone(), error })?;
+        let (appended_tx, appended) = watch::channel(journal.last_seq());
+        let capture = CaptureThread::start(export_root.clone(), journal.clone(), appended_tx).await?;
+        let endpoint = transport::server_endpoint(&identity, opts.listen, opts.allow.clone())?;
+        let local_addr = endpoint.local_addr().map_err(|error| TransportError::Bind { addr: opts.listen, error })?;
+        let volume = protocol::volume_id(journal.volume_id());
+        log::info!(
+            "journal {} (volume {}) at seq {}, retaining {} bytes",
+            journal.path().display(),
+            hex::encode(volume),
+            journal.last_seq(),
+            opts.retain_bytes
+        );
+        Ok(Server {
+            endpoint,
+            local_addr,
+            id: identity.id,
+            shared: Arc::new(Shared { journal, export, volume, appended }),
+            retain_bytes: opts.retain_bytes,
+            capture,
+        })
+    }
+
+    /// The address the endpoint is bound to (the real port when `--listen` said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// This server's node id, the one clients pass as `--server-id`.
+    pub fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.shared.journal
+    }
+
+    /// Serves clients until `shutdown` completes (then closes every connection with code 0
+    /// and stops capture, journalling what it already saw) or the journal fails.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        tokio::pin!(shutdown);
+        let mut sessions = JoinSet::new();
+        let compactor = tokio::spawn(compact_loop(self.shared.journal.clone(), self.retain_bytes));
+        let mut failed = self.capture.failed.clone();
+        let result = loop {
+            tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                changed = failed.changed() => {
+                    let reason = failed.borrow().clone();
+                    match (changed, reason) {
+                        (Ok(()), Some(reason)) => break Err(ServerError::JournalAppend(reason)),
+                        (Ok(()), None) => {}
+                        (Err(_), _) => break Err(ServerError::CaptureThread("it ended on its own".into())),
+                    }
+                }
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        sessions.spawn(serve_connection(incoming, self.shared.clone()));
+                    }
+                    None => break Ok(()),
+                },
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
+        };
+        compactor.abort();
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"the server is shutting down");
+        sessions.shutdown().await;
+        let capture = std::mem::replace(&mut self.capture, CaptureThread::stopped());
+        let stats = blocking(move || capture.stop()).await.unwrap_or_default();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        log::info!(
+            "server stopped: journal at seq {}; capture saw {} events, {} drops, {} rescans",
+            self.shared.journal.last_seq(),
+            stats.events,
+            stats.drops,
+            stats.rescans
+        );
+        result
+    }
+}
+
+/// Runs blocking work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ServerError::CaptureThread(format!("a blocking task failed: {e}")))
+}
+
+/// The capture loop on its own OS thread: it polls the ring buffer every 2 ms and must not
+/// share a thread with anything that can stall it.
+struct CaptureThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<CaptureStats>>,
+    /// Set once, with the reason, when an append fails.
+    failed: watch::Receiver<Option<String>>,
+}
+
+impl CaptureThread {
+    async fn start(
+        root: PathBuf,
+        journal: Arc<Journal>,
+        appended: watch::Sender<u64>,
+    ) -> Result<CaptureThread, ServerError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (failed_tx, failed) = watch::channel(None);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let flag = stop.clone();
+        let export = root.clone();
+        // Capture is built on its thread: it owns kernel objects and never leaves it.
+        let thread = std::thread::Builder::new()
+            .name("imezzo-capture".into())
+            .spawn(move || {
+                let mut cap = match Capture::start(&CaptureConfig::new(&root)) {
+                    Ok(cap) => cap,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return CaptureStats::default();
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let mut broken = false;
+                cap.run_batches(&flag, &mut |batch| {
+                    if broken {
+                        return;
+                    }
+                    let ops: Vec<Op> = batch.into_iter().map(|e| e.op).collect();
+                    match journal.append(ops) {
+                        Ok(seqs) if !seqs.is_empty() => {
+                            appended.send_replace(seqs.end - 1);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            broken = true;
+                            flag.store(true, Ordering::Relaxed);
+                            failed_tx.send_replace(Some(e.to_string()));
+                        }
+                    }
+                });
+                cap.stats()
+            })
+            .map_err(|e| ServerError::CaptureThread(format!("cannot start it: {e}")))?;
+        let mut this = CaptureThread { stop, thread: Some(thread), failed };
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(this),
+            Ok(Err(error)) => {
+                this.join();
+                Err(ServerError::Capture { export, error })
+            }
+            Err(_) => {
+                this.join();
+                Err(ServerError::CaptureThread("it panicked while starting".into()))
+            }
+        }
+    }
+
+    fn stopped() -> CaptureThread {
+        CaptureThread { stop: Arc::new(AtomicBool::new(true)), thread: None, failed: watch::channel(None).1 }
+    }
+
+    /// Stops capture (it journals what the kernel already delivered) and waits for it.
+    fn stop(mut self) -> CaptureStats {
+        self.join()
+    }
+
+    fn join(&mut self) -> CaptureStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for CaptureThread {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// Bounds the journal: whenever its entries exceed `retain_bytes`, and every
+/// [`SUPERSEDE_EVERY`] for superseded entries alone.
+async fn compact_loop(journal: Arc<Journal>, retain_bytes: u64) {
+    let mut last_full = Instant::now();
+    loop {
+        tokio::time::sleep(COMPACT_CHECK).await;
+        let j = journal.clone();
+        let due = last_full.elapsed() >= SUPERSEDE_EVERY;
+        let run = tokio::task::spawn_blocking(move || -> Result<Option<_>, JournalError> {
+            if j.stored_bytes()? > retain_bytes || due {
+                return j.compact(retain_bytes).map(Some);
+            }
+            Ok(None)
+        })
+        .await;
+        match run {
+            Ok(Ok(Some(r))) => {
+                last_full = Instant::now();
+                if r.superseded + r.expired > 0 {
+                    log::info!(
+                        "journal compacted: {} superseded and {} expired entries dropped; first retained seq {}, {} bytes",
+                        r.superseded,
+                        r.expired,
+                        r.first_seq,
+                        r.stored_bytes
+                    );
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => log::error!("journal compaction failed: {e}"),
+            Err(e) => log::error!("journal compaction stopped: {e}"),
+        }
+    }
+}
+
+// ---- one connection -------------------------------------------------------------------
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let addr = incoming.remote_address();
+    let (conn, id) = match transport::accept(incoming).await {
+        Ok(accepted) => accepted,
+        // The verifier has already logged the refused id and what to do.
+        Err(e @ TransportError::ClientNotAllowed { .. }) => return log::debug!("{e}"),
+        Err(e) => return log::warn!("{e}"),
+    };
+    log::info!("client {id} connected from {addr}");
+    let outcome = control(&conn, id, &shared).await;
+    log::info!("client {id} disconnected: {outcome}");
+}
+
+/// Closes the connection with the session's reason, and logs it when it is a fault.
+fn close(conn: &quinn::Connection, id: NodeId, reason: &CloseReason) {
+    let mut text = reason.to_string();
+    if text.len() > CLOSE_TEXT_MAX {
+        let mut cut = CLOSE_TEXT_MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    match reason {
+        CloseReason::Violation { .. } | CloseReason::Internal { .. } | CloseReason::VersionMismatch { .. } => {
+            log::warn!("closing the connection of client {id}: {reason}")
+        }
+        _ => log::debug!("closing the connection of client {id}: {reason}"),
+    }
+    conn.close(quinn::VarInt::from_u32(reason.code()), text.as_bytes());
+}
+
+enum WalkEvent {
+    Entries(Vec<ManifestEntry>),
+    End(export::WalkStats),
+    Failed(String),
+}
+
+/// Walks the export on a blocking thread; a bounded channel makes a slow client stall the
+/// walk instead of buffering the tree in memory.
+fn start_walk(shared: Arc<Shared>) -> mpsc::Receiver<WalkEvent> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let walked =
+            shared.export.walk(MANIFEST_CHUNK, &mut |entries| tx.blocking_send(WalkEvent::Entries(entries)).is_ok());
+        let _ = tx.blocking_send(match walked {
+            Ok(stats) => WalkEvent::End(stats),
+            Err(e) => WalkEvent::Failed(format!("{} ({e})", shared.export.root().display())),
+        });
+    });
+    rx
+}
+
+/// Runs the control stream of one client; returns why it ended, for the log.
+async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> String {
+    let (mut send, mut recv) = match tokio::time::timeout(CONTROL_STREAM_WAIT, conn.accept_bi()).await {
+        Err(_) => {
+            let reason = CloseReason::Timeout { what: "the client opened no control stream".into() };
+            close(conn, id, &reason);
+            return reason.to_string();
+        }
+        Ok(Err(e)) => return format!("connection lost before its control stream ({e})"),
+        Ok(Ok(streams)) => streams,
+    };
+    // Fetch streams come after the control stream (the client fetches only once welcomed),
+    // so the first stream accepted above is the control stream.
+    let fetches = AbortOnDrop(tokio::spawn(serve_fetches(conn.clone(), shared.clone(), id)));
+    let mut session = ServerSession::new(shared.volume, Instant::now());
+    let mut appended = shared.appended.clone();
+    let mut appended_open = true;
+    session.handle_appended(Instant::now(), *appended.borrow_and_update());
+    let mut read_job: Option<JoinHandle<JournalRead>> = None;
+    let mut manifest: Option<mpsc::Receiver<WalkEvent>> = None;
+    let mut manifest_started = Instant::now();
+    loop {
+        while let Some(out) = session.poll_output() {
+            match out {
+                ServerOutput::Send(msg) => {
+                    log_sent(id, &msg);
+                    let frame = match protocol::encode(&msg) {
+                        Ok(frame) => frame,
+                        Err(e) => {
+                            let reason = CloseReason::Internal { side: protocol::Side::Server, detail: e.to_string() };
+                            close(conn, id, &reason);
+                            return reason.to_string();
+                        }
+                    };
+                    if let Err(e) = send.write_all(&frame).await {
+                        return format!("connection lost ({e})");
+                    }
+                }
+                ServerOutput::ReadJournal { from, max } => {
+                    let journal = shared.journal.clone();
+                    read_job =
+                        Some(tokio::task::spawn_blocking(move || JournalRead::from(journal.read_from(from, max))));
+                }
+                ServerOutput::StartManifest => {
+                    // The seq before the walk: whatever the walk races with is journalled
+                    // after it and streamed after the manifest (replay is idempotent).
+                    let manifest_seq = shared.journal.last_seq();
+                    session.handle_manifest_begin(Instant::now(), manifest_seq);
+                    manifest_started = Instant::now();
+                    manifest = Some(start_walk(shared.clone()));
+                }
+                ServerOutput::Close(reason) => {
+                    close(conn, id, &reason);
+                    let _ = send.finish();
+                    return reason.to_string();
+                }
+            }
+        }
+        let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            biased;
+            chunk = recv.read_chunk(READ_CHUNK, true) => {
+                let now = Instant::now();
+                match chunk {
+                    Ok(Some(chunk)) => session.handle_stream_data(now, &chunk.bytes),
+                    Ok(None) => session.handle_stream_finished(now),
+                    Err(e) => return format!("connection lost ({e})"),
+                }
+            }
+            read = async { match read_job.as_mut() { Some(job) => job.await, None => std::future::pending().await } },
+                if read_job.is_some() => {
+                read_job = None;
+                let read = read.unwrap_or_else(|e| JournalRead::Failed { reason: format!("the journal reader stopped ({e})") });
+                session.handle_journal(Instant::now(), read);
+            }
+            event = async { match manifest.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } },
+                if manifest.is_some() => {
+                let now = Instant::now();
+                match event {
+                    Some(WalkEvent::Entries(entries)) => session.handle_manifest_entries(now, entries),
+                    Some(WalkEvent::End(stats)) => {
+                        manifest = None;
+                        log::info!(
+                            "client {id}: manifest of {} entries ({} bytes of files) sent in {:.1?}",
+                            stats.entries + 1,
+                            stats.bytes,
+                            manifest_started.elapsed()
+                        );
+                        session.handle_manifest_end(now);
+                    }
+                    Some(WalkEvent::Failed(reason)) => {
+                        manifest = None;
+                        session.handle_manifest_failed(now, &reason);
+                    }
+                    None => {
+                        manifest = None;
+                        session.handle_manifest_failed(now, "the walk stopped unexpectedly");
+                    }
+                }
+            }
+            changed = appended.changed(), if appended_open => match changed {
+                Ok(()) => {
+                    let last = *appended.borrow_and_update();
+                    session.handle_appended(Instant::now(), last);
+                }
+                // Capture stopped: the server is shutting down and will close us.
+                Err(_) => appended_open = false,
+            },
+            () = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(Instant::now()),
+            e = conn.closed() => {
+                drop(fetches);
+                return describe_close(&e);
+            }
+        }
+    }
+}
+
+fn sleep_until(deadline: Option<tokio::time::Instant>) -> tokio::time::Sleep {
+    tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)))
+}
+
+fn describe_close(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            if reason.is_empty() {
+                format!("the client closed the connection (code {})", c.error_code)
+            } else {
+                format!("the client closed the connection: {reason}")
+            }
+        }
+        quinn::ConnectionError::LocallyClosed => "closed here".into(),
+        quinn::ConnectionError::TimedOut => "the client stopped answering (timed out)".into(),
+        other => format!("connection lost ({other})"),
+    }
+}
+
+fn log_sent(id: NodeId, msg: &Msg) {
+    match msg {
+        Msg::Welcome { start: Start::Resume { from_seq }, .. } => log::info!("client {id}: resuming at seq {from_seq}"),
+        Msg::Welcome { start: Start::FullSync { manifest_seq, why }, .. } => {
+            log::info!("client {id}: full sync at seq {manifest_seq}: {why}")
+        }
+        Msg::Refuse { reason } => log::warn!("client {id}: refused: {reason}"),
+        _ => {}
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+// ---- fetch streams --------------------------------------------------------------------
+
+async fn serve_fetches(conn: quinn::Connection, shared: Arc<Shared>, id: NodeId) {
+    // Each stream has its own task, so a large file does not hold up the small ones; QUIC's
+    // stream limit (transport.rs) bounds how many run at once.
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_fetch(conn.clone(), send, recv, shared.clone(), id));
+    }
+}
+
+async fn serve_fetch(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    id: NodeId,
+) {
+    let mut reader = FetchRequestReader::new();
+    let request = loop {
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => match reader.handle_stream_data(&chunk.bytes) {
+                Ok(Some(request)) => break request,
+                Ok(None) => {}
+                Err(reason) => return close(&conn, id, &reason),
+            },
+            Ok(None) => {
+                if let Err(reason) = reader.handle_stream_finished() {
+                    close(&conn, id, &reason);
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    };
+    let answered = match request {
+        FetchRequest::Data { req_id, path, offset, len } => {
+            answer_data(&mut send, &shared, req_id, path, offset, len).await
+        }
+        FetchRequest::Attrs { req_id, paths } => answer_attrs(&mut send, &shared, req_id, paths).await,
+    };
+    if answered {
+        let _ = send.finish();
+    }
+}
+
+/// Writes one message on a fetch stream; false when the stream is gone.
+async fn write_msg(send: &mut quinn::SendStream, msg: &Msg) -> bool {
+    match protocol::encode(msg) {
+        Ok(frame) => send.write_all(&frame).await.is_ok(),
+        Err(e) => {
+            log::error!("cannot encode a {} answer: {e}", msg.name());
+            false
+        }
+    }
+}
+
+async fn answer_data(
+    send: &mut quinn::SendStream,
+    shared: &Arc<Shared>,
+    req_id: u64,
+    path: RelPath,
+    offset: u64,
+    len: u64,
+) -> bool {
+    let s = shared.clone();
+    let p = path.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        let file = s.export.open_regular(&p)?;
+        file.map(|f| f.metadata().map(|m| (Arc::new(f), m.len()))).transpose()
+    })
+    .await;
+    let (file, size) = match opened {
+        Ok(Ok(Some(opened))) => opened,
+        Ok(Ok(None)) => return write_msg(send, &Msg::Gone { req_id }).await,
+        Ok(Err(e)) => {
+            log::warn!("cannot read {:?} for a client: {e}", path.display());
+            return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await;
+        }
+        Err(e) => return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await,
+    };
+    let end = offset.saturating_add(len).min(size);
+    let mut pos = offset;
+    while pos < end {
+        let f = file.clone();
+        let chunk = tokio::task::spawn_blocking(move || export::read_data_chunk(&f, pos, end, DATA_CHUNK)).await;
+        match chunk {
+            Ok(Ok(Some((at, bytes)))) => {
+                pos = at + bytes.len() as u64;
+                if !write_msg(send, &Msg::Data { req_id, offset: at, bytes }).await {
+                    return false;
+                }
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                log::warn!("cannot read {:?} for a client: {e}", path.display());
+                return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await;
+            }
+            Err(e) => return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await,
+        }
+    }
+    // The size the range was cut at: bytes past it, if the file grew meanwhile, come with the
+    // journal entry of the write that grew it.
+    write_msg(send, &Msg::DataEnd { req_id, file_size: size }).await
+}
+
+async fn answer_attrs(send: &mut quinn::SendStream, shared: &Arc<Shared>, req_id: u64, paths: Vec<RelPath>) -> bool {
+    let s = shared.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .map(|p| s.export.attrs(p).map(|a| a.map(FileAttrs::from)).map_err(|e| format!("{:?}: {e}", p.display())))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    let msg = match read {
+        Ok(Ok(attrs)) => Msg::Attrs { req_id, attrs },
+        Ok(Err(reason)) => {
+            log::warn!("cannot read attributes for a client: {reason}");
+            Msg::Unreadable { req_id, reason }
+        }
+        Err(e) => Msg::Unreadable { req_id, reason: e.to_string() },
+    };
+    write_msg(send, &msg).await
+}

@@ -1,0 +1,313 @@
+//! Reads of the exported tree on behalf of clients: a file's current bytes, an object's
+//! current attributes, and the manifest walk.
+//!
+//! Paths from the wire (fetch requests) are resolved beneath the export with `openat2`
+//! under `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`: a client that asks
+//! for `a/b` where `a` is a symlink gets `Gone`, never the bytes or attributes of whatever
+//! the link points at outside the export. Journal paths never cross a symlink (capture
+//! names objects by their real place in the tree), so nothing legitimate is refused.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::op::RelPath;
+use crate::protocol::{FileAttrs, ManifestEntry};
+use crate::replay::{Attrs, TEMP_PREFIX};
+
+/// `struct open_how` of linux/openat2.h (libc's is `non_exhaustive` and cannot be built).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Stay beneath the directory, follow no symlink at all, no /proc magic links.
+pub(crate) const RESOLVE_STRICT: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+
+/// openat2(2) of `path` beneath `dir` under [`RESOLVE_STRICT`].
+pub(crate) fn openat2_strict(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let how = OpenHow { flags: (flags | libc::O_CLOEXEC) as u64, mode: 0, resolve: RESOLVE_STRICT };
+    // EAGAIN: a concurrent rename raced the walk; openat2(2) asks callers to retry.
+    for _ in 0..16 {
+        // SAFETY: `how` is a valid open_how of the size passed; `path` is NUL-terminated.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                size_of::<OpenHow>(),
+            )
+        };
+        if r >= 0 {
+            // SAFETY: the kernel just returned this fd.
+            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+}
+
+pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Errors that mean "nothing of the tree is there" for a lookup from the wire.
+pub(crate) fn is_absent(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV))
+}
+
+/// Splits `a/b/c` into (`a/b`, `c`); `None` for the root.
+pub(crate) fn split_parent(path: &RelPath) -> Option<(&[u8], &[u8])> {
+    let b = path.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
+    Some(match b.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&b[..i], &b[i + 1..]),
+        None => (&b[..0], b),
+    })
+}
+
+/// A path naming `name` inside the directory `dir` holds, through /proc: the kernel
+/// resolves `/proc/self/fd/N` to that very directory, so nothing is looked up again from `/`.
+pub(crate) fn fd_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
+    let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    if !name.is_empty() {
+        p.push(b'/');
+        p.extend_from_slice(name);
+    }
+    PathBuf::from(OsStr::from_bytes(&p))
+}
+
+/// The exported tree, held open.
+#[derive(Debug)]
+pub(crate) struct Export {
+    root: PathBuf,
+    /// `O_PATH | O_DIRECTORY` on the root: every lookup from the wire starts here.
+    fd: OwnedFd,
+}
+
+impl Export {
+    pub fn open(root: &Path) -> io::Result<Export> {
+        let c = cstring(root.as_os_str().as_bytes())?;
+        // SAFETY: NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd from the kernel.
+        Ok(Export { root: root.to_path_buf(), fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens the regular file at `path` for reading; `Ok(None)` when nothing, or something
+    /// other than a regular file, is there now (the client is told `Gone`).
+    pub fn open_regular(&self, path: &RelPath) -> io::Result<Option<File>> {
+        if path.as_bytes().is_empty() {
+            return Ok(None);
+        }
+        let c = cstring(path.as_bytes())?;
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+        // Reading must not change the master's atime; O_NOATIME needs CAP_FOWNER or
+        // ownership, so fall back on a plain open where it is refused.
+        let fd = match openat2_strict(self.fd.as_fd(), &c, flags | libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => openat2_strict(self.fd.as_fd(), &c, flags),
+            r => r,
+        };
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let file = File::from(fd);
+        if !file.metadata()?.file_type().is_file() {
+            return Ok(None);
+        }
+        Ok(Some(file))
+    }
+
+    /// The current attributes of `path`, without following its final component;
+    /// `Ok(None)` when nothing is there (or its parent is not a directory of the tree).
+    pub fn attrs(&self, path: &RelPath) -> io::Result<Option<Attrs>> {
+        let Some((parent, name)) = split_parent(path) else { return Attrs::read(&self.root) };
+        let c = cstring(if parent.is_empty() { b"." } else { parent })?;
+        let dir = match openat2_strict(self.fd.as_fd(), &c, libc::O_PATH | libc::O_DIRECTORY) {
+            Ok(fd) => fd,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match Attrs::read(&fd_path(dir.as_fd(), name)) {
+            Err(e) if is_absent(&e) => Ok(None),
+            r => r,
+        }
+    }
+
+    /// Walks the tree in pre-order (the root `""` first, every directory before what it
+    /// holds) and hands the manifest over in chunks of about `chunk` entries. `sink`
+    /// returns false to stop the walk (the client went away). Replay's temporaries are
+    /// left out; other file systems mounted inside the export are listed but not entered
+    /// (capture does not see into them).
+    pub fn walk(&self, chunk: usize, sink: &mut dyn FnMut(Vec<ManifestEntry>) -> bool) -> io::Result<WalkStats> {
+        let root_meta = std::fs::symlink_metadata(&self.root)?;
+        let mut stats = WalkStats::default();
+        let mut groups: HashMap<(u64, u64), u64> = HashMap::new();
+        let mut batch = Vec::with_capacity(chunk);
+        let root_attrs = Attrs::read(&self.root)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the exported directory disappeared"))?;
+        batch.push(ManifestEntry {
+            path: RelPath::default(),
+            attrs: FileAttrs::from(root_attrs),
+            xattrs_omitted: false,
+            link_group: None,
+        });
+        let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+        while let Some(dir_rel) = stack.pop() {
+            let dir_path = self.root.join(OsStr::from_bytes(&dir_rel));
+            let listing = match std::fs::read_dir(&dir_path) {
+                Ok(l) => l,
+                // Removed or replaced while we walked: the journal accounts for it.
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => return Err(io::Error::new(e.kind(), format!("listing {}: {e}", dir_path.display()))),
+            };
+            for item in listing {
+                let item = match item {
+                    Ok(i) => i,
+                    Err(e) if is_absent(&e) => break,
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("listing {}: {e}", dir_path.display()))),
+                };
+                let name = item.file_name();
+                let name = name.as_bytes();
+                if name.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let mut rel = dir_rel.clone();
+                if !rel.is_empty() {
+                    rel.push(b'/');
+                }
+                rel.extend_from_slice(name);
+                let path = item.path();
+                let meta = match std::fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if is_absent(&e) => continue,
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+                };
+                let attrs = match Attrs::read(&path) {
+                    Ok(Some(a)) => a,
+                    Ok(None) => continue,
+                    Err(e) if is_absent(&e) => continue,
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+                };
+                let link_group = if attrs.kind == crate::replay::FileKind::Regular && meta.nlink() > 1 {
+                    let next = groups.len() as u64 + 1;
+                    Some(*groups.entry((meta.dev(), meta.ino())).or_insert(next))
+                } else {
+                    None
+                };
+                stats.entries += 1;
+                if attrs.kind == crate::replay::FileKind::Regular {
+                    stats.bytes += attrs.size;
+                }
+                let is_dir = attrs.kind == crate::replay::FileKind::Directory;
+                batch.push(ManifestEntry {
+                    path: RelPath(rel.clone()),
+                    attrs: FileAttrs::from(attrs),
+                    xattrs_omitted: false,
+                    link_group,
+                });
+                if is_dir {
+                    if meta.dev() == root_meta.dev() {
+                        stack.push(rel);
+                    } else {
+                        log::warn!(
+                            "{} is another file system mounted inside the export: its contents are not replicated",
+                            path.display()
+                        );
+                    }
+                }
+                if batch.len() >= chunk && !sink(std::mem::replace(&mut batch, Vec::with_capacity(chunk))) {
+                    return Ok(stats);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            sink(batch);
+        }
+        Ok(stats)
+    }
+}
+
+/// What a manifest walk listed (the root not counted).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WalkStats {
+    pub entries: u64,
+    /// Sum of the regular files' sizes.
+    pub bytes: u64,
+}
+
+/// One chunk of a file's data at or after `pos` and before `end`: skips holes
+/// (`SEEK_DATA`), stops at the next hole and after at most `max` bytes. `Ok(None)` when no
+/// data is left before `end` (the rest is a hole, or the file became shorter).
+pub(crate) fn read_data_chunk(file: &File, pos: u64, end: u64, max: usize) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let fd = file.as_raw_fd();
+    if pos >= end {
+        return Ok(None);
+    }
+    // SAFETY: lseek on an fd we own.
+    let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    let data = if data < 0 {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => return Ok(None),
+            // A file system without SEEK_DATA: treat everything as data.
+            Some(libc::EINVAL | libc::EOPNOTSUPP) => pos,
+            _ => return Err(e),
+        }
+    } else {
+        data as u64
+    };
+    if data >= end {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+    let hole = if hole < 0 { end } else { (hole as u64).max(data + 1) };
+    let stop = end.min(hole).min(data + max as u64);
+    let mut buf = vec![0u8; (stop - data) as usize];
+    let mut got = 0usize;
+    while got < buf.len() {
+        // SAFETY: `buf[got..]` is writable for its length.
+        let n = unsafe {
+            libc::pread(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, (data + got as u64) as libc::off_t)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    if got == 0 {
+        return Ok(None);
+    }
+    buf.truncate(got);
+    Ok(Some((data, buf)))
+}

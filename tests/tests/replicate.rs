@@ -1,0 +1,1518 @@
+//! Replication end to end (issue 4): a real `imezzo server` capturing an export with its
+//! probes, a real `imezzo client --mode replicate` over QUIC on loopback, and `imezzo verify`
+//! as the judge. Export and replica live on separate fresh file systems.
+//!
+//! Every scenario ends with the replica identical to the export. Agents that die or panic
+//! fail the test at once, with both logs. Hostile peers use the agent library's own
+//! transport and framing, so they pass the TLS pins and speak bytes the real decoder reads.
+
+use imezzo_agent::op::{JournalEntry, Op, RelPath, Timestamp};
+use imezzo_agent::protocol::{
+    FileAttrs, FileKind, FullSyncReason, ManifestEntry, Msg, Start, MAX_CONTROL_BODY,
+    PROTOCOL_VERSION,
+};
+use imezzo_agent::transport;
+use imezzo_tests::replica::wire::{self, Ending};
+use imezzo_tests::replica::*;
+use imezzo_tests::{sys, Fs, FsKind};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+fn open_or_panic(p: &Path, flags: i32, mode: u32) -> std::os::fd::OwnedFd {
+    sys::open(p, flags, mode).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn ok<T>(r: sys::SysResult<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Initial sync and live streaming
+// ---------------------------------------------------------------------------
+
+#[test]
+fn initial_sync_copies_an_existing_tree_and_both_agents_stop_cleanly_on_sigint() {
+    let mut r = Replication::new("initial");
+    let (tarball, st) = Tree::tarball(&r.export.sibling, 20, 1000, 1);
+    Tree::wait_tar(Tree::untar(&tarball, &r.export.root));
+    r.start_server(&[]);
+    r.start_client();
+    // Nothing changed since the snapshot: `initial sync done` means the replica is complete.
+    let (code, out) = verify(&r.export.root, &r.replica.root);
+    assert_eq!(
+        code,
+        Some(0),
+        "right after `initial sync done` the replica of an unchanging tree ({st:?}) differs:\n{}\n{}",
+        head(&out, 60),
+        r.context()
+    );
+    let cst = r.client().agent.stop();
+    assert!(
+        cst.success(),
+        "the client's exit on SIGINT: {cst}, want 0\n{}",
+        r.context()
+    );
+    let sst = r.server().agent.stop();
+    assert!(
+        sst.success(),
+        "the server's exit on SIGINT: {sst}, want 0\n{}",
+        r.context()
+    );
+    r.assert_no_panic();
+}
+
+#[test]
+fn untar_of_3000_files_into_the_export_while_replicating_ends_identical() {
+    let mut r = Replication::new("untar");
+    let (tarball, st) = Tree::tarball(&r.export.sibling, 60, 3000, 2);
+    r.start_server(&[]);
+    r.start_client();
+    let t = Instant::now();
+    Tree::wait_tar(Tree::untar(&tarball, &r.export.root));
+    eprintln!("untar of {st:?} took {:?}", t.elapsed());
+    r.assert_identical(CONVERGE_TIMEOUT, "untar of 3000 files in 60 directories");
+    r.assert_no_panic();
+}
+
+/// A rename storm's expected state: top directories by current name, files by (dir, name).
+struct Storm {
+    dirs: Vec<String>,
+    files: Vec<(usize, String)>,
+}
+
+impl Storm {
+    fn path(&self, f: usize) -> String {
+        let (d, n) = &self.files[f];
+        format!("{}/{}", self.dirs[*d], n)
+    }
+}
+
+#[test]
+fn rename_storm_of_files_and_directories_ends_identical() {
+    let mut r = Replication::new("renames");
+    let mut m = Storm {
+        dirs: Vec::new(),
+        files: Vec::new(),
+    };
+    for d in 0..10 {
+        m.dirs.push(format!("s{d}"));
+        r.export.dirs(&m.dirs[d]);
+        for k in 0..30 {
+            let name = format!("f{d}-{k}");
+            r.export.put(
+                &format!("s{d}/{name}"),
+                format!("file {d}/{k}\n").repeat(k + 1).as_bytes(),
+            );
+            m.files.push((d, name));
+        }
+    }
+    r.start_server(&[]);
+    r.start_client();
+
+    let mut rng = Rng(3);
+    let e = |rel: &str| r.export.p(rel);
+    let exchange = libc::RENAME_EXCHANGE;
+    let (mut renames, mut kinds) = (0, [0usize; 6]);
+    while renames < 1000 {
+        let f = rng.below(m.files.len() as u64) as usize;
+        match rng.below(100) {
+            // Back and forth inside one directory.
+            0..=49 => {
+                let from = m.path(f);
+                let name = &mut m.files[f].1;
+                match name.strip_suffix(".r") {
+                    Some(base) => *name = base.to_string(),
+                    None => name.push_str(".r"),
+                }
+                ok(sys::rename(&e(&from), &e(&m.path(f))));
+                kinds[0] += 1;
+            }
+            // Across directories (names are unique in the whole tree).
+            50..=69 => {
+                let from = m.path(f);
+                m.files[f].0 = rng.below(m.dirs.len() as u64) as usize;
+                ok(sys::rename(&e(&from), &e(&m.path(f))));
+                kinds[1] += 1;
+            }
+            // A top directory and its whole subtree, back and forth.
+            70..=79 => {
+                let d = rng.below(m.dirs.len() as u64) as usize;
+                let from = m.dirs[d].clone();
+                m.dirs[d] = match from.strip_prefix('s') {
+                    Some(n) => format!("t{n}"),
+                    None => format!("s{}", &from[1..]),
+                };
+                ok(sys::rename(&e(&from), &e(&m.dirs[d])));
+                kinds[2] += 1;
+            }
+            // RENAME_EXCHANGE of two files: the names stay, the contents swap.
+            80..=89 => {
+                let g = rng.below(m.files.len() as u64) as usize;
+                if g == f {
+                    continue;
+                }
+                ok(sys::renameat2(
+                    libc::AT_FDCWD,
+                    &e(&m.path(f)),
+                    libc::AT_FDCWD,
+                    &e(&m.path(g)),
+                    exchange,
+                ));
+                kinds[3] += 1;
+            }
+            // RENAME_EXCHANGE of two directories: each subtree takes the other's name.
+            90..=94 => {
+                let (a, b) = (rng.below(10) as usize, rng.below(10) as usize);
+                if a == b {
+                    continue;
+                }
+                ok(sys::renameat2(
+                    libc::AT_FDCWD,
+                    &e(&m.dirs[a]),
+                    libc::AT_FDCWD,
+                    &e(&m.dirs[b]),
+                    exchange,
+                ));
+                m.dirs.swap(a, b);
+                kinds[4] += 1;
+            }
+            // Rename over an existing file, which disappears.
+            _ => {
+                let g = rng.below(m.files.len() as u64) as usize;
+                if g == f || m.files.len() < 150 {
+                    continue;
+                }
+                ok(sys::rename(&e(&m.path(f)), &e(&m.path(g))));
+                m.files[f] = m.files[g].clone();
+                m.files.swap_remove(g);
+                kinds[5] += 1;
+            }
+        }
+        renames += 1;
+    }
+    eprintln!(
+        "renames: {} in-dir, {} across dirs, {} dir, {} file exchanges, {} dir exchanges, {} over existing",
+        kinds[0], kinds[1], kinds[2], kinds[3], kinds[4], kinds[5]
+    );
+    // The model and the export agree, so the test itself renamed what it meant to.
+    for f in 0..m.files.len() {
+        assert!(
+            e(&m.path(f)).exists(),
+            "the storm's model lost track of {}",
+            m.path(f)
+        );
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "1000 renames of files and directories");
+    r.assert_no_panic();
+}
+
+#[test]
+fn large_file_grown_by_appends_then_truncated_ends_identical() {
+    let mut r = Replication::started("bigfile");
+    let p = r.e("big.bin");
+    let mut rng = Rng(4);
+    {
+        let f = open_or_panic(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o644);
+        for _ in 0..64 {
+            let n = ok(sys::write(&f, &rng.bytes(MIB)));
+            assert_eq!(n as usize, MIB, "short append");
+        }
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "64 MiB grown by 1 MiB appends");
+
+    ok(sys::truncate(&p, 5 * MIB as i64 + 4097));
+    r.assert_identical(CONVERGE_TIMEOUT, "truncated to 5 MiB + 4097");
+
+    // Extended again with a hole, then a write past the hole.
+    ok(sys::truncate(&p, 40 * MIB as i64));
+    {
+        let f = open_or_panic(&p, libc::O_WRONLY, 0);
+        ok(sys::pwrite64(&f, &rng.bytes(1000), 39 * MIB as i64));
+    }
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "extended to 40 MiB with a hole and a write at 39 MiB",
+    );
+    r.assert_no_panic();
+}
+
+#[test]
+fn hard_links_on_ext4_replicate_as_link_groups() {
+    let mut r = Replication::on("links", FsKind::Ext4);
+    for d in ["a", "b", "c"] {
+        r.export.dirs(d);
+    }
+    // Present at the initial sync: the manifest's link groups.
+    for i in 0..10 {
+        r.export
+            .put(&format!("a/pre-{i}"), format!("pre {i}\n").as_bytes());
+        ok(sys::link(
+            &r.e(&format!("a/pre-{i}")),
+            &r.e(&format!("b/pre-{i}")),
+        ));
+    }
+    r.start_server(&[]);
+    r.start_client();
+    r.assert_identical(CONVERGE_TIMEOUT, "initial sync of linked files");
+
+    for i in 0..40 {
+        let a = r.e(&format!("a/f{i}"));
+        std::fs::write(&a, format!("linked file {i}\n").repeat(i + 1)).unwrap();
+        ok(sys::link(&a, &r.e(&format!("b/f{i}"))));
+        if i % 2 == 1 {
+            ok(sys::link(&a, &r.e(&format!("c/f{i}-second"))));
+        }
+    }
+    for i in (0..40).step_by(4) {
+        ok(sys::unlink(&r.e(&format!("a/f{i}"))));
+    }
+    for i in (0..40).step_by(5) {
+        ok(sys::rename(
+            &r.e(&format!("b/f{i}")),
+            &r.e(&format!("c/moved-{i}")),
+        ));
+    }
+    // Content, mode and xattr changed through one name show under every name.
+    {
+        let f = open_or_panic(&r.e("b/f1"), libc::O_WRONLY | libc::O_APPEND, 0);
+        ok(sys::write(&f, b"appended through b/f1\n"));
+    }
+    ok(sys::chmod(&r.e("c/f3-second"), 0o600));
+    ok(sys::setxattr(
+        &r.e("c/f7-second"),
+        "user.shared",
+        b"one inode",
+        0,
+    ));
+    // A group that shrinks to one name, and one that grows from an old file.
+    ok(sys::unlink(&r.e("b/pre-0")));
+    ok(sys::link(&r.e("a/pre-1"), &r.e("c/pre-1-third")));
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "hard links made, renamed, unlinked and written through",
+    );
+    r.assert_no_panic();
+}
+
+#[test]
+fn permission_and_ownership_changes_on_many_files_end_identical() {
+    let mut r = Replication::new("perms");
+    for d in 0..6 {
+        r.export.dirs(&format!("d{d}"));
+        for i in 0..100 {
+            r.export
+                .put(&format!("d{d}/f{i}"), format!("{d} {i}\n").as_bytes());
+        }
+        ok(sys::symlink(&format!("f{d}"), &r.e(&format!("d{d}/link"))));
+    }
+    r.start_server(&[]);
+    r.start_client();
+
+    let modes = [
+        0o600, 0o640, 0o644, 0o444, 0o755, 0o700, 0o4755, 0o2750, 0o6711, 0o000, 0o1644, 0o664,
+    ];
+    for d in 0..6u32 {
+        for i in 0..100u32 {
+            let p = r.e(&format!("d{d}/f{i}"));
+            // chown first: a chown by root clears setuid and setgid, the chmod sets them again.
+            ok(sys::chown(&p, 1000 + (i % 7), 2000 + (i % 5)));
+            ok(sys::chmod(
+                &p,
+                modes[((d * 100 + i) as usize) % modes.len()],
+            ));
+            if i % 10 == 0 {
+                set_mtime(&p, 1_500_000_000 + i as i64, 123_456_789);
+            }
+        }
+        let dir = r.e(&format!("d{d}"));
+        ok(sys::chown(&dir, 3000 + d, 3000 + d));
+        ok(sys::chmod(
+            &dir,
+            [0o1777, 0o2775, 0o700, 0o755, 0o750, 0o3777][d as usize],
+        ));
+        ok(sys::lchown(&r.e(&format!("d{d}/link")), 4000 + d, 4000 + d));
+    }
+    // Later changes supersede earlier ones: a second pass on half of the files.
+    for d in 0..6u32 {
+        for i in (0..100u32).step_by(2) {
+            let p = r.e(&format!("d{d}/f{i}"));
+            ok(sys::chown(&p, 5000 + i, sys::KEEP));
+            ok(sys::chmod(&p, 0o640 | (((i / 2) % 2) * 0o110)));
+        }
+    }
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "chmod and chown of 600 files, 6 directories and 6 symlinks",
+    );
+    r.assert_no_panic();
+}
+
+#[test]
+fn rename_of_the_top_of_a_ten_level_tree_ends_identical() {
+    let mut r = Replication::started("deep");
+    let mut rel = String::new();
+    for level in 0..10 {
+        if !rel.is_empty() {
+            rel.push('/');
+        }
+        rel += &format!("a{level}");
+        r.export.dirs(&rel);
+        for k in 0..3 {
+            r.export.put(
+                &format!("{rel}/file{k}"),
+                format!("level {level} file {k}\n").as_bytes(),
+            );
+        }
+        ok(sys::symlink("file0", &r.e(&format!("{rel}/link"))));
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "a ten-level tree");
+
+    ok(sys::rename(&r.e("a0"), &r.e("z0")));
+    r.assert_identical(CONVERGE_TIMEOUT, "rename of the top of ten levels");
+
+    // A deep subtree moved to the top, the old name reused, and a write deep inside.
+    ok(sys::rename(&r.e("z0/a1/a2/a3/a4"), &r.e("top-a4")));
+    ok(sys::rename(&r.e("z0"), &r.e("a0")));
+    r.export.dirs("z0/new");
+    r.export.put("z0/new/file", b"a new z0\n");
+    std::fs::write(
+        r.e("top-a4/a5/a6/a7/a8/a9/file1"),
+        b"rewritten after two moves\n",
+    )
+    .unwrap();
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "a deep subtree moved up, the top renamed back, its old name reused",
+    );
+    r.assert_no_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Crashes, restarts and retention
+// ---------------------------------------------------------------------------
+
+#[test]
+fn client_killed_mid_stream_resumes_without_a_full_resync_and_ends_identical() {
+    let mut r = Replication::new("killclient");
+    let (tarball, _) = Tree::tarball(&r.export.sibling, 40, 2000, 8);
+    r.start_server(&[]);
+    r.start_client();
+
+    // Four extractions one after another: the export keeps changing while the client is down.
+    let root = r.export.root.clone();
+    let writer = std::thread::spawn(move || {
+        for k in 0..4 {
+            let dest = root.join(format!("t{k}"));
+            std::fs::create_dir(&dest).unwrap();
+            Tree::wait_tar(Tree::untar(&tarball, &dest));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_entries(&r.replica.root) < 300 {
+        if Instant::now() > deadline || !r.client().agent.is_running() {
+            let ctx = r.context();
+            panic!("the client did not replay 300 entries of the untar within 60 s\n{ctx}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r.client().kill9();
+    let (replica_at_kill, export_at_kill) = (
+        count_entries(&r.replica.root),
+        count_entries(&r.export.root),
+    );
+    let writing = !writer.is_finished();
+    eprintln!("killed the client with {replica_at_kill} entries replicated of {export_at_kill} (untar still running: {writing})");
+    assert!(
+        writing || export_at_kill > replica_at_kill,
+        "the client had caught up before it was killed: the scenario did not kill it mid-stream"
+    );
+    writer.join().expect("the untar thread panicked");
+
+    r.client().restart();
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "after kill -9 of the client mid-stream and a restart",
+    );
+    let c = r.client();
+    let seq = c.wait_in_sync_after(0, Duration::from_secs(30));
+    assert!(
+        seq.is_some(),
+        "the restarted client never printed `{IN_SYNC}N`\n{}",
+        c.context()
+    );
+    assert!(
+        c.initial_syncs().is_empty(),
+        "the restarted client did a full resync instead of resuming: {:?}\n{}",
+        c.initial_syncs(),
+        c.context()
+    );
+    r.assert_no_panic();
+}
+
+#[test]
+fn server_killed_and_restarted_resumes_the_client_without_a_full_resync() {
+    let mut r = Replication::new("killserver");
+    let (tarball, _) = Tree::tarball(&r.export.sibling, 10, 300, 9);
+    Tree::wait_tar(Tree::untar(&tarball, &r.export.root));
+    r.start_server(&[]);
+    r.start_client();
+    r.export.dirs("before");
+    for i in 0..200 {
+        r.export.put(
+            &format!("before/f{i}"),
+            format!("before the crash {i}\n").as_bytes(),
+        );
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "changes before the server crash");
+
+    r.server().kill9();
+    r.server().restart();
+    r.export.dirs("after");
+    for i in 0..200 {
+        r.export.put(
+            &format!("after/f{i}"),
+            format!("after the restart {i}\n").as_bytes(),
+        );
+    }
+    for i in (0..200).step_by(3) {
+        ok(sys::rename(
+            &r.e(&format!("before/f{i}")),
+            &r.e(&format!("after/moved-{i}")),
+        ));
+    }
+    ok(sys::unlink(&r.e("before/f1")));
+    r.assert_identical(CONVERGE_TIMEOUT, "changes after the server's restart");
+
+    let c = r.client();
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "the client did a full resync after the server's restart (want only the first `initial sync done`)\n{}",
+        c.context()
+    );
+    assert!(c.earlier.is_empty(), "the client was restarted");
+    r.assert_no_panic();
+}
+
+#[test]
+fn client_offline_past_retention_gets_a_full_resync_and_ends_identical() {
+    let mut r = Replication::new("retention");
+    let (small, _) = Tree::tarball(&r.export.sibling, 5, 200, 10);
+    let old = r.e("old");
+    std::fs::create_dir(&old).unwrap();
+    Tree::wait_tar(Tree::untar(&small, &old));
+    std::fs::remove_file(&small).unwrap();
+    let (big, _) = Tree::tarball(&r.export.sibling, 40, 2000, 11);
+    r.start_server(&["--retain-bytes", "65536"]);
+    r.start_client();
+    let st = r.client().agent.stop();
+    assert!(
+        st.success(),
+        "the client's exit on SIGINT: {st}, want 0\n{}",
+        r.context()
+    );
+
+    // Offline: far more journal than 64 KiB, and deletions the client must apply by resync.
+    let new = r.e("new");
+    std::fs::create_dir(&new).unwrap();
+    Tree::wait_tar(Tree::untar(&big, &new));
+    std::fs::remove_dir_all(r.e("old/tree/d00")).unwrap();
+    ok(sys::rename(&r.e("old/tree/d01"), &r.e("moved-d01")));
+    std::thread::sleep(Duration::from_secs(2));
+
+    let c = r.client();
+    c.restart();
+    let seq = c.wait_initial_sync(INITIAL_SYNC_TIMEOUT);
+    eprintln!("full resync done at seq {seq}");
+    r.assert_identical(CONVERGE_TIMEOUT, "after a full resync past retention");
+    r.assert_no_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Configuration files
+// ---------------------------------------------------------------------------
+
+/// A TOML string literal (paths and ids here need no escapes beyond quotes and backslashes).
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[test]
+fn config_files_supply_every_setting_flags_win_and_unknown_keys_are_refused() {
+    let r = Replication::new("config");
+    let cfg_dir = unique_dir("config-files");
+    let server_cfg = cfg_dir.join("server.toml");
+    std::fs::write(
+        &server_cfg,
+        format!(
+            "export = {}\nstate = {}\nlisten = \"127.0.0.1:0\"\nallow = [{}]\nretain_bytes = 67108864\n",
+            toml_str(r.export.root.to_str().unwrap()),
+            toml_str(r.server_node.state.to_str().unwrap()),
+            toml_str(&r.client_node.id)
+        ),
+    )
+    .unwrap();
+    let mut server = Agent::spawn(
+        "server (--config)",
+        vec![
+            "server".into(),
+            "--config".into(),
+            server_cfg.clone().into(),
+        ],
+    );
+    let (addr, sid) = Server::wait_ready(&mut server);
+    assert_eq!(sid, r.server_node.id, "{}", server.context());
+
+    // The file names a root that does not exist; the flag must win.
+    let client_cfg = cfg_dir.join("client.toml");
+    std::fs::write(
+        &client_cfg,
+        format!(
+            "server = {}\nserver_id = {}\nroot = \"/nonexistent/imezzo-config-test\"\nstate = {}\nmode = \"replicate\"\n",
+            toml_str(&addr.to_string()),
+            toml_str(&sid),
+            toml_str(r.client_node.state.to_str().unwrap())
+        ),
+    )
+    .unwrap();
+    let mut client = Agent::spawn(
+        "client (--config)",
+        vec![
+            "client".into(),
+            "--config".into(),
+            client_cfg.clone().into(),
+            "--root".into(),
+            r.replica.root.clone().into(),
+        ],
+    );
+    let synced = client.wait_stderr(|l| l.contains(INITIAL_SYNC_DONE), INITIAL_SYNC_TIMEOUT);
+    assert!(
+        synced.is_some(),
+        "no initial sync with --config\n{}\n{}",
+        server.context(),
+        client.context()
+    );
+    r.export.put("from-config", b"configured by files\n");
+    let res = wait_identical(&r.export.root, &r.replica.root, CONVERGE_TIMEOUT);
+    assert!(
+        res.is_ok(),
+        "{}\n{}\n{}",
+        res.unwrap_err(),
+        server.context(),
+        client.context()
+    );
+
+    // SIGTERM, like SIGINT, is a clean stop.
+    client.signal(libc::SIGTERM);
+    let st = client.wait_exit(AGENT_EXIT_TIMEOUT);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "client exit on SIGTERM: {st:?}\n{}",
+        client.context()
+    );
+    server.signal(libc::SIGTERM);
+    let st = server.wait_exit(AGENT_EXIT_TIMEOUT);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "server exit on SIGTERM: {st:?}\n{}",
+        server.context()
+    );
+
+    // A misspelt key is an error naming it, not a silent default.
+    let bad = cfg_dir.join("bad.toml");
+    std::fs::write(&bad, "retain_byte = 1000\n").unwrap();
+    let (code, out, err) = run_agent(&[
+        std::ffi::OsStr::new("server"),
+        std::ffi::OsStr::new("--config"),
+        bad.as_os_str(),
+    ]);
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("imezzo: error:"))
+        .collect();
+    assert!(
+        code == Some(1) && errors.len() == 1 && errors[0].contains("retain_byte"),
+        "a config file with an unknown key: exit {code:?}, want 1 and one error line naming the key\nstdout: {out}\nstderr: {err}"
+    );
+    assert!(!server.panicked() && !client.panicked() && !err.contains("panicked"));
+    let _ = std::fs::remove_dir_all(&cfg_dir);
+}
+
+// ---------------------------------------------------------------------------
+// Refused peers
+// ---------------------------------------------------------------------------
+
+/// The `imezzo: error:` lines of an agent that must have exited 1 with exactly one.
+fn single_fatal_error(agent: &mut Agent, what: &str, ctx: &dyn Fn() -> String) -> String {
+    let st = agent.wait_exit(Duration::from_secs(45));
+    let Some(st) = st else {
+        agent.kill9();
+        panic!(
+            "{what}: the client did not exit within 45 s\n{}\n{}",
+            agent.context(),
+            ctx()
+        );
+    };
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "{what}: exit status {st}, want 1\n{}\n{}",
+        agent.context(),
+        ctx()
+    );
+    let errors: Vec<String> = agent
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("imezzo: error:"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{what}: want exactly one `imezzo: error:` line\n{}\n{}",
+        agent.context(),
+        ctx()
+    );
+    assert!(
+        !agent.panicked(),
+        "{what}: the client panicked\n{}",
+        agent.context()
+    );
+    errors[0].clone()
+}
+
+#[test]
+fn client_not_in_the_allow_list_is_refused_and_exits_1_naming_its_id() {
+    let mut r = Replication::started("notallowed");
+    let stranger = Node::init("stranger");
+    let (addr, sid) = (r.server().addr, r.server().id.clone());
+    let stranger_root = r.replica.sibling.clone();
+    let mut c = Client::spawn(&stranger, addr, &sid, &stranger_root);
+    let ctx = || r.context();
+    let line = single_fatal_error(&mut c.agent, "a client not allowed", &ctx);
+    assert!(
+        line.contains(&stranger.id) && line.contains("allow"),
+        "the refused client's error should name its id (for --allow) and the allow list: {line:?}"
+    );
+    assert_eq!(
+        count_entries(&stranger_root),
+        0,
+        "the refused client wrote into its root"
+    );
+    let logged = r
+        .server()
+        .agent
+        .wait_stderr(|l| l.contains(&stranger.id), Duration::from_secs(5));
+    assert!(
+        logged.is_some(),
+        "the server did not log the refused client's id {}\n{}",
+        stranger.id,
+        r.context()
+    );
+
+    // The allowed client is unaffected.
+    r.export.put("after-refusal", b"still replicating\n");
+    r.assert_identical(CONVERGE_TIMEOUT, "the allowed client after a refusal");
+    r.assert_no_panic();
+}
+
+#[test]
+fn client_expecting_another_server_id_refuses_it_and_exits_1_naming_both_ids() {
+    let mut r = Replication::new("wrongserver");
+    let second = Node::init("second-client");
+    let impostor = Node::init("expected-server");
+    r.server = Some(Server::start(
+        &r.server_node,
+        &r.export.root,
+        &[&r.client_node.id, &second.id],
+        &[],
+    ));
+    r.start_client();
+    let (addr, sid) = (r.server().addr, r.server().id.clone());
+    let second_root = r.replica.sibling.clone();
+    let mut c = Client::spawn(&second, addr, &impostor.id, &second_root);
+    let ctx = || r.context();
+    let line = single_fatal_error(&mut c.agent, "a client pinning another server id", &ctx);
+    assert!(
+        line.contains(&impostor.id) && line.contains(&sid),
+        "the error should name the expected id {} and the presented id {sid}: {line:?}",
+        impostor.id
+    );
+    assert_eq!(
+        count_entries(&second_root),
+        0,
+        "the refusing client wrote into its root"
+    );
+    // The server is told why (the client's TLS refusal travels in the close) and logs it.
+    let logged = r.server().agent.wait_stderr(
+        |l| l.to_lowercase().contains("refused"),
+        Duration::from_secs(5),
+    );
+    assert!(
+        logged.is_some(),
+        "the server logged nothing about the client refusing it\n{}",
+        r.context()
+    );
+
+    r.export.put("after-refusal", b"still replicating\n");
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "the good client after another client refused the server",
+    );
+    r.assert_no_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Hostile peers
+// ---------------------------------------------------------------------------
+
+/// One step of a hostile client.
+enum Step {
+    /// Bytes on the control stream (opened on first use).
+    Control(Vec<u8>),
+    /// Read the control stream until `Welcome`.
+    AwaitWelcome,
+    /// A new fetch stream carrying these bytes, then finished.
+    Fetch(Vec<u8>),
+}
+
+fn hello() -> Vec<u8> {
+    wire::frame(&Msg::Hello {
+        volume_id: None,
+        last_applied: None,
+        window: 64,
+        agent: "hostile test peer".into(),
+    })
+}
+
+fn entry(seq: u64, op: Op) -> JournalEntry {
+    JournalEntry { seq, op }
+}
+
+fn rel(s: &str) -> RelPath {
+    RelPath::from(s)
+}
+
+/// Runs one hostile client's steps on a fresh connection; returns how the connection ended
+/// and every message the server sent on fetch streams.
+async fn hostile_client(
+    identity: &imezzo_agent::identity::Identity,
+    addr: std::net::SocketAddr,
+    server_id: &str,
+    steps: &[Step],
+) -> Result<(Ending, Vec<Msg>), String> {
+    let (_ep, conn) = wire::connect(identity, addr, server_id).await;
+    let mut control: Option<(quinn::SendStream, quinn::RecvStream)> = None;
+    let mut decoder = wire::decoder();
+    let fetched = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for step in steps {
+        match step {
+            Step::Control(bytes) => {
+                if control.is_none() {
+                    control = Some(
+                        conn.open_bi()
+                            .await
+                            .map_err(|e| format!("open the control stream: {e}"))?,
+                    );
+                }
+                // A write error means the server already closed: the ending says why.
+                if wire::send(&mut control.as_mut().unwrap().0, bytes)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Step::AwaitWelcome => {
+                let recv = &mut control
+                    .as_mut()
+                    .ok_or("AwaitWelcome before the control stream")?
+                    .1;
+                loop {
+                    match wire::read_msg(recv, &mut decoder, Duration::from_secs(30)).await? {
+                        Some(Msg::Welcome { .. }) => break,
+                        Some(_) => continue,
+                        None => return Err("the control stream ended before Welcome".into()),
+                    }
+                }
+            }
+            Step::Fetch(bytes) => {
+                let (mut send, mut recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| format!("open a fetch stream: {e}"))?;
+                if wire::send(&mut send, bytes).await.is_err() {
+                    break;
+                }
+                let _ = send.finish();
+                let fetched = fetched.clone();
+                tokio::spawn(async move {
+                    let mut d = wire::decoder();
+                    while let Ok(Some(m)) =
+                        wire::read_msg(&mut recv, &mut d, Duration::from_secs(30)).await
+                    {
+                        fetched.lock().unwrap().push(m);
+                    }
+                });
+            }
+        }
+    }
+    let ending = wire::ending(&conn, Duration::from_secs(10)).await;
+    let got = fetched.lock().unwrap().clone();
+    Ok((ending, got))
+}
+
+#[test]
+fn hostile_client_messages_close_only_their_own_connection_with_a_logged_reason() {
+    let mut r = Replication::new("hostile");
+    let hostile = Node::init("hostile");
+    r.export.dirs("d00");
+    for i in 0..50 {
+        r.export
+            .put(&format!("d00/f{i}"), format!("{i}\n").as_bytes());
+    }
+    r.server = Some(Server::start(
+        &r.server_node,
+        &r.export.root,
+        &[&r.client_node.id, &hostile.id],
+        &[],
+    ));
+    r.start_client();
+    let (addr, sid) = (r.server().addr, r.server().id.clone());
+    let identity = hostile.identity();
+
+    let mut rng = Rng(13);
+    let garbage_frame = [wire::header(256, PROTOCOL_VERSION), rng.bytes(256)].concat();
+    let traversal = |p: &str| {
+        wire::frame(&Msg::Entries {
+            from_seq: 1,
+            entries: vec![entry(
+                1,
+                Op::Create {
+                    path: rel(p),
+                    mode: 0o644,
+                },
+            )],
+        })
+    };
+    let fetch = |p: &str| {
+        wire::frame(&Msg::Fetch {
+            req_id: 1,
+            path: rel(p),
+            offset: 0,
+            len: 4096,
+        })
+    };
+    let hello_v2 = {
+        let mut f = hello();
+        f[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        f
+    };
+    let welcome = wire::frame(&Msg::Welcome {
+        volume_id: [9; 16],
+        start: Start::Resume { from_seq: 1 },
+        agent: "a client posing as a server".into(),
+    });
+    let unframed = {
+        let mut g = rng.bytes(4096);
+        // Never version 1, so the server cannot wait for the rest of a "frame".
+        g[4] = 0xee;
+        g
+    };
+    use Step::*;
+    // (what, steps, acceptable close codes: 2 = Violation, 1 = VersionMismatch)
+    let cases: Vec<(&str, Vec<Step>, &[u64])> = vec![
+        (
+            "a journal entry with a path traversal as the first message",
+            vec![Control(traversal("../../escaped"))],
+            &[2],
+        ),
+        (
+            "a journal entry with a path traversal after Hello",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Control(traversal("../escaped")),
+            ],
+            &[2],
+        ),
+        (
+            "a fetch of ../../../../../etc/passwd",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Fetch(fetch("../../../../../etc/passwd")),
+            ],
+            &[2],
+        ),
+        (
+            "a fetch of d00/../../../etc/passwd",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Fetch(fetch("d00/../../../etc/passwd")),
+            ],
+            &[2],
+        ),
+        (
+            "a fetch of an absolute path",
+            vec![Control(hello()), AwaitWelcome, Fetch(fetch("/etc/passwd"))],
+            &[2],
+        ),
+        (
+            "a FetchAttrs with a traversal among good paths",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Fetch(wire::frame(&Msg::FetchAttrs {
+                    req_id: 2,
+                    paths: vec![rel("d00"), rel("d00/../../.."), rel("d00/f1")],
+                })),
+            ],
+            &[2],
+        ),
+        (
+            "an oversized length prefix (0xFFFFFFFF) on the control stream",
+            vec![Control(wire::header(u32::MAX, PROTOCOL_VERSION))],
+            &[2],
+        ),
+        (
+            "an oversized frame on a fetch stream",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Fetch(wire::header(MAX_CONTROL_BODY as u32 + 1, PROTOCOL_VERSION)),
+            ],
+            &[2],
+        ),
+        (
+            "a frame of garbage bytes as the first message",
+            vec![Control(garbage_frame.clone())],
+            &[2],
+        ),
+        (
+            "a frame of garbage bytes after Hello",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Control(garbage_frame.clone()),
+            ],
+            &[2],
+        ),
+        // Unframed garbage: its first bytes read as a header of another version.
+        (
+            "4 KiB of unframed garbage after Hello",
+            vec![Control(hello()), AwaitWelcome, Control(unframed)],
+            &[1, 2],
+        ),
+        (
+            "an Ack before Hello",
+            vec![Control(wire::frame(&Msg::Ack { applied_seq: 0 }))],
+            &[2],
+        ),
+        (
+            "Hello twice",
+            vec![Control(hello()), AwaitWelcome, Control(hello())],
+            &[2],
+        ),
+        (
+            "an Ack beyond anything sent",
+            vec![
+                Control(hello()),
+                AwaitWelcome,
+                Control(wire::frame(&Msg::Ack {
+                    applied_seq: 1 << 40,
+                })),
+            ],
+            &[2],
+        ),
+        (
+            "a server message (Welcome) from the client",
+            vec![Control(hello()), AwaitWelcome, Control(welcome)],
+            &[2],
+        ),
+        (
+            "a Hello of another protocol version",
+            vec![Control(hello_v2)],
+            &[1],
+        ),
+    ];
+
+    let rt = wire::runtime();
+    let mut failures = Vec::new();
+    let mut reasons = Vec::new();
+    for (what, steps, codes) in &cases {
+        let got = rt.block_on(hostile_client(&identity, addr, &sid, steps));
+        match got {
+            Err(e) => failures.push(format!("{what}: {e}")),
+            Ok((Ending::ClosedByPeer { code, reason }, fetched)) => {
+                eprintln!("{what}: closed with code {code}: {reason}");
+                if !codes.contains(&code) {
+                    failures.push(format!("{what}: closed with code {code} ({reason:?}), want one of {codes:?}"));
+                }
+                if reason.trim().is_empty() {
+                    failures.push(format!("{what}: closed with code {code} and no reason"));
+                } else {
+                    reasons.push((what, reason));
+                }
+                if let Some(m) = fetched.iter().find(|m| matches!(m, Msg::Data { .. } | Msg::Attrs { .. })) {
+                    failures.push(format!("{what}: the server answered with {} before closing", m.name()));
+                }
+            }
+            Ok((other, fetched)) => failures.push(format!(
+                "{what}: the server did not close the connection with a reason: {other:?}; fetch answers: {:?}",
+                fetched.iter().map(|m| m.name()).collect::<Vec<_>>()
+            )),
+        }
+        if !r.server().agent.is_running() {
+            failures.push(format!("{what}: the server exited"));
+            break;
+        }
+    }
+    // Each reason the peer was given is in the server's log too.
+    let server_log = r.server().agent.stderr();
+    for (what, reason) in &reasons {
+        let key: String = reason.trim().chars().take(60).collect();
+        if !server_log.iter().any(|l| l.contains(&key)) {
+            failures.push(format!(
+                "{what}: the server did not log the reason it gave ({key:?}...)"
+            ));
+        }
+    }
+    let ctx = r.context();
+    assert!(
+        failures.is_empty(),
+        "hostile messages:\n  {}\n{ctx}",
+        failures.join("\n  ")
+    );
+
+    // The well-behaved client never noticed.
+    r.export.put("d00/after-hostility", b"still replicating\n");
+    r.assert_identical(CONVERGE_TIMEOUT, "the good client after hostile peers");
+    let c = r.client();
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "the good client resynced\n{}",
+        c.context()
+    );
+    assert!(
+        c.agent.stderr_matching(UNREACHABLE).is_empty(),
+        "the good client lost the server\n{}",
+        c.context()
+    );
+    r.assert_no_panic();
+}
+
+fn attrs(kind: FileKind, mode: u32, target: Option<&str>) -> FileAttrs {
+    let t = Timestamp {
+        sec: 1_700_000_000,
+        nsec: 0,
+    };
+    FileAttrs {
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        atime: t,
+        mtime: t,
+        size: target.map_or(0, |s| s.len() as u64),
+        rdev: 0,
+        symlink_target: target.map(|s| s.as_bytes().to_vec()),
+        xattrs: Vec::new(),
+    }
+}
+
+fn manifest_entry(path: &str, a: FileAttrs) -> ManifestEntry {
+    ManifestEntry {
+        path: rel(path),
+        attrs: a,
+        xattrs_omitted: false,
+        link_group: None,
+    }
+}
+
+/// What a fake server sends after the client's `Hello`.
+fn fake_full_sync(manifest: Vec<ManifestEntry>, then: Option<Vec<JournalEntry>>) -> Vec<u8> {
+    let mut out = wire::frame(&Msg::Welcome {
+        volume_id: [7; 16],
+        start: Start::FullSync {
+            manifest_seq: 0,
+            why: FullSyncReason::NewClient,
+        },
+        agent: "hostile test server".into(),
+    });
+    let mut entries = vec![manifest_entry("", attrs(FileKind::Directory, 0o755, None))];
+    entries.extend(manifest);
+    out.extend(wire::frame(&Msg::Manifest { entries }));
+    if let Some(journal) = then {
+        out.extend(wire::frame(&Msg::ManifestEnd { seq: 0 }));
+        out.extend(wire::frame(&Msg::Entries {
+            from_seq: 1,
+            entries: journal,
+        }));
+    }
+    out
+}
+
+/// What a fake server answers on a fetch stream: empty data, and attributes that make each
+/// path look like what its name says, so the client goes on to apply the entry.
+async fn fake_fetch_answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut d = imezzo_agent::protocol::FrameDecoder::new(MAX_CONTROL_BODY);
+    let answer = match wire::read_msg(&mut recv, &mut d, Duration::from_secs(15)).await {
+        Ok(Some(Msg::Fetch { req_id, .. })) => Msg::DataEnd {
+            req_id,
+            file_size: 0,
+        },
+        Ok(Some(Msg::FetchAttrs { req_id, paths })) => Msg::Attrs {
+            req_id,
+            attrs: paths
+                .iter()
+                .map(|p| {
+                    let p = p.display();
+                    Some(if p.ends_with("symlink") || p == "up" || p == "abs" {
+                        attrs(FileKind::Symlink, 0o777, Some("x"))
+                    } else if p.ends_with("create") {
+                        attrs(FileKind::Regular, 0o644, None)
+                    } else {
+                        attrs(FileKind::Directory, 0o755, None)
+                    })
+                })
+                .collect(),
+        },
+        _ => return,
+    };
+    let _ = wire::send(&mut send, &wire::frame(&answer)).await;
+    let _ = send.finish();
+}
+
+/// Accepts one client connection, reads its Hello, sends `script`, answers fetch streams,
+/// and returns how the connection ended (waiting at most `linger`).
+async fn fake_server_session(
+    ep: quinn::Endpoint,
+    script: Vec<u8>,
+    linger: Duration,
+) -> Result<Ending, String> {
+    let incoming = tokio::time::timeout(Duration::from_secs(30), ep.accept())
+        .await
+        .map_err(|_| "the client did not connect within 30 s".to_string())?
+        .ok_or("endpoint closed")?;
+    let (conn, _id) = transport::accept(incoming)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(15), conn.accept_bi())
+        .await
+        .map_err(|_| "no control stream within 15 s".to_string())?
+        .map_err(|e| format!("accept the control stream: {e}"))?;
+    let mut d = imezzo_agent::protocol::FrameDecoder::new(MAX_CONTROL_BODY);
+    match wire::read_msg(&mut recv, &mut d, Duration::from_secs(15)).await? {
+        Some(Msg::Hello { .. }) => {}
+        other => {
+            return Err(format!(
+                "the client's first message is {other:?}, not Hello"
+            ))
+        }
+    }
+    let _ = wire::send(&mut send, &script).await;
+    let fetches = conn.clone();
+    tokio::spawn(async move {
+        while let Ok((s, r)) = fetches.accept_bi().await {
+            tokio::spawn(fake_fetch_answer(s, r));
+        }
+    });
+    Ok(wire::ending(&conn, linger).await)
+}
+
+#[test]
+fn path_traversal_from_a_hostile_server_is_refused_by_the_client_and_nothing_escapes_its_root() {
+    let replica = Fs::tmpfs("evilserver-replica");
+    let fake = Node::init("fake-server");
+    let victim = Node::init("victim");
+    let abs_target = replica.sibling.join("evil-absolute");
+    let dir = |p: &str| manifest_entry(p, attrs(FileKind::Directory, 0o755, None));
+    let mkdir = |seq: u64, p: &str| {
+        entry(
+            seq,
+            Op::Mkdir {
+                path: rel(p),
+                mode: 0o755,
+            },
+        )
+    };
+
+    // (what, script, must the client close the connection as a violation)
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "a manifest entry ../evil-manifest",
+            fake_full_sync(vec![dir("../evil-manifest")], None),
+            true,
+        ),
+        (
+            "a journal mkdir of ../evil-mkdir",
+            fake_full_sync(vec![], Some(vec![mkdir(1, "../evil-mkdir")])),
+            true,
+        ),
+        (
+            "a journal create of an absolute path",
+            fake_full_sync(
+                vec![],
+                Some(vec![entry(
+                    1,
+                    Op::Create {
+                        path: RelPath(abs_target.as_os_str().as_encoded_bytes().to_vec()),
+                        mode: 0o644,
+                    },
+                )]),
+            ),
+            true,
+        ),
+        (
+            "a journal rename to a/../../evil-rename",
+            fake_full_sync(
+                vec![dir("a")],
+                Some(vec![entry(
+                    1,
+                    Op::Rename {
+                        path: rel("a"),
+                        new_path: rel("a/../../evil-rename"),
+                        exchange: false,
+                        noreplace: false,
+                    },
+                )]),
+            ),
+            true,
+        ),
+        // Syntactically clean paths through a symlinked parent: replay must resolve beneath
+        // the root and refuse; the stream may go on.
+        (
+            "entries through a symlink to .. and to an absolute directory",
+            fake_full_sync(
+                vec![
+                    manifest_entry("up", attrs(FileKind::Symlink, 0o777, Some(".."))),
+                    manifest_entry(
+                        "abs",
+                        attrs(
+                            FileKind::Symlink,
+                            0o777,
+                            Some(replica.sibling.to_str().unwrap()),
+                        ),
+                    ),
+                    dir("up/evil-via-manifest"),
+                ],
+                Some(vec![
+                    mkdir(1, "up/evil-via-mkdir"),
+                    entry(
+                        2,
+                        Op::Create {
+                            path: rel("abs/evil-via-create"),
+                            mode: 0o644,
+                        },
+                    ),
+                    entry(
+                        3,
+                        Op::Symlink {
+                            path: rel("up/evil-via-symlink"),
+                            target: rel("x"),
+                        },
+                    ),
+                ]),
+            ),
+            false,
+        ),
+    ];
+    // The client must not touch anything outside its root, nor delete through a symlink.
+    std::fs::write(replica.mnt.join("sentinel"), b"outside the root\n").unwrap();
+    std::fs::write(replica.sibling.join("sentinel"), b"outside the root\n").unwrap();
+    let escaped = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&replica.mnt)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("evil"))
+            .collect();
+        v.extend(
+            std::fs::read_dir(&replica.sibling)
+                .unwrap()
+                .flatten()
+                .map(|e| format!("sibling/{}", e.file_name().to_string_lossy()))
+                .filter(|n| n != "sibling/sentinel"),
+        );
+        for s in [
+            replica.mnt.join("sentinel"),
+            replica.sibling.join("sentinel"),
+        ] {
+            if !s.exists() {
+                v.push(format!("{s:?} was deleted"));
+            }
+        }
+        v
+    };
+
+    let rt = wire::runtime();
+    let mut failures = Vec::new();
+    for (what, script, violation) in cases {
+        // A fresh endpoint per case, so no reconnection of an earlier client is taken for
+        // this one's.
+        let ep = {
+            let _g = rt.enter();
+            transport::server_endpoint(
+                &fake.identity(),
+                "127.0.0.1:0".parse().unwrap(),
+                vec![wire::node_id(&victim.id)],
+            )
+            .unwrap_or_else(|e| panic!("fake server endpoint: {e}"))
+        };
+        let addr = ep.local_addr().unwrap();
+        let mut client = Client::spawn(&victim, addr, &fake.id, &replica.root);
+        let linger = Duration::from_secs(if violation { 10 } else { 30 });
+        let session = rt.spawn(fake_server_session(ep.clone(), script, linger));
+        let before = failures.len();
+        if violation {
+            match rt.block_on(session) {
+                Ok(Ok(Ending::ClosedByPeer { code: 2, reason })) if !reason.trim().is_empty() => {
+                    eprintln!("{what}: the client closed with code 2: {reason}");
+                    let key: String = reason.trim().chars().take(60).collect();
+                    if client
+                        .agent
+                        .wait_stderr(|l| l.contains(&key), Duration::from_secs(5))
+                        .is_none()
+                    {
+                        failures.push(format!(
+                            "{what}: the client did not log the reason it gave ({key:?}...)"
+                        ));
+                    }
+                }
+                other => failures.push(format!(
+                    "{what}: want the client to close with code 2 and a reason, got {other:?}"
+                )),
+            }
+        } else {
+            // The stream may go on; the client names each refused path in its log.
+            for name in [
+                "evil-via-manifest",
+                "evil-via-mkdir",
+                "evil-via-create",
+                "evil-via-symlink",
+            ] {
+                let logged = client
+                    .agent
+                    .wait_stderr(|l| l.contains(name), Duration::from_secs(10));
+                if let Some(l) = &logged {
+                    eprintln!("{what}: {l}");
+                } else {
+                    failures.push(format!(
+                        "{what}: the client did not log its refusal of {name}"
+                    ));
+                }
+            }
+            session.abort();
+        }
+        let out = escaped();
+        if !out.is_empty() {
+            failures.push(format!("{what}: created outside the client root: {out:?}"));
+        }
+        if client.agent.panicked() {
+            failures.push(format!("{what}: the client panicked"));
+        }
+        client.kill9();
+        ep.close(0u32.into(), b"case over");
+        if failures.len() > before {
+            failures.push(client.context());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "hostile server:\n  {}",
+        failures.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The demo
+// ---------------------------------------------------------------------------
+
+fn mounts_under_tmp() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .filter(|m| m.starts_with("/tmp/") && !m.starts_with("/tmp/imezzo-it-"))
+        .collect()
+}
+
+#[test]
+fn demo_with_a_duration_replicates_exits_0_with_an_identical_verify_and_leaves_no_mounts() {
+    let before = mounts_under_tmp();
+    let mut demo = Agent::spawn("demo", vec!["demo".into(), "--duration".into(), "8".into()]);
+    let st = demo.wait_exit(Duration::from_secs(120));
+    let Some(st) = st else {
+        demo.kill9();
+        panic!(
+            "imezzo demo --duration 8 did not exit within 120 s\n{}",
+            demo.context()
+        );
+    };
+    assert!(
+        st.success(),
+        "imezzo demo --duration 8 exited {st}\n{}",
+        demo.context()
+    );
+    assert!(!demo.panicked(), "the demo panicked\n{}", demo.context());
+    let all: Vec<String> = demo.stdout().into_iter().chain(demo.stderr()).collect();
+    let verdict = all
+        .iter()
+        .rev()
+        .find(|l| l.contains("identical") || l.contains("differ"));
+    assert!(
+        verdict.is_some_and(|l| l.contains("identical")
+            && !l.contains("not identical")
+            && !l.contains("differ")),
+        "the demo's final verify result is not `identical`: {verdict:?}\n{}",
+        demo.context()
+    );
+    let after = mounts_under_tmp();
+    let left: Vec<&String> = after.iter().filter(|m| !before.contains(m)).collect();
+    assert!(left.is_empty(), "the demo left mounts behind: {left:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The harness itself
+// ---------------------------------------------------------------------------
+
+/// The generated tree and GNU tar keep everything verify compares, so a scenario's
+/// difference is the replication's, not the harness's.
+#[test]
+fn generated_tree_extracted_twice_verifies_identical() {
+    let a = Fs::tmpfs("harness-a");
+    let b = Fs::tmpfs("harness-b");
+    let (tarball, st) = Tree::tarball(&a.sibling, 20, 500, 12);
+    assert!(
+        st.hard_links > 0 && st.fifos > 0 && st.symlinks > 0,
+        "{st:?}"
+    );
+    Tree::wait_tar(Tree::untar(&tarball, &a.root));
+    Tree::wait_tar(Tree::untar(&tarball, &b.root));
+    // The roots are not in the tarball: their mtimes are those of the extraction.
+    set_mtime(&a.root, 1_600_000_000, 0);
+    set_mtime(&b.root, 1_600_000_000, 0);
+    let (code, out) = verify(&a.root, &b.root);
+    assert_eq!(
+        code,
+        Some(0),
+        "two extractions of one tarball differ:\n{}",
+        head(&out, 40)
+    );
+    // And verify does see a difference the replication could make.
+    let f = a.p("tree/d00/sub000/file-00000.dat");
+    ok(sys::chown(&f, 4242, sys::KEEP));
+    let (code, out) = verify(&a.root, &b.root);
+    assert_eq!(code, Some(1), "verify missed an owner change:\n{out}");
+    assert!(out.contains("file-00000.dat"), "{out}");
+    assert_eq!(
+        count_entries(&b.root),
+        st.dirs + 10 + 1 + st.files + st.hard_links + st.symlinks + st.fifos,
+        "entries in {:?}",
+        b.root
+    );
+}
