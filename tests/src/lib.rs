@@ -13,6 +13,8 @@
 //!   to assert the exact journal a scenario produces.
 //! * [`sys`] wraps the raw syscalls the scenarios perform (through
 //!   `libc::syscall`, so that each test exercises exactly the syscall it names).
+//! * [`replica`] runs `imezzo server` and `imezzo client` for the replication
+//!   tests, builds trees and tarballs, and speaks the wire protocol as a hostile peer.
 //!
 //! CI rule: these tests run as root. A test that cannot mount, or whose agent
 //! cannot load its probes, fails (panics with the agent's stderr); nothing here

@@ -5,7 +5,7 @@ use std::{ffi::OsString, os::unix::process::CommandExt, path::Path, process::Com
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::{build, deps, exec, tmpfs::TmpfsDir, workspace::Workspace};
+use crate::{build, deps, exec, workspace::Workspace};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -30,16 +30,12 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// What `cargo xtask run` does with no arguments: capture a fresh scratch tmpfs until Ctrl-C.
 fn run_default(imezzo: &Path) -> Result<()> {
-    let root = TmpfsDir::mount("imezzo-run")?;
-    println!(
-        "xtask: capturing {0}: make changes there from another terminal (e.g. `echo hi > {0}/a`), Ctrl-C to stop",
-        root.path().display()
-    );
+    // The demo mounts and removes its own scratch file systems: a server and a replication
+    // client on loopback, a generated tree, live changes and their lag.
+    println!("xtask: running the imezzo demo (a server and a client on loopback), Ctrl-C to stop");
     let mut cmd = Command::new(imezzo);
-    cmd.arg("capture").arg("--root").arg(root.path());
+    cmd.arg("demo");
     exec::announce(&cmd);
-    // Ctrl-C stops imezzo; xtask catches it (see exec::catch_interrupts) and unmounts the scratch
-    // tmpfs when dropping `root`.
     let status = cmd
         .status()
         .with_context(|| format!("could not start {}", imezzo.display()))?;
