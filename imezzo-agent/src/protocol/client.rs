@@ -397,7 +397,7 @@ impl ClientSession {
     }
 
     fn bad_path(&mut self, msg: &str, path: &RelPath, problem: &str) {
-        self.violation(format!("{msg} names a path that is {problem}: {:?}", path.display()))
+        self.violation(format!("{msg} names a path that {problem}: {:?}", path.display()))
     }
 
     fn frame_error(&mut self, e: FrameError) {

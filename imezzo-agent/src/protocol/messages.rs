@@ -121,7 +121,7 @@ pub struct FileAttrs {
     pub size: u64,
     pub rdev: u64,
     pub symlink_target: Option<Vec<u8>>,
-    /// `(name, value)`, replay's own bookkeeping excluded.
+    /// `(name, value)`: every extended attribute.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -351,13 +351,13 @@ pub fn wire_path_problem(path: &RelPath) -> Option<&'static str> {
         return None;
     }
     if p.len() > MAX_PATH_LEN {
-        return Some("longer than PATH_MAX");
+        return Some("is longer than PATH_MAX");
     }
     if p.contains(&0) {
         return Some("contains a NUL byte");
     }
     if p[0] == b'/' {
-        return Some("absolute");
+        return Some("is absolute");
     }
     for c in p.split(|&b| b == b'/') {
         match c {

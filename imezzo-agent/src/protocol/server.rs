@@ -661,7 +661,7 @@ fn check_path(req_id: u64, path: &RelPath) -> Result<(), CloseReason> {
     match wire_path_problem(path) {
         None => Ok(()),
         Some(problem) => {
-            Err(violation(format!("request {req_id} names a path that is {problem}: {:?}", path.display())))
+            Err(violation(format!("request {req_id} names a path that {problem}: {:?}", path.display())))
         }
     }
 }
