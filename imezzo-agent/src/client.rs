@@ -1013,7 +1013,21 @@ impl Worker {
                 },
                 Work::ManifestComplete { seq } => self.complete_full_sync(seq),
                 Work::Apply(entry) => self.apply(entry),
-                Work::Persist { volume_id, seq } => self.persist(volume_id, seq),
+                Work::Persist { volume_id, seq } => {
+                    // A later durable point already queued covers this one: one sync for
+                    // both (the session acknowledges the later seq, which implies this one).
+                    while queue.len() < PREFETCH_ENTRIES {
+                        match rx.try_recv() {
+                            Ok(w) => queue.push_back(w),
+                            Err(_) => break,
+                        }
+                    }
+                    if queue.iter().any(|w| matches!(w, Work::Persist { .. })) {
+                        Ok(())
+                    } else {
+                        self.persist(volume_id, seq)
+                    }
+                }
                 Work::Repair => self.repair_and_sync(),
             };
             if let Err(stop) = done {
@@ -1036,7 +1050,12 @@ impl Worker {
     /// of one round trip per question. Reading them now rather than entry by entry is
     /// equally "the master's current state": every entry of the batch happened before now,
     /// and a change after now has an entry of its own, replayed later.
-    fn prefetch(&mut self, first: &Work, queue: &mut VecDeque<Work>, rx: &mut mpsc::Receiver<Work>) -> Result<(), Stop> {
+    fn prefetch(
+        &mut self,
+        first: &Work,
+        queue: &mut VecDeque<Work>,
+        rx: &mut mpsc::Receiver<Work>,
+    ) -> Result<(), Stop> {
         while queue.len() < PREFETCH_ENTRIES {
             match rx.try_recv() {
                 Ok(w) => queue.push_back(w),
@@ -1527,5 +1546,84 @@ impl Pending {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rename(from: &str, to: &str, exchange: bool) -> Op {
+        Op::Rename { path: from.into(), new_path: to.into(), exchange, noreplace: false }
+    }
+
+    fn paths(p: &Pending) -> Vec<String> {
+        p.paths.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
+    }
+
+    #[test]
+    fn a_pending_path_follows_renames_of_itself_and_of_its_parents() {
+        let mut p = Pending::default();
+        p.mark_op(&Op::Write { path: "d/tmp".into(), offset: 0, len: 3, source: None, mode: None });
+        p.follow(&rename("d/tmp", "d/file", false));
+        assert_eq!(paths(&p), ["d/file"]);
+        p.follow(&rename("d", "e", false));
+        assert_eq!(paths(&p), ["e/file"]);
+        // A sibling whose name shares the prefix is not beneath it.
+        p.insert(b"e-x".to_vec(), false);
+        p.follow(&rename("e", "f", false));
+        assert_eq!(paths(&p), ["e-x", "f/file"]);
+    }
+
+    #[test]
+    fn an_exchange_swaps_pending_subtrees() {
+        let mut p = Pending::default();
+        p.insert(b"a/x".to_vec(), false);
+        p.insert(b"b".to_vec(), true);
+        p.follow(&rename("a", "b", true));
+        assert_eq!(paths(&p), ["a", "b/x"]);
+        assert_eq!(p.paths.get(b"a".as_slice()), Some(&true), "the flag travels with its object");
+    }
+
+    #[test]
+    fn removals_drop_pending_paths_and_a_rename_over_a_name_drops_what_was_there() {
+        let mut p = Pending::default();
+        for path in ["d/a", "d/b/c", "f", "g", "h"] {
+            p.insert(path.as_bytes().to_vec(), false);
+        }
+        p.follow(&Op::Rmdir { path: "d".into() });
+        p.follow(&Op::Unlink { path: "f".into() });
+        assert_eq!(paths(&p), ["g", "h"]);
+        p.follow(&rename("g", "h", false));
+        assert_eq!(paths(&p), ["h"]);
+        p.follow(&Op::Link { path: "h".into(), new_path: "k".into() });
+        assert_eq!(paths(&p), ["h", "k"]);
+    }
+
+    #[test]
+    fn a_path_absent_at_every_repair_is_eventually_dropped() {
+        let mut p = Pending::default();
+        p.insert(b"gone".to_vec(), false);
+        for _ in 1..PENDING_MISSES {
+            p.missed(b"gone");
+        }
+        assert_eq!(paths(&p), ["gone"]);
+        p.missed(b"gone");
+        assert!(p.paths.is_empty());
+    }
+
+    #[test]
+    fn the_pending_set_survives_save_and_load_and_an_empty_set_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(PENDING_FILE);
+        let mut p = Pending::default();
+        p.insert(b"a/b".to_vec(), false);
+        p.insert(vec![b'n', 0xff, b'/', b'x'], true);
+        p.save(&file).unwrap();
+        let back = Pending::load(&file);
+        assert_eq!(back.paths, p.paths);
+        p.clear();
+        p.save(&file).unwrap();
+        assert!(!file.exists());
     }
 }

@@ -193,7 +193,10 @@ impl FullSync {
         Ok(())
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one manifest entry, taken apart by the caller that already matched on it")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one manifest entry, taken apart by the caller that already matched on it"
+    )]
     fn regular(
         &mut self,
         dir: OwnedFd,
