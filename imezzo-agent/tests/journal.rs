@@ -157,12 +157,10 @@ fn parse_batch(path: &RelPath) -> (u64, u64, u64) {
     (parts[0], parts[1], parts[2])
 }
 
-/// Not a test of its own: the writer process `batches_are_all_or_nothing_across_kill_9`
-/// starts (this test binary, filtered to this function). Appends batches until killed.
-#[test]
-#[ignore = "the writer role of batches_are_all_or_nothing_across_kill_9"]
-fn journal_writer_child() {
-    let dir = PathBuf::from(std::env::var_os(CRASH_DIR_VAR).expect("run by batches_are_all_or_nothing_across_kill_9"));
+/// The writer process of `batches_are_all_or_nothing_across_kill_9`: that test re-runs this
+/// test binary, filtered to itself, with `CRASH_DIR_VAR` set, and the child lands here.
+/// Appends batches until killed.
+fn journal_writer_child(dir: PathBuf) -> ! {
     let j = Journal::open(&dir).unwrap();
     let mut next = match entries(j.read_from(j.last_seq().max(1), 1).unwrap()).first() {
         Some(e) => parse_batch(e.op.path()).0 + 1,
@@ -196,13 +194,16 @@ fn check_after_crash(dir: &Path) -> u64 {
 
 #[test]
 fn batches_are_all_or_nothing_across_kill_9() {
+    if let Some(dir) = std::env::var_os(CRASH_DIR_VAR) {
+        journal_writer_child(PathBuf::from(dir));
+    }
     let dir = tempfile::tempdir().unwrap();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let mut rng = Rng::new(seed);
     let mut batches = 0;
     for round in 0..6 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "journal_writer_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "batches_are_all_or_nothing_across_kill_9", "--nocapture", "--test-threads=1"])
             .env(CRASH_DIR_VAR, dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -810,10 +811,11 @@ fn fixture_ops() -> Vec<Op> {
     ]
 }
 
-/// Regenerates the fixture; run on purpose only, when the format number changes:
-/// `cargo test -p imezzo-agent --test journal -- --ignored --exact write_fixture`
-#[test]
-#[ignore = "regenerates tests/fixtures/journal-v1.redb"]
+/// Set to regenerate the fixture, on purpose only, when the format number changes:
+/// `IMEZZO_REGENERATE_JOURNAL_FIXTURE=1 cargo test -p imezzo-agent --test journal format_1_fixture`
+/// (the test then checks the fresh fixture as usual).
+const REGENERATE_FIXTURE_VAR: &str = "IMEZZO_REGENERATE_JOURNAL_FIXTURE";
+
 fn write_fixture() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -827,9 +829,12 @@ fn write_fixture() {
 
 #[test]
 fn format_1_fixture_still_opens_and_reads() {
+    if std::env::var_os(REGENERATE_FIXTURE_VAR).is_some() {
+        write_fixture();
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture_path(), dir.path().join(FILE_NAME))
-        .unwrap_or_else(|e| panic!("{}: {e}; regenerate it with write_fixture", fixture_path().display()));
+        .unwrap_or_else(|e| panic!("{}: {e}; regenerate it with {REGENERATE_FIXTURE_VAR}=1", fixture_path().display()));
     let j = Journal::open(dir.path()).unwrap();
     let want: Vec<JournalEntry> = fixture_ops()
         .into_iter()
