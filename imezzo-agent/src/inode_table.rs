@@ -10,6 +10,7 @@ use std::{
     fs, io,
     os::unix::fs::{FileTypeExt, MetadataExt},
     path::Path,
+    time::SystemTime,
 };
 
 use crate::op::RelPath;
@@ -70,18 +71,68 @@ pub fn join(parts: &[&[u8]]) -> RelPath {
     RelPath(parts.join(&b'/'))
 }
 
+/// Inode change times (ctime) at or after which the build walk notes an object as changed:
+/// one bound for directories, one for everything else (see the server's restart catch-up).
+#[derive(Clone, Copy, Debug)]
+pub struct ChangedSince {
+    pub dirs: SystemTime,
+    pub others: SystemTime,
+}
+
+impl ChangedSince {
+    fn covers(&self, kind: Kind, meta: &fs::Metadata) -> bool {
+        let bound = if kind == Kind::Dir { self.dirs } else { self.others };
+        let ctime = (meta.ctime(), meta.ctime_nsec());
+        let since = match bound.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), i64::from(d.subsec_nanos())),
+            // A bound before 1970: everything is newer.
+            Err(_) => return true,
+        };
+        ctime >= since
+    }
+}
+
+/// An object the build walk found changed since a [`ChangedSince`] bound: its parent
+/// directory's inode and its name (the root itself is `(0, [])`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changed {
+    pub parent: u64,
+    pub name: Box<[u8]>,
+    pub kind: Kind,
+}
+
 impl InodeTable {
     /// Walks `root` (which must be a directory) without leaving its device.
     pub fn build(root: &Path) -> io::Result<InodeTable> {
+        Ok(Self::build_noting(root, None)?.0)
+    }
+
+    /// [`build`](Self::build), also listing every name whose inode changed since `since`
+    /// (by its ctime, which no system call can set back), in walk order.
+    pub fn build_noting(root: &Path, since: Option<ChangedSince>) -> io::Result<(InodeTable, Vec<Changed>)> {
         let meta = fs::symlink_metadata(root)?;
         let mut table = InodeTable { root: meta.ino(), nodes: HashMap::new() };
         table.nodes.insert(meta.ino(), Node { kind: Kind::Dir, links: Vec::new(), children: HashMap::new() });
-        table.walk(root, meta.ino(), meta.dev())?;
-        Ok(table)
+        let mut changed = Vec::new();
+        if since.is_some_and(|s| s.covers(Kind::Dir, &meta)) {
+            changed.push(Changed { parent: 0, name: Box::default(), kind: Kind::Dir });
+        }
+        table.walk_noting(root, meta.ino(), meta.dev(), since.map(|s| (s, &mut changed)))?;
+        Ok((table, changed))
     }
 
     /// Adds what lies below directory `dir` (inode `dir_ino`, already in the table).
     pub fn walk(&mut self, dir: &Path, dir_ino: u64, dev: u64) -> io::Result<usize> {
+        self.walk_noting(dir, dir_ino, dev, None)
+    }
+
+    fn walk_noting(
+        &mut self,
+        dir: &Path,
+        dir_ino: u64,
+        dev: u64,
+        mut noting: Option<(ChangedSince, &mut Vec<Changed>)>,
+    ) -> io::Result<usize> {
         let mut stack = vec![(dir.to_path_buf(), dir_ino)];
         let mut added = 0;
         while let Some((path, ino)) = stack.pop() {
@@ -95,6 +146,11 @@ impl InodeTable {
                 let name = entry.file_name();
                 let kind = Kind::of(meta.file_type());
                 self.link(ino, name.as_encoded_bytes(), meta.ino(), kind);
+                if let Some((since, changed)) = noting.as_mut() {
+                    if since.covers(kind, &meta) {
+                        changed.push(Changed { parent: ino, name: name.as_encoded_bytes().into(), kind });
+                    }
+                }
                 added += 1;
                 if kind == Kind::Dir && meta.dev() == dev {
                     stack.push((entry.path(), meta.ino()));
