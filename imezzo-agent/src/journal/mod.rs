@@ -16,7 +16,6 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
 
 use redb::{Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -42,9 +41,6 @@ const META_VOLUME_ID: &str = "volume_id";
 const META_FIRST_SEQ: &str = "first_seq";
 const META_LAST_SEQ: &str = "last_seq";
 const META_STORED_BYTES: &str = "stored_bytes";
-/// Wall-clock time (ns since the epoch, i64 LE) up to which capture had handed every change
-/// to the journal (J10): the restart catch-up looks at what changed after it.
-const META_CAPTURED_THROUGH: &str = "captured_through";
 
 /// Bytes a record costs in `stored_bytes` besides its archive: its u64 key (J6).
 const KEY_BYTES: u64 = 8;
@@ -254,17 +250,7 @@ impl Journal {
     /// durable redb transaction (J1, J2). Returns the seqs assigned; once this returns `Ok`,
     /// the batch survives a crash.
     pub fn append(&self, ops: Vec<Op>) -> Result<Range<u64>> {
-        self.append_captured(ops, None)
-    }
-
-    /// [`append`](Self::append), recording in the same transaction that every change made
-    /// before `through` (wall clock) is now journalled (J10). Capture calls this with the time
-    /// it drained the batch.
-    pub fn append_captured(&self, ops: Vec<Op>, through: Option<SystemTime>) -> Result<Range<u64>> {
         if ops.is_empty() {
-            if let Some(t) = through {
-                self.mark_captured(t)?;
-            }
             let next = self.last_seq() + 1;
             return Ok(next..next);
         }
@@ -296,44 +282,11 @@ impl Journal {
             }
             meta.insert(META_LAST_SEQ, (seq - 1).to_le_bytes().as_slice()).at(path)?;
             meta.insert(META_STORED_BYTES, stored.to_le_bytes().as_slice()).at(path)?;
-            if let Some(t) = through {
-                meta.insert(META_CAPTURED_THROUGH, epoch_ns(t).to_le_bytes().as_slice()).at(path)?;
-            }
             start..seq
         };
         txn.commit().at(path)?;
         self.last_seq.fetch_max(range.end - 1, Ordering::AcqRel);
         Ok(range)
-    }
-
-    /// Records that capture has journalled every change made before `through`, while nothing
-    /// changed: an idle server keeps its catch-up window short this way. Not forced to disk:
-    /// a mark lost in a crash leaves an older one, which only widens the catch-up (J10).
-    pub fn mark_captured(&self, through: SystemTime) -> Result<()> {
-        let path = &self.path;
-        let mut txn = self.db.begin_write().at(path)?;
-        txn.set_durability(Durability::None);
-        {
-            let mut meta = txn.open_table(META).at(path)?;
-            meta.insert(META_CAPTURED_THROUGH, epoch_ns(through).to_le_bytes().as_slice()).at(path)?;
-        }
-        txn.commit().at(path)
-    }
-
-    /// Up to when capture had journalled every change (J10); `None` for a journal that never
-    /// recorded it (then nothing is known about changes made while the server was down).
-    pub fn captured_through(&self) -> Result<Option<SystemTime>> {
-        let txn = self.db.begin_read().at(&self.path)?;
-        let meta = txn.open_table(META).at(&self.path)?;
-        let Some(v) = meta.get(META_CAPTURED_THROUGH).at(&self.path)? else { return Ok(None) };
-        let bytes = <[u8; 8]>::try_from(v.value()).map_err(|_| bad_meta(&self.path, "`captured_through` is not 8 bytes"))?;
-        let ns = i64::from_le_bytes(bytes);
-        let t = if ns >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
-        } else {
-            SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-        };
-        Ok(Some(t))
     }
 
     /// The retained entries from `seq` on (at most `max`), or `Expired` when `seq` is below
@@ -483,14 +436,6 @@ fn meta_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str, 
 
 fn need_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str, path: &Path) -> Result<u64> {
     meta_u64(meta, name, path)?.ok_or_else(|| bad_meta(path, &format!("meta `{name}` is missing")))
-}
-
-/// Nanoseconds since the epoch, saturating (a clock before 1970 or after 2262 is clamped).
-fn epoch_ns(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
-    }
 }
 
 fn random_volume_id() -> std::io::Result<u128> {
