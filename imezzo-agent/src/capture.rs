@@ -94,7 +94,19 @@ pub struct Capture {
     changed: Option<Vec<(RelPath, Kind)>>,
     /// When the last batch, empty or not, went to the sink.
     last_emit: Instant,
+    /// Inodes of the root's ancestors on its device: paths from them can lead inside.
+    ancestors: std::collections::HashSet<u64>,
     _lock: fs::File,
+}
+
+/// The inode numbers of `root`'s ancestors that live on `dev` (up to that file system's
+/// own root, or `/`).
+fn ancestors_on_device(root: &Path, dev: u64) -> std::collections::HashSet<u64> {
+    root.ancestors()
+        .skip(1)
+        .map_while(|dir| fs::metadata(dir).ok().filter(|m| m.dev() == dev))
+        .map(|m| m.ino())
+        .collect()
 }
 
 /// The kernel's encoding of a device number, `major << 20 | minor`, from `stat`'s.
@@ -208,6 +220,7 @@ impl Capture {
             table.len(),
             probes.pin_dir().display()
         );
+        let ancestors = ancestors_on_device(&root, meta.dev());
         Ok(Capture {
             root,
             dev: meta.dev(),
@@ -221,6 +234,7 @@ impl Capture {
             runs_seen: Default::default(),
             changed,
             last_emit: Instant::now(),
+            ancestors,
             _lock: lock,
         })
     }
@@ -513,11 +527,16 @@ impl Capture {
             self.table.path_of(start.ino).map(|p| p.0)
         };
         let Some(mut joined) = base else {
-            if bytes.is_empty() {
+            // A directory on our device that is not in the tree: from an ancestor of the
+            // root a path descends into it; from anywhere else only `..` climbs into it
+            // (or a symlink, the documented limit of capture). Asking /proc about every
+            // other process writing on a shared file system would cost a lookup per
+            // event and, when the process had already closed its fd, a rescan of the
+            // whole tree.
+            let climbs = bytes.split(|b| *b == b'/').any(|c| c == b"..");
+            if bytes.is_empty() || !(climbs || self.ancestors.contains(&start.ino)) {
                 return Located::Outside;
             }
-            // A directory on our device that is not in the tree (above the root, or a
-            // sibling): the path may still climb into the root with `..`.
             return self.locate_slow(bytes, tgid, dirfd);
         };
         if !bytes.is_empty() {
