@@ -90,6 +90,9 @@ struct Node {
     kind: Kind,
 }
 
+/// A link: parent directory's inode and name.
+type Link = (u64, Box<[u8]>);
+
 /// Every inode's record, in slots of a vector (a large vector grows in place, by mremap,
 /// where a hash table of records would hold its old and new arrays at once), found by
 /// inode number through an index of 4-byte slot numbers. A free slot has `ino == FREE`.
@@ -161,8 +164,8 @@ pub struct InodeTable {
     /// Slots of the records, found by the (parent, name) of the inode's first link.
     by_name: hashbrown::HashTable<u32>,
     /// Links beyond an inode's first: (parent, name) -> inode, and inode -> those links.
-    extra: HashMap<(u64, Box<[u8]>), u64>,
-    extra_of: HashMap<u64, Vec<(u64, Box<[u8]>)>>,
+    extra: HashMap<Link, u64>,
+    extra_of: HashMap<u64, Vec<Link>>,
     hasher: hashbrown::DefaultHashBuilder,
 }
 
@@ -739,7 +742,7 @@ mod tests {
                 // a known directory, or now and then one outside the root (100).
                 let mut dirs: Vec<u64> = m.kinds.iter().filter(|(_, k)| **k == Kind::Dir).map(|(i, _)| *i).collect();
                 dirs.sort_unstable();
-                let mut dir = |r: u64| if r == 0 { 100 } else { dirs[(r as usize) % dirs.len()] };
+                let dir = |r: u64| if r == 0 { 100 } else { dirs[(r as usize) % dirs.len()] };
                 let (p, q) = (dir(next(12)), dir(next(12)));
                 let (n, o) = (names[next(5) as usize], names[next(5) as usize]);
                 let op = next(20);
