@@ -99,6 +99,11 @@ pub struct Capture {
     _lock: fs::File,
 }
 
+/// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
+fn real_ino(ino: u64) -> Option<u64> {
+    (ino >> 63 == 0).then_some(ino)
+}
+
 /// The inode numbers of `root`'s ancestors that live on `dev` (up to that file system's
 /// own root, or `/`).
 fn ancestors_on_device(root: &Path, dev: u64) -> std::collections::HashSet<u64> {
@@ -418,10 +423,17 @@ impl Capture {
             let Some(path) = self.table.path_of(ino) else { continue };
             if whole {
                 let len = fs::symlink_metadata(self.abs(&path)).map(|m| m.len()).unwrap_or(0);
-                out.push(Op::Write { path, offset: 0, len, source: Some(WriteSource::Mmap), mode: None });
+                out.push(Op::Write { path, offset: 0, len, source: Some(WriteSource::Mmap), mode: None, ino: real_ino(ino) });
             } else {
                 for (start, end) in ranges {
-                    out.push(Op::Write { path: path.clone(), offset: start, len: end - start, source: None, mode: None });
+                    out.push(Op::Write {
+                        path: path.clone(),
+                        offset: start,
+                        len: end - start,
+                        source: None,
+                        mode: None,
+                        ino: real_ino(ino),
+                    });
                 }
             }
         }
@@ -458,6 +470,7 @@ impl Capture {
                         len: ev.b,
                         source: Some(WriteSource::Fallocate),
                         mode: Some(ev.c as u32),
+                        ino: real_ino(ev.file.ino),
                     });
                 }
             }

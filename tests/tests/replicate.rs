@@ -209,6 +209,33 @@ fn rename_storm_of_files_and_directories_ends_identical() {
 }
 
 #[test]
+fn writes_whose_file_is_renamed_away_or_exchanged_at_once_end_identical() {
+    // `mv f f~` then a new `f` (editors' backups), and a write then RENAME_EXCHANGE: by the
+    // time the client fetches a write's bytes, its name holds another file. The bytes must
+    // come from the file written to, wherever it went, never from the newcomer.
+    let mut r = Replication::started("writeaway");
+    r.export.dirs("e");
+    r.export.dirs("x");
+    for i in 0..150 {
+        r.export.put(&format!("e/f{i}"), format!("first version of f{i}\n").repeat(50).as_bytes());
+        ok(sys::rename(&r.e(&format!("e/f{i}")), &r.e(&format!("e/f{i}~"))));
+        r.export.put(&format!("e/f{i}"), format!("second version of f{i}\n").repeat(7).as_bytes());
+
+        r.export.put(&format!("x/b{i}"), format!("b{i} before\n").as_bytes());
+        r.export.put(&format!("x/a{i}"), format!("a{i} written just before the exchange\n").repeat(30).as_bytes());
+        ok(sys::renameat2(
+            libc::AT_FDCWD,
+            &r.e(&format!("x/a{i}")),
+            libc::AT_FDCWD,
+            &r.e(&format!("x/b{i}")),
+            libc::RENAME_EXCHANGE,
+        ));
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "writes renamed away and exchanged");
+    r.assert_no_panic();
+}
+
+#[test]
 fn large_file_grown_by_appends_then_truncated_ends_identical() {
     let mut r = Replication::started("bigfile");
     let p = r.e("big.bin");
@@ -978,6 +1005,7 @@ fn hostile_client_messages_close_only_their_own_connection_with_a_logged_reason(
             path: rel(p),
             offset: 0,
             len: 4096,
+            ino: None,
         })
     };
     let hello_v2 = {
