@@ -15,6 +15,7 @@ use imezzo_agent::transport;
 use imezzo_tests::replica::wire::{self, Ending};
 use imezzo_tests::replica::*;
 use imezzo_tests::{sys, Fs, FsKind};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -232,6 +233,39 @@ fn writes_whose_file_is_renamed_away_or_exchanged_at_once_end_identical() {
         ));
     }
     r.assert_identical(CONVERGE_TIMEOUT, "writes renamed away and exchanged");
+    r.assert_no_panic();
+}
+
+#[test]
+fn a_tree_moved_in_from_outside_the_export_and_an_o_tmpfile_linked_in_replicate_without_a_full_resync() {
+    let mut r = Replication::started("movein");
+    // Made outside the export, on the same file system, then moved in with one rename.
+    let out = r.export.s("incoming");
+    std::fs::create_dir_all(out.join("deep/er")).unwrap();
+    for i in 0..40 {
+        std::fs::write(out.join(format!("deep/er/f{i}")), format!("payload {i}\n").repeat(100)).unwrap();
+    }
+    std::fs::write(out.join("big"), vec![0xa5u8; 3 * MIB]).unwrap();
+    ok(sys::link(&out.join("big"), &out.join("deep/big-link")));
+    std::os::unix::fs::symlink("deep/er/f1", out.join("sym")).unwrap();
+    ok(sys::chmod(&out.join("deep"), 0o700));
+    ok(sys::rename(&out, &r.e("incoming")));
+
+    // A nameless file, written, then given a name inside the export.
+    let fd = open_or_panic(&r.e(""), libc::O_TMPFILE | libc::O_WRONLY, 0o640);
+    ok(sys::write(&fd, b"born nameless\n"));
+    let empty = Path::new("");
+    ok(sys::linkat(fd.as_raw_fd(), empty, libc::AT_FDCWD, &r.e("from-tmpfile"), libc::AT_EMPTY_PATH));
+    drop(fd);
+
+    r.assert_identical(CONVERGE_TIMEOUT, "a tree moved in and an O_TMPFILE linked in");
+    let c = r.client();
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "moving a tree in cost the client a full resync\n{}",
+        c.context()
+    );
     r.assert_no_panic();
 }
 
