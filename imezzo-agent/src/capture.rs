@@ -16,14 +16,14 @@ use std::{
         mpsc, Arc,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use imezzo_common::{kind, DevIno, FdEvent, PathEvent, FMODE_CREATED, UTIME_OMIT};
 
 use crate::{
     extents::Extents,
-    inode_table::{components, join, InodeTable, Kind},
+    inode_table::{components, join, ChangedSince, InodeTable, Kind},
     op::{JournalEntry, Op, RelPath, Timestamp, WriteSource},
     probes::{ProbeConfig, ProbeError, Probes},
 };
@@ -53,13 +53,20 @@ pub struct CaptureConfig {
     pub root: PathBuf,
     /// Ring buffer size in bytes, a power of two, at least one page.
     pub ring_bytes: u32,
+    /// When set, the start-up walk also lists what changed since these bounds
+    /// ([`Capture::take_changed`]): what happened while nobody was capturing.
+    pub changed_since: Option<ChangedSince>,
 }
 
 impl CaptureConfig {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        CaptureConfig { root: root.into(), ring_bytes: 8 << 20 }
+        CaptureConfig { root: root.into(), ring_bytes: 8 << 20, changed_since: None }
     }
 }
+
+/// How long an idle capture loop waits between empty batches: each tells the sink that
+/// every change made before its time has been handed over.
+const IDLE_MARK: Duration = Duration::from_millis(100);
 
 /// Counters for the status line and the exit summary.
 #[derive(Clone, Copy, Debug, Default)]
@@ -83,7 +90,23 @@ pub struct Capture {
     /// How far each (cpu, run) of coalesced writes has been journalled, so a run seen
     /// live and later flushed by the probe is journalled once.
     runs_seen: std::collections::HashMap<(u32, u64), u64>,
+    /// What the start-up walk found changed since `CaptureConfig::changed_since`.
+    changed: Option<Vec<(RelPath, Kind)>>,
+    /// When the last batch, empty or not, went to the sink.
+    last_emit: Instant,
+    /// Inodes of the root's ancestors on its device: paths from them can lead inside.
+    ancestors: std::collections::HashSet<u64>,
     _lock: fs::File,
+}
+
+/// The inode numbers of `root`'s ancestors that live on `dev` (up to that file system's
+/// own root, or `/`).
+fn ancestors_on_device(root: &Path, dev: u64) -> std::collections::HashSet<u64> {
+    root.ancestors()
+        .skip(1)
+        .map_while(|dir| fs::metadata(dir).ok().filter(|m| m.dev() == dev))
+        .map(|m| m.ino())
+        .collect()
 }
 
 /// The kernel's encoding of a device number, `major << 20 | minor`, from `stat`'s.
@@ -170,7 +193,25 @@ impl Capture {
             ring_bytes: cfg.ring_bytes,
             instance: &instance,
         })?;
-        let table = InodeTable::build(&root).map_err(|e| CaptureError::RootUnreadable(root.clone(), e))?;
+        let (table, found) = InodeTable::build_noting(&root, cfg.changed_since)
+            .map_err(|e| CaptureError::RootUnreadable(root.clone(), e))?;
+        let changed = cfg.changed_since.map(|_| {
+            found
+                .into_iter()
+                .filter_map(|c| {
+                    if c.name.is_empty() {
+                        return Some((RelPath::default(), c.kind));
+                    }
+                    let parent = table.path_of(c.parent)?;
+                    let path = if parent.0.is_empty() {
+                        RelPath(c.name.to_vec())
+                    } else {
+                        RelPath([parent.0.as_slice(), b"/", &c.name].concat())
+                    };
+                    Some((path, c.kind))
+                })
+                .collect()
+        });
         log::info!(
             "capturing {} (device {}:{}, {} inodes), probes pinned in {}",
             root.display(),
@@ -179,6 +220,7 @@ impl Capture {
             table.len(),
             probes.pin_dir().display()
         );
+        let ancestors = ancestors_on_device(&root, meta.dev());
         Ok(Capture {
             root,
             dev: meta.dev(),
@@ -190,6 +232,9 @@ impl Capture {
             stats: CaptureStats::default(),
             placeholders: 0,
             runs_seen: Default::default(),
+            changed,
+            last_emit: Instant::now(),
+            ancestors,
             _lock: lock,
         })
     }
@@ -208,14 +253,24 @@ impl Capture {
         self.stats
     }
 
+    /// What the start-up walk found changed since `CaptureConfig::changed_since`, each name
+    /// with its kind, parents before what they hold; `None` when that was not asked (or
+    /// already taken).
+    pub fn take_changed(&mut self) -> Option<Vec<(RelPath, Kind)>> {
+        self.changed.take()
+    }
+
     /// Runs until `stop` is set, handing each journal entry to `sink`.
     pub fn run(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(JournalEntry)) {
-        self.run_batches(stop, &mut |batch| batch.into_iter().for_each(&mut *sink));
+        self.run_batches(stop, &mut |batch, _| batch.into_iter().for_each(&mut *sink));
     }
 
     /// Runs until `stop` is set, handing over the entries of each batch (one drain of the
-    /// ring buffer) together: the unit a durable journal commits at once.
-    pub fn run_batches(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(Vec<JournalEntry>)) {
+    /// ring buffer) together: the unit a durable journal commits at once. With each batch
+    /// comes the time the drain started: every change whose system call had returned by
+    /// then is in this batch or an earlier one. While nothing changes, an empty batch
+    /// carries that time every [`IDLE_MARK`].
+    pub fn run_batches(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(Vec<JournalEntry>, SystemTime)) {
         let mut out = Vec::new();
         let mut last_drop_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
@@ -226,6 +281,7 @@ impl Capture {
             unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
             let before = self.stats.events;
             let started = Instant::now();
+            let drained_at = SystemTime::now();
             self.drain(&mut out);
             self.poll_runs();
             self.flush(&mut out);
@@ -233,7 +289,7 @@ impl Capture {
                 self.check_drops(&mut out);
                 last_drop_check = Instant::now();
             }
-            self.emit(&mut out, sink);
+            self.emit(&mut out, drained_at, sink);
             if self.stats.events != before {
                 // Under a storm, drain in batches: a consumer that chases every event
                 // bounces the ring's cache lines and slows the writers it watches.
@@ -244,17 +300,24 @@ impl Capture {
             }
         }
         // Whatever the kernel delivered before we were told to stop is still journalled.
+        let drained_at = SystemTime::now();
         self.drain(&mut out);
         self.poll_runs();
         self.flush(&mut out);
         self.check_drops(&mut out);
-        self.emit(&mut out, sink);
+        self.last_emit = Instant::now().checked_sub(IDLE_MARK).unwrap_or(self.last_emit);
+        self.emit(&mut out, drained_at, sink);
     }
 
-    fn emit(&mut self, out: &mut Vec<Op>, sink: &mut dyn FnMut(Vec<JournalEntry>)) {
+    fn emit(&mut self, out: &mut Vec<Op>, drained_at: SystemTime, sink: &mut dyn FnMut(Vec<JournalEntry>, SystemTime)) {
         if out.is_empty() {
+            if self.last_emit.elapsed() >= IDLE_MARK {
+                self.last_emit = Instant::now();
+                sink(Vec::new(), drained_at);
+            }
             return;
         }
+        self.last_emit = Instant::now();
         let batch = out
             .drain(..)
             .map(|op| {
@@ -263,7 +326,7 @@ impl Capture {
             })
             .collect::<Vec<_>>();
         self.stats.ops += batch.len() as u64;
-        sink(batch);
+        sink(batch, drained_at);
     }
 
     /// Runs capture on a thread of its own, for embedding and tests.
@@ -464,11 +527,16 @@ impl Capture {
             self.table.path_of(start.ino).map(|p| p.0)
         };
         let Some(mut joined) = base else {
-            if bytes.is_empty() {
+            // A directory on our device that is not in the tree: from an ancestor of the
+            // root a path descends into it; from anywhere else only `..` climbs into it
+            // (or a symlink, the documented limit of capture). Asking /proc about every
+            // other process writing on a shared file system would cost a lookup per
+            // event and, when the process had already closed its fd, a rescan of the
+            // whole tree.
+            let climbs = bytes.split(|b| *b == b'/').any(|c| c == b"..");
+            if bytes.is_empty() || !(climbs || self.ancestors.contains(&start.ino)) {
                 return Located::Outside;
             }
-            // A directory on our device that is not in the tree (above the root, or a
-            // sibling): the path may still climb into the root with `..`.
             return self.locate_slow(bytes, tgid, dirfd);
         };
         if !bytes.is_empty() {

@@ -1282,7 +1282,7 @@ impl Worker {
         }
         // Directories last, deepest first: what was placed inside them moved their times.
         for (path, a) in dirs.into_iter().rev() {
-            let op = setattr_of(&path, &a);
+            let op = a.setattr_op(&path);
             if let Err(e) = self.replayer.apply(&op, &mut NetSource::new(&self.fetcher)) {
                 log::warn!("cannot set the attributes of {:?}: {e}", path.display());
             }
@@ -1300,28 +1300,7 @@ impl Worker {
         if a.kind == K::Directory && diverged {
             return Ok(false);
         }
-        let make = match a.kind {
-            K::Regular => Op::Create { path: path.clone(), mode: a.mode },
-            K::Directory => Op::Mkdir { path: path.clone(), mode: a.mode },
-            K::Symlink => match &a.symlink_target {
-                Some(t) => Op::Symlink { path: path.clone(), target: RelPath(t.clone()) },
-                None => return Ok(false),
-            },
-            other => Op::Mknod { path: path.clone(), mode: other.type_bits() | a.mode, rdev: a.rdev },
-        };
-        let mut ops = vec![make];
-        if a.kind == K::Regular {
-            // Truncate first: a stale longer tail must go, and the whole-file write that
-            // follows is then built aside and renamed in (or filled in place when empty).
-            ops.push(Op::Truncate { path: path.clone(), size: a.size });
-            ops.push(Op::Write { path: path.clone(), offset: 0, len: u64::MAX, source: None, mode: None });
-        }
-        for (name, _) in &a.xattrs {
-            ops.push(Op::Setxattr { path: path.clone(), name: RelPath(name.clone()) });
-        }
-        if a.kind != K::Directory {
-            ops.push(setattr_of(path, a));
-        }
+        let Some(ops) = a.recreate_ops(path) else { return Ok(false) };
         for op in ops {
             match self.replayer.apply(&op, &mut NetSource::new(&self.fetcher))? {
                 Applied::NeedsResync { .. } => return Ok(false),
@@ -1339,17 +1318,6 @@ fn parent_of(p: &RelPath) -> Option<RelPath> {
         return None;
     }
     Some(RelPath(b[..b.iter().rposition(|&c| c == b'/').unwrap_or(0)].to_vec()))
-}
-
-fn setattr_of(path: &RelPath, a: &Attrs) -> Op {
-    Op::Setattr {
-        path: path.clone(),
-        mode: Some(a.mode),
-        uid: Some(a.uid),
-        gid: Some(a.gid),
-        atime: Some(a.atime),
-        mtime: Some(a.mtime),
-    }
 }
 
 /// Paths whose replay could not take what it needed from the master, because the master had

@@ -4,12 +4,24 @@
 //! records its links as (parent inode, name), never full paths, so renaming a directory is
 //! one update however deep its subtree; a path is computed on demand by walking up to the
 //! root. Hard links are several links of one inode. The walk stays on the root's device.
+//!
+//! Memory is the constraint: the server keeps one entry per inode of the export, and a
+//! million-file export must fit in the agent's memory target. So an inode costs one record
+//! of 48 bytes (its number, first link and kind; names up to 22 bytes inline) in a hash
+//! table keyed by inode, plus one 8-byte slot in a second table that finds a child by
+//! (parent, name) by hashing the child's own record: no per-directory maps, no full paths,
+//! no allocation per name in the common case. Links beyond an inode's first (hard links)
+//! are rare and live in a side map. Nothing lists a directory's children: forgetting a
+//! subtree (a directory moved out of the root) scans the table, which is rare and linear.
 
 use std::{
     collections::HashMap,
-    fs, io,
+    fs,
+    hash::{BuildHasher, Hash, Hasher},
+    io,
     os::unix::fs::{FileTypeExt, MetadataExt},
     path::Path,
+    time::SystemTime,
 };
 
 use crate::op::RelPath;
@@ -37,17 +49,124 @@ impl Kind {
     }
 }
 
+/// A name as stored: short names inline, longer ones on the heap.
+#[derive(Clone)]
+enum Name {
+    Short { len: u8, bytes: [u8; 22] },
+    Long(Box<[u8]>),
+}
+
+impl Name {
+    fn new(name: &[u8]) -> Name {
+        if name.len() <= 22 {
+            let mut bytes = [0u8; 22];
+            bytes[..name.len()].copy_from_slice(name);
+            Name::Short { len: name.len() as u8, bytes }
+        } else {
+            Name::Long(name.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Name::Short { len, bytes } => &bytes[..*len as usize],
+            Name::Long(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
 #[derive(Debug)]
 struct Node {
+    ino: u64,
+    /// The first link: parent inode (0 for the root) and name.
+    parent: u64,
+    name: Name,
     kind: Kind,
-    links: Vec<(u64, Box<[u8]>)>,
-    children: HashMap<Box<[u8]>, u64>,
+}
+
+/// A link: parent directory's inode and name.
+type Link = (u64, Box<[u8]>);
+
+/// Every inode's record, in slots of a vector (a large vector grows in place, by mremap,
+/// where a hash table of records would hold its old and new arrays at once), found by
+/// inode number through an index of 4-byte slot numbers. A free slot has `ino == FREE`.
+#[derive(Debug, Default)]
+struct Slab {
+    slots: Vec<Node>,
+    free: Vec<u32>,
+    by_ino: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+const FREE: u64 = u64::MAX;
+
+impl Slab {
+    fn slot_of(&self, ino: u64) -> Option<u32> {
+        let slots = &self.slots;
+        self.by_ino.find(self.hasher.hash_one(ino), |&i| slots[i as usize].ino == ino).copied()
+    }
+
+    fn get(&self, ino: u64) -> Option<&Node> {
+        self.slot_of(ino).map(|i| &self.slots[i as usize])
+    }
+
+    fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.slot_of(ino).map(|i| &mut self.slots[i as usize])
+    }
+
+    /// Adds a record for an inode not in the slab; returns its slot.
+    fn insert(&mut self, node: Node) -> u32 {
+        let ino = node.ino;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = node;
+                i
+            }
+            None => {
+                self.slots.push(node);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 inodes")
+            }
+        };
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.by_ino.insert_unique(hasher.hash_one(ino), slot, |&i| hasher.hash_one(slots[i as usize].ino));
+        slot
+    }
+
+    fn remove(&mut self, ino: u64) {
+        let slots = &self.slots;
+        if let Ok(entry) = self.by_ino.find_entry(self.hasher.hash_one(ino), |&i| slots[i as usize].ino == ino) {
+            let (slot, _) = entry.remove();
+            self.slots[slot as usize] = Node { ino: FREE, parent: FREE, name: Name::new(b""), kind: Kind::Other };
+            self.free.push(slot);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_ino.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Node> {
+        self.slots.iter().filter(|n| n.ino != FREE)
+    }
 }
 
 #[derive(Debug)]
 pub struct InodeTable {
     root: u64,
-    nodes: HashMap<u64, Node>,
+    /// Every inode, by number.
+    nodes: Slab,
+    /// Slots of the records, found by the (parent, name) of the inode's first link.
+    by_name: hashbrown::HashTable<u32>,
+    /// Links beyond an inode's first: (parent, name) -> inode, and inode -> those links.
+    extra: HashMap<Link, u64>,
+    extra_of: HashMap<u64, Vec<Link>>,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 /// Splits a relative path into normal components, resolving `.` and `..` lexically.
@@ -70,18 +189,67 @@ pub fn join(parts: &[&[u8]]) -> RelPath {
     RelPath(parts.join(&b'/'))
 }
 
+/// Inode change times (ctime) at or after which the build walk notes an object as changed:
+/// one bound for directories, one for everything else (see the server's restart catch-up).
+#[derive(Clone, Copy, Debug)]
+pub struct ChangedSince {
+    pub dirs: SystemTime,
+    pub others: SystemTime,
+}
+
+impl ChangedSince {
+    fn covers(&self, kind: Kind, meta: &fs::Metadata) -> bool {
+        let bound = if kind == Kind::Dir { self.dirs } else { self.others };
+        let ctime = (meta.ctime(), meta.ctime_nsec());
+        let since = match bound.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), i64::from(d.subsec_nanos())),
+            // A bound before 1970: everything is newer.
+            Err(_) => return true,
+        };
+        ctime >= since
+    }
+}
+
+/// An object the build walk found changed since a [`ChangedSince`] bound: its parent
+/// directory's inode and its name (the root itself is `(0, [])`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changed {
+    pub parent: u64,
+    pub name: Box<[u8]>,
+    pub kind: Kind,
+}
+
 impl InodeTable {
     /// Walks `root` (which must be a directory) without leaving its device.
     pub fn build(root: &Path) -> io::Result<InodeTable> {
+        Ok(Self::build_noting(root, None)?.0)
+    }
+
+    /// [`build`](Self::build), also listing every name whose inode changed since `since`
+    /// (by its ctime, which no system call can set back), in walk order.
+    pub fn build_noting(root: &Path, since: Option<ChangedSince>) -> io::Result<(InodeTable, Vec<Changed>)> {
         let meta = fs::symlink_metadata(root)?;
-        let mut table = InodeTable { root: meta.ino(), nodes: HashMap::new() };
-        table.nodes.insert(meta.ino(), Node { kind: Kind::Dir, links: Vec::new(), children: HashMap::new() });
-        table.walk(root, meta.ino(), meta.dev())?;
-        Ok(table)
+        let mut table = InodeTable::with_root(meta.ino());
+        let mut changed = Vec::new();
+        if since.is_some_and(|s| s.covers(Kind::Dir, &meta)) {
+            changed.push(Changed { parent: 0, name: Box::default(), kind: Kind::Dir });
+        }
+        table.walk_noting(root, meta.ino(), meta.dev(), since.map(|s| (s, &mut changed)))?;
+        Ok((table, changed))
     }
 
     /// Adds what lies below directory `dir` (inode `dir_ino`, already in the table).
     pub fn walk(&mut self, dir: &Path, dir_ino: u64, dev: u64) -> io::Result<usize> {
+        self.walk_noting(dir, dir_ino, dev, None)
+    }
+
+    fn walk_noting(
+        &mut self,
+        dir: &Path,
+        dir_ino: u64,
+        dev: u64,
+        mut noting: Option<(ChangedSince, &mut Vec<Changed>)>,
+    ) -> io::Result<usize> {
         let mut stack = vec![(dir.to_path_buf(), dir_ino)];
         let mut added = 0;
         while let Some((path, ino)) = stack.pop() {
@@ -95,6 +263,11 @@ impl InodeTable {
                 let name = entry.file_name();
                 let kind = Kind::of(meta.file_type());
                 self.link(ino, name.as_encoded_bytes(), meta.ino(), kind);
+                if let Some((since, changed)) = noting.as_mut() {
+                    if since.covers(kind, &meta) {
+                        changed.push(Changed { parent: ino, name: name.as_encoded_bytes().into(), kind });
+                    }
+                }
                 added += 1;
                 if kind == Kind::Dir && meta.dev() == dev {
                     stack.push((entry.path(), meta.ino()));
@@ -102,6 +275,20 @@ impl InodeTable {
             }
         }
         Ok(added)
+    }
+
+    /// A table holding only the root directory, inode `root`.
+    pub fn with_root(root: u64) -> InodeTable {
+        let mut t = InodeTable {
+            root,
+            nodes: Slab::default(),
+            by_name: hashbrown::HashTable::new(),
+            extra: HashMap::new(),
+            extra_of: HashMap::new(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
+        };
+        t.nodes.insert(Node { ino: root, parent: 0, name: Name::new(b""), kind: Kind::Dir });
+        t
     }
 
     pub fn root(&self) -> u64 {
@@ -113,15 +300,23 @@ impl InodeTable {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.nodes.len() == 0
     }
 
     pub fn contains(&self, ino: u64) -> bool {
-        self.nodes.contains_key(&ino)
+        self.node(ino).is_some()
     }
 
     pub fn kind(&self, ino: u64) -> Option<Kind> {
-        self.nodes.get(&ino).map(|n| n.kind)
+        self.node(ino).map(|n| n.kind)
+    }
+
+    fn node(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(ino)
+    }
+
+    fn node_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes.get_mut(ino)
     }
 
     /// One path of `ino` (its first link), relative to the root.
@@ -134,10 +329,12 @@ impl InodeTable {
                 parts.reverse();
                 return Some(join(&parts));
             }
-            let node = self.nodes.get(&cur)?;
-            let (parent, name) = node.links.first()?;
-            parts.push(name);
-            cur = *parent;
+            let node = self.node(cur)?;
+            if node.parent == 0 {
+                return None;
+            }
+            parts.push(node.name.as_bytes());
+            cur = node.parent;
         }
         None
     }
@@ -146,109 +343,237 @@ impl InodeTable {
     pub fn lookup(&self, path: &[&[u8]]) -> Option<u64> {
         let mut cur = self.root;
         for c in path {
-            cur = *self.nodes.get(&cur)?.children.get(*c)?;
+            cur = self.lookup_child(cur, c)?;
         }
         Some(cur)
     }
 
     /// The inode named `name` in directory `dir`.
     pub fn lookup_child(&self, dir: u64, name: &[u8]) -> Option<u64> {
-        self.nodes.get(&dir)?.children.get(name).copied()
+        if !self.extra.is_empty() {
+            if let Some(&ino) = self.extra.get(&(dir, Box::<[u8]>::from(name))) {
+                return Some(ino);
+            }
+        }
+        let slots = &self.nodes.slots;
+        self.by_name
+            .find(hash_link(&self.hasher, dir, name), |&i| {
+                let n = &slots[i as usize];
+                n.parent == dir && n.name.as_bytes() == name
+            })
+            .map(|&i| slots[i as usize].ino)
     }
 
     /// Adds the link `parent/name -> ino`, replacing whatever `name` named before.
     pub fn link(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind) {
-        if let Some(old) = self.nodes.get(&parent).and_then(|p| p.children.get(name)).copied() {
+        if let Some(old) = self.lookup_child(parent, name) {
             if old == ino {
                 return;
             }
             self.unlink(parent, name);
         }
-        let Some(p) = self.nodes.get_mut(&parent) else { return };
-        p.children.insert(name.into(), ino);
-        let node = self
-            .nodes
-            .entry(ino)
-            .or_insert_with(|| Node { kind, links: Vec::new(), children: HashMap::new() });
-        node.kind = kind;
-        node.links.push((parent, name.into()));
+        if !self.contains(parent) {
+            return;
+        }
+        match self.node_mut(ino) {
+            Some(node) => {
+                node.kind = kind;
+                self.add_link(ino, parent, name);
+            }
+            None => {
+                self.nodes.insert(Node { ino, parent, name: Name::new(name), kind });
+                self.index_first(ino, parent, name);
+            }
+        }
+    }
+
+    fn index_first(&mut self, ino: u64, parent: u64, name: &[u8]) {
+        let Some(slot) = self.nodes.slot_of(ino) else { return };
+        let (slots, hasher) = (&self.nodes.slots, &self.hasher);
+        self.by_name.insert_unique(hash_link(hasher, parent, name), slot, |&i| {
+            let n = &slots[i as usize];
+            hash_link(hasher, n.parent, n.name.as_bytes())
+        });
+    }
+
+    /// Takes the first-link index entry of `ino` out (before its first link changes).
+    fn unindex_first(&mut self, ino: u64) {
+        let Some(slot) = self.nodes.slot_of(ino) else { return };
+        let n = &self.nodes.slots[slot as usize];
+        let hash = hash_link(&self.hasher, n.parent, n.name.as_bytes());
+        if let Ok(entry) = self.by_name.find_entry(hash, |&i| i == slot) {
+            entry.remove();
+        }
+    }
+
+    /// Removes one link of `ino`; false if it had no such link. Does not forget the inode.
+    fn drop_link(&mut self, ino: u64, parent: u64, name: &[u8]) -> bool {
+        let Some(node) = self.node(ino) else { return false };
+        if node.parent == parent && node.name.as_bytes() == name {
+            self.unindex_first(ino);
+            // Promote a further link, if any, to first.
+            let next = self.extra_of.get_mut(&ino).and_then(|links| links.pop());
+            if self.extra_of.get(&ino).is_some_and(|l| l.is_empty()) {
+                self.extra_of.remove(&ino);
+            }
+            let node = self.node_mut(ino).expect("checked above");
+            match next {
+                Some((p, n)) => {
+                    node.parent = p;
+                    node.name = Name::new(&n);
+                    self.extra.remove(&(p, n.clone()));
+                    self.index_first(ino, p, &n);
+                }
+                None => {
+                    node.parent = 0;
+                    node.name = Name::new(b"");
+                }
+            }
+            return true;
+        }
+        let key = (parent, Box::<[u8]>::from(name));
+        if self.extra.remove(&key).is_none() {
+            return false;
+        }
+        if let Some(links) = self.extra_of.get_mut(&ino) {
+            links.retain(|(p, n)| !(*p == parent && &**n == name));
+            if links.is_empty() {
+                self.extra_of.remove(&ino);
+            }
+        }
+        true
+    }
+
+    fn linkless(&self, ino: u64) -> bool {
+        self.node(ino).is_some_and(|n| n.parent == 0 && ino != self.root)
     }
 
     /// Removes the link `parent/name`; an inode left with no link leaves the table, with
     /// its subtree. Returns the inode it named.
     pub fn unlink(&mut self, parent: u64, name: &[u8]) -> Option<u64> {
-        let ino = self.nodes.get_mut(&parent)?.children.remove(name)?;
-        let node = self.nodes.get_mut(&ino)?;
-        node.links.retain(|(p, n)| !(*p == parent && &**n == name));
-        if node.links.is_empty() {
+        let ino = self.lookup_child(parent, name)?;
+        self.drop_link(ino, parent, name);
+        if self.linkless(ino) {
             self.forget(ino);
         }
         Some(ino)
     }
 
+    /// Removes `ino` and everything beneath it. Directories do not list their children, so
+    /// this scans the table once per level of the subtree; it runs only when a directory
+    /// with contents leaves the table (moved out of the root), which is rare.
     fn forget(&mut self, ino: u64) {
-        let mut stack = vec![ino];
-        while let Some(i) = stack.pop() {
-            if let Some(node) = self.nodes.remove(&i) {
-                for (_, child) in node.children {
-                    if let Some(c) = self.nodes.get_mut(&child) {
-                        c.links.retain(|(p, _)| *p != i);
-                        if c.links.is_empty() {
-                            stack.push(child);
+        let mut gone: std::collections::HashSet<u64> = std::collections::HashSet::from([ino]);
+        let mut frontier = vec![ino];
+        if self.kind(ino) == Some(Kind::Dir) {
+            while !frontier.is_empty() {
+                let level: std::collections::HashSet<u64> = frontier.drain(..).collect();
+                for n in self.nodes.iter() {
+                    // A file with links elsewhere is settled below, once its links inside
+                    // the subtree are gone.
+                    if level.contains(&n.parent) && !gone.contains(&n.ino) && !self.extra_of.contains_key(&n.ino) {
+                        gone.insert(n.ino);
+                        if n.kind == Kind::Dir {
+                            frontier.push(n.ino);
                         }
                     }
                 }
+            }
+        }
+        // Links of surviving inodes from inside the subtree go; an inode whose only links
+        // were there goes with it.
+        let stale: Vec<(u64, Box<[u8]>, u64)> = self
+            .extra
+            .iter()
+            .filter(|((p, _), _)| gone.contains(p))
+            .map(|((p, n), i)| (*p, n.clone(), *i))
+            .collect();
+        for (p, n, i) in stale {
+            if !gone.contains(&i) {
+                self.drop_link(i, p, &n);
+            }
+        }
+        for &i in &gone {
+            self.unindex_first(i);
+            if let Some(links) = self.extra_of.remove(&i) {
+                for (p, n) in links {
+                    self.extra.remove(&(p, n));
+                }
+            }
+            self.nodes.remove(i);
+        }
+        // A hard-linked file inside the subtree with a link outside it survives: its first
+        // link pointed inside, so promote one from outside.
+        let orphans: Vec<u64> = self.nodes.iter().filter(|n| gone.contains(&n.parent)).map(|n| n.ino).collect();
+        for i in orphans {
+            let (p, n) = {
+                let node = self.node(i).expect("listed above");
+                (node.parent, node.name.as_bytes().to_vec())
+            };
+            self.drop_link(i, p, &n);
+            if self.linkless(i) {
+                self.forget(i);
             }
         }
     }
 
     /// `rename(from, to)`: `to` is replaced if it existed.
     pub fn rename(&mut self, from: (u64, &[u8]), to: (u64, &[u8])) {
-        let Some(ino) = self.nodes.get(&from.0).and_then(|p| p.children.get(from.1)).copied() else { return };
+        let Some(ino) = self.lookup_child(from.0, from.1) else { return };
+        if let Some(old) = self.lookup_child(to.0, to.1) {
+            if old == ino {
+                // Two links of one inode: rename(2) does nothing.
+                return;
+            }
+            self.unlink(to.0, to.1);
+            // The replaced directory held the renamed inode (the kernel refuses this; the
+            // table only ever sees it after missed events): it went with it.
+            if !self.contains(ino) {
+                return;
+            }
+        }
         // Detach without forgetting: the inode keeps living under its new name.
-        if let Some(p) = self.nodes.get_mut(&from.0) {
-            p.children.remove(from.1);
-        }
-        if let Some(n) = self.nodes.get_mut(&ino) {
-            n.links.retain(|(p, n)| !(*p == from.0 && &**n == from.1));
-        }
-        if let Some(old) = self.nodes.get(&to.0).and_then(|p| p.children.get(to.1)).copied() {
-            if old != ino {
-                self.unlink(to.0, to.1);
+        self.drop_link(ino, from.0, from.1);
+        if !self.contains(to.0) {
+            if self.linkless(ino) {
+                self.forget(ino);
             }
+            return;
         }
-        if let Some(p) = self.nodes.get_mut(&to.0) {
-            p.children.insert(to.1.into(), ino);
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                n.links.push((to.0, to.1.into()));
-            }
-        } else if self.nodes.get(&ino).is_some_and(|n| n.links.is_empty()) {
-            self.forget(ino);
+        self.add_link(ino, to.0, to.1);
+    }
+
+    /// Gives the existing `ino` the link `parent/name` (first link if it has none).
+    fn add_link(&mut self, ino: u64, parent: u64, name: &[u8]) {
+        if self.linkless(ino) {
+            let node = self.node_mut(ino).expect("linkless implies present");
+            node.parent = parent;
+            node.name = Name::new(name);
+            self.index_first(ino, parent, name);
+        } else {
+            self.extra.insert((parent, name.into()), ino);
+            self.extra_of.entry(ino).or_default().push((parent, name.into()));
         }
     }
 
     /// `renameat2(RENAME_EXCHANGE)`: the two names swap inodes.
     pub fn exchange(&mut self, a: (u64, &[u8]), b: (u64, &[u8])) {
-        let ia = self.nodes.get(&a.0).and_then(|p| p.children.get(a.1)).copied();
-        let ib = self.nodes.get(&b.0).and_then(|p| p.children.get(b.1)).copied();
-        let (Some(ia), Some(ib)) = (ia, ib) else { return };
-        for (ino, (from_p, from_n), (to_p, to_n)) in [(ia, a, b), (ib, b, a)] {
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                for link in n.links.iter_mut() {
-                    if link.0 == from_p && &*link.1 == from_n {
-                        *link = (to_p, to_n.into());
-                        break;
-                    }
-                }
-            }
+        let (Some(ia), Some(ib)) = (self.lookup_child(a.0, a.1), self.lookup_child(b.0, b.1)) else { return };
+        if ia == ib {
+            return;
         }
-        if let Some(p) = self.nodes.get_mut(&a.0) {
-            p.children.insert(a.1.into(), ib);
-        }
-        if let Some(p) = self.nodes.get_mut(&b.0) {
-            p.children.insert(b.1.into(), ia);
-        }
+        self.drop_link(ia, a.0, a.1);
+        self.drop_link(ib, b.0, b.1);
+        self.add_link(ia, b.0, b.1);
+        self.add_link(ib, a.0, a.1);
     }
+}
+
+fn hash_link(hasher: &hashbrown::DefaultHashBuilder, parent: u64, name: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    parent.hash(&mut h);
+    name.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -256,9 +581,7 @@ mod tests {
     use super::*;
 
     fn table() -> InodeTable {
-        let mut t = InodeTable { root: 1, nodes: HashMap::new() };
-        t.nodes.insert(1, Node { kind: Kind::Dir, links: vec![], children: HashMap::new() });
-        t
+        InodeTable::with_root(1)
     }
 
     #[test]
@@ -313,6 +636,189 @@ mod tests {
         t.link(2, b"f", 3, Kind::File);
         t.unlink(1, b"d");
         assert!(!t.contains(2) && !t.contains(3));
+    }
+
+    #[test]
+    fn a_directory_moved_out_takes_its_subtree_but_a_file_linked_outside_survives() {
+        let mut t = table();
+        t.link(1, b"d", 2, Kind::Dir);
+        t.link(2, b"sub", 3, Kind::Dir);
+        t.link(3, b"f", 4, Kind::File);
+        t.link(1, b"outside-link-with-a-rather-long-name", 4, Kind::File);
+        t.link(2, b"g", 5, Kind::File);
+        // A rename to a parent the table does not know: the directory left the root.
+        t.rename((1, b"d"), (999, b"elsewhere"));
+        assert!(!t.contains(2) && !t.contains(3) && !t.contains(5));
+        assert_eq!(t.path_of(4).unwrap().display(), "outside-link-with-a-rather-long-name");
+        assert_eq!(t.lookup(&[b"d"]), None);
+        assert_eq!(t.len(), 2);
+    }
+
+    /// The reference: links as a plain map, forgetting by the definition.
+    #[derive(Default)]
+    struct Model {
+        links: std::collections::BTreeMap<(u64, Vec<u8>), u64>,
+        kinds: HashMap<u64, Kind>,
+    }
+
+    impl Model {
+        fn forget(&mut self, ino: u64) {
+            self.kinds.remove(&ino);
+            let children: Vec<_> = self.links.iter().filter(|((p, _), _)| *p == ino).map(|(k, v)| (k.clone(), *v)).collect();
+            for (k, child) in children {
+                self.links.remove(&k);
+                if !self.links.values().any(|&i| i == child) {
+                    self.forget(child);
+                }
+            }
+        }
+        fn unlink(&mut self, p: u64, n: &[u8]) {
+            if let Some(ino) = self.links.remove(&(p, n.to_vec())) {
+                if !self.links.values().any(|&i| i == ino) {
+                    self.forget(ino);
+                }
+            }
+        }
+        fn link(&mut self, p: u64, n: &[u8], ino: u64, kind: Kind) {
+            if let Some(&old) = self.links.get(&(p, n.to_vec())) {
+                if old == ino {
+                    return;
+                }
+                self.unlink(p, n);
+            }
+            if !self.kinds.contains_key(&p) {
+                return;
+            }
+            self.links.insert((p, n.to_vec()), ino);
+            self.kinds.insert(ino, kind);
+        }
+        fn rename(&mut self, from: (u64, &[u8]), to: (u64, &[u8])) {
+            let Some(&ino) = self.links.get(&(from.0, from.1.to_vec())) else { return };
+            if let Some(&old) = self.links.get(&(to.0, to.1.to_vec())) {
+                if old == ino {
+                    return;
+                }
+                self.unlink(to.0, to.1);
+                if !self.kinds.contains_key(&ino) {
+                    return;
+                }
+            }
+            self.links.remove(&(from.0, from.1.to_vec()));
+            if !self.kinds.contains_key(&to.0) {
+                if !self.links.values().any(|&i| i == ino) {
+                    self.forget(ino);
+                }
+                return;
+            }
+            self.links.insert((to.0, to.1.to_vec()), ino);
+        }
+        fn exchange(&mut self, a: (u64, &[u8]), b: (u64, &[u8])) {
+            let ka = (a.0, a.1.to_vec());
+            let kb = (b.0, b.1.to_vec());
+            let (Some(&ia), Some(&ib)) = (self.links.get(&ka), self.links.get(&kb)) else { return };
+            self.links.insert(ka, ib);
+            self.links.insert(kb, ia);
+        }
+    }
+
+    #[test]
+    fn random_namespace_changes_agree_with_a_plain_reference_model() {
+        let names: [&[u8]; 5] = [b"a", b"b", b"c", b"x", b"a-name-longer-than-twenty-two-bytes"];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut biggest = 0;
+        for _round in 0..300 {
+            let mut t = table();
+            let mut m = Model::default();
+            m.kinds.insert(1, Kind::Dir);
+            let mut history: Vec<String> = Vec::new();
+            for _ in 0..150 {
+                // Directories are inodes 1..=8 (the root is 1), files 9..=20; a parent is
+                // a known directory, or now and then one outside the root (100).
+                let mut dirs: Vec<u64> = m.kinds.iter().filter(|(_, k)| **k == Kind::Dir).map(|(i, _)| *i).collect();
+                dirs.sort_unstable();
+                let dir = |r: u64| if r == 0 { 100 } else { dirs[(r as usize) % dirs.len()] };
+                let (p, q) = (dir(next(12)), dir(next(12)));
+                let (n, o) = (names[next(5) as usize], names[next(5) as usize]);
+                let op = next(20);
+                match if op < 9 { 0 } else if op < 12 { 1 } else if op < 16 { 2 } else { 3 } {
+                    0 => {
+                        let ino = 2 + next(19);
+                        let kind = if ino <= 8 { Kind::Dir } else { Kind::File };
+                        // A directory has one link; a file may get more.
+                        if kind == Kind::Dir && m.kinds.contains_key(&ino) {
+                            continue;
+                        }
+                        history.push(format!("link {p}/{} -> {ino}", String::from_utf8_lossy(n)));
+                        t.link(p, n, ino, kind);
+                        m.link(p, n, ino, kind);
+                    }
+                    1 => {
+                        history.push(format!("unlink {p}/{}", String::from_utf8_lossy(n)));
+                        t.unlink(p, n);
+                        m.unlink(p, n);
+                    }
+                    2 => {
+                        // rename(2) refuses to move a directory into itself or below.
+                        let moved = m.links.get(&(p, n.to_vec())).copied();
+                        let mut up = Some(q);
+                        let mut into_itself = false;
+                        while let Some(d) = up {
+                            if Some(d) == moved {
+                                into_itself = true;
+                            }
+                            up = m.links.iter().find(|(_, &i)| i == d).map(|((pp, _), _)| *pp);
+                        }
+                        if into_itself {
+                            continue;
+                        }
+                        history.push(format!("rename {p}/{} {q}/{}", String::from_utf8_lossy(n), String::from_utf8_lossy(o)));
+                        t.rename((p, n), (q, o));
+                        m.rename((p, n), (q, o));
+                    }
+                    _ => {
+                        let (a, b) = (m.links.get(&(p, n.to_vec())).copied(), m.links.get(&(q, o.to_vec())).copied());
+                        // Exchanging a directory with something inside it is refused too.
+                        let below = |x: Option<u64>, y: u64| {
+                            let mut up = Some(y);
+                            while let Some(d) = up {
+                                if Some(d) == x {
+                                    return true;
+                                }
+                                up = m.links.iter().find(|(_, &i)| i == d).map(|((pp, _), _)| *pp);
+                            }
+                            false
+                        };
+                        if below(a, q) || below(b, p) {
+                            continue;
+                        }
+                        history.push(format!("exchange {p}/{} {q}/{}", String::from_utf8_lossy(n), String::from_utf8_lossy(o)));
+                        t.exchange((p, n), (q, o));
+                        m.exchange((p, n), (q, o));
+                    }
+                }
+                assert_eq!(t.len(), m.kinds.len(), "inode counts differ: {t:?} after\n{}", history.join("\n"));
+                biggest = biggest.max(t.len());
+                for ((p, n), ino) in &m.links {
+                    assert_eq!(t.lookup_child(*p, n), Some(*ino), "link {p}/{:?} after\n{}", String::from_utf8_lossy(n), history.join("\n"));
+                }
+                for (ino, kind) in &m.kinds {
+                    assert_eq!(t.kind(*ino), Some(*kind), "inode {ino}");
+                    if *ino != 1 {
+                        let path = t.path_of(*ino).expect("a known inode has a path");
+                        let parts: Vec<&[u8]> = path.as_bytes().split(|&c| c == b'/').collect();
+                        assert_eq!(t.lookup(&parts), Some(*ino), "path_of({ino}) = {}", path.display());
+                    }
+                }
+            }
+        }
+        // The walk must have built trees worth checking, not stayed at the root.
+        assert!(biggest >= 10, "the largest table had {biggest} inodes");
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn capture(root: PathBuf, json: bool, ring_bytes: u32) -> anyhow::Result<()> {
-    let mut cap = Capture::start(&CaptureConfig { root, ring_bytes })?;
+    let mut cap = Capture::start(&CaptureConfig { root, ring_bytes, changed_since: None })?;
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);

@@ -22,6 +22,7 @@
 //!
 //! A compaction task bounds the journal to `--retain-bytes`.
 
+mod catchup;
 mod export;
 
 use std::future::Future;
@@ -29,7 +30,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -80,6 +81,8 @@ pub enum ServerError {
     JournalAppend(String),
     #[error("the capture thread stopped unexpectedly ({0}); this is a bug: restart the server, and please report it")]
     CaptureThread(String),
+    #[error("cannot use {}: {error}; check the permissions and free space of the state dir", path.display())]
+    Mark { path: PathBuf, error: std::io::Error },
 }
 
 /// A running server: capture is journalling and the endpoint is bound.
@@ -106,13 +109,21 @@ impl Server {
     pub async fn start(opts: &ServerOptions) -> Result<Server, ServerError> {
         let identity = Identity::load(&opts.state)?;
         let state = opts.state.clone();
+        let journal_existed = catchup::journal_exists(&opts.state);
         let journal = Arc::new(blocking(move || Journal::open(&state)).await??);
         let export_root = std::fs::canonicalize(&opts.export)
             .map_err(|error| ServerError::Export { path: opts.export.clone(), error })?;
         let export = export::Export::open(&export_root)
             .map_err(|error| ServerError::Export { path: export_root.clone(), error })?;
         let (appended_tx, appended) = watch::channel(journal.last_seq());
-        let capture = CaptureThread::start(export_root.clone(), journal.clone(), appended_tx).await?;
+        let capture = CaptureThread::start(
+            export_root.clone(),
+            opts.state.clone(),
+            journal_existed,
+            journal.clone(),
+            appended_tx,
+        )
+        .await?;
         let endpoint = transport::server_endpoint(&identity, opts.listen, opts.allow.clone())?;
         let local_addr = endpoint.local_addr().map_err(|error| TransportError::Bind { addr: opts.listen, error })?;
         let volume = protocol::volume_id(journal.volume_id());
@@ -208,20 +219,47 @@ struct CaptureThread {
 impl CaptureThread {
     async fn start(
         root: PathBuf,
+        state: PathBuf,
+        journal_existed: bool,
         journal: Arc<Journal>,
         appended: watch::Sender<u64>,
     ) -> Result<CaptureThread, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (failed_tx, failed) = watch::channel(None);
-        let (ready_tx, ready_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ServerError>>();
         let flag = stop.clone();
-        let export = root.clone();
         // Capture is built on its thread: it owns kernel objects and never leaves it.
         let thread = std::thread::Builder::new()
             .name("imezzo-capture".into())
             .spawn(move || {
-                let mut cap = match Capture::start(&CaptureConfig::new(&root)) {
-                    Ok(cap) => cap,
+                let started = (|| {
+                    let mark = catchup::CapturedThrough::open(&state, journal.volume_id())
+                        .map_err(|error| ServerError::Mark { path: state.join(catchup::FILE_NAME), error })?;
+                    let plan = catchup::Plan::new(mark.read(), journal_existed, SystemTime::now());
+                    let mut cfg = CaptureConfig::new(&root);
+                    cfg.changed_since = plan.changed_since();
+                    let attached = SystemTime::now();
+                    let mut cap = Capture::start(&cfg)
+                        .map_err(|error| ServerError::Capture { export: root.clone(), error })?;
+                    let export = export::Export::open(cap.root())
+                        .map_err(|error| ServerError::Export { path: root.clone(), error })?;
+                    let changed = cap.take_changed().unwrap_or_default();
+                    let (ops, line) = catchup::ops(plan, &changed, &export);
+                    if let Some(line) = line {
+                        log::warn!("catch-up: {line}: journalling {} entries for the clients", ops.len());
+                    }
+                    // Before any client is accepted, so a resuming client sees them first.
+                    let seqs = journal.append(ops)?;
+                    if !seqs.is_empty() {
+                        appended.send_replace(seqs.end - 1);
+                    }
+                    // Everything before the probes were attached is now journalled, or
+                    // (a new journal) in every client's full-sync manifest.
+                    mark.write(attached).map_err(|error| ServerError::Mark { path: mark.path().to_owned(), error })?;
+                    Ok((cap, mark))
+                })();
+                let (mut cap, mark) = match started {
+                    Ok(started) => started,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return CaptureStats::default();
@@ -229,7 +267,8 @@ impl CaptureThread {
                 };
                 let _ = ready_tx.send(Ok(()));
                 let mut broken = false;
-                cap.run_batches(&flag, &mut |batch| {
+                let mut mark_failed = false;
+                cap.run_batches(&flag, &mut |batch, through| {
                     if broken {
                         return;
                     }
@@ -243,6 +282,17 @@ impl CaptureThread {
                             broken = true;
                             flag.store(true, Ordering::Relaxed);
                             failed_tx.send_replace(Some(e.to_string()));
+                            return;
+                        }
+                    }
+                    // Only after the batch is durable: the mark claims it is journalled.
+                    if let Err(e) = mark.write(through) {
+                        if !mark_failed {
+                            log::warn!(
+                                "cannot record capture progress in {} ({e}): a restart will compare the whole tree",
+                                mark.path().display()
+                            );
+                            mark_failed = true;
                         }
                     }
                 });
@@ -254,7 +304,7 @@ impl CaptureThread {
             Ok(Ok(())) => Ok(this),
             Ok(Err(error)) => {
                 this.join();
-                Err(ServerError::Capture { export, error })
+                Err(error)
             }
             Err(_) => {
                 this.join();

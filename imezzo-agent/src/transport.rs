@@ -42,8 +42,10 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 pub const RECEIVE_WINDOW: u32 = 64 << 20;
 /// Bytes we buffer for sending over all streams of a connection.
 pub const SEND_WINDOW: u64 = 64 << 20;
-/// A silent connection is probed this often, so NAT bindings and the idle timer stay fresh.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A silent connection is probed this often, so NAT bindings and the idle timer stay fresh,
+/// and so a peer restarted on the same address answers with a stateless reset within a
+/// second rather than after the silence timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A peer that answers nothing for this long is gone; it also bounds a connection attempt.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Streams a peer may have open at once: initial sync fetches many files in parallel, each on

@@ -178,3 +178,23 @@ fn create_through_a_symlink_in_the_root_pointing_outside_it_journals_nothing() {
     assert!(fs.s("f").is_file() && fs.s("d").is_dir());
     cap.expect(&[]);
 }
+
+#[test]
+fn dirfd_relative_changes_in_a_sibling_closed_at_once_cost_no_rescan() {
+    // Other programs on a shared file system create through directory fds and close them
+    // before the agent could ask /proc where they pointed: that must not rescan the tree.
+    let fs = Fs::tmpfs("filter-dirfd-sibling");
+    let mut cap = Capture::start(&fs.root);
+    for i in 0..200 {
+        let dir = sys::dir(&fs.sibling).unwrap();
+        let name = format!("f{i}");
+        drop(sys::openat(dir.as_raw_fd(), Path::new(&name), O_WRONLY | O_CREAT, 0o644).unwrap());
+        sys::renameat(dir.as_raw_fd(), Path::new(&name), dir.as_raw_fd(), Path::new(&format!("g{i}"))).unwrap();
+        drop(dir);
+    }
+    cap.expect(&[]);
+    let (status, stderr) = cap.stop();
+    assert!(status.success(), "{stderr:?}");
+    let s = summary(&stderr).unwrap_or_else(|| panic!("no summary line in {stderr:?}"));
+    assert_eq!(s.rescans, 0, "{stderr:?}");
+}

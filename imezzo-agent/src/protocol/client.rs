@@ -39,7 +39,7 @@ impl Default for ClientConfig {
         ClientConfig {
             window: 4096,
             welcome_timeout: Duration::from_secs(10),
-            silence_timeout: Duration::from_secs(10),
+            silence_timeout: Duration::from_secs(3),
             agent: concat!("imezzo ", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }

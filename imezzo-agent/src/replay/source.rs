@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::check_rel_path;
 use super::sys;
-use crate::op::{RelPath, Timestamp};
+use crate::op::{Op, RelPath, Timestamp};
 
 /// The type of a file system object.
 #[derive(
@@ -75,6 +75,46 @@ pub struct Attrs {
 }
 
 impl Attrs {
+    /// The operations that make `path` this object when replayed: created if absent, a
+    /// regular file's whole data and size, its xattrs, its owner, mode and times (a
+    /// directory's attributes are left to the caller: what is placed inside it moves its
+    /// times). Replay takes data and xattr values from the master's current state. `None`
+    /// for a symlink whose target was not read.
+    pub fn recreate_ops(&self, path: &RelPath) -> Option<Vec<Op>> {
+        let make = match self.kind {
+            FileKind::Regular => Op::Create { path: path.clone(), mode: self.mode },
+            FileKind::Directory => Op::Mkdir { path: path.clone(), mode: self.mode },
+            FileKind::Symlink => Op::Symlink { path: path.clone(), target: RelPath(self.symlink_target.clone()?) },
+            other => Op::Mknod { path: path.clone(), mode: other.type_bits() | self.mode, rdev: self.rdev },
+        };
+        let mut ops = vec![make];
+        if self.kind == FileKind::Regular {
+            // Truncate first: a stale longer tail must go, and the whole-file write that
+            // follows is then built aside and renamed in (or filled in place when empty).
+            ops.push(Op::Truncate { path: path.clone(), size: self.size });
+            ops.push(Op::Write { path: path.clone(), offset: 0, len: u64::MAX, source: None, mode: None });
+        }
+        for (name, _) in &self.xattrs {
+            ops.push(Op::Setxattr { path: path.clone(), name: RelPath(name.clone()) });
+        }
+        if self.kind != FileKind::Directory {
+            ops.push(self.setattr_op(path));
+        }
+        Some(ops)
+    }
+
+    /// A setattr of every attribute: owner, mode, access and modification times.
+    pub fn setattr_op(&self, path: &RelPath) -> Op {
+        Op::Setattr {
+            path: path.clone(),
+            mode: Some(self.mode),
+            uid: Some(self.uid),
+            gid: Some(self.gid),
+            atime: Some(self.atime),
+            mtime: Some(self.mtime),
+        }
+    }
+
     /// Reads the attributes of `path` without following a final symlink; `Ok(None)` when
     /// nothing is there.
     pub fn read(path: &Path) -> io::Result<Option<Attrs>> {
