@@ -870,7 +870,8 @@ impl Report {
              bytes, op k and every earlier op on that file have arrived (a superseded write is delivered by \
              the later one). Lag = arrival − close. Percentiles are nearest-rank over every op, a lost op \
              counting as infinitely late; lost = not arrived {} s after the last write. Achieved: ops \
-             over the writing time, below the asked rate when the writer fell behind.\n",
+             over the writing time, below the asked rate when the writer fell behind (the writer and the \
+             observer are threads of the bench's own process and share the CPUs with the tools).\n",
             fmt_secs(settings.seconds),
             settings.deadline.as_secs()
         );
@@ -1038,19 +1039,22 @@ impl Report {
                 );
             }
         }
+        let big = Data::Big {
+            mib: settings.big_mib,
+        };
+        let small = Data::Small {
+            files: settings.small_files,
+        };
         for (big, wanted, what) in [
             (
                 true,
                 1.5,
-                format!("{} MiB file: at least 1.5x rsync's rate", settings.big_mib),
+                format!("{}: at least 1.5x rsync's rate", big.label()),
             ),
             (
                 false,
                 2.0,
-                format!(
-                    "{} small files: at least 2x rsync's rate",
-                    settings.small_files
-                ),
+                format!("{}: at least 2x rsync's rate", small.label()),
             ),
         ] {
             let initial = self.imezzo_ratio(big, Phase::Initial);
