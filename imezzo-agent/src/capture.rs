@@ -99,6 +99,11 @@ pub struct Capture {
     _lock: fs::File,
 }
 
+/// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
+fn real_ino(ino: u64) -> Option<u64> {
+    (ino >> 63 == 0).then_some(ino)
+}
+
 /// The inode numbers of `root`'s ancestors that live on `dev` (up to that file system's
 /// own root, or `/`).
 fn ancestors_on_device(root: &Path, dev: u64) -> std::collections::HashSet<u64> {
@@ -418,10 +423,17 @@ impl Capture {
             let Some(path) = self.table.path_of(ino) else { continue };
             if whole {
                 let len = fs::symlink_metadata(self.abs(&path)).map(|m| m.len()).unwrap_or(0);
-                out.push(Op::Write { path, offset: 0, len, source: Some(WriteSource::Mmap), mode: None });
+                out.push(Op::Write { path, offset: 0, len, source: Some(WriteSource::Mmap), mode: None, ino: real_ino(ino) });
             } else {
                 for (start, end) in ranges {
-                    out.push(Op::Write { path: path.clone(), offset: start, len: end - start, source: None, mode: None });
+                    out.push(Op::Write {
+                        path: path.clone(),
+                        offset: start,
+                        len: end - start,
+                        source: None,
+                        mode: None,
+                        ino: real_ino(ino),
+                    });
                 }
             }
         }
@@ -458,6 +470,7 @@ impl Capture {
                         len: ev.b,
                         source: Some(WriteSource::Fallocate),
                         mode: Some(ev.c as u32),
+                        ino: real_ino(ev.file.ino),
                     });
                 }
             }
@@ -896,8 +909,80 @@ impl Capture {
                 let _ = self.table.walk(&abs, meta.ino(), self.dev);
             }
         }
-        self.stats.rescans += 1;
-        out.push(Op::Rescan { path, reason: "moved in from outside the root".into() });
+        match self.recreate(&path) {
+            Some(ops) => out.extend(ops),
+            None => {
+                self.stats.rescans += 1;
+                out.push(Op::Rescan { path, reason: "moved in from outside the root".into() });
+            }
+        }
+    }
+
+    /// The operations that make a consumer's copy of `path` (just moved in from outside the
+    /// root, or a nameless O_TMPFILE just linked in) what it is now, walking a directory's
+    /// subtree parents first: each object created, regular files' data fetched whole, hard
+    /// links within the root as links, directory times last and deepest first. `None` when
+    /// the subtree is too large to describe op by op (a rescan covers it instead) or could
+    /// not be read.
+    fn recreate(&mut self, path: &RelPath) -> Option<Vec<Op>> {
+        const MAX_OBJECTS: usize = 50_000;
+        let mut ops = Vec::new();
+        let mut dirs = Vec::new();
+        let mut seen: std::collections::HashMap<u64, RelPath> = std::collections::HashMap::new();
+        let mut stack = vec![path.clone()];
+        let mut objects = 0;
+        while let Some(rel) = stack.pop() {
+            objects += 1;
+            if objects > MAX_OBJECTS {
+                return None;
+            }
+            let abs = self.abs(&rel);
+            let meta = match fs::symlink_metadata(&abs) {
+                Ok(m) => m,
+                // Gone again already: its removal follows in the journal.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => return None,
+            };
+            if meta.is_file() && meta.nlink() > 1 {
+                // Another name of this file: inside this subtree, or elsewhere in the tree.
+                let under = |p: &RelPath| p == path || p.0.starts_with(&[path.0.as_slice(), b"/"].concat());
+                let elsewhere = self.table.path_of(meta.ino()).filter(|p| !under(p));
+                if let Some(first) = seen.get(&meta.ino()).cloned().or(elsewhere) {
+                    ops.push(Op::Link { path: first, new_path: rel });
+                    continue;
+                }
+                seen.insert(meta.ino(), rel.clone());
+            }
+            let attrs = match crate::replay::Attrs::read(&abs) {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(_) => return None,
+            };
+            let mut made = attrs.recreate_ops(&rel)?;
+            for op in &mut made {
+                if let Op::Write { ino, .. } = op {
+                    *ino = Some(meta.ino());
+                }
+            }
+            ops.extend(made);
+            if meta.is_dir() && meta.dev() == self.dev {
+                dirs.push(attrs.setattr_op(&rel));
+                let mut names: Vec<Vec<u8>> =
+                    fs::read_dir(&abs).ok()?.flatten().map(|e| e.file_name().as_bytes().to_vec()).collect();
+                // Reverse order on the stack: children come out in name order.
+                names.sort_unstable_by(|a, b| b.cmp(a));
+                for name in names {
+                    let mut child = rel.0.clone();
+                    if !child.is_empty() {
+                        child.push(b'/');
+                    }
+                    child.extend_from_slice(&name);
+                    stack.push(RelPath(child));
+                }
+            }
+        }
+        ops.extend(dirs.into_iter().rev());
+        Some(ops)
     }
 
     fn on_link(&mut self, ev: &PathEvent, a: &[u8], b: &[u8], out: &mut Vec<Op>) {

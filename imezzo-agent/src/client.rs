@@ -823,10 +823,11 @@ impl Fetcher {
         path: RelPath,
         offset: u64,
         len: u64,
+        ino: Option<u64>,
         sink: &mut (dyn FnMut(u64, Vec<u8>) -> io::Result<()> + Send),
     ) -> Result<DataEnd, FetchFail> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (ex, request) = FetchExchange::data(id, path, offset, len);
+        let (ex, request) = FetchExchange::data(id, path, offset, len, ino);
         let mut end = None;
         self.exchange(ex, request, &mut |event| {
             match event {
@@ -886,9 +887,9 @@ fn fail_to_io(f: FetchFail) -> io::Error {
 }
 
 impl DataSource for NetSource<'_> {
-    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64, ino: Option<u64>) -> io::Result<Vec<u8>> {
         let mut buf = Vec::new();
-        let end = self.fetcher.rt.block_on(self.fetcher.data(path.clone(), offset, len, &mut |at, bytes| {
+        let end = self.fetcher.rt.block_on(self.fetcher.data(path.clone(), offset, len, ino, &mut |at, bytes| {
             // Holes between chunks read as zeros; replay turns zero blocks back into holes.
             let rel = usize::try_from(at - offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
             buf.resize(rel, 0);
@@ -901,6 +902,9 @@ impl DataSource for NetSource<'_> {
                 buf.resize(usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?, 0);
                 Ok(buf)
             }
+            // Another file there now: replay leaves the path to be fetched again from
+            // wherever the written file went.
+            DataEnd::Gone if ino.is_some() => Err(crate::replay::replaced(path)),
             // Nothing there now: a later entry (unlink, rename) accounts for it.
             DataEnd::Gone => Ok(Vec::new()),
         }
@@ -1532,7 +1536,7 @@ mod tests {
     #[test]
     fn a_pending_path_follows_renames_of_itself_and_of_its_parents() {
         let mut p = Pending::default();
-        p.mark_op(&Op::Write { path: "d/tmp".into(), offset: 0, len: 3, source: None, mode: None });
+        p.mark_op(&Op::Write { path: "d/tmp".into(), offset: 0, len: 3, source: None, mode: None, ino: None });
         p.follow(&rename("d/tmp", "d/file", false));
         assert_eq!(paths(&p), ["d/file"]);
         p.follow(&rename("d", "e", false));

@@ -67,6 +67,11 @@ pub enum Op {
         source: Option<WriteSource>,
         #[serde(skip_serializing_if = "Option::is_none")]
         mode: Option<u32>,
+        /// The master's inode the bytes were written to, when capture knew it: replay
+        /// takes data only from that object, never from another one that took its name
+        /// since (a rename, an exchange, `mv f f~` then a new `f`). Not in the JSON form.
+        #[serde(skip)]
+        ino: Option<u64>,
     },
     Truncate { path: RelPath, size: u64 },
     Setattr {
@@ -161,7 +166,7 @@ mod tests {
     fn an_entry_survives_an_rkyv_round_trip_with_validation() {
         let e = JournalEntry {
             seq: 42,
-            op: Op::Write { path: RelPath(vec![b'a', 0xff]), offset: 4096, len: 10, source: Some(WriteSource::Mmap), mode: None },
+            op: Op::Write { path: RelPath(vec![b'a', 0xff]), offset: 4096, len: 10, source: Some(WriteSource::Mmap), mode: None, ino: None },
         };
         let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&e).unwrap();
         let back = rkyv::from_bytes::<JournalEntry, rkyv::rancor::Error>(&bytes).unwrap();

@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -615,8 +616,8 @@ async fn serve_fetch(
         }
     };
     let answered = match request {
-        FetchRequest::Data { req_id, path, offset, len } => {
-            answer_data(&mut send, &shared, req_id, path, offset, len).await
+        FetchRequest::Data { req_id, path, offset, len, ino } => {
+            answer_data(&mut send, &shared, req_id, path, offset, len, ino).await
         }
         FetchRequest::Attrs { req_id, paths } => answer_attrs(&mut send, &shared, req_id, paths).await,
     };
@@ -643,12 +644,18 @@ async fn answer_data(
     path: RelPath,
     offset: u64,
     len: u64,
+    ino: Option<u64>,
 ) -> bool {
     let s = shared.clone();
     let p = path.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        let file = s.export.open_regular(&p)?;
-        file.map(|f| f.metadata().map(|m| (Arc::new(f), m.len()))).transpose()
+    let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let Some(file) = s.export.open_regular(&p)? else { return Ok(None) };
+        let meta = file.metadata()?;
+        // Another file under this name now: the bytes asked for went with their file.
+        if ino.is_some_and(|i| i != meta.ino()) {
+            return Ok(None);
+        }
+        Ok(Some((Arc::new(file), meta.len())))
     })
     .await;
     let (file, size) = match opened {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imezzo_agent::journal::{Journal, JournalError, PathVersion, ReadFrom, FILE_NAME};
+use imezzo_agent::journal::{Journal, JournalError, PathVersion, ReadFrom, FILE_NAME, FORMAT};
 use imezzo_agent::op::{JournalEntry, Op, RelPath, Timestamp, WriteSource};
 use redb::{ReadableTable, TableDefinition};
 
@@ -38,7 +38,7 @@ impl Rng {
 }
 
 fn write(path: &str, offset: u64, len: u64) -> Op {
-    Op::Write { path: path.into(), offset, len, source: None, mode: None }
+    Op::Write { path: path.into(), offset, len, source: None, mode: None, ino: None }
 }
 
 fn entries(r: ReadFrom) -> Vec<JournalEntry> {
@@ -574,6 +574,7 @@ fn random_op(rng: &mut Rng) -> Op {
             len: *rng.pick(&[0, 4, 8, 16]),
             source: *rng.pick(&[None, None, None, Some(WriteSource::Fallocate), Some(WriteSource::Mmap)]),
             mode: None,
+            ino: None,
         },
         9..=11 => Op::Truncate { path, size: rng.below(20) },
         12..=14 => Op::Setattr {
@@ -766,17 +767,17 @@ fn a_journal_of_a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(Journal::open(dir.path()).unwrap());
     tamper(dir.path(), |txn| {
-        txn.open_table(META).unwrap().insert("format", 2u64.to_le_bytes().as_slice()).unwrap();
+        txn.open_table(META).unwrap().insert("format", (FORMAT + 1).to_le_bytes().as_slice()).unwrap();
     });
     let err = Journal::open(dir.path()).unwrap_err();
-    assert!(matches!(err, JournalError::NewerFormat { found: 2, supported: 1, .. }), "{err}");
+    assert!(matches!(err, JournalError::NewerFormat { found, supported: FORMAT, .. } if found == FORMAT + 1), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------
-// Format 1 fixture.
+// Format fixtures.
 
 fn fixture_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journal-v1.redb")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journal-v2.redb")
 }
 
 /// One of every op, with a non-UTF-8 name, then a compaction: the fixture holds gaps.
@@ -786,8 +787,8 @@ fn fixture_ops() -> Vec<Op> {
         Op::Create { path: "d/f".into(), mode: 0o644 },
         write("d/f", 0, 10),
         write("d/f", 0, 100),
-        Op::Write { path: "d/f".into(), offset: 4096, len: 8192, source: Some(WriteSource::Fallocate), mode: Some(3) },
-        Op::Write { path: "d/f".into(), offset: 0, len: 12288, source: Some(WriteSource::Mmap), mode: None },
+        Op::Write { path: "d/f".into(), offset: 4096, len: 8192, source: Some(WriteSource::Fallocate), mode: Some(3), ino: None },
+        Op::Write { path: "d/f".into(), offset: 0, len: 12288, source: Some(WriteSource::Mmap), mode: None, ino: Some(42) },
         Op::Truncate { path: "d/f".into(), size: 7 },
         Op::Setattr {
             path: "d/f".into(),
@@ -812,7 +813,7 @@ fn fixture_ops() -> Vec<Op> {
 }
 
 /// Set to regenerate the fixture, on purpose only, when the format number changes:
-/// `IMEZZO_REGENERATE_JOURNAL_FIXTURE=1 cargo test -p imezzo-agent --test journal format_1_fixture`
+/// `IMEZZO_REGENERATE_JOURNAL_FIXTURE=1 cargo test -p imezzo-agent --test journal format_2_fixture`
 /// (the test then checks the fresh fixture as usual).
 const REGENERATE_FIXTURE_VAR: &str = "IMEZZO_REGENERATE_JOURNAL_FIXTURE";
 
@@ -828,7 +829,7 @@ fn write_fixture() {
 }
 
 #[test]
-fn format_1_fixture_still_opens_and_reads() {
+fn format_2_fixture_still_opens_and_reads() {
     if std::env::var_os(REGENERATE_FIXTURE_VAR).is_some() {
         write_fixture();
     }
@@ -860,4 +861,16 @@ fn format_1_fixture_still_opens_and_reads() {
     }
     assert_eq!(j.append(vec![write("e/f", 0, 1)]).unwrap(), 20..21);
     assert_eq!(j.version_of(&"e/f".into()).unwrap(), PathVersion::ChangedAt(20));
+}
+
+#[test]
+fn a_format_1_journal_is_refused_with_a_message_to_move_it_aside() {
+    // Format 1 had no inode in write entries; its archives do not fit format 2's layout.
+    let v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journal-v1.redb");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&v1, dir.path().join(FILE_NAME)).unwrap_or_else(|e| panic!("{}: {e}", v1.display()));
+    let err = Journal::open(dir.path()).unwrap_err();
+    assert!(matches!(err, JournalError::OlderFormat { found: 1, supported: 2, .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("move the file aside"), "{text}");
 }

@@ -300,7 +300,7 @@ fn mkdir(path: &str, mode: u32) -> Op {
     Op::Mkdir { path: path.into(), mode }
 }
 fn write(path: &str, offset: u64, len: u64) -> Op {
-    Op::Write { path: path.into(), offset, len, source: None, mode: None }
+    Op::Write { path: path.into(), offset, len, source: None, mode: None, ino: None }
 }
 fn rename(from: &str, to: &str) -> Op {
     Op::Rename { path: from.into(), new_path: to.into(), exchange: false, noreplace: false }
@@ -552,7 +552,7 @@ fn a_sparse_source_with_a_1mib_hole_stays_sparse_at_the_replica() {
     fs::hard_link(p.m("dense"), p.m("dense2")).unwrap();
     p.replay_twice(Op::Link { path: "dense".into(), new_path: "dense2".into() });
     punch(&p.m("dense"), 4096, 512 * 1024);
-    p.replay_twice(Op::Write { path: "dense".into(), offset: 4096, len: 512 * 1024, source: None, mode: None });
+    p.replay_twice(Op::Write { path: "dense".into(), offset: 4096, len: 512 * 1024, source: None, mode: None, ino: None });
     let blocks = fs::metadata(p.r("dense")).unwrap().blocks() * 512;
     assert!(blocks <= (dense as u64 - 512 * 1024) + 64 * 1024, "punched range still allocated: {blocks} bytes");
 }
@@ -828,9 +828,9 @@ impl HistorySource {
 }
 
 impl DataSource for HistorySource {
-    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64, ino: Option<u64>) -> io::Result<Vec<u8>> {
         match self.locate(path) {
-            Some(p) => self.dir.read_range(&p, offset, len),
+            Some(p) => self.dir.read_range(&p, offset, len, ino),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),
         }
     }
@@ -1023,7 +1023,7 @@ fn stale_temporaries_are_removed_when_the_replayer_opens() {
 struct FailingReads(DirSource);
 
 impl DataSource for FailingReads {
-    fn read_range(&mut self, _: &RelPath, _: u64, _: u64) -> io::Result<Vec<u8>> {
+    fn read_range(&mut self, _: &RelPath, _: u64, _: u64, _: Option<u64>) -> io::Result<Vec<u8>> {
         Err(io::Error::other("connection lost"))
     }
     fn attrs(&mut self, path: &RelPath) -> io::Result<Option<Attrs>> {

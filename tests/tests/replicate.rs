@@ -15,6 +15,7 @@ use imezzo_agent::transport;
 use imezzo_tests::replica::wire::{self, Ending};
 use imezzo_tests::replica::*;
 use imezzo_tests::{sys, Fs, FsKind};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -205,6 +206,66 @@ fn rename_storm_of_files_and_directories_ends_identical() {
         );
     }
     r.assert_identical(CONVERGE_TIMEOUT, "1000 renames of files and directories");
+    r.assert_no_panic();
+}
+
+#[test]
+fn writes_whose_file_is_renamed_away_or_exchanged_at_once_end_identical() {
+    // `mv f f~` then a new `f` (editors' backups), and a write then RENAME_EXCHANGE: by the
+    // time the client fetches a write's bytes, its name holds another file. The bytes must
+    // come from the file written to, wherever it went, never from the newcomer.
+    let mut r = Replication::started("writeaway");
+    r.export.dirs("e");
+    r.export.dirs("x");
+    for i in 0..150 {
+        r.export.put(&format!("e/f{i}"), format!("first version of f{i}\n").repeat(50).as_bytes());
+        ok(sys::rename(&r.e(&format!("e/f{i}")), &r.e(&format!("e/f{i}~"))));
+        r.export.put(&format!("e/f{i}"), format!("second version of f{i}\n").repeat(7).as_bytes());
+
+        r.export.put(&format!("x/b{i}"), format!("b{i} before\n").as_bytes());
+        r.export.put(&format!("x/a{i}"), format!("a{i} written just before the exchange\n").repeat(30).as_bytes());
+        ok(sys::renameat2(
+            libc::AT_FDCWD,
+            &r.e(&format!("x/a{i}")),
+            libc::AT_FDCWD,
+            &r.e(&format!("x/b{i}")),
+            libc::RENAME_EXCHANGE,
+        ));
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "writes renamed away and exchanged");
+    r.assert_no_panic();
+}
+
+#[test]
+fn a_tree_moved_in_from_outside_the_export_and_an_o_tmpfile_linked_in_replicate_without_a_full_resync() {
+    let mut r = Replication::started("movein");
+    // Made outside the export, on the same file system, then moved in with one rename.
+    let out = r.export.s("incoming");
+    std::fs::create_dir_all(out.join("deep/er")).unwrap();
+    for i in 0..40 {
+        std::fs::write(out.join(format!("deep/er/f{i}")), format!("payload {i}\n").repeat(100)).unwrap();
+    }
+    std::fs::write(out.join("big"), vec![0xa5u8; 3 * MIB]).unwrap();
+    ok(sys::link(&out.join("big"), &out.join("deep/big-link")));
+    std::os::unix::fs::symlink("deep/er/f1", out.join("sym")).unwrap();
+    ok(sys::chmod(&out.join("deep"), 0o700));
+    ok(sys::rename(&out, &r.e("incoming")));
+
+    // A nameless file, written, then given a name inside the export.
+    let fd = open_or_panic(&r.e(""), libc::O_TMPFILE | libc::O_WRONLY, 0o640);
+    ok(sys::write(&fd, b"born nameless\n"));
+    let empty = Path::new("");
+    ok(sys::linkat(fd.as_raw_fd(), empty, libc::AT_FDCWD, &r.e("from-tmpfile"), libc::AT_EMPTY_PATH));
+    drop(fd);
+
+    r.assert_identical(CONVERGE_TIMEOUT, "a tree moved in and an O_TMPFILE linked in");
+    let c = r.client();
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "moving a tree in cost the client a full resync\n{}",
+        c.context()
+    );
     r.assert_no_panic();
 }
 
@@ -978,6 +1039,7 @@ fn hostile_client_messages_close_only_their_own_connection_with_a_logged_reason(
             path: rel(p),
             offset: 0,
             len: 4096,
+            ino: None,
         })
     };
     let hello_v2 = {

@@ -433,7 +433,7 @@ fn fetch_file(
     let mut bytes = 0u64;
     // The whole current file: bytes the file gained since the walk arrive now rather than
     // with the journal entry that follows.
-    let end = fetcher.runtime().block_on(fetcher.data(path.clone(), 0, u64::MAX, &mut |at, chunk| {
+    let end = fetcher.runtime().block_on(fetcher.data(path.clone(), 0, u64::MAX, None, &mut |at, chunk| {
         file.write_all_at(&chunk, at)?;
         bytes += chunk.len() as u64;
         Ok(())

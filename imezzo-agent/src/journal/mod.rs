@@ -24,7 +24,7 @@ use crate::op::{JournalEntry, Op, RelPath};
 /// The journal's file name inside the state dir.
 pub const FILE_NAME: &str = "journal.redb";
 /// The format this code writes and reads (docs/journal.md, "Versions of the format").
-pub const FORMAT: u64 = 1;
+pub const FORMAT: u64 = 2;
 /// redb's page cache cap: its default (1 GiB) would let a long read of the journal grow the
 /// server agent far past its memory target.
 const CACHE_BYTES: usize = 32 << 20;
@@ -53,6 +53,8 @@ pub enum JournalError {
     Locked { path: PathBuf },
     #[error("the journal {path} has format {found}, newer than this imezzo reads ({supported}): run the newer imezzo, or move the file aside to start a new journal (every client then resyncs in full)")]
     NewerFormat { path: PathBuf, found: u64, supported: u64 },
+    #[error("the journal {path} has format {found}, written by an older imezzo; this one reads format {supported} only: move the file aside and restart the server (a new journal starts and every client resyncs in full)")]
+    OlderFormat { path: PathBuf, found: u64, supported: u64 },
     #[error("the journal {path} is damaged ({reason}): move the file aside and restart the server; a new journal starts and every client resyncs in full")]
     BadMeta { path: PathBuf, reason: String },
     #[error("journal entry {seq} in {path} is corrupt ({reason}): the server cannot stream past it; move the file aside and restart the server, and every client resyncs in full")]
@@ -193,7 +195,7 @@ impl Journal {
                     return Err(JournalError::NewerFormat { path, found, supported: FORMAT });
                 }
                 Some(found) if found < FORMAT => {
-                    return Err(bad_meta(&path, &format!("unknown old format {found}")));
+                    return Err(JournalError::OlderFormat { path, found, supported: FORMAT });
                 }
                 Some(_) => {
                     let id = meta
@@ -449,7 +451,7 @@ mod tests {
     use super::*;
 
     fn write(path: &str, offset: u64, len: u64) -> Op {
-        Op::Write { path: path.into(), offset, len, source: None, mode: None }
+        Op::Write { path: path.into(), offset, len, source: None, mode: None, ino: None }
     }
 
     fn seqs(r: ReadFrom) -> Vec<u64> {

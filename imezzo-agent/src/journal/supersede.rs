@@ -170,7 +170,7 @@ mod tests {
     use crate::op::{Timestamp, WriteSource};
 
     fn write(path: &str, offset: u64, len: u64) -> Op {
-        Op::Write { path: path.into(), offset, len, source: None, mode: None }
+        Op::Write { path: path.into(), offset, len, source: None, mode: None, ino: None }
     }
     fn chmod(path: &str, mode: u32) -> Op {
         Op::Setattr { path: path.into(), mode: Some(mode), uid: None, gid: None, atime: None, mtime: None }
@@ -205,8 +205,8 @@ mod tests {
     #[test]
     fn fallocate_and_mmap_writes_neither_supersede_nor_get_superseded() {
         let falloc =
-            Op::Write { path: "f".into(), offset: 0, len: 100, source: Some(WriteSource::Fallocate), mode: Some(3) };
-        let mmap = Op::Write { path: "f".into(), offset: 0, len: 100, source: Some(WriteSource::Mmap), mode: None };
+            Op::Write { path: "f".into(), offset: 0, len: 100, source: Some(WriteSource::Fallocate), mode: Some(3), ino: None };
+        let mmap = Op::Write { path: "f".into(), offset: 0, len: 100, source: Some(WriteSource::Mmap), mode: None, ino: None };
         assert!(plan_of(&[write("f", 0, 10), falloc.clone()]).is_empty());
         assert!(plan_of(&[falloc, write("f", 0, 100)]).is_empty());
         assert!(plan_of(&[mmap, write("f", 0, 100)]).is_empty());

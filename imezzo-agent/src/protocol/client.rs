@@ -462,9 +462,10 @@ pub struct FetchExchange {
 }
 
 impl FetchExchange {
-    /// A request for the bytes `[offset, offset + len)` of `path`; write the message on a
+    /// A request for the bytes `[offset, offset + len)` of `path` (only from inode `ino`,
+    /// when given: another object there now is answered `Gone`); write the message on a
     /// new bidirectional stream, then finish the stream's send side.
-    pub fn data(req_id: u64, path: RelPath, offset: u64, len: u64) -> (FetchExchange, Msg) {
+    pub fn data(req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64>) -> (FetchExchange, Msg) {
         let end = offset.saturating_add(len);
         let len = end - offset;
         let ex = FetchExchange {
@@ -473,7 +474,7 @@ impl FetchExchange {
             decoder: FrameDecoder::new(MAX_DATA_BODY),
             done: false,
         };
-        (ex, Msg::Fetch { req_id, path, offset, len })
+        (ex, Msg::Fetch { req_id, path, offset, len, ino })
     }
 
     /// A request for the current attributes of `paths` (at most [`super::MAX_ATTRS_PATHS`]).

@@ -5,7 +5,7 @@
 use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 
 /// The protocol version this agent speaks; it travels in every frame header.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
 pub const HEADER_LEN: usize = 6;
 /// Largest body accepted on the control stream (both directions) and from a client on a
@@ -44,7 +44,7 @@ pub enum Msg {
     ManifestEnd { seq: u64 },
     Heartbeat { sent_through: u64, journal_last: u64 },
     // Fetch streams, client to server.
-    Fetch { req_id: u64, path: RelPath, offset: u64, len: u64 },
+    Fetch { req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64> },
     FetchAttrs { req_id: u64, paths: Vec<RelPath> },
     // Fetch streams, server to client.
     Data { req_id: u64, offset: u64, bytes: Vec<u8> },

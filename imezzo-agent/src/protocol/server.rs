@@ -557,8 +557,9 @@ impl ServerSession {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchRequest {
     /// Answer with `Data` chunks (at most [`super::DATA_CHUNK`] bytes each, increasing
-    /// offsets, holes left out) then `DataEnd`, or `Gone` / `Unreadable`.
-    Data { req_id: u64, path: RelPath, offset: u64, len: u64 },
+    /// offsets, holes left out) then `DataEnd`, or `Gone` / `Unreadable`. With `ino`, a
+    /// file at `path` that is another inode is `Gone`.
+    Data { req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64> },
     /// Answer with `Attrs`, one per path in order, or `Unreadable`.
     Attrs { req_id: u64, paths: Vec<RelPath> },
 }
@@ -610,12 +611,12 @@ impl FetchRequestReader {
         }
         self.got_request = true;
         let request = match msg {
-            Msg::Fetch { req_id, path, offset, len } => {
+            Msg::Fetch { req_id, path, offset, len, ino } => {
                 if offset.checked_add(len).is_none() {
                     return Err(violation(format!("Fetch {req_id} of a range past 2^64 ({offset} + {len})")));
                 }
                 check_path(req_id, &path)?;
-                FetchRequest::Data { req_id, path, offset, len }
+                FetchRequest::Data { req_id, path, offset, len, ino }
             }
             Msg::FetchAttrs { req_id, paths } => {
                 if paths.is_empty() || paths.len() > MAX_ATTRS_PATHS {

@@ -24,6 +24,7 @@ fn entry(seq: u64) -> JournalEntry {
             len: 10,
             source: None,
             mode: None,
+            ino: Some(100 + seq % 7),
         },
     }
 }
@@ -859,12 +860,12 @@ fn violation_text(r: &CloseReason) -> String {
 #[test]
 fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     let mut f = frame(&hello(None, None));
-    f[4..6].copy_from_slice(&2u16.to_le_bytes());
+    f[4..6].copy_from_slice(&3u16.to_le_bytes());
     let r = server_closes_on(&[f.clone()], false);
     assert_eq!(r.code(), 1);
     assert_eq!(
         r.to_string(),
-        "this server speaks imezzo protocol 1 and the client speaks protocol 2: upgrade the server"
+        "this server speaks imezzo protocol 2 and the client speaks protocol 3: upgrade the server"
     );
 
     let mut c = ClientSession::new(ClientState::default(), Instant::now());
@@ -873,7 +874,7 @@ fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     match close {
         Some(ClientOutput::Close(r)) => assert_eq!(
             r.to_string(),
-            "this client speaks imezzo protocol 1 and the server speaks protocol 2: upgrade the client"
+            "this client speaks imezzo protocol 2 and the server speaks protocol 3: upgrade the client"
         ),
         other => panic!("{other:?}"),
     }
@@ -930,7 +931,7 @@ fn a_server_message_from_a_client_is_a_violation() {
 
 #[test]
 fn a_fetch_on_the_control_stream_is_a_violation() {
-    let fetch = Msg::Fetch { req_id: 1, path: "a".into(), offset: 0, len: 1 };
+    let fetch = Msg::Fetch { req_id: 1, path: "a".into(), offset: 0, len: 1, ino: None };
     let r = server_closes_on(&[frame(&hello(None, None)), frame(&fetch)], false);
     assert!(violation_text(&r).contains("belongs on a fetch stream"), "{r}");
 }
@@ -1134,7 +1135,7 @@ fn samples() -> Vec<Msg> {
         },
         Msg::ManifestEnd { seq: 9 },
         Msg::Heartbeat { sent_through: 9, journal_last: 12 },
-        Msg::Fetch { req_id: 1, path: "d/f".into(), offset: 4096, len: 1 << 20 },
+        Msg::Fetch { req_id: 1, path: "d/f".into(), offset: 4096, len: 1 << 20, ino: None },
         Msg::FetchAttrs { req_id: 2, paths: vec!["".into(), "d".into()] },
         Msg::Data { req_id: 1, offset: 4096, bytes: vec![1, 2, 3] },
         Msg::DataEnd { req_id: 1, file_size: 4099 },
@@ -1170,18 +1171,19 @@ fn frames_split_at_every_byte_still_decode() {
     assert_eq!(got, samples());
 }
 
-/// The bytes of version 1 (body archives of sample messages). A change here means the wire
+/// The bytes of version 2 (body archives of sample messages). A change here means the wire
 /// format changed: bump `PROTOCOL_VERSION` and update docs/protocol.md, then this test.
+/// (Version 2 added the inode to write entries and to `Fetch`.)
 #[test]
-fn version_1_wire_bytes_are_frozen() {
+fn version_2_wire_bytes_are_frozen() {
     let hello = hex::encode(frame(&hello(Some(VOLUME), Some(42))));
     let entries = hex::encode(frame(&Msg::Entries { from_seq: 1, entries: vec![entry(1)] }));
-    assert_eq!(hello, HELLO_V1);
-    assert_eq!(entries, ENTRIES_V1);
+    assert_eq!(hello, HELLO_V2);
+    assert_eq!(entries, ENTRIES_V2);
 }
 
-const HELLO_V1: &str = "48000000010000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
-const ENTRIES_V1: &str = "b000000001006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const HELLO_V2: &str = "48000000020000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
+const ENTRIES_V2: &str = "b000000002006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
 
 #[test]
 fn random_bytes_never_panic_the_decoder_or_the_sessions() {
@@ -1225,7 +1227,7 @@ fn random_bytes_never_panic_the_decoder_or_the_sessions() {
         c.handle_stream_finished(now);
         while c.poll_output().is_some() {}
 
-        let mut ex = FetchExchange::data(1, "f".into(), 0, 100).0;
+        let mut ex = FetchExchange::data(1, "f".into(), 0, 100, None).0;
         let _ = ex.handle_stream_data(&bytes);
         let _ = ex.handle_stream_finished();
         let mut reader = FetchRequestReader::new();
@@ -1306,8 +1308,8 @@ fn fetch_events(ex: &mut FetchExchange, msgs: &[Msg]) -> Result<Vec<FetchEvent>,
 
 #[test]
 fn a_data_answer_with_a_hole_is_accepted_in_order() {
-    let (mut ex, req) = FetchExchange::data(5, "f".into(), 0, 10_000);
-    assert_eq!(req, Msg::Fetch { req_id: 5, path: "f".into(), offset: 0, len: 10_000 });
+    let (mut ex, req) = FetchExchange::data(5, "f".into(), 0, 10_000, None);
+    assert_eq!(req, Msg::Fetch { req_id: 5, path: "f".into(), offset: 0, len: 10_000, ino: None });
     let events = fetch_events(
         &mut ex,
         &[
@@ -1325,7 +1327,7 @@ fn a_data_answer_with_a_hole_is_accepted_in_order() {
 
 #[test]
 fn overlapping_or_out_of_range_data_is_a_violation() {
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100, None);
     let r = fetch_events(
         &mut ex,
         &[
@@ -1334,33 +1336,33 @@ fn overlapping_or_out_of_range_data_is_a_violation() {
         ],
     );
     assert!(violation_text(&r.unwrap_err()).contains("outside the unanswered part [170, 200)"));
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100, None);
     let r = fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 190, bytes: vec![0; 20] }]);
     assert!(r.is_err());
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100, None);
     let r = fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 50, bytes: vec![0; 20] }]);
     assert!(r.is_err());
 }
 
 #[test]
 fn an_answer_for_another_request_is_a_violation() {
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
     let r = fetch_events(&mut ex, &[Msg::Gone { req_id: 6 }]);
     assert!(violation_text(&r.unwrap_err()).contains("Gone for request 6 on the stream of request 5"));
 }
 
 #[test]
 fn gone_after_some_data_is_a_violation_and_before_it_is_an_answer() {
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
     assert_eq!(fetch_events(&mut ex, &[Msg::Gone { req_id: 5 }]).unwrap(), [FetchEvent::Gone]);
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
     let r = fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 0, bytes: vec![1] }, Msg::Gone { req_id: 5 }]);
     assert!(r.is_err());
 }
 
 #[test]
 fn data_past_the_reported_file_size_is_a_violation() {
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 100);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 100, None);
     let r = fetch_events(
         &mut ex,
         &[Msg::Data { req_id: 5, offset: 0, bytes: vec![1; 50] }, Msg::DataEnd { req_id: 5, file_size: 20 }],
@@ -1370,7 +1372,7 @@ fn data_past_the_reported_file_size_is_a_violation() {
 
 #[test]
 fn a_fetch_stream_ending_before_the_answer_is_a_violation() {
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 100);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 100, None);
     fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 0, bytes: vec![1; 50] }]).unwrap();
     assert!(violation_text(&ex.handle_stream_finished().unwrap_err()).contains("before the answer was complete"));
 }
@@ -1392,12 +1394,12 @@ fn attrs_must_answer_every_path() {
 #[test]
 fn the_server_reads_one_checked_request_per_fetch_stream() {
     let mut r = FetchRequestReader::new();
-    let req = Msg::Fetch { req_id: 1, path: "d/f".into(), offset: 10, len: 20 };
+    let req = Msg::Fetch { req_id: 1, path: "d/f".into(), offset: 10, len: 20, ino: Some(77) };
     let f = frame(&req);
     assert_eq!(r.handle_stream_data(&f[..3]).unwrap(), None);
     assert_eq!(
         r.handle_stream_data(&f[3..]).unwrap(),
-        Some(FetchRequest::Data { req_id: 1, path: "d/f".into(), offset: 10, len: 20 })
+        Some(FetchRequest::Data { req_id: 1, path: "d/f".into(), offset: 10, len: 20, ino: Some(77) })
     );
     r.handle_stream_finished().unwrap();
     assert!(violation_text(&r.handle_stream_data(&f).unwrap_err()).contains("one request per stream"));
@@ -1424,10 +1426,10 @@ fn a_fetch_request_escaping_the_root_is_a_violation() {
         assert!(violation_text(&err).contains(problem), "{path}: {err}");
     }
     let mut r = FetchRequestReader::new();
-    let nul = Msg::Fetch { req_id: 1, path: RelPath(b"a\0b".to_vec()), offset: 0, len: 1 };
+    let nul = Msg::Fetch { req_id: 1, path: RelPath(b"a\0b".to_vec()), offset: 0, len: 1, ino: None };
     assert!(violation_text(&r.handle_stream_data(&frame(&nul)).unwrap_err()).contains("NUL"));
     let mut r = FetchRequestReader::new();
-    let wrap = Msg::Fetch { req_id: 1, path: "a".into(), offset: u64::MAX, len: 2 };
+    let wrap = Msg::Fetch { req_id: 1, path: "a".into(), offset: u64::MAX, len: 2, ino: None };
     assert!(r.handle_stream_data(&frame(&wrap)).is_err());
     let mut r = FetchRequestReader::new();
     let none = Msg::FetchAttrs { req_id: 1, paths: Vec::new() };
@@ -1439,7 +1441,7 @@ fn control_messages_on_a_fetch_stream_are_violations() {
     let mut r = FetchRequestReader::new();
     let err = r.handle_stream_data(&frame(&Msg::Ack { applied_seq: 1 })).unwrap_err();
     assert!(violation_text(&err).contains("belongs on the control stream"));
-    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10);
+    let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
     let err = ex.handle_stream_data(&frame(&Msg::Heartbeat { sent_through: 0, journal_last: 0 })).unwrap_err();
     assert!(violation_text(&err).contains("belongs on the control stream"));
 }

@@ -122,7 +122,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 pub use marks::{InodeId, Mark, MarkStore, MarkStoreError, Recovered};
-pub use source::{Attrs, DataSource, DirSource, FileKind};
+pub use source::{replaced, Attrs, DataSource, DirSource, FileKind};
 use sys::{errno, is_kind, Loc};
 
 use crate::op::{JournalEntry, Op, RelPath, Timestamp};
@@ -613,7 +613,7 @@ impl Replayer {
             // RENAME_NOREPLACE is not passed on: the master's rename succeeded, so the
             // destination was free there, and whatever the replica has in its place is stale.
             Op::Rename { path, new_path, exchange, noreplace: _ } => self.rename(path, new_path, *exchange, seq, data),
-            Op::Write { path, offset, len, .. } => self.write(path, *offset, *len, seq, data),
+            Op::Write { path, offset, len, ino, .. } => self.write(path, *offset, *len, *ino, seq, data),
             Op::Truncate { path, size } => self.truncate(path, *size, seq, data),
             Op::Setattr { path, mode, uid, gid, atime, mtime } => {
                 self.setattr(path, *mode, *uid, *gid, *atime, *mtime, seq, data)
@@ -1163,6 +1163,7 @@ impl Replayer {
         path: &RelPath,
         offset: u64,
         len: u64,
+        ino: Option<u64>,
         seq: Option<u64>,
         data: &mut dyn DataSource,
     ) -> Result<Applied, ReplayError> {
@@ -1189,11 +1190,17 @@ impl Replayer {
             }
         }
         let end = offset.saturating_add(len).min(master.size);
+        if ino.is_some() && end <= offset {
+            // Nothing to read, but the size and times below must be those of the object
+            // written to, not of another one that took its name since.
+            data.read_range(path, offset, 0, ino)
+                .map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })?;
+        }
         // A file still empty (just created) has no old content a reader could lose, so it
         // is filled in place: one inode and one rename less per new file.
         let whole = offset == 0 && len >= master.size && st.is_none_or(|s| s.st_nlink == 1 && s.st_size > 0);
         if whole {
-            self.rewrite(&e, st.as_ref(), path, end, &master, data)?;
+            self.rewrite(&e, st.as_ref(), Written { path, ino }, end, &master, data)?;
             return Ok(Applied::Changed);
         }
         if st.is_none() {
@@ -1211,7 +1218,7 @@ impl Replayer {
         if !is_kind(&st, libc::S_IFREG) {
             return Ok(Applied::NeedsResync { path: path.clone() });
         }
-        self.copy_range(fd.as_fd(), st.st_size as u64, path, offset, end, data)?;
+        self.copy_range(fd.as_fd(), st.st_size as u64, Written { path, ino }, offset, end, data)?;
         if sys::fstat(fd.as_fd()).ctx(OP, path)?.st_size as u64 != master.size {
             sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
         }
@@ -1224,12 +1231,13 @@ impl Replayer {
         &mut self,
         e: &Entry,
         old: Option<&libc::stat>,
-        path: &RelPath,
+        written: Written<'_>,
         end: u64,
         master: &Attrs,
         data: &mut dyn DataSource,
     ) -> Result<(), ReplayError> {
         const OP: &str = "write";
+        let path = written.path;
         // The mark says which op placed this name's object; the new inode stands for the
         // same object, so it carries the mark over (whatever its volume).
         let carried = old.and_then(|st| self.marks.get(InodeId::of(st)));
@@ -1241,7 +1249,7 @@ impl Replayer {
             0o600,
         )
         .ctx(OP, path)?;
-        self.copy_range(fd.as_fd(), 0, path, 0, end, data)?;
+        self.copy_range(fd.as_fd(), 0, written, 0, end, data)?;
         sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
         let tid = InodeId::of(&sys::fstat(fd.as_fd()).ctx(OP, path)?);
         drop(fd);
@@ -1266,17 +1274,18 @@ impl Replayer {
         &self,
         fd: BorrowedFd<'_>,
         mut eof: u64,
-        path: &RelPath,
+        written: Written<'_>,
         start: u64,
         end: u64,
         data: &mut dyn DataSource,
     ) -> Result<(), ReplayError> {
         const OP: &str = "write";
+        let Written { path, ino } = written;
         let mut pos = start;
         while pos < end {
             let want = (end - pos).min(CHUNK);
             let mut buf = data
-                .read_range(path, pos, want)
+                .read_range(path, pos, want, ino)
                 .map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })?;
             buf.truncate(want as usize);
             let mut i = 0usize;
@@ -1483,6 +1492,14 @@ fn ignore_enoent(r: io::Result<()>) -> io::Result<()> {
         Err(e) if errno(&e) == libc::ENOENT => Ok(()),
         r => r,
     }
+}
+
+/// The file a write's bytes come from: its name on the master and, when capture knew it,
+/// its inode (bytes are never taken from another file that took the name since).
+#[derive(Clone, Copy)]
+struct Written<'a> {
+    path: &'a RelPath,
+    ino: Option<u64>,
 }
 
 #[cfg(test)]

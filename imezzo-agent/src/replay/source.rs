@@ -92,7 +92,7 @@ impl Attrs {
             // Truncate first: a stale longer tail must go, and the whole-file write that
             // follows is then built aside and renamed in (or filled in place when empty).
             ops.push(Op::Truncate { path: path.clone(), size: self.size });
-            ops.push(Op::Write { path: path.clone(), offset: 0, len: u64::MAX, source: None, mode: None });
+            ops.push(Op::Write { path: path.clone(), offset: 0, len: u64::MAX, source: None, mode: None, ino: None });
         }
         for (name, _) in &self.xattrs {
             ops.push(Op::Setxattr { path: path.clone(), name: RelPath(name.clone()) });
@@ -146,8 +146,9 @@ impl Attrs {
 /// sender knows what to ship.
 pub trait DataSource {
     /// Bytes `[offset, offset+len)` of the master's regular file at `path`, as it is now.
-    /// Fewer bytes than `len` means the file ends there.
-    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64) -> io::Result<Vec<u8>>;
+    /// Fewer bytes than `len` means the file ends there. With `ino`, only from that inode:
+    /// if `path` names another object now, an error of kind `NotFound` (see [`replaced`]).
+    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64, ino: Option<u64>) -> io::Result<Vec<u8>>;
 
     /// The master's current attributes of `path`, `Ok(None)` when nothing is there.
     fn attrs(&mut self, path: &RelPath) -> io::Result<Option<Attrs>>;
@@ -175,8 +176,16 @@ impl DirSource {
     }
 }
 
+/// The error of a read that asked for one object and found another under its name.
+pub fn replaced(path: &RelPath) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{:?} names another file on the master now; the data follows its file later", path.display()),
+    )
+}
+
 impl DataSource for DirSource {
-    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64, ino: Option<u64>) -> io::Result<Vec<u8>> {
         let p = self.path(path)?;
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
         // Reading should not change the master: O_NOATIME needs ownership or CAP_FOWNER,
@@ -188,6 +197,9 @@ impl DataSource for DirSource {
         let st = sys::fstat(fd.as_fd())?;
         if !sys::is_kind(&st, libc::S_IFREG) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        if ino.is_some_and(|i| i != st.st_ino) {
+            return Err(replaced(path));
         }
         // Allocate only what the file holds: `len` may run far past its end.
         let avail = (st.st_size as u64).saturating_sub(offset);
