@@ -5,6 +5,7 @@
 //! and its heading in [`Bench::heading`].
 
 mod capture;
+mod replicate;
 mod watcher;
 mod workload;
 
@@ -20,6 +21,10 @@ pub enum Bench {
     /// What watching a tree costs a writer: fio pwrites and a small-file storm, with no watcher,
     /// `imezzo capture`, inotifywait and fatrace (fanotify), alternating in rounds.
     Capture(capture::CaptureArgs),
+    /// Replication against rsync (daemon on loopback) and lsyncd: lag at paced operation rates,
+    /// throughput of a big file and of many small files (initial sync and live), CPU and memory
+    /// of each side, and the server's memory with a million files exported.
+    Replicate(replicate::ReplicateArgs),
 }
 
 impl Bench {
@@ -27,6 +32,7 @@ impl Bench {
     fn heading(&self) -> &'static str {
         match self {
             Bench::Capture(_) => "Capture",
+            Bench::Replicate(_) => "Replicate",
         }
     }
 }
@@ -40,6 +46,7 @@ pub fn run(bench: Bench) -> Result<()> {
     let busy_before = other_cpu_load();
     let body = match bench {
         Bench::Capture(args) => capture::run(&workspace, &imezzo, &args)?,
+        Bench::Replicate(args) => replicate::run(&imezzo, &args)?,
     };
     let busy_after = other_cpu_load();
     let section = format!(
@@ -72,11 +79,10 @@ fn provenance(workspace: &Workspace) -> String {
             })
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let memory_gib = meminfo_kib("MemTotal")
-        .map_or_else(
-            || "?".into(),
-            |kib| format!("{:.0}", kib as f64 / 1024.0 / 1024.0),
-        );
+    let memory_gib = meminfo_kib("MemTotal").map_or_else(
+        || "?".into(),
+        |kib| format!("{:.0}", kib as f64 / 1024.0 / 1024.0),
+    );
     let mut text = String::new();
     let _ = writeln!(text, "- command: `cargo xtask {}`", command.join(" "));
     let _ = writeln!(text, "- date: {}", utc_now());

@@ -18,6 +18,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "inotify-tools",
     "fatrace",
     "fio",
+    "rsync",
+    "lsyncd",
     "e2fsprogs",
 ];
 

@@ -1,0 +1,1181 @@
+//! `cargo xtask bench replicate`: imezzo's replication against rsync (a daemon on loopback)
+//! and lsyncd, in one run. Every row starts its tools afresh on fresh tmpfs mounts (one for
+//! the server's tree, one for the replica); state directories, config files and logs are on
+//! the disk under /tmp.
+//!
+//! * Lag: a paced writer on the server's tree, an inotify observer on the replica ([`lag`],
+//!   [`observe`]); imezzo, then lsyncd with `delay = 0` and with its default delay.
+//! * Initial sync: the export already holds the data; imezzo's client from start to its
+//!   `initial sync done` line, against `rsync -a` into an empty daemon module.
+//! * Live: the tools already follow an empty tree; the bench writes the data and waits until
+//!   the replica is identical.
+//! * A million files exported: the server's memory, and the client's initial sync.
+
+mod agents;
+mod lag;
+mod observe;
+mod peers;
+mod process;
+mod scratch;
+mod trees;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::{value_parser, Args, ValueEnum};
+
+use self::{
+    agents::{Nodes, Verdict},
+    lag::LagStats,
+    observe::Observer,
+    peers::{LsyncdDelay, RsyncDaemon},
+    process::{Daemon, Usage},
+    scratch::ScratchDir,
+    trees::{Catchup, Pool, Snapshot},
+};
+use super::si;
+use crate::{exec, tmpfs::TmpfsDir};
+
+#[derive(Args)]
+pub struct ReplicateArgs {
+    /// Seconds of writing at each lag rate.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    seconds: f64,
+    /// Operations a second of the lag rows, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000],
+          value_parser = value_parser!(u32).range(1..))]
+    rates: Vec<u32>,
+    /// Size of the one big file of the throughput rows, in MiB.
+    #[arg(long, default_value_t = 2048, value_parser = value_parser!(u64).range(1..))]
+    big_mib: u64,
+    /// Number of small files (1 to 8 KiB, in 100 directories) of the throughput rows.
+    #[arg(long, default_value_t = 50_000, value_parser = value_parser!(u64).range(1..))]
+    small_files: u64,
+    /// Number of empty files exported for the server-memory row.
+    #[arg(long, default_value_t = 1_000_000, value_parser = value_parser!(u64).range(1..))]
+    million: u64,
+    /// Seconds an operation may take to arrive after the writing ends before it counts as
+    /// lost; also bounds the wait for a live copy to complete (ten times this).
+    #[arg(long, default_value_t = 60, value_parser = value_parser!(u64).range(1..))]
+    deadline: u64,
+    /// Parts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = Part::ALL)]
+    parts: Vec<Part>,
+    /// Small sizes for trying the bench out (3 s at 100 and 1000 ops/s, 64 MiB, 2000 small
+    /// files, 20 000 files exported, 20 s deadline); replaces the sizes above.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn positive_seconds(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Part {
+    Lag,
+    Initial,
+    Live,
+    Million,
+}
+
+impl Part {
+    const ALL: [Part; 4] = [Part::Lag, Part::Initial, Part::Live, Part::Million];
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Part::Lag => "lag",
+            Part::Initial => "initial",
+            Part::Live => "live",
+            Part::Million => "million",
+        };
+        f.write_str(name)
+    }
+}
+
+/// The sizes in force, once `--quick` is applied.
+struct Settings {
+    seconds: Duration,
+    rates: Vec<u32>,
+    big_mib: u64,
+    small_files: u64,
+    million: u64,
+    deadline: Duration,
+    parts: Vec<Part>,
+}
+
+impl Settings {
+    fn from(args: &ReplicateArgs) -> Settings {
+        if args.quick {
+            Settings {
+                seconds: Duration::from_secs(3),
+                rates: vec![100, 1000],
+                big_mib: 64,
+                small_files: 2000,
+                million: 20_000,
+                deadline: Duration::from_secs(20),
+                parts: args.parts.clone(),
+            }
+        } else {
+            Settings {
+                seconds: Duration::from_secs_f64(args.seconds),
+                rates: args.rates.clone(),
+                big_mib: args.big_mib,
+                small_files: args.small_files,
+                million: args.million,
+                deadline: Duration::from_secs(args.deadline),
+                parts: args.parts.clone(),
+            }
+        }
+    }
+
+    fn runs(&self, part: Part) -> bool {
+        self.parts.contains(&part)
+    }
+}
+
+struct Programs {
+    imezzo: PathBuf,
+    rsync: PathBuf,
+    lsyncd: PathBuf,
+}
+
+/// How long an initial sync may take before the row is given up.
+const SYNC_WITHIN: Duration = Duration::from_secs(1800);
+
+pub fn run(imezzo: &Path, args: &ReplicateArgs) -> Result<String> {
+    let settings = Settings::from(args);
+    check_memory(&settings)?;
+    let find = |name: &str| {
+        exec::find_program(name)
+            .with_context(|| format!("{name} is not installed: run `cargo xtask deps` (as root)"))
+    };
+    let programs = Programs {
+        imezzo: imezzo.to_path_buf(),
+        rsync: find("rsync")?,
+        lsyncd: find("lsyncd")?,
+    };
+    let pool = Pool::new();
+    let mut report = Report::default();
+
+    if settings.runs(Part::Lag) {
+        for &rate in &settings.rates {
+            for tool in [
+                Tool::Imezzo,
+                Tool::Lsyncd(LsyncdDelay::Zero),
+                Tool::Lsyncd(LsyncdDelay::Default),
+            ] {
+                let label = format!("lag at {rate} ops/s, {}", tool.label());
+                progress(&format!("{label}..."));
+                let row = attempt(&label, || lag_row(&programs, &settings, tool, rate))?;
+                if let Ok(row) = &row {
+                    progress(&format!(
+                        "{label}: {} ops at {} ops/s, p50 {}, p99 {}, {} lost",
+                        row.stats.ops,
+                        si(row.achieved),
+                        ms(row.stats.p50),
+                        ms(row.stats.p99),
+                        row.stats.lost
+                    ));
+                }
+                report.lag.push((rate, tool, row));
+            }
+        }
+    }
+    let data = [
+        Data::Big {
+            mib: settings.big_mib,
+        },
+        Data::Small {
+            files: settings.small_files,
+        },
+    ];
+    if settings.runs(Part::Initial) {
+        for data in data {
+            let label = format!("initial sync of {}", data.label());
+            progress(&format!("{label}..."));
+            match attempt(&label, || initial_rows(&programs, data, &pool))? {
+                Ok(rows) => report.throughput.extend(rows),
+                Err(err) => report.failures.push(format!("{label}: {err}")),
+            }
+        }
+    }
+    if settings.runs(Part::Live) {
+        for data in data {
+            for tool in [Tool::Imezzo, Tool::Lsyncd(LsyncdDelay::Zero)] {
+                let label = format!("live copy of {}, {}", data.label(), tool.label());
+                progress(&format!("{label}..."));
+                match attempt(&label, || live_row(&programs, &settings, tool, data, &pool))? {
+                    Ok(row) => {
+                        progress(&format!("{label}: {}", row.summary()));
+                        report.throughput.push(row);
+                    }
+                    Err(err) => report.failures.push(format!("{label}: {err}")),
+                }
+            }
+        }
+    }
+    if settings.runs(Part::Million) {
+        let label = format!("{} files exported", settings.million);
+        progress(&format!("{label}..."));
+        match attempt(&label, || million(&programs, settings.million))? {
+            Ok(million) => report.million = Some(million),
+            Err(err) => report.failures.push(format!("{label}: {err}")),
+        }
+    }
+    Ok(report.render(&settings))
+}
+
+fn progress(text: &str) {
+    println!("xtask: bench replicate: {text}");
+}
+
+/// Runs one row. Ctrl-C ends the bench; any other failure is the row's result, reported in
+/// the section, and the bench goes on with the next row.
+fn attempt<T>(label: &str, row: impl FnOnce() -> Result<T>) -> Result<Result<T, String>> {
+    match row() {
+        Ok(value) => Ok(Ok(value)),
+        Err(err) => {
+            exec::bail_if_interrupted()?;
+            println!("xtask: bench replicate: {label} failed: {err:#}");
+            let first = format!("{err:#}");
+            let first = first.lines().next().unwrap_or("").to_string();
+            Ok(Err(first))
+        }
+    }
+}
+
+/// The export and the replica each hold the largest data set once, in RAM.
+fn check_memory(settings: &Settings) -> Result<()> {
+    let needed_kib = settings.big_mib * 1024 * 2 + 1024 * 1024;
+    if let Some(available_kib) = super::meminfo_kib("MemAvailable") {
+        if needed_kib > available_kib {
+            anyhow::bail!(
+                "--big-mib {} needs about {} MiB of tmpfs (the file on both sides) and {} MiB are available: \
+                 choose a smaller --big-mib",
+                settings.big_mib,
+                needed_kib / 1024,
+                available_kib / 1024
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tool {
+    Imezzo,
+    Lsyncd(LsyncdDelay),
+}
+
+impl Tool {
+    fn label(self) -> &'static str {
+        match self {
+            Tool::Imezzo => "imezzo server + client",
+            Tool::Lsyncd(delay) => delay.label(),
+        }
+    }
+}
+
+/// A replicator following `export` into `replica`, with what each side cost from a start
+/// point.
+enum Follower {
+    Imezzo {
+        server: agents::Server,
+        client: Daemon,
+        _nodes: Nodes,
+    },
+    Lsyncd {
+        lsyncd: Daemon,
+        rsyncd: RsyncDaemon,
+        _scratch: ScratchDir,
+    },
+}
+
+impl Follower {
+    /// Starts `tool` and returns once the replica is a copy of the export as it is now.
+    fn start(programs: &Programs, tool: Tool, export: &Path, replica: &Path) -> Result<Follower> {
+        match tool {
+            Tool::Imezzo => {
+                let nodes = Nodes::init(&programs.imezzo)?;
+                let server = nodes.start_server(export)?;
+                let mut client = nodes.start_client(&server, replica)?;
+                agents::wait_initial_sync(&mut client, SYNC_WITHIN)?;
+                Ok(Follower::Imezzo {
+                    server,
+                    client,
+                    _nodes: nodes,
+                })
+            }
+            Tool::Lsyncd(delay) => {
+                let scratch = ScratchDir::create("imezzo-bench-peers")?;
+                let rsyncd = RsyncDaemon::start(&programs.rsync, replica, scratch.path())?;
+                let lsyncd = peers::start_lsyncd(
+                    &programs.lsyncd,
+                    export,
+                    rsyncd.port(),
+                    delay,
+                    scratch.path(),
+                )?;
+                Ok(Follower::Lsyncd {
+                    lsyncd,
+                    rsyncd,
+                    _scratch: scratch,
+                })
+            }
+        }
+    }
+
+    /// (source side, replica side).
+    fn sides_mut(&mut self) -> (&mut Daemon, &mut Daemon) {
+        match self {
+            Follower::Imezzo { server, client, .. } => (&mut server.daemon, client),
+            Follower::Lsyncd { lsyncd, rsyncd, .. } => (lsyncd, &mut rsyncd.daemon),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        let (source, replica) = self.sides_mut();
+        source.check_alive()?;
+        replica.check_alive()
+    }
+
+    /// CPU seconds of (source side, replica side) so far.
+    fn cpu(&mut self) -> (Option<f64>, Option<f64>) {
+        let (source, replica) = self.sides_mut();
+        (source.cpu_seconds(), replica.cpu_seconds())
+    }
+
+    /// Stops both sides (the replica's first) and returns their cost since `from` (CPU
+    /// seconds as [`Follower::cpu`] gave them) and their peak memory over their whole life.
+    fn stop(&mut self, from: (Option<f64>, Option<f64>)) -> Result<(Cost, Cost)> {
+        let (source, replica) = self.sides_mut();
+        let replica_usage = replica.stop()?;
+        let source_usage = source.stop()?;
+        Ok((
+            Cost::since(source_usage, from.0),
+            Cost::since(replica_usage, from.1),
+        ))
+    }
+}
+
+/// CPU seconds and peak memory of one side of a row.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cost {
+    cpu: Option<f64>,
+    peak_kib: Option<u64>,
+}
+
+impl Cost {
+    fn since(usage: Usage, start_cpu: Option<f64>) -> Cost {
+        Cost {
+            cpu: Some((usage.cpu - start_cpu.unwrap_or(0.0)).max(0.0)),
+            peak_kib: usage.peak_kib,
+        }
+    }
+
+    fn cells(self) -> String {
+        format!(
+            "{} | {}",
+            self.cpu
+                .map_or_else(|| "-".into(), |cpu| format!("{cpu:.2}")),
+            mib(self.peak_kib)
+        )
+    }
+}
+
+struct LagRow {
+    achieved: f64,
+    stats: LagStats,
+    overflows: u64,
+    source: Cost,
+    replica: Cost,
+}
+
+fn lag_row(programs: &Programs, settings: &Settings, tool: Tool, rate: u32) -> Result<LagRow> {
+    // Declared first, dropped (unmounted) last, after every process using them has stopped.
+    let export = TmpfsDir::mount("imezzo-bench-export")?;
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    lag::prepare(export.path())?;
+    let mut follower = Follower::start(programs, tool, export.path(), replica.path())?;
+    let observer = Observer::start(replica.path())?;
+    let start_cpu = follower.cpu();
+    let written = lag::write_paced(export.path(), rate, settings.seconds)?;
+    let last = written.last_op_per_target();
+    let written_end = written.closes.last().copied().unwrap_or(written.started);
+    loop {
+        if observer.behind(&last) == 0 || written_end.elapsed() > settings.deadline {
+            break;
+        }
+        follower.check_alive()?;
+        exec::bail_if_interrupted()?;
+        thread::sleep(Duration::from_millis(10));
+    }
+    let observed = observer.finish()?;
+    let (source, replica_cost) = follower.stop(start_cpu)?;
+    let lags = lag::lags(&written.closes, &observed.observations);
+    Ok(LagRow {
+        achieved: written.achieved_rate(),
+        stats: lag::stats(&lags),
+        overflows: observed.overflows,
+        source,
+        replica: replica_cost,
+    })
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Data {
+    Big { mib: u64 },
+    Small { files: u64 },
+}
+
+impl Data {
+    fn label(self) -> String {
+        match self {
+            Data::Big { mib } if mib % 1024 == 0 => format!("one {} GiB file", mib / 1024),
+            Data::Big { mib } => format!("one {mib} MiB file"),
+            Data::Small { files } => format!("{files} small files"),
+        }
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            Data::Big { mib } => mib << 20,
+            Data::Small { files } => trees::small_bytes(files),
+        }
+    }
+
+    fn write(self, dir: &Path, pool: &Pool) -> Result<trees::WriteTimes> {
+        match self {
+            Data::Big { mib } => trees::write_big(dir, mib, pool),
+            Data::Small { files } => trees::write_small(dir, files, pool),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Initial,
+    Live,
+}
+
+struct ThroughputRow {
+    data: Data,
+    phase: Phase,
+    tool: &'static str,
+    /// Seconds the copy took (see the section's text for each phase); None if it never
+    /// completed.
+    seconds: Option<f64>,
+    /// Live rows: seconds from the last close() on the server to the replica identical.
+    tail: Option<f64>,
+    /// What `imezzo verify` said at the end.
+    verdict: Verdict,
+    source: Cost,
+    replica: Cost,
+    note: String,
+}
+
+impl ThroughputRow {
+    fn rate(&self) -> Option<f64> {
+        let seconds = self.seconds?;
+        (seconds > 0.0).then(|| match self.data {
+            Data::Big { .. } => self.data.bytes() as f64 / seconds / (1 << 20) as f64,
+            Data::Small { files } => files as f64 / seconds,
+        })
+    }
+
+    fn rate_text(&self) -> String {
+        match (self.rate(), self.data) {
+            (Some(rate), Data::Big { .. }) => format!("{} MiB/s", si(rate)),
+            (Some(rate), Data::Small { .. }) => format!(
+                "{} files/s ({} MiB/s)",
+                si(rate),
+                si(self.data.bytes() as f64 / self.seconds.unwrap_or(1.0) / (1 << 20) as f64)
+            ),
+            (None, _) => "-".into(),
+        }
+    }
+
+    fn summary(&self) -> String {
+        match self.seconds {
+            Some(seconds) => format!(
+                "{seconds:.2} s, {}{}",
+                self.rate_text(),
+                match &self.verdict {
+                    Verdict::Identical => String::new(),
+                    verdict => format!(", identical: {}", verdict.cell()),
+                }
+            ),
+            None => format!("did not complete: {}", self.note),
+        }
+    }
+}
+
+/// The initial-sync rows of one data set: imezzo's client, then `rsync -a` into an empty
+/// module, each into a fresh replica of the same export.
+fn initial_rows(programs: &Programs, data: Data, pool: &Pool) -> Result<Vec<ThroughputRow>> {
+    let export = TmpfsDir::mount("imezzo-bench-export")?;
+    data.write(export.path(), pool)?;
+    let mut rows = Vec::new();
+
+    {
+        let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+        let nodes = Nodes::init(&programs.imezzo)?;
+        let mut server = nodes.start_server(export.path())?;
+        let server_cpu = server.daemon.cpu_seconds();
+        let started = Instant::now();
+        let mut client = nodes.start_client(&server, replica.path())?;
+        let done = agents::wait_initial_sync(&mut client, SYNC_WITHIN)?;
+        let seconds = done.at.duration_since(started).as_secs_f64();
+        let client_usage = client.stop()?;
+        let server_usage = server.daemon.stop()?;
+        let verdict = agents::verify(&programs.imezzo, export.path(), replica.path())?;
+        let row = ThroughputRow {
+            data,
+            phase: Phase::Initial,
+            tool: "imezzo client (initial sync)",
+            seconds: Some(seconds),
+            tail: None,
+            note: verdict_note(&verdict),
+            verdict,
+            source: Cost::since(server_usage, server_cpu),
+            replica: Cost::since(client_usage, None),
+        };
+        progress(&format!(
+            "initial sync of {}, imezzo: {}",
+            data.label(),
+            row.summary()
+        ));
+        rows.push(row);
+    }
+    {
+        let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+        let scratch = ScratchDir::create("imezzo-bench-peers")?;
+        let mut rsyncd = RsyncDaemon::start(&programs.rsync, replica.path(), scratch.path())?;
+        let mut cmd = Command::new(&programs.rsync);
+        cmd.arg("-a")
+            .arg(format!("{}/", export.path().display()))
+            .arg(rsyncd.url());
+        let sent = process::run_measured(&mut cmd)?;
+        let daemon_usage = rsyncd.daemon.stop()?;
+        let verdict = agents::verify(&programs.imezzo, export.path(), replica.path())?;
+        let row = ThroughputRow {
+            data,
+            phase: Phase::Initial,
+            tool: "rsync -a to rsyncd",
+            seconds: sent.success.then_some(sent.wall.as_secs_f64()),
+            tail: None,
+            note: if sent.success {
+                verdict_note(&verdict)
+            } else {
+                format!("rsync failed ({}): {}", sent.status, sent.output.trim())
+            },
+            verdict,
+            source: Cost::since(sent.usage, None),
+            replica: Cost::since(daemon_usage, None),
+        };
+        progress(&format!(
+            "initial sync of {}, rsync: {}",
+            data.label(),
+            row.summary()
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// One live row: `tool` follows an empty tree, the bench writes the data set, and the copy
+/// is done when every file's size and mtime match on the replica and `imezzo verify` agrees.
+fn live_row(
+    programs: &Programs,
+    settings: &Settings,
+    tool: Tool,
+    data: Data,
+    pool: &Pool,
+) -> Result<ThroughputRow> {
+    let export = TmpfsDir::mount("imezzo-bench-export")?;
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    let mut follower = Follower::start(programs, tool, export.path(), replica.path())?;
+    let start_cpu = follower.cpu();
+    let times = data.write(export.path(), pool)?;
+    let snapshot = Snapshot::take(export.path())?;
+    let timeout = settings.deadline * 5;
+    let caught_up = wait_identical(
+        &programs.imezzo,
+        export.path(),
+        replica.path(),
+        &snapshot,
+        timeout,
+        || follower.check_alive(),
+    )?;
+    let (source, replica_cost) = follower.stop(start_cpu)?;
+    let (seconds, tail, verdict, note) = match caught_up {
+        Ok((at, verdict)) => (
+            Some(at.duration_since(times.first_write).as_secs_f64()),
+            Some(at.saturating_duration_since(times.last_close).as_secs_f64()),
+            verdict,
+            String::new(),
+        ),
+        Err(last) => (
+            None,
+            None,
+            Verdict::Differs(last.clone()),
+            format!("not identical within {} s: {last}", timeout.as_secs()),
+        ),
+    };
+    Ok(ThroughputRow {
+        data,
+        phase: Phase::Live,
+        tool: tool.label(),
+        seconds,
+        tail,
+        verdict,
+        source,
+        replica: replica_cost,
+        note,
+    })
+}
+
+/// Polls the replica against the snapshot of the export; once every file's size and mtime
+/// match, confirms with `imezzo verify` that every file is identical. Ok(when the files
+/// matched, verify's verdict), or Err(what verify said last) after `timeout`.
+fn wait_identical(
+    imezzo: &Path,
+    export: &Path,
+    replica: &Path,
+    snapshot: &Snapshot,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<Result<(Instant, Verdict), String>> {
+    let start = Instant::now();
+    let mut catchup = Catchup::new();
+    let mut last = format!("{} files expected, none compared yet", snapshot.len());
+    let mut next_verify = Instant::now();
+    loop {
+        if catchup.advance(snapshot, replica) && Instant::now() >= next_verify {
+            let matched = Instant::now();
+            let verdict = agents::verify(imezzo, export, replica)?;
+            if verdict.files_identical() {
+                return Ok(Ok((matched, verdict)));
+            }
+            last = verdict_note(&verdict);
+            catchup.restart();
+            // Verify reads both trees whole: not more than once a second.
+            next_verify = Instant::now() + Duration::from_secs(1);
+        }
+        alive()?;
+        exec::bail_if_interrupted()?;
+        if start.elapsed() > timeout {
+            return Ok(Err(last));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Million {
+    files: u64,
+    create_seconds: f64,
+    server_start_seconds: f64,
+    server_hwm_ready: Option<u64>,
+    server_hwm_synced: Option<u64>,
+    client_peak: Option<u64>,
+    sync_seconds: f64,
+    server_cpu: Option<f64>,
+    client_cpu: Option<f64>,
+    verdict: Verdict,
+    rsync: Option<RsyncMillion>,
+}
+
+struct RsyncMillion {
+    seconds: Option<f64>,
+    sender: Cost,
+    daemon: Cost,
+    verdict: Verdict,
+}
+
+/// `files` empty files exported: the server's memory once ready and after a client's
+/// initial sync, then `rsync -a` of the same tree for comparison.
+fn million(programs: &Programs, files: u64) -> Result<Million> {
+    let export = TmpfsDir::mount("imezzo-bench-export")?;
+    let created = Instant::now();
+    trees::write_empty(export.path(), files)?;
+    let create_seconds = created.elapsed().as_secs_f64();
+    progress(&format!(
+        "{files} empty files created in {create_seconds:.1} s"
+    ));
+
+    let mut report = {
+        let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+        let nodes = Nodes::init(&programs.imezzo)?;
+        let spawned = Instant::now();
+        let mut server = nodes.start_server(export.path())?;
+        let server_start_seconds = spawned.elapsed().as_secs_f64();
+        let server_hwm_ready = server.daemon.peak_rss_kib();
+        progress(&format!(
+            "server ready in {server_start_seconds:.1} s, peak RSS {}",
+            mib(server_hwm_ready)
+        ));
+        let started = Instant::now();
+        let mut client = nodes.start_client(&server, replica.path())?;
+        let done = agents::wait_initial_sync(&mut client, SYNC_WITHIN)?;
+        let sync_seconds = done.at.duration_since(started).as_secs_f64();
+        let server_hwm_synced = server.daemon.peak_rss_kib();
+        progress(&format!(
+            "initial sync of {files} files in {sync_seconds:.1} s; server peak RSS {}",
+            mib(server_hwm_synced)
+        ));
+        let client_usage = client.stop()?;
+        let server_usage = server.daemon.stop()?;
+        let verdict = agents::verify(&programs.imezzo, export.path(), replica.path())?;
+        Million {
+            files,
+            create_seconds,
+            server_start_seconds,
+            server_hwm_ready,
+            server_hwm_synced,
+            client_peak: client_usage.peak_kib,
+            sync_seconds,
+            server_cpu: Some(server_usage.cpu),
+            client_cpu: Some(client_usage.cpu),
+            verdict,
+            rsync: None,
+        }
+    };
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    let scratch = ScratchDir::create("imezzo-bench-peers")?;
+    let mut rsyncd = RsyncDaemon::start(&programs.rsync, replica.path(), scratch.path())?;
+    let mut cmd = Command::new(&programs.rsync);
+    cmd.arg("-a")
+        .arg(format!("{}/", export.path().display()))
+        .arg(rsyncd.url());
+    let sent = process::run_measured(&mut cmd)?;
+    let daemon = rsyncd.daemon.stop()?;
+    let verdict = agents::verify(&programs.imezzo, export.path(), replica.path())?;
+    progress(&format!(
+        "rsync -a of {files} files: {:.1} s",
+        sent.wall.as_secs_f64()
+    ));
+    report.rsync = Some(RsyncMillion {
+        seconds: sent.success.then_some(sent.wall.as_secs_f64()),
+        sender: Cost::since(sent.usage, None),
+        daemon: Cost::since(daemon, None),
+        verdict,
+    });
+    Ok(report)
+}
+
+#[derive(Default)]
+struct Report {
+    lag: Vec<(u32, Tool, Result<LagRow, String>)>,
+    throughput: Vec<ThroughputRow>,
+    million: Option<Million>,
+    failures: Vec<String>,
+}
+
+/// What a row's notes say of a verdict: verify's first lines when files differ.
+fn verdict_note(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Differs(head) => head.clone(),
+        _ => String::new(),
+    }
+}
+
+fn ms(duration: Option<Duration>) -> String {
+    match duration {
+        None => "lost".into(),
+        Some(d) if d < Duration::from_millis(10) => format!("{:.2} ms", d.as_secs_f64() * 1e3),
+        Some(d) if d < Duration::from_secs(1) => format!("{:.1} ms", d.as_secs_f64() * 1e3),
+        Some(d) => format!("{:.2} s", d.as_secs_f64()),
+    }
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(
+        || "-".into(),
+        |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
+    )
+}
+
+fn yes_no(met: bool) -> &'static str {
+    if met {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+impl Report {
+    fn render(&self, settings: &Settings) -> String {
+        let mut out = String::new();
+        self.render_method(settings, &mut out);
+        if !self.lag.is_empty() {
+            self.render_lag(settings, &mut out);
+        }
+        if !self.throughput.is_empty() {
+            self.render_throughput(&mut out);
+        }
+        if let Some(million) = &self.million {
+            render_million(million, &mut out);
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(out, "Rows that failed:\n");
+            for failure in &self.failures {
+                let _ = writeln!(out, "- {}", failure.replace('|', "/"));
+            }
+            let _ = writeln!(out);
+        }
+        self.render_targets(settings, &mut out);
+        out
+    }
+
+    fn render_method(&self, settings: &Settings, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "Every row starts its tools afresh, with the server's tree and the replica on two fresh tmpfs \
+             mounts and state directories, configs and logs on the disk (ext4 here) under /tmp. imezzo: \
+             `imezzo server --export EXPORT --state S --listen 127.0.0.1:0 --allow CLIENT` and \
+             `imezzo client --server 127.0.0.1:PORT --server-id SERVER --root REPLICA --state C --mode replicate` \
+             (QUIC on loopback). rsync: `rsync --daemon --no-detach --config=F --port=P --address=127.0.0.1` \
+             with one module on the replica (`read only = false`, `uid = root`, `gid = root`, `use chroot = no`). \
+             lsyncd {}: `default.rsync` from the export to that module with \
+             `rsync = {{ archive = true, _extra = {{ \"--modify-window=-1\" }} }}`, run with `delay = 0` (an rsync as \
+             soon as an event arrives, one at a time) and with its default delay. The extra option makes \
+             rsync compare mtimes to the nanosecond: its default quick check compares whole seconds and \
+             skips a same-size rewrite made within the second of the previous copy, which then never \
+             arrives. Source side: imezzo's server, or lsyncd with the rsync processes it forks, or \
+             the `rsync -a` command. Replica side: imezzo's client, or the rsync daemon with the receivers \
+             it forks. CPU: user+system seconds over the measured phase (from `/proc/PID/stat` at its start \
+             to `wait4`'s usage at exit, reaped children included). Peak RSS: the largest of VmHWM, \
+             `ru_maxrss` and, for rsync and lsyncd, the sum of VmRSS over the process tree sampled every 50 ms.\n",
+            lsyncd_version()
+        );
+        let _ = writeln!(
+            out,
+            "**Lag.** The bench writes {} s at each rate: op k opens one file with `O_CREAT|O_TRUNC`, \
+             writes 1 KiB naming k, closes it, and notes the time after close() returns. One op in four \
+             creates a new file, the others overwrite one of 1000 files (10 directories) that both sides \
+             hold before the run. An inotify observer on the replica's directories (`IN_CLOSE_WRITE`, \
+             `IN_MOVED_TO`, `IN_MODIFY`, `IN_CREATE`) reads a file whole on each event; when it holds op k's \
+             bytes, op k and every earlier op on that file have arrived (a superseded write is delivered by \
+             the later one). Lag = arrival − close. Percentiles are nearest-rank over every op, a lost op \
+             counting as infinitely late; lost = not arrived {} s after the last write. Achieved: ops \
+             over the writing time, below the asked rate when the writer fell behind (the writer and the \
+             observer are threads of the bench's own process and share the CPUs with the tools).\n",
+            fmt_secs(settings.seconds),
+            settings.deadline.as_secs()
+        );
+        let _ = writeln!(
+            out,
+            "**Throughput.** Data: one file of incompressible bytes, or files of 1 to 8 KiB in 100 \
+             directories (no two 4 KiB blocks equal). Initial sync: the export already holds the data; \
+             imezzo's time runs from starting the client (the server already ready) to its \
+             `initial sync done` line, which it prints once the replica is durable; rsync's is the wall \
+             time of `rsync -a EXPORT/ rsync://127.0.0.1:P/replica/` into the empty module. Live: the tool \
+             already follows the empty export; the bench writes the data, and the time runs from its first \
+             write to the moment every file on the replica has the export's size and mtime (polled every \
+             10 ms); `imezzo verify EXPORT REPLICA` then confirms the trees identical (or the poll goes on). \
+             Tail: from the last close() to that moment. Identical: `imezzo verify` exit 0 at the end.\n"
+        );
+    }
+
+    fn render_lag(&self, settings: &Settings, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "### Lag from close() on the server to the file on the replica\n"
+        );
+        let _ = writeln!(
+            out,
+            "| rate asked | tool | achieved | ops | p50 | p99 | max | lost | source CPU s | source peak RSS | replica CPU s | replica peak RSS |"
+        );
+        let _ = writeln!(
+            out,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (rate, tool, row) in &self.lag {
+            match row {
+                Ok(row) => {
+                    let _ = writeln!(
+                        out,
+                        "| {} ops/s | {} | {} ops/s | {} | {} | {} | {} | {}{} | {} | {} |",
+                        si(f64::from(*rate)),
+                        tool.label(),
+                        si(row.achieved),
+                        row.stats.ops,
+                        ms(row.stats.p50),
+                        ms(row.stats.p99),
+                        ms(row.stats.max),
+                        row.stats.lost,
+                        if row.overflows > 0 {
+                            format!(" ({} observer overflows)", row.overflows)
+                        } else {
+                            String::new()
+                        },
+                        row.source.cells(),
+                        row.replica.cells()
+                    );
+                }
+                Err(err) => {
+                    let _ = writeln!(
+                        out,
+                        "| {} ops/s | {} | failed: {} | | | | | | | | | |",
+                        si(f64::from(*rate)),
+                        tool.label(),
+                        err.replace('|', "/")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n(writing {} s a rate; CPU is over the writing and the wait for the last arrival)\n",
+            fmt_secs(settings.seconds)
+        );
+    }
+
+    fn render_throughput(&self, out: &mut String) {
+        let _ = writeln!(out, "### Throughput\n");
+        let _ = writeln!(
+            out,
+            "| data | phase | tool | time | rate | vs rsync | tail | identical | source CPU s | source peak RSS | replica CPU s | replica peak RSS | notes |"
+        );
+        let _ = writeln!(
+            out,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for row in &self.throughput {
+            let ratio = match (row.tool.starts_with("imezzo"), self.baseline(row)) {
+                (true, Some(base)) => match (row.rate(), base.rate()) {
+                    (Some(rate), Some(base)) if base > 0.0 => format!("{:.2}x", rate / base),
+                    _ => "-".into(),
+                },
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.data.label(),
+                match row.phase {
+                    Phase::Initial => "initial",
+                    Phase::Live => "live",
+                },
+                row.tool,
+                row.seconds
+                    .map_or_else(|| "-".into(), |s| format!("{s:.2} s")),
+                row.rate_text(),
+                ratio,
+                row.tail.map_or_else(|| "-".into(), |s| format!("{s:.2} s")),
+                row.verdict.cell(),
+                row.source.cells(),
+                row.replica.cells(),
+                row.note.replace('|', "/")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n(vs rsync: imezzo's rate over `rsync -a`'s for the initial sync, over lsyncd's with delay = 0 \
+             for the live copy)\n"
+        );
+    }
+
+    /// The peer row a row is compared with: rsync for an initial sync, lsyncd for a live copy.
+    fn baseline(&self, row: &ThroughputRow) -> Option<&ThroughputRow> {
+        self.throughput.iter().find(|other| {
+            other.phase == row.phase
+                && std::mem::discriminant(&other.data) == std::mem::discriminant(&row.data)
+                && !other.tool.starts_with("imezzo")
+        })
+    }
+
+    fn imezzo_ratio(&self, data_is_big: bool, phase: Phase) -> Option<f64> {
+        let row = self.throughput.iter().find(|row| {
+            row.phase == phase
+                && matches!(row.data, Data::Big { .. }) == data_is_big
+                && row.tool.starts_with("imezzo")
+        })?;
+        let base = self.baseline(row)?;
+        Some(row.rate()? / base.rate()?)
+    }
+
+    fn render_targets(&self, settings: &Settings, out: &mut String) {
+        let _ = writeln!(out, "### Targets (issue 4)\n");
+        let _ = writeln!(out, "| target | measured | met? |");
+        let _ = writeln!(out, "| --- | --- | --- |");
+        let lag = self.lag.iter().find_map(|(rate, tool, row)| match row {
+            Ok(row) if *rate == 1000 && *tool == Tool::Imezzo => Some(row),
+            _ => None,
+        });
+        match lag {
+            Some(row) => {
+                let met = row.stats.lost == 0
+                    && row
+                        .stats
+                        .p99
+                        .is_some_and(|p99| p99 <= Duration::from_millis(10));
+                let _ = writeln!(
+                    out,
+                    "| lag p99 at most 10 ms at 1 000 ops/s on loopback | p99 {} (p50 {}, {} lost, {} ops/s achieved) | {} |",
+                    ms(row.stats.p99),
+                    ms(row.stats.p50),
+                    row.stats.lost,
+                    si(row.achieved),
+                    yes_no(met)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| lag p99 at most 10 ms at 1 000 ops/s on loopback | not measured in this run | - |"
+                );
+            }
+        }
+        let big = Data::Big {
+            mib: settings.big_mib,
+        };
+        let small = Data::Small {
+            files: settings.small_files,
+        };
+        for (big, wanted, what) in [
+            (
+                true,
+                1.5,
+                format!("{}: at least 1.5x rsync's rate", big.label()),
+            ),
+            (
+                false,
+                2.0,
+                format!("{}: at least 2x rsync's rate", small.label()),
+            ),
+        ] {
+            let initial = self.imezzo_ratio(big, Phase::Initial);
+            let live = self.imezzo_ratio(big, Phase::Live);
+            let measured = match (initial, live) {
+                (None, None) => "not measured in this run".to_string(),
+                _ => format!(
+                    "initial sync {} rsync -a; live {} lsyncd (delay = 0)",
+                    initial.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+                    live.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+                ),
+            };
+            let met = initial.map_or("-", |r| yes_no(r >= wanted));
+            let _ = writeln!(out, "| {what} | {measured} | {met} (initial sync) |");
+        }
+        match &self.million {
+            Some(million) => {
+                let bytes = million.server_hwm_synced.map(|kib| kib * 1024);
+                let met = bytes.map_or("-", |b| yes_no(b <= 150_000_000));
+                let scale = if million.files >= 1_000_000 {
+                    String::new()
+                } else {
+                    format!(" (only {} files in this run)", million.files)
+                };
+                let _ = writeln!(
+                    out,
+                    "| server agent memory at most 150 MB with 1 M files exported | peak RSS {} MB after a client's initial sync{scale} | {met} |",
+                    bytes.map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / 1e6)),
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| server agent memory at most 150 MB with 1 M files exported | not measured in this run | - |"
+                );
+            }
+        }
+    }
+}
+
+fn render_million(million: &Million, out: &mut String) {
+    let _ = writeln!(out, "### {} files exported\n", million.files);
+    let _ = writeln!(
+        out,
+        "{} empty files in {} directories on a tmpfs (created in {:.1} s by the bench). The server starts \
+         on them (ready after {:.1} s); then a client makes its initial sync into an empty replica; then \
+         `rsync -a` copies the same tree into an empty daemon module.\n",
+        million.files,
+        trees::MILLION_DIRS,
+        million.create_seconds,
+        million.server_start_seconds
+    );
+    let _ = writeln!(
+        out,
+        "| side | time | CPU s | peak RSS | identical |\n| --- | --- | --- | --- | --- |"
+    );
+    let _ = writeln!(
+        out,
+        "| imezzo server, once ready | {:.1} s to ready | - | {} | - |",
+        million.server_start_seconds,
+        mib(million.server_hwm_ready)
+    );
+    let _ = writeln!(
+        out,
+        "| imezzo server, after the client's initial sync | - | {} | {} | - |",
+        million
+            .server_cpu
+            .map_or_else(|| "-".into(), |c| format!("{c:.2}")),
+        mib(million.server_hwm_synced)
+    );
+    let _ = writeln!(
+        out,
+        "| imezzo client, initial sync | {:.1} s | {} | {} | {} |",
+        million.sync_seconds,
+        million
+            .client_cpu
+            .map_or_else(|| "-".into(), |c| format!("{c:.2}")),
+        mib(million.client_peak),
+        million.verdict.cell()
+    );
+    if let Some(rsync) = &million.rsync {
+        let _ = writeln!(
+            out,
+            "| rsync -a (sender) | {} | {} | {} |",
+            rsync
+                .seconds
+                .map_or_else(|| "failed".into(), |s| format!("{s:.1} s")),
+            rsync.sender.cells(),
+            rsync.verdict.cell()
+        );
+        let _ = writeln!(
+            out,
+            "| rsync daemon (receiver) | - | {} | - |",
+            rsync.daemon.cells()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n(server CPU: its whole life, start-up walk included; peak RSS: VmHWM)\n"
+    );
+}
+
+fn fmt_secs(duration: Duration) -> String {
+    let seconds = duration.as_secs_f64();
+    if seconds.fract() == 0.0 {
+        format!("{seconds:.0}")
+    } else {
+        format!("{seconds}")
+    }
+}
+
+fn lsyncd_version() -> String {
+    let Some(lsyncd) = exec::find_program("lsyncd") else {
+        return String::new();
+    };
+    exec::query(Command::new(lsyncd).arg("--version"))
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|line| line.strip_prefix("Version:").map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_default()
+}
