@@ -58,6 +58,8 @@ const SUPERSEDE_EVERY: Duration = Duration::from_secs(600);
 const MANIFEST_CHUNK: usize = 256;
 /// Most bytes taken from a stream per read.
 const READ_CHUNK: usize = 64 << 10;
+/// File bytes read per hand-off to the blocking pool when answering a fetch.
+const READ_BATCH: usize = 4 << 20;
 /// A client must open its control stream within this after the handshake.
 const CONTROL_STREAM_WAIT: Duration = Duration::from_secs(10);
 /// Longest reason text put in a CONNECTION_CLOSE (it must fit one packet).
@@ -648,6 +650,8 @@ async fn answer_data(
 ) -> bool {
     let s = shared.clone();
     let p = path.clone();
+    // One blocking call opens the file and reads the first batch: a small file costs one
+    // hand-off to the blocking pool, not one per step.
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
         let Some(file) = s.export.open_regular(&p)? else { return Ok(None) };
         let meta = file.metadata()?;
@@ -655,37 +659,50 @@ async fn answer_data(
         if ino.is_some_and(|i| i != meta.ino()) {
             return Ok(None);
         }
-        Ok(Some((Arc::new(file), meta.len())))
+        let size = meta.len();
+        let end = offset.saturating_add(len).min(size);
+        let mut reader = export::DataReader::new(Arc::new(file));
+        let first = reader.next_chunks(offset, end, DATA_CHUNK, READ_BATCH)?;
+        Ok(Some((reader, size, end, first)))
     })
     .await;
-    let (file, size) = match opened {
+    let unreadable = |e: &dyn std::fmt::Display| Msg::Unreadable { req_id, reason: e.to_string() };
+    let (mut reader, size, end, mut chunks) = match opened {
         Ok(Ok(Some(opened))) => opened,
         Ok(Ok(None)) => return write_msg(send, &Msg::Gone { req_id }).await,
         Ok(Err(e)) => {
             log::warn!("cannot read {:?} for a client: {e}", path.display());
-            return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await;
+            return write_msg(send, &unreadable(&e)).await;
         }
-        Err(e) => return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await,
+        Err(e) => return write_msg(send, &unreadable(&e)).await,
     };
-    let end = offset.saturating_add(len).min(size);
-    let mut pos = offset;
-    while pos < end {
-        let f = file.clone();
-        let chunk = tokio::task::spawn_blocking(move || export::read_data_chunk(&f, pos, end, DATA_CHUNK)).await;
-        match chunk {
-            Ok(Ok(Some((at, bytes)))) => {
-                pos = at + bytes.len() as u64;
-                if !write_msg(send, &Msg::Data { req_id, offset: at, bytes }).await {
-                    return false;
-                }
+    loop {
+        let Some(&(last_at, ref last)) = chunks.last() else { break };
+        let pos = last_at + last.len() as u64;
+        for (at, bytes) in chunks {
+            if !write_msg(send, &Msg::Data { req_id, offset: at, bytes }).await {
+                return false;
             }
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                log::warn!("cannot read {:?} for a client: {e}", path.display());
-                return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await;
-            }
-            Err(e) => return write_msg(send, &Msg::Unreadable { req_id, reason: e.to_string() }).await,
         }
+        if pos >= end {
+            break;
+        }
+        let next = tokio::task::spawn_blocking(move || {
+            let read = reader.next_chunks(pos, end, DATA_CHUNK, READ_BATCH);
+            (reader, read)
+        })
+        .await;
+        chunks = match next {
+            Ok((r, Ok(more))) => {
+                reader = r;
+                more
+            }
+            Ok((_, Err(e))) => {
+                log::warn!("cannot read {:?} for a client: {e}", path.display());
+                return write_msg(send, &unreadable(&e)).await;
+            }
+            Err(e) => return write_msg(send, &unreadable(&e)).await,
+        };
     }
     // The size the range was cut at: bytes past it, if the file grew meanwhile, come with the
     // journal entry of the write that grew it.

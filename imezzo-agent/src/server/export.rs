@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
+use std::sync::Arc;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -258,56 +259,133 @@ pub(crate) struct WalkStats {
     pub bytes: u64,
 }
 
-/// One chunk of a file's data at or after `pos` and before `end`: skips holes
-/// (`SEEK_DATA`), stops at the next hole and after at most `max` bytes. `Ok(None)` when no
-/// data is left before `end` (the rest is a hole, or the file became shorter).
-pub(crate) fn read_data_chunk(file: &File, pos: u64, end: u64, max: usize) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let fd = file.as_raw_fd();
-    if pos >= end {
-        return Ok(None);
+/// Reads a file's data for a fetch, skipping holes. The data segment around the read
+/// position is found once (`SEEK_DATA`, `SEEK_HOLE`) and reused until the reads leave it:
+/// on tmpfs a `SEEK_HOLE` scans the file's pages up to the next hole, so asking again for
+/// every chunk made a dense 2 GiB file cost quadratic time.
+pub(crate) struct DataReader {
+    file: Arc<File>,
+    /// The data segment `[start, end)` the last seek found.
+    segment: Option<(u64, u64)>,
+}
+
+impl DataReader {
+    pub(crate) fn new(file: Arc<File>) -> DataReader {
+        DataReader { file, segment: None }
     }
-    // SAFETY: lseek on an fd we own.
-    let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-    let data = if data < 0 {
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENXIO) => return Ok(None),
-            // A file system without SEEK_DATA: treat everything as data.
-            Some(libc::EINVAL | libc::EOPNOTSUPP) => pos,
-            _ => return Err(e),
-        }
-    } else {
-        data as u64
-    };
-    if data >= end {
-        return Ok(None);
-    }
-    // SAFETY: as above.
-    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-    let hole = if hole < 0 { end } else { (hole as u64).max(data + 1) };
-    let stop = end.min(hole).min(data + max as u64);
-    let mut buf = vec![0u8; (stop - data) as usize];
-    let mut got = 0usize;
-    while got < buf.len() {
-        // SAFETY: `buf[got..]` is writable for its length.
-        let n = unsafe {
-            libc::pread(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, (data + got as u64) as libc::off_t)
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+
+    /// The data at or after `pos` and before `end`, in chunks of at most `max` bytes, about
+    /// `budget` bytes in all; each chunk stops at a hole. Empty when nothing is left.
+    pub(crate) fn next_chunks(&mut self, mut pos: u64, end: u64, max: usize, budget: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        while pos < end && taken < budget {
+            let Some((seg_start, seg_end)) = self.segment_at(pos, end)? else { break };
+            pos = pos.max(seg_start);
+            let stop = end.min(seg_end).min(pos + max as u64);
+            let buf = self.read_at(pos, stop)?;
+            if buf.is_empty() {
+                // The file ends here (it shrank since the seek).
+                self.segment = None;
+                break;
             }
-            return Err(e);
+            pos += buf.len() as u64;
+            taken += buf.len();
+            out.push((pos - buf.len() as u64, buf));
         }
-        if n == 0 {
-            break;
+        Ok(out)
+    }
+
+    /// The data segment holding `pos`, or the next one before `end`.
+    fn segment_at(&mut self, pos: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+        if let Some((s, e)) = self.segment {
+            if s <= pos && pos < e {
+                return Ok(Some((s, e)));
+            }
         }
-        got += n as usize;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = if data < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => return Ok(None),
+                // A file system without SEEK_DATA: treat everything as data.
+                Some(libc::EINVAL | libc::EOPNOTSUPP) => {
+                    self.segment = Some((pos, u64::MAX));
+                    return Ok(self.segment);
+                }
+                _ => return Err(e),
+            }
+        } else {
+            data as u64
+        };
+        if data >= end {
+            return Ok(None);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { u64::MAX } else { (hole as u64).max(data + 1) };
+        self.segment = Some((data, hole));
+        Ok(self.segment)
     }
-    if got == 0 {
-        return Ok(None);
+
+    fn read_at(&self, from: u64, to: u64) -> io::Result<Vec<u8>> {
+        let fd = self.file.as_raw_fd();
+        let mut buf = vec![0u8; (to - from) as usize];
+        let mut got = 0usize;
+        while got < buf.len() {
+            // SAFETY: `buf[got..]` is writable for its length.
+            let n = unsafe {
+                libc::pread(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, (from + got as u64) as libc::off_t)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            got += n as usize;
+        }
+        buf.truncate(got);
+        Ok(buf)
     }
-    buf.truncate(got);
-    Ok(Some((data, buf)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_sparse_file_reads_as_its_data_segments_and_a_dense_one_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let f = File::create(&path).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 4096], 1 << 20).unwrap();
+        f.set_len(3 << 20).unwrap();
+        drop(f);
+        let mut r = DataReader::new(Arc::new(File::open(&path).unwrap()));
+        let chunks = r.next_chunks(0, 3 << 20, 1 << 20, 4 << 20).unwrap();
+        let got: Vec<(u64, usize)> = chunks.iter().map(|(at, b)| (*at, b.len())).collect();
+        // A file system without SEEK_HOLE support would report one dense range instead.
+        if got.len() > 1 {
+            assert_eq!(got, vec![(0, 4096), (1 << 20, 4096)]);
+            assert!(chunks[1].1.iter().all(|&b| b == 2));
+        }
+        assert!(r.next_chunks(1 << 20 | 4096, 3 << 20, 1 << 20, 4 << 20).unwrap().is_empty(), "a trailing hole has no data");
+
+        let dense = dir.path().join("dense");
+        std::fs::write(&dense, vec![7u8; (3 << 20) + 10]).unwrap();
+        let mut r = DataReader::new(Arc::new(File::open(&dense).unwrap()));
+        let first = r.next_chunks(0, (3 << 20) + 10, 1 << 20, 2 << 20).unwrap();
+        assert_eq!(first.iter().map(|(at, b)| (*at, b.len())).collect::<Vec<_>>(), vec![(0, 1 << 20), (1 << 20, 1 << 20)]);
+        let rest = r.next_chunks(2 << 20, (3 << 20) + 10, 1 << 20, 2 << 20).unwrap();
+        assert_eq!(rest.iter().map(|(at, b)| (*at, b.len())).collect::<Vec<_>>(), vec![(2 << 20, 1 << 20), (3 << 20, 10)]);
+    }
 }
