@@ -453,7 +453,7 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
             match out {
                 ServerOutput::Send(msg) => {
                     log_sent(id, &msg);
-                    let frame = match protocol::encode(&msg) {
+                    let frame = match protocol::encode_bytes(&msg) {
                         Ok(frame) => frame,
                         Err(e) => {
                             let reason = CloseReason::Internal { side: protocol::Side::Server, detail: e.to_string() };
@@ -461,7 +461,7 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                             return reason.to_string();
                         }
                     };
-                    if let Err(e) = send.write_all(&frame).await {
+                    if let Err(e) = send.write_chunk(frame).await {
                         return format!("connection lost ({e})");
                     }
                 }
@@ -630,8 +630,8 @@ async fn serve_fetch(
 
 /// Writes one message on a fetch stream; false when the stream is gone.
 async fn write_msg(send: &mut quinn::SendStream, msg: &Msg) -> bool {
-    match protocol::encode(msg) {
-        Ok(frame) => send.write_all(&frame).await.is_ok(),
+    match protocol::encode_bytes(msg) {
+        Ok(frame) => send.write_chunk(frame).await.is_ok(),
         Err(e) => {
             log::error!("cannot encode a {} answer: {e}", msg.name());
             false

@@ -1493,3 +1493,31 @@ fn seqs_at_the_end_of_the_seq_space_do_not_overflow() {
     let r = server_closes_on(&[frame(&hello(Some(VOLUME), Some(u64::MAX)))], false);
     assert!(violation_text(&r).contains("past any seq"), "{r}");
 }
+
+#[test]
+fn frames_built_behind_a_header_lead_match_a_plain_archive_of_the_message() {
+    for m in samples() {
+        let body = rkyv::to_bytes::<rkyv::rancor::Error>(&m).unwrap();
+        let mut plain = (body.len() as u32).to_le_bytes().to_vec();
+        plain.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        plain.extend_from_slice(&body);
+        assert_eq!(encode_bytes(&m).unwrap().as_ref(), plain.as_slice(), "{}", m.name());
+    }
+}
+
+#[test]
+fn a_frame_fed_one_byte_at_a_time_after_a_whole_one_decodes_in_order_and_a_bad_version_stops_after_them() {
+    let first = Msg::Data { req_id: 1, offset: 0, bytes: vec![9; 70_000] };
+    let second = Msg::DataEnd { req_id: 1, file_size: 70_000 };
+    let mut bad = frame(&Msg::Gone { req_id: 2 });
+    bad[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+    let mut d = FrameDecoder::new(MAX_DATA_BODY);
+    d.push(&frame(&first));
+    for b in frame(&second).iter().chain(bad.iter()) {
+        d.push(std::slice::from_ref(b));
+    }
+    assert_eq!(d.next_msg().unwrap(), Some(first));
+    assert_eq!(d.next_msg().unwrap(), Some(second));
+    assert!(matches!(d.next_msg(), Err(FrameError::Version { .. })));
+    assert_eq!(d.buffered(), 0);
+}
