@@ -85,6 +85,10 @@ const REPAIR_IDLE: Duration = Duration::from_millis(1500);
 const IN_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Entries whose paths are fetched ahead in one round trip.
 const PREFETCH_ENTRIES: usize = 256;
+/// Files at most this large that queued entries write are fetched ahead, whole.
+const PREFETCH_DATA_MAX: u64 = 256 << 10;
+/// Fetches ahead in flight at once.
+const PREFETCH_DATA_CONCURRENCY: usize = 32;
 /// Attempts at an entry that fails on the replica's file system before resyncing instead.
 const LOCAL_RETRIES: u32 = 3;
 
@@ -866,6 +870,8 @@ struct NetSource<'a> {
     fetcher: &'a Fetcher,
     /// Answers fetched ahead for the current batch ([`Worker::prefetch`]).
     cache: &'a HashMap<RelPath, Option<Attrs>>,
+    /// Contents fetched ahead ([`Worker::prefetch_data`]).
+    data: &'a DataCache,
     /// Paths the master had nothing at when replay asked: what replay could not take
     /// from them is fetched later from wherever they went (see [`Pending`]).
     absent: Vec<RelPath>,
@@ -874,7 +880,13 @@ struct NetSource<'a> {
 impl<'a> NetSource<'a> {
     fn new(fetcher: &'a Fetcher) -> NetSource<'a> {
         static NO_CACHE: std::sync::OnceLock<HashMap<RelPath, Option<Attrs>>> = std::sync::OnceLock::new();
-        NetSource { fetcher, cache: NO_CACHE.get_or_init(HashMap::new), absent: Vec::new() }
+        static NO_DATA: std::sync::OnceLock<DataCache> = std::sync::OnceLock::new();
+        NetSource {
+            fetcher,
+            cache: NO_CACHE.get_or_init(HashMap::new),
+            data: NO_DATA.get_or_init(HashMap::new),
+            absent: Vec::new(),
+        }
     }
 }
 
@@ -888,6 +900,11 @@ fn fail_to_io(f: FetchFail) -> io::Error {
 
 impl DataSource for NetSource<'_> {
     fn read_range(&mut self, path: &RelPath, offset: u64, len: u64, ino: Option<u64>) -> io::Result<Vec<u8>> {
+        if let Some(content) = ino.and_then(|i| self.data.get(&(path.clone(), i))) {
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(content.len());
+            let end = usize::try_from(offset.saturating_add(len)).unwrap_or(usize::MAX).min(content.len());
+            return Ok(content[start..end].to_vec());
+        }
         let mut buf = Vec::new();
         let end = self.fetcher.rt.block_on(self.fetcher.data(path.clone(), offset, len, ino, &mut |at, bytes| {
             // Holes between chunks read as zeros; replay turns zero blocks back into holes.
@@ -957,6 +974,7 @@ impl WorkerHandle {
             pending: Pending::load(&ctx.state_dir.join(PENDING_FILE)),
             pending_file: ctx.state_dir.join(PENDING_FILE),
             cache: HashMap::new(),
+            data: HashMap::new(),
             prefetched: 0,
         };
         let thread = std::thread::Builder::new()
@@ -988,8 +1006,14 @@ struct Worker {
     pending_file: PathBuf,
     /// The master's attributes fetched ahead for the next `prefetched` entries.
     cache: HashMap<RelPath, Option<Attrs>>,
+    /// Whole contents of small files those entries write, by (path, inode), fetched
+    /// ahead at once instead of one round trip per entry.
+    data: DataCache,
     prefetched: usize,
 }
+
+/// Contents fetched ahead: (path, inode written to) -> the file's bytes from offset 0.
+type DataCache = HashMap<(RelPath, u64), Vec<u8>>;
 
 impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Replayer {
@@ -1097,7 +1121,73 @@ impl Worker {
                 Err(_) => {}
             }
         }
+        self.prefetch_data(std::iter::once(first).chain(queue.iter()).take(entries))?;
         self.prefetched = entries;
+        Ok(())
+    }
+
+    /// Fetches, concurrently, the whole content of every small regular file the queued
+    /// writes take bytes from (by the inode each names), so a burst of small files costs a
+    /// few round trips, not one per file. What does not arrive is fetched by replay itself.
+    fn prefetch_data<'w>(&mut self, work: impl Iterator<Item = &'w Work>) -> Result<(), Stop> {
+        self.data.clear();
+        let mut wanted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for w in work {
+            let Work::Apply(entry) = w else { continue };
+            let Op::Write { path, ino: Some(ino), .. } = &entry.op else { continue };
+            let Some(Some(a)) = self.cache.get(path) else { continue };
+            if a.kind == crate::replay::FileKind::Regular
+                && a.size <= PREFETCH_DATA_MAX
+                && seen.insert((path.clone(), *ino))
+            {
+                wanted.push((path.clone(), *ino, a.size));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let fetcher = self.fetcher.clone();
+        let fetched = self.fetcher.rt.block_on(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_DATA_CONCURRENCY));
+            let mut jobs = tokio::task::JoinSet::new();
+            for (path, ino, size) in wanted {
+                let (fetcher, permits) = (fetcher.clone(), permits.clone());
+                jobs.spawn(async move {
+                    let _permit = permits.acquire_owned().await.ok()?;
+                    let mut buf = Vec::new();
+                    let end = fetcher
+                        .data(path.clone(), 0, size, Some(ino), &mut |at, bytes| {
+                            // Holes between chunks read as zeros.
+                            buf.resize(at as usize, 0);
+                            buf.extend_from_slice(&bytes);
+                            Ok(())
+                        })
+                        .await
+                        .ok()?;
+                    match end {
+                        DataEnd::Done { file_size } => {
+                            buf.resize(size.min(file_size) as usize, 0);
+                            Some((path, ino, buf))
+                        }
+                        DataEnd::Gone => None,
+                    }
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(done) = jobs.join_next().await {
+                if let Ok(Some(item)) = done {
+                    out.push(item);
+                }
+            }
+            out
+        });
+        if let Some(why) = self.fetcher.lost() {
+            return Err(Stop::Lost(why));
+        }
+        for (path, ino, bytes) in fetched {
+            self.data.insert((path, ino), bytes);
+        }
         Ok(())
     }
 
@@ -1125,9 +1215,10 @@ impl Worker {
     fn apply(&mut self, entry: JournalEntry) -> Result<(), Stop> {
         let mut attempt = 0;
         let cache = std::mem::take(&mut self.cache);
+        let data = std::mem::take(&mut self.data);
         self.prefetched = self.prefetched.saturating_sub(1);
         let (result, absent) = loop {
-            let mut source = NetSource { fetcher: &self.fetcher, cache: &cache, absent: Vec::new() };
+            let mut source = NetSource { fetcher: &self.fetcher, cache: &cache, data: &data, absent: Vec::new() };
             let result = self.replayer.apply_entry(&entry, &mut source);
             // A fetch that found the connection gone: the entry is not applied, and nothing
             // after it may be acknowledged. It is replayed after the reconnect.
@@ -1145,6 +1236,7 @@ impl Worker {
         };
         if self.prefetched > 0 {
             self.cache = cache;
+            self.data = data;
         }
         // Names the op itself leaves (the destination of a rename or link) are marked after
         // the pending set follows the op; the others before.
