@@ -676,8 +676,7 @@ async fn answer_data(
         }
         Err(e) => return write_msg(send, &unreadable(&e)).await,
     };
-    loop {
-        let Some(&(last_at, ref last)) = chunks.last() else { break };
+    while let Some(&(last_at, ref last)) = chunks.last() {
         let pos = last_at + last.len() as u64;
         for (at, bytes) in chunks {
             if !write_msg(send, &Msg::Data { req_id, offset: at, bytes }).await {
