@@ -131,7 +131,7 @@ use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 pub const TEMP_PREFIX: &[u8] = b".imezzo-tmp.";
 
 /// Bytes asked of the data source at a time.
-const CHUNK: u64 = 1 << 20;
+const CHUNK: u64 = 8 << 20;
 /// Granularity of hole detection.
 const BLOCK: u64 = 4096;
 

@@ -263,6 +263,9 @@ pub(crate) struct WalkStats {
 /// position is found once (`SEEK_DATA`, `SEEK_HOLE`) and reused until the reads leave it:
 /// on tmpfs a `SEEK_HOLE` scans the file's pages up to the next hole, so asking again for
 /// every chunk made a dense 2 GiB file cost quadratic time.
+/// Ranges at most this long are read whole, without looking for holes inside them.
+const HOLE_PROBE_MIN: u64 = 16 << 20;
+
 pub(crate) struct DataReader {
     file: Arc<File>,
     /// The data segment `[start, end)` the last seek found.
@@ -323,6 +326,13 @@ impl DataReader {
         if data >= end {
             return Ok(None);
         }
+        if end - data <= HOLE_PROBE_MIN {
+            // A short range is read whole: looking for its end's hole costs a scan to the
+            // next hole, which for a dense file is its end, per request. Zeros sent for a
+            // hole inside it become a hole again on the client (replay punches zero blocks).
+            self.segment = Some((data, end));
+            return Ok(self.segment);
+        }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
         let hole = if hole < 0 { u64::MAX } else { (hole as u64).max(data + 1) };
@@ -367,18 +377,23 @@ mod tests {
         let path = dir.path().join("sparse");
         let f = File::create(&path).unwrap();
         f.write_all_at(&[1u8; 4096], 0).unwrap();
-        f.write_all_at(&[2u8; 4096], 1 << 20).unwrap();
-        f.set_len(3 << 20).unwrap();
+        f.write_all_at(&[2u8; 4096], 20 << 20).unwrap();
+        f.set_len(40 << 20).unwrap();
         drop(f);
         let mut r = DataReader::new(Arc::new(File::open(&path).unwrap()));
-        let chunks = r.next_chunks(0, 3 << 20, 1 << 20, 4 << 20).unwrap();
+        let chunks = r.next_chunks(0, 40 << 20, 1 << 20, 4 << 20).unwrap();
         let got: Vec<(u64, usize)> = chunks.iter().map(|(at, b)| (*at, b.len())).collect();
         // A file system without SEEK_HOLE support would report one dense range instead.
         if got.len() > 1 {
-            assert_eq!(got, vec![(0, 4096), (1 << 20, 4096)]);
+            assert_eq!(got, vec![(0, 4096), (20 << 20, 4096)]);
             assert!(chunks[1].1.iter().all(|&b| b == 2));
         }
-        assert!(r.next_chunks(1 << 20 | 4096, 3 << 20, 1 << 20, 4 << 20).unwrap().is_empty(), "a trailing hole has no data");
+        assert!(r.next_chunks((20 << 20) + 4096, 40 << 20, 1 << 20, 4 << 20).unwrap().is_empty(), "a trailing hole has no data");
+        // A short range is read whole, zeros of its holes included.
+        let mut r = DataReader::new(Arc::new(File::open(&path).unwrap()));
+        let short = r.next_chunks(0, 8192, 1 << 20, 4 << 20).unwrap();
+        assert_eq!(short.iter().map(|(at, b)| (*at, b.len())).collect::<Vec<_>>(), vec![(0, 8192)]);
+        assert!(short[0].1[4096..].iter().all(|&b| b == 0));
 
         let dense = dir.path().join("dense");
         std::fs::write(&dense, vec![7u8; (3 << 20) + 10]).unwrap();
