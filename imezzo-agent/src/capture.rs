@@ -127,6 +127,8 @@ fn stat_time(sec: i64, nsec: i64) -> Timestamp {
 
 /// The longest a data event waits in the ring buffer before the agent looks.
 const POLL_MS: i32 = 2;
+/// How long a drain waits after a wake-up for the writes that follow the waking event.
+const WAKE_SETTLE: Duration = Duration::from_micros(200);
 
 const AT_FDCWD: i64 = -100;
 
@@ -283,7 +285,13 @@ impl Capture {
             // Data events do not wake us (see `Filter::wake_bytes`): polling every couple of
             // milliseconds bounds their delay and lets a storm coalesce into few extents.
             // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
+            let woken = unsafe { libc::poll(&mut pfd, 1, POLL_MS) } > 0;
+            if woken {
+                // A namespace event woke us (an open, a create): the write and close that
+                // usually follow it within microseconds land in this same drain instead of
+                // the next poll, 2 ms later.
+                thread::sleep(WAKE_SETTLE);
+            }
             let before = self.stats.events;
             let started = Instant::now();
             let drained_at = SystemTime::now();
