@@ -280,16 +280,18 @@ impl Capture {
     pub fn run_batches(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(Vec<JournalEntry>, SystemTime)) {
         let mut out = Vec::new();
         let mut last_drop_check = Instant::now();
+        let mut idle = true;
         while !stop.load(Ordering::Relaxed) {
             let mut pfd = libc::pollfd { fd: self.probes.events_fd(), events: libc::POLLIN, revents: 0 };
             // Data events do not wake us (see `Filter::wake_bytes`): polling every couple of
             // milliseconds bounds their delay and lets a storm coalesce into few extents.
             // SAFETY: one valid pollfd.
             let woken = unsafe { libc::poll(&mut pfd, 1, POLL_MS) } > 0;
-            if woken {
-                // A namespace event woke us (an open, a create): the write and close that
-                // usually follow it within microseconds land in this same drain instead of
-                // the next poll, 2 ms later.
+            if woken && idle {
+                // A namespace event woke an idle loop (an open, a create): the write and
+                // close that usually follow it within microseconds land in this same drain
+                // instead of the next poll, 2 ms later. Under a storm the batch pause below
+                // does this already, and any extra wait would let the ring buffer fill.
                 thread::sleep(WAKE_SETTLE);
             }
             let before = self.stats.events;
@@ -303,7 +305,8 @@ impl Capture {
                 last_drop_check = Instant::now();
             }
             self.emit(&mut out, drained_at, sink);
-            if self.stats.events != before {
+            idle = self.stats.events == before;
+            if !idle {
                 // Under a storm, drain in batches: a consumer that chases every event
                 // bounces the ring's cache lines and slows the writers it watches.
                 let batch = Duration::from_millis(POLL_MS as u64);

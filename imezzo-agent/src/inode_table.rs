@@ -463,9 +463,10 @@ impl InodeTable {
     /// this scans the table once per level of the subtree; it runs only when a directory
     /// with contents leaves the table (moved out of the root), which is rare.
     fn forget(&mut self, ino: u64) {
+        let is_dir = self.kind(ino) == Some(Kind::Dir);
         let mut gone: std::collections::HashSet<u64> = std::collections::HashSet::from([ino]);
         let mut frontier = vec![ino];
-        if self.kind(ino) == Some(Kind::Dir) {
+        if is_dir {
             while !frontier.is_empty() {
                 let level: std::collections::HashSet<u64> = frontier.drain(..).collect();
                 for n in self.nodes.iter() {
@@ -481,13 +482,12 @@ impl InodeTable {
             }
         }
         // Links of surviving inodes from inside the subtree go; an inode whose only links
-        // were there goes with it.
-        let stale: Vec<(u64, Box<[u8]>, u64)> = self
-            .extra
-            .iter()
-            .filter(|((p, _), _)| gone.contains(p))
-            .map(|((p, n), i)| (*p, n.clone(), *i))
-            .collect();
+        // were there goes with it. (Nothing links from inside a file.)
+        let stale: Vec<(u64, Box<[u8]>, u64)> = if is_dir {
+            self.extra.iter().filter(|((p, _), _)| gone.contains(p)).map(|((p, n), i)| (*p, n.clone(), *i)).collect()
+        } else {
+            Vec::new()
+        };
         for (p, n, i) in stale {
             if !gone.contains(&i) {
                 self.drop_link(i, p, &n);
@@ -503,7 +503,11 @@ impl InodeTable {
             self.nodes.remove(i);
         }
         // A hard-linked file inside the subtree with a link outside it survives: its first
-        // link pointed inside, so promote one from outside.
+        // link pointed inside, so promote one from outside. Only a directory has insides:
+        // forgetting a file (every unlink) must not scan the table.
+        if !is_dir {
+            return;
+        }
         let orphans: Vec<u64> = self.nodes.iter().filter(|n| gone.contains(&n.parent)).map(|n| n.ino).collect();
         for i in orphans {
             let (p, n) = {
