@@ -8,8 +8,9 @@
 //! old object or the whole new one.
 //!
 //! Regular files whose size and mtime already match are kept (a restart or a resync after
-//! lost events costs a walk, not a copy); the others are fetched whole, many at once
-//! ([`FETCH_CONCURRENCY`] streams). Holes the server reports stay holes. The names of a
+//! lost events costs a walk, not a copy). A small file whose content came inline in its
+//! manifest entry is written at once, on this thread; the others are fetched whole, many at
+//! once ([`FETCH_CONCURRENCY`] streams). Holes the server reports stay holes. The names of a
 //! hard-link group are linked to the group's first name once its data is in.
 //!
 //! When the manifest ends: every fetch is awaited, links are made, every object the
@@ -22,6 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,8 +49,12 @@ const REAP_EVERY: u64 = 256;
 pub struct FullSyncStats {
     /// Manifest entries, the root included.
     pub entries: u64,
+    /// Regular files fetched on fetch streams, and their bytes.
     pub fetched_files: u64,
     pub fetched_bytes: u64,
+    /// Regular files written from the content inline in their manifest entry, and its bytes.
+    pub inlined_files: u64,
+    pub inlined_bytes: u64,
     /// Regular files kept because their size and mtime already matched.
     pub kept_files: u64,
     /// Local objects the manifest did not name, removed (a directory counts once).
@@ -119,7 +125,7 @@ impl FullSync {
         if self.stats.entries.is_multiple_of(REAP_EVERY) {
             self.reap(false)?;
         }
-        let ManifestEntry { path, attrs, xattrs_omitted, link_group } = entry;
+        let ManifestEntry { path, attrs, xattrs_omitted, link_group, data } = entry;
         let Some((parent, name)) = split_parent(&path) else {
             self.dirs.push((path, attrs, xattrs_omitted));
             return Ok(());
@@ -148,7 +154,9 @@ impl FullSync {
                     }
                     self.dirs.push((path.clone(), attrs.clone(), xattrs_omitted));
                 }
-                FileKind::Regular => self.regular(dir, name, existing, &path, &attrs, xattrs_omitted, link_group)?,
+                FileKind::Regular => {
+                    self.regular(dir, name, existing, &path, &attrs, xattrs_omitted, link_group, data)?
+                }
                 FileKind::Symlink => {
                     let target = attrs
                         .symlink_target
@@ -206,6 +214,7 @@ impl FullSync {
         attrs: &FileAttrs,
         xattrs_omitted: bool,
         link_group: Option<u64>,
+        data: Option<Vec<u8>>,
     ) -> io::Result<()> {
         if let Some(group) = link_group {
             if let Some(first) = self.groups.get(&group) {
@@ -225,6 +234,14 @@ impl FullSync {
                 self.stats.kept_files += 1;
                 return Ok(());
             }
+        }
+        if let Some(data) = data {
+            // No fetch: a task, a stream and a round trip would cost far more than writing a
+            // file this small here.
+            write_inline(&self.fetcher, dir.as_fd(), &name, path, attrs.clone(), xattrs_omitted, &data)?;
+            self.stats.inlined_files += 1;
+            self.stats.inlined_bytes += data.len() as u64;
+            return Ok(());
         }
         let rt = self.fetcher.runtime().clone();
         let permit = rt
@@ -322,10 +339,13 @@ impl FullSync {
         self.stats.elapsed = self.started.elapsed();
         let s = &self.stats;
         log::info!(
-            "full sync at seq {seq}: {} entries, {} files fetched ({} bytes), {} kept, {} removed, {} failed, in {:.1?}",
+            "full sync at seq {seq}: {} entries, {} files fetched ({} bytes), {} inline in the manifest ({} bytes), \
+             {} kept, {} removed, {} failed, in {:.1?}",
             s.entries,
             s.fetched_files,
             s.fetched_bytes,
+            s.inlined_files,
+            s.inlined_bytes,
             s.kept_files,
             s.removed,
             s.failed,
@@ -411,21 +431,7 @@ fn fetch_file(
     attrs: FileAttrs,
     xattrs_omitted: bool,
 ) -> Result<Fetched, FetchFail> {
-    let tmp = temp_name();
-    // SAFETY: valid C string and fd.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            tmp.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(FetchFail::Local(io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd from the kernel.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (tmp, file) = create_temp(dir).map_err(FetchFail::Local)?;
     let unlink_tmp = || {
         // SAFETY: valid C string and fd.
         unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
@@ -444,14 +450,70 @@ fn fetch_file(
             DataEnd::Gone => return Ok(Fetched::Gone),
         }
         drop(file);
-        let attrs = if xattrs_omitted { fetch_xattrs(fetcher, path, attrs).map_err(FetchFail::Local)? } else { attrs };
-        place(dir, &tmp, name, &attrs).map_err(FetchFail::Local)?;
+        finish_file(fetcher, dir, &tmp, name, path, attrs, xattrs_omitted).map_err(FetchFail::Local)?;
         Ok(Fetched::Bytes(bytes))
     })();
     if !matches!(result, Ok(Fetched::Bytes(_))) {
         unlink_tmp();
     }
     result
+}
+
+/// Writes a regular file whose whole content came in its manifest entry: a temporary, its
+/// attributes, then the rename over `name`, exactly as a fetched file is finished.
+fn write_inline(
+    fetcher: &Fetcher,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    path: &RelPath,
+    attrs: FileAttrs,
+    xattrs_omitted: bool,
+    data: &[u8],
+) -> io::Result<()> {
+    let (tmp, file) = create_temp(dir)?;
+    let written = (&file).write_all(data);
+    drop(file);
+    let result = written.and_then(|()| finish_file(fetcher, dir, &tmp, name, path, attrs, xattrs_omitted));
+    if result.is_err() {
+        // SAFETY: valid C string and fd.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
+    }
+    result
+}
+
+/// A new, empty temporary file in `dir`, owner-only until `place` gives it its mode.
+fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(CString, File)> {
+    let tmp = temp_name();
+    // SAFETY: valid C string and fd.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            tmp.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok((tmp, File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+}
+
+/// The last steps of a regular file whose content is written into the temporary `tmp`:
+/// the xattrs the manifest left out are fetched, then the attributes are set and `tmp` is
+/// renamed over `name`.
+fn finish_file(
+    fetcher: &Fetcher,
+    dir: BorrowedFd<'_>,
+    tmp: &CStr,
+    name: &CStr,
+    path: &RelPath,
+    attrs: FileAttrs,
+    xattrs_omitted: bool,
+) -> io::Result<()> {
+    let attrs = if xattrs_omitted { fetch_xattrs(fetcher, path, attrs)? } else { attrs };
+    place(dir, tmp, name, &attrs)
 }
 
 /// The master's current xattrs of `path` in `attrs` (for entries whose xattrs were too
