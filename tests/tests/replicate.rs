@@ -1658,6 +1658,56 @@ fn path_traversal_from_a_hostile_server_is_refused_by_the_client_and_nothing_esc
     );
 }
 
+#[test]
+fn a_small_file_that_a_manifest_names_where_it_made_a_directory_replaces_it() {
+    // Only a broken or hostile server names one path twice; the client must still end with
+    // the last object named, beneath its root.
+    let replica = Fs::tmpfs("dir-then-file-replica");
+    let fake = Node::init("dir-then-file-server");
+    let victim = Node::init("dir-then-file-client");
+    let dir = |p: &str| manifest_entry(p, attrs(FileKind::Directory, 0o755, None));
+    let content = b"was a directory\n";
+    let mut script = fake_full_sync(
+        vec![
+            dir("a"),
+            dir("a/b"),
+            inline_file("a/b/inside", 3, b"abc"),
+            inline_file("a/b", content.len() as u64, content),
+        ],
+        None,
+    );
+    script.extend(wire::frame(&Msg::ManifestEnd { seq: 0 }));
+
+    let rt = wire::runtime();
+    let ep = {
+        let _g = rt.enter();
+        transport::server_endpoint(
+            &fake.identity(),
+            "127.0.0.1:0".parse().unwrap(),
+            vec![wire::node_id(&victim.id)],
+        )
+        .unwrap_or_else(|e| panic!("fake server endpoint: {e}"))
+    };
+    let addr = ep.local_addr().unwrap();
+    let mut client = Client::spawn(&victim, addr, &fake.id, &replica.root);
+    let session = rt.spawn(fake_server_session(ep.clone(), script, Duration::from_secs(30)));
+    let done = client
+        .agent
+        .wait_stderr(|l| l.contains(INITIAL_SYNC_DONE), Duration::from_secs(30));
+    let placed = std::fs::symlink_metadata(replica.root.join("a/b"));
+    let read = std::fs::read(replica.root.join("a/b"));
+    session.abort();
+    client.kill9();
+    ep.close(0u32.into(), b"test over");
+    assert!(done.is_some(), "no initial sync\n{}", client.context());
+    assert!(
+        placed.as_ref().is_ok_and(|m| m.file_type().is_file()),
+        "a/b should be the small file, is {placed:?}\n{}",
+        client.context()
+    );
+    assert_eq!(read.ok().as_deref(), Some(&content[..]), "{}", client.context());
+}
+
 // ---------------------------------------------------------------------------
 // The demo
 // ---------------------------------------------------------------------------

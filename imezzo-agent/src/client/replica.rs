@@ -81,6 +81,8 @@ pub(crate) struct FullSync {
     names: HashSet<Vec<u8>>,
     /// Directories in manifest order, for the attribute pass: (path, attrs, xattrs omitted).
     dirs: Vec<(RelPath, FileAttrs, bool)>,
+    /// Directories this sync created: nothing of the replica was in them before.
+    created_dirs: HashSet<Vec<u8>>,
     /// The directory the last entry was placed in: the walk lists a directory's entries one
     /// after another, so resolving the parent again for each of them is wasted work.
     last_dir: Option<(Vec<u8>, Arc<OwnedFd>)>,
@@ -110,6 +112,7 @@ impl FullSync {
             manifest_seq,
             names: HashSet::new(),
             dirs: Vec::new(),
+            created_dirs: HashSet::new(),
             last_dir: None,
             groups: HashMap::new(),
             links: Vec::new(),
@@ -150,7 +153,14 @@ impl FullSync {
                 return Err(io::Error::other("its parent is not a directory of the replica"));
             };
             let name = cstring(name)?;
-            let existing = lstat_at(dir.as_fd(), &name)?;
+            // A regular file in a directory this sync made has nothing to keep, and its
+            // rename replaces whatever an earlier entry of the same name left: asking what
+            // is there would cost a lookup per file of a new replica for nothing.
+            let existing = if attrs.kind == FileKind::Regular && self.created_dirs.contains(parent) {
+                None
+            } else {
+                lstat_at(dir.as_fd(), &name)?
+            };
             match attrs.kind {
                 FileKind::Directory => {
                     match existing {
@@ -158,8 +168,12 @@ impl FullSync {
                         Some(st) => {
                             remove_at(dir.as_fd(), &name, &st)?;
                             mkdir_at(dir.as_fd(), &name)?;
+                            self.created_dirs.insert(path.0.clone());
                         }
-                        None => mkdir_at(dir.as_fd(), &name)?,
+                        None => {
+                            mkdir_at(dir.as_fd(), &name)?;
+                            self.created_dirs.insert(path.0.clone());
+                        }
                     }
                     self.dirs.push((path.clone(), attrs.clone(), xattrs_omitted));
                 }
