@@ -239,12 +239,7 @@ impl Export {
                 }
                 rel.extend_from_slice(name);
                 let path = item.path();
-                let meta = match std::fs::symlink_metadata(&path) {
-                    Ok(m) => m,
-                    Err(e) if is_absent(&e) => continue,
-                    Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-                };
-                let attrs = match Attrs::read(&path) {
+                let (attrs, st) = match Attrs::read_with_stat(&path) {
                     Ok(Some(a)) => a,
                     Ok(None) => continue,
                     Err(e) if is_absent(&e) => continue,
@@ -252,9 +247,9 @@ impl Export {
                 };
                 let regular = attrs.kind == crate::replay::FileKind::Regular;
                 // (group, whether this is the group's first name)
-                let link_group = if regular && meta.nlink() > 1 {
+                let link_group = if regular && st.st_nlink > 1 {
                     let next = groups.len() as u64 + 1;
-                    let group = *groups.entry((meta.dev(), meta.ino())).or_insert(next);
+                    let group = *groups.entry((st.st_dev, st.st_ino)).or_insert(next);
                     Some((group, group == next))
                 } else {
                     None
@@ -269,7 +264,7 @@ impl Export {
                     && attrs.size <= INLINE_DATA_MAX
                     && link_group.is_none_or(|(_, first)| first)
                 {
-                    self.read_whole(&wire_path, meta.ino(), attrs.size)
+                    self.read_whole(&wire_path, st.st_ino, attrs.size)
                 } else {
                     None
                 };
@@ -286,7 +281,7 @@ impl Export {
                     data,
                 });
                 if is_dir {
-                    if meta.dev() == root_meta.dev() {
+                    if st.st_dev == root_meta.dev() {
                         stack.push(rel);
                     } else {
                         log::warn!(
