@@ -409,7 +409,10 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
                 Some(ClientEvent::InitialSyncDone { seq, stats }) => {
                     println!(
                         "imezzo demo: initial sync done at seq {seq}: {} entries, {} files ({} bytes) in {:.0?}",
-                        stats.entries, stats.fetched_files, stats.fetched_bytes, stats.elapsed
+                        stats.entries,
+                        stats.fetched_files + stats.inlined_files,
+                        stats.fetched_bytes + stats.inlined_bytes,
+                        stats.elapsed
                     );
                     break;
                 }

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ClientOptions;
 use crate::identity::{Identity, IdentityError};
@@ -76,6 +76,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Work items queued for the worker before the session loop stops reading.
 const WORK_QUEUE: usize = 1024;
+/// Most manifest entries per work item: the worker takes them in one wake-up instead of one
+/// each (waking it per small file cost about a quarter of the client's CPU in a full sync).
+const MANIFEST_BATCH: usize = 256;
+/// A batch closes once it holds this much inline file content.
+const MANIFEST_BATCH_BYTES: usize = 1 << 20;
+/// Most inline file content queued for the worker: `WORK_QUEUE` batches of it would be a
+/// gigabyte. 4 MiB keeps the worker fed as well as 16 did (50k small files, same time) with
+/// a peak RSS 10 MiB lower.
+const MANIFEST_QUEUE_BYTES: usize = 4 << 20;
 /// Most bytes taken from a stream per read.
 const READ_CHUNK: usize = 256 << 10;
 /// Repairs wait for the stream to be idle this long: with the master ahead, names that
@@ -420,7 +429,12 @@ enum Work {
         volume_id: VolumeId,
         manifest_seq: u64,
     },
-    Manifest(ManifestEntry),
+    /// Consecutive manifest entries, with their share of [`MANIFEST_QUEUE_BYTES`] (given
+    /// back when the item is dropped, applied or not).
+    Manifest {
+        entries: Vec<ManifestEntry>,
+        _queued: Option<OwnedSemaphorePermit>,
+    },
     ManifestComplete {
         seq: u64,
     },
@@ -542,6 +556,7 @@ impl SessionCtx<'_> {
             next_id: Arc::new(AtomicU64::new(1)),
             lost: Arc::new(Mutex::new(None)),
         };
+        let manifest_budget = Arc::new(Semaphore::new(MANIFEST_QUEUE_BYTES));
         let mut in_sync = InSync::default();
         let mut welcomed: Option<Instant> = None;
         let mut full_sync = false;
@@ -551,7 +566,8 @@ impl SessionCtx<'_> {
         let mut last_activity = Instant::now();
         let mut repair_asked = false;
         loop {
-            while let Some(out) = session.poll_output() {
+            let mut held: Option<ClientOutput> = None;
+            while let Some(out) = held.take().or_else(|| session.poll_output()) {
                 let work = match out {
                     ClientOutput::Send(msg) => {
                         let frame = match protocol::encode(&msg) {
@@ -568,7 +584,28 @@ impl SessionCtx<'_> {
                         (self.events)(ClientEvent::FullSyncStarted { manifest_seq, why: why.to_string() });
                         Work::BeginFullSync { volume_id, manifest_seq }
                     }
-                    ClientOutput::ApplyManifest(e) => Work::Manifest(e),
+                    ClientOutput::ApplyManifest(e) => {
+                        let inline = |e: &ManifestEntry| e.data.as_ref().map_or(0, Vec::len);
+                        let mut bytes = inline(&e);
+                        let mut entries = vec![e];
+                        while entries.len() < MANIFEST_BATCH && bytes < MANIFEST_BATCH_BYTES {
+                            match session.poll_output() {
+                                Some(ClientOutput::ApplyManifest(e)) => {
+                                    bytes += inline(&e);
+                                    entries.push(e);
+                                }
+                                other => {
+                                    held = other;
+                                    break;
+                                }
+                            }
+                        }
+                        let queued = match reserve_queue(&manifest_budget, bytes, shutdown).await {
+                            Ok(q) => q,
+                            Err(o) => return o,
+                        };
+                        Work::Manifest { entries, _queued: queued }
+                    }
                     ClientOutput::ManifestComplete { seq } => Work::ManifestComplete { seq },
                     ClientOutput::Apply(e) => Work::Apply(e),
                     ClientOutput::PersistAndAck { volume_id, seq } => Work::Persist { volume_id, seq },
@@ -706,6 +743,29 @@ async fn send_work(
         () = shutdown.as_mut() => return Err(Outcome::Shutdown),
     }
     Ok(())
+}
+
+/// Waits until the worker's queue has room for `bytes` more of inline file content. The
+/// worker gives room back as it applies (or drops, when it stops) what is queued, so this
+/// always ends.
+async fn reserve_queue(
+    budget: &Arc<Semaphore>,
+    bytes: usize,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<OwnedSemaphorePermit>, Outcome> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    // A batch ends soon after MANIFEST_BATCH_BYTES, far below the whole budget; the cap
+    // only keeps an impossible request from waiting forever.
+    let n = bytes.min(MANIFEST_QUEUE_BYTES) as u32;
+    tokio::select! {
+        permit = budget.clone().acquire_many_owned(n) => match permit {
+            Ok(p) => Ok(Some(p)),
+            Err(_) => Err(Outcome::Fatal(ClientError::Worker("the manifest queue closed".into()))),
+        },
+        () = shutdown.as_mut() => Err(Outcome::Shutdown),
+    }
 }
 
 fn report_outcome(report: Report, streamed: bool) -> Outcome {
@@ -1035,8 +1095,8 @@ impl Worker {
             }
             let done = match work {
                 Work::BeginFullSync { volume_id, manifest_seq } => self.begin_full_sync(volume_id, manifest_seq),
-                Work::Manifest(entry) => match self.full.as_mut() {
-                    Some(full) => full.apply(entry),
+                Work::Manifest { entries, _queued } => match self.full.as_mut() {
+                    Some(full) => entries.into_iter().try_for_each(|e| full.apply(e)),
                     None => Err(Stop::Fatal(ClientError::Worker("a manifest entry outside a full sync".into()))),
                 },
                 Work::ManifestComplete { seq } => self.complete_full_sync(seq),

@@ -54,8 +54,9 @@ const COMPACT_CHECK: Duration = Duration::from_secs(1);
 /// How often compaction runs for supersession alone, when retention does not force it: a
 /// compaction scans every retained entry.
 const SUPERSEDE_EVERY: Duration = Duration::from_secs(600);
-/// Manifest entries per chunk handed from the walk to the session.
-const MANIFEST_CHUNK: usize = 256;
+/// Most manifest entries, and inline data bytes, per chunk handed from the walk to the
+/// session.
+const MANIFEST_CHUNK: export::WalkChunk = export::WalkChunk { entries: 256, data: 512 << 10 };
 /// Most bytes taken from a stream per read.
 const READ_CHUNK: usize = 64 << 10;
 /// File bytes read per hand-off to the blocking pool when answering a fetch.
@@ -414,11 +415,12 @@ enum WalkEvent {
 
 /// Walks the export on a blocking thread; a bounded channel makes a slow client stall the
 /// walk instead of buffering the tree in memory.
-fn start_walk(shared: Arc<Shared>) -> mpsc::Receiver<WalkEvent> {
+fn start_walk(shared: Arc<Shared>, inline_data: bool) -> mpsc::Receiver<WalkEvent> {
     let (tx, rx) = mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
-        let walked =
-            shared.export.walk(MANIFEST_CHUNK, &mut |entries| tx.blocking_send(WalkEvent::Entries(entries)).is_ok());
+        let walked = shared
+            .export
+            .walk(inline_data, MANIFEST_CHUNK, &mut |entries| tx.blocking_send(WalkEvent::Entries(entries)).is_ok());
         let _ = tx.blocking_send(match walked {
             Ok(stats) => WalkEvent::End(stats),
             Err(e) => WalkEvent::Failed(format!("{} ({e})", shared.export.root().display())),
@@ -470,13 +472,13 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                     read_job =
                         Some(tokio::task::spawn_blocking(move || JournalRead::from(journal.read_from(from, max))));
                 }
-                ServerOutput::StartManifest => {
+                ServerOutput::StartManifest { inline_data } => {
                     // The seq before the walk: whatever the walk races with is journalled
                     // after it and streamed after the manifest (replay is idempotent).
                     let manifest_seq = shared.journal.last_seq();
                     session.handle_manifest_begin(Instant::now(), manifest_seq);
                     manifest_started = Instant::now();
-                    manifest = Some(start_walk(shared.clone()));
+                    manifest = Some(start_walk(shared.clone(), inline_data));
                 }
                 ServerOutput::Close(reason) => {
                     close(conn, id, &reason);
@@ -510,9 +512,10 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                     Some(WalkEvent::End(stats)) => {
                         manifest = None;
                         log::info!(
-                            "client {id}: manifest of {} entries ({} bytes of files) sent in {:.1?}",
+                            "client {id}: manifest of {} entries ({} bytes of files, {} files inline) sent in {:.1?}",
                             stats.entries + 1,
                             stats.bytes,
+                            stats.inline_files,
                             manifest_started.elapsed()
                         );
                         session.handle_manifest_end(now);

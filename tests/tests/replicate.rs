@@ -64,6 +64,72 @@ fn initial_sync_copies_an_existing_tree_and_both_agents_stop_cleanly_on_sigint()
     r.assert_no_panic();
 }
 
+/// The counts of the client's `full sync at seq N: ...` log line (its latest):
+/// (files fetched, files inline in the manifest, files kept).
+fn full_sync_counts(client: &Client) -> Option<(u64, u64, u64)> {
+    let line = client.agent.stderr_matching("full sync at seq ").pop()?;
+    // The number just before `label`, e.g. "12 files fetched".
+    let count = |label: &str| -> Option<u64> {
+        let before = &line[..line.find(label)?];
+        before.rsplit(' ').next()?.parse().ok()
+    };
+    Some((
+        count(" files fetched")?,
+        count(" inline in the manifest")?,
+        count(" kept")?,
+    ))
+}
+
+#[test]
+fn a_new_clients_small_files_travel_in_the_manifest_hard_links_included_and_end_identical() {
+    let mut r = Replication::new("inline");
+    let mut rng = Rng(42);
+    let mut write = |rel: &str, size: usize| {
+        let p = r.export.p(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, rng.bytes(size)).unwrap_or_else(|e| panic!("write {p:?}: {e}"));
+        p
+    };
+    // 300 small files (1-8 KiB) in 10 directories, with owners, modes and an xattr here and
+    // there: all inline.
+    for i in 0..300usize {
+        let p = write(&format!("d{}/small-{i:03}", i % 10), 1024 + i * 7168 / 300);
+        if i % 7 == 0 {
+            ok(sys::chown(&p, 1000 + i as u32 % 3, 100));
+        }
+        if i % 11 == 0 {
+            ok(sys::setxattr(&p, "user.inline", format!("{i}").as_bytes(), 0));
+        }
+        ok(sys::chmod(&p, [0o644, 0o600, 0o444, 0o755][i % 4]));
+        set_mtime(&p, 1_700_000_000 + i as i64, i as i64 * 1000);
+    }
+    // Two link groups among the small files: only their first name travels with content.
+    ok(sys::link(&r.e("d0/small-000"), &r.e("d5/link-a1")));
+    ok(sys::link(&r.e("d0/small-000"), &r.e("d9/link-a2")));
+    ok(sys::link(&r.e("d1/small-001"), &r.e("d1/link-b1")));
+    // The limit itself, an empty file, and files over the limit, fetched as before.
+    write("edge/exactly-64k", 64 << 10);
+    write("edge/empty", 0);
+    write("edge/64k-and-1", (64 << 10) + 1);
+    for (i, size) in [200_000usize, 1 << 20, 3 << 20].into_iter().enumerate() {
+        write(&format!("big/{i}"), size);
+    }
+    ok(sys::link(&r.e("big/0"), &r.e("d3/link-big")));
+
+    r.start_server(&[]);
+    r.start_client();
+    r.assert_identical(CONVERGE_TIMEOUT, "after a new client's initial sync");
+    let counts = full_sync_counts(r.client());
+    assert_eq!(
+        counts,
+        Some((4, 302, 0)),
+        "(fetched, inline, kept) in the client's full sync line: the 300 small files, the \
+         64 KiB one and the empty one inline, the four larger ones fetched\n{}",
+        r.context()
+    );
+    r.assert_no_panic();
+}
+
 #[test]
 fn untar_of_3000_files_into_the_export_while_replicating_ends_identical() {
     let mut r = Replication::new("untar");
@@ -664,6 +730,14 @@ fn client_offline_past_retention_gets_a_full_resync_and_ends_identical() {
     let seq = c.wait_initial_sync(INITIAL_SYNC_TIMEOUT);
     eprintln!("full resync done at seq {seq}");
     r.assert_identical(CONVERGE_TIMEOUT, "after a full resync past retention");
+    // The client held a replica: nothing travels inline, unchanged files are kept.
+    let counts = full_sync_counts(r.client());
+    assert!(
+        counts.is_some_and(|(_, inline, kept)| inline == 0 && kept > 0),
+        "(fetched, inline, kept) = {counts:?} in the resync's full sync line, want no inline \
+         content and some files kept\n{}",
+        r.context()
+    );
     r.assert_no_panic();
 }
 
@@ -1268,6 +1342,17 @@ fn manifest_entry(path: &str, a: FileAttrs) -> ManifestEntry {
         attrs: a,
         xattrs_omitted: false,
         link_group: None,
+        data: None,
+    }
+}
+
+/// A regular file whose content travels inline, claiming `size` bytes.
+fn inline_file(path: &str, size: u64, data: &[u8]) -> ManifestEntry {
+    let mut a = attrs(FileKind::Regular, 0o644, None);
+    a.size = size;
+    ManifestEntry {
+        data: Some(data.to_vec()),
+        ..manifest_entry(path, a)
     }
 }
 
@@ -1387,6 +1472,11 @@ fn path_traversal_from_a_hostile_server_is_refused_by_the_client_and_nothing_esc
             true,
         ),
         (
+            "inline data longer than its file",
+            fake_full_sync(vec![inline_file("evil-inline-size", 2, b"abcdef")], None),
+            true,
+        ),
+        (
             "a journal mkdir of ../evil-mkdir",
             fake_full_sync(vec![], Some(vec![mkdir(1, "../evil-mkdir")])),
             true,
@@ -1437,6 +1527,7 @@ fn path_traversal_from_a_hostile_server_is_refused_by_the_client_and_nothing_esc
                         ),
                     ),
                     dir("up/evil-via-manifest"),
+                    inline_file("up/evil-via-inline", 4, b"evil"),
                 ],
                 Some(vec![
                     mkdir(1, "up/evil-via-mkdir"),
@@ -1529,6 +1620,7 @@ fn path_traversal_from_a_hostile_server_is_refused_by_the_client_and_nothing_esc
             // The stream may go on; the client names each refused path in its log.
             for name in [
                 "evil-via-manifest",
+                "evil-via-inline",
                 "evil-via-mkdir",
                 "evil-via-create",
                 "evil-via-symlink",
@@ -1564,6 +1656,56 @@ fn path_traversal_from_a_hostile_server_is_refused_by_the_client_and_nothing_esc
         "hostile server:\n  {}",
         failures.join("\n  ")
     );
+}
+
+#[test]
+fn a_small_file_that_a_manifest_names_where_it_made_a_directory_replaces_it() {
+    // Only a broken or hostile server names one path twice; the client must still end with
+    // the last object named, beneath its root.
+    let replica = Fs::tmpfs("dir-then-file-replica");
+    let fake = Node::init("dir-then-file-server");
+    let victim = Node::init("dir-then-file-client");
+    let dir = |p: &str| manifest_entry(p, attrs(FileKind::Directory, 0o755, None));
+    let content = b"was a directory\n";
+    let mut script = fake_full_sync(
+        vec![
+            dir("a"),
+            dir("a/b"),
+            inline_file("a/b/inside", 3, b"abc"),
+            inline_file("a/b", content.len() as u64, content),
+        ],
+        None,
+    );
+    script.extend(wire::frame(&Msg::ManifestEnd { seq: 0 }));
+
+    let rt = wire::runtime();
+    let ep = {
+        let _g = rt.enter();
+        transport::server_endpoint(
+            &fake.identity(),
+            "127.0.0.1:0".parse().unwrap(),
+            vec![wire::node_id(&victim.id)],
+        )
+        .unwrap_or_else(|e| panic!("fake server endpoint: {e}"))
+    };
+    let addr = ep.local_addr().unwrap();
+    let mut client = Client::spawn(&victim, addr, &fake.id, &replica.root);
+    let session = rt.spawn(fake_server_session(ep.clone(), script, Duration::from_secs(30)));
+    let done = client
+        .agent
+        .wait_stderr(|l| l.contains(INITIAL_SYNC_DONE), Duration::from_secs(30));
+    let placed = std::fs::symlink_metadata(replica.root.join("a/b"));
+    let read = std::fs::read(replica.root.join("a/b"));
+    session.abort();
+    client.kill9();
+    ep.close(0u32.into(), b"test over");
+    assert!(done.is_some(), "no initial sync\n{}", client.context());
+    assert!(
+        placed.as_ref().is_ok_and(|m| m.file_type().is_file()),
+        "a/b should be the small file, is {placed:?}\n{}",
+        client.context()
+    );
+    assert_eq!(read.ok().as_deref(), Some(&content[..]), "{}", client.context());
 }
 
 // ---------------------------------------------------------------------------

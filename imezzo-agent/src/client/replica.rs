@@ -8,8 +8,9 @@
 //! old object or the whole new one.
 //!
 //! Regular files whose size and mtime already match are kept (a restart or a resync after
-//! lost events costs a walk, not a copy); the others are fetched whole, many at once
-//! ([`FETCH_CONCURRENCY`] streams). Holes the server reports stay holes. The names of a
+//! lost events costs a walk, not a copy). A small file whose content came inline in its
+//! manifest entry is written at once, on this thread; the others are fetched whole, many at
+//! once ([`FETCH_CONCURRENCY`] streams). Holes the server reports stay holes. The names of a
 //! hard-link group are linked to the group's first name once its data is in.
 //!
 //! When the manifest ends: every fetch is awaited, links are made, every object the
@@ -22,6 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,8 +49,12 @@ const REAP_EVERY: u64 = 256;
 pub struct FullSyncStats {
     /// Manifest entries, the root included.
     pub entries: u64,
+    /// Regular files fetched on fetch streams, and their bytes.
     pub fetched_files: u64,
     pub fetched_bytes: u64,
+    /// Regular files written from the content inline in their manifest entry, and its bytes.
+    pub inlined_files: u64,
+    pub inlined_bytes: u64,
     /// Regular files kept because their size and mtime already matched.
     pub kept_files: u64,
     /// Local objects the manifest did not name, removed (a directory counts once).
@@ -75,6 +81,11 @@ pub(crate) struct FullSync {
     names: HashSet<Vec<u8>>,
     /// Directories in manifest order, for the attribute pass: (path, attrs, xattrs omitted).
     dirs: Vec<(RelPath, FileAttrs, bool)>,
+    /// Directories this sync created: nothing of the replica was in them before.
+    created_dirs: HashSet<Vec<u8>>,
+    /// The directory the last entry was placed in: the walk lists a directory's entries one
+    /// after another, so resolving the parent again for each of them is wasted work.
+    last_dir: Option<(Vec<u8>, Arc<OwnedFd>)>,
     /// Hard-link group -> its first name.
     groups: HashMap<u64, RelPath>,
     /// (name, first name of its group), linked once every fetch is done.
@@ -101,6 +112,8 @@ impl FullSync {
             manifest_seq,
             names: HashSet::new(),
             dirs: Vec::new(),
+            created_dirs: HashSet::new(),
+            last_dir: None,
             groups: HashMap::new(),
             links: Vec::new(),
             fetches: Vec::new(),
@@ -119,7 +132,7 @@ impl FullSync {
         if self.stats.entries.is_multiple_of(REAP_EVERY) {
             self.reap(false)?;
         }
-        let ManifestEntry { path, attrs, xattrs_omitted, link_group } = entry;
+        let ManifestEntry { path, attrs, xattrs_omitted, link_group, data } = entry;
         let Some((parent, name)) = split_parent(&path) else {
             self.dirs.push((path, attrs, xattrs_omitted));
             return Ok(());
@@ -130,12 +143,24 @@ impl FullSync {
             return Ok(());
         }
         self.names.insert(path.0.clone());
+        // Placing an object may remove a directory at its path, with what is beneath: a
+        // cached directory there is gone.
+        if self.last_dir.as_ref().is_some_and(|(cached, _)| is_self_or_beneath(cached, path.as_bytes())) {
+            self.last_dir = None;
+        }
         let placed = (|| -> io::Result<()> {
-            let Some(dir) = open_dir(&self.root_fd, parent)? else {
+            let Some(dir) = self.parent_dir(parent)? else {
                 return Err(io::Error::other("its parent is not a directory of the replica"));
             };
             let name = cstring(name)?;
-            let existing = lstat_at(dir.as_fd(), &name)?;
+            // A regular file in a directory this sync made has nothing to keep, and its
+            // rename replaces whatever an earlier entry of the same name left: asking what
+            // is there would cost a lookup per file of a new replica for nothing.
+            let existing = if attrs.kind == FileKind::Regular && self.created_dirs.contains(parent) {
+                None
+            } else {
+                lstat_at(dir.as_fd(), &name)?
+            };
             match attrs.kind {
                 FileKind::Directory => {
                     match existing {
@@ -143,12 +168,18 @@ impl FullSync {
                         Some(st) => {
                             remove_at(dir.as_fd(), &name, &st)?;
                             mkdir_at(dir.as_fd(), &name)?;
+                            self.created_dirs.insert(path.0.clone());
                         }
-                        None => mkdir_at(dir.as_fd(), &name)?,
+                        None => {
+                            mkdir_at(dir.as_fd(), &name)?;
+                            self.created_dirs.insert(path.0.clone());
+                        }
                     }
                     self.dirs.push((path.clone(), attrs.clone(), xattrs_omitted));
                 }
-                FileKind::Regular => self.regular(dir, name, existing, &path, &attrs, xattrs_omitted, link_group)?,
+                FileKind::Regular => {
+                    self.regular(dir, name, existing, &path, &attrs, xattrs_omitted, link_group, data)?
+                }
                 FileKind::Symlink => {
                     let target = attrs
                         .symlink_target
@@ -199,13 +230,14 @@ impl FullSync {
     )]
     fn regular(
         &mut self,
-        dir: OwnedFd,
+        dir: Arc<OwnedFd>,
         name: CString,
         existing: Option<libc::stat>,
         path: &RelPath,
         attrs: &FileAttrs,
         xattrs_omitted: bool,
         link_group: Option<u64>,
+        data: Option<Vec<u8>>,
     ) -> io::Result<()> {
         if let Some(group) = link_group {
             if let Some(first) = self.groups.get(&group) {
@@ -226,6 +258,14 @@ impl FullSync {
                 return Ok(());
             }
         }
+        if let Some(data) = data {
+            // No fetch: a task, a stream and a round trip would cost far more than writing a
+            // file this small here.
+            write_inline(&self.fetcher, dir.as_fd(), &name, path, attrs, xattrs_omitted, &data)?;
+            self.stats.inlined_files += 1;
+            self.stats.inlined_bytes += data.len() as u64;
+            return Ok(());
+        }
         let rt = self.fetcher.runtime().clone();
         let permit = rt
             .block_on(self.permits.clone().acquire_owned())
@@ -234,10 +274,27 @@ impl FullSync {
         let (path, attrs) = (path.clone(), attrs.clone());
         self.fetches.push(rt.spawn_blocking(move || {
             let _permit = permit;
-            let r = fetch_file(&fetcher, dir.as_fd(), &name, &path, attrs, xattrs_omitted);
+            let r = fetch_file(&fetcher, dir.as_fd(), &name, &path, &attrs, xattrs_omitted);
             (path, r)
         }));
         Ok(())
+    }
+
+    /// The directory `rel` beneath the root, from the one-entry cache when it is the last
+    /// entry's.
+    fn parent_dir(&mut self, rel: &[u8]) -> io::Result<Option<Arc<OwnedFd>>> {
+        if let Some((cached, fd)) = &self.last_dir {
+            if cached == rel {
+                return Ok(Some(fd.clone()));
+            }
+        }
+        let Some(fd) = open_dir(&self.root_fd, rel)? else {
+            self.last_dir = None;
+            return Ok(None);
+        };
+        let fd = Arc::new(fd);
+        self.last_dir = Some((rel.to_vec(), fd.clone()));
+        Ok(Some(fd))
     }
 
     /// The attributes with their xattrs, fetched when the manifest left them out.
@@ -322,10 +379,13 @@ impl FullSync {
         self.stats.elapsed = self.started.elapsed();
         let s = &self.stats;
         log::info!(
-            "full sync at seq {seq}: {} entries, {} files fetched ({} bytes), {} kept, {} removed, {} failed, in {:.1?}",
+            "full sync at seq {seq}: {} entries, {} files fetched ({} bytes), {} inline in the manifest ({} bytes), \
+             {} kept, {} removed, {} failed, in {:.1?}",
             s.entries,
             s.fetched_files,
             s.fetched_bytes,
+            s.inlined_files,
+            s.inlined_bytes,
             s.kept_files,
             s.removed,
             s.failed,
@@ -408,24 +468,10 @@ fn fetch_file(
     dir: BorrowedFd<'_>,
     name: &CStr,
     path: &RelPath,
-    attrs: FileAttrs,
+    attrs: &FileAttrs,
     xattrs_omitted: bool,
 ) -> Result<Fetched, FetchFail> {
-    let tmp = temp_name();
-    // SAFETY: valid C string and fd.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            tmp.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(FetchFail::Local(io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd from the kernel.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (tmp, file) = create_temp(dir).map_err(FetchFail::Local)?;
     let unlink_tmp = || {
         // SAFETY: valid C string and fd.
         unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
@@ -443,15 +489,78 @@ fn fetch_file(
             DataEnd::Done { file_size } => file.set_len(file_size).map_err(FetchFail::Local)?,
             DataEnd::Gone => return Ok(Fetched::Gone),
         }
-        drop(file);
-        let attrs = if xattrs_omitted { fetch_xattrs(fetcher, path, attrs).map_err(FetchFail::Local)? } else { attrs };
-        place(dir, &tmp, name, &attrs).map_err(FetchFail::Local)?;
+        finish_file(fetcher, dir, file, &tmp, name, path, attrs, xattrs_omitted).map_err(FetchFail::Local)?;
         Ok(Fetched::Bytes(bytes))
     })();
     if !matches!(result, Ok(Fetched::Bytes(_))) {
         unlink_tmp();
     }
     result
+}
+
+/// Writes a regular file whose whole content came in its manifest entry: a temporary, its
+/// attributes, then the rename over `name`, exactly as a fetched file is finished.
+fn write_inline(
+    fetcher: &Fetcher,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    path: &RelPath,
+    attrs: &FileAttrs,
+    xattrs_omitted: bool,
+    data: &[u8],
+) -> io::Result<()> {
+    let (tmp, file) = create_temp(dir)?;
+    let result = (&file)
+        .write_all(data)
+        .and_then(|()| finish_file(fetcher, dir, file, &tmp, name, path, attrs, xattrs_omitted));
+    if result.is_err() {
+        // SAFETY: valid C string and fd.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
+    }
+    result
+}
+
+/// A new, empty temporary file in `dir`, owner-only until `place` gives it its mode.
+fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(CString, File)> {
+    let tmp = temp_name();
+    // SAFETY: valid C string and fd.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            tmp.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok((tmp, File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+}
+
+/// The last steps of a regular file whose content is written into the temporary `tmp`
+/// (open as `file`): the xattrs the manifest left out are fetched, the attributes are set
+/// through the open file (no path lookup), then `tmp` is renamed over `name`. The caller
+/// removes `tmp` if this fails.
+#[expect(clippy::too_many_arguments, reason = "the temporary, where it goes, and what it gets")]
+fn finish_file(
+    fetcher: &Fetcher,
+    dir: BorrowedFd<'_>,
+    file: File,
+    tmp: &CStr,
+    name: &CStr,
+    path: &RelPath,
+    attrs: &FileAttrs,
+    xattrs_omitted: bool,
+) -> io::Result<()> {
+    if xattrs_omitted {
+        set_attrs_fd(file.as_fd(), &fetch_xattrs(fetcher, path, attrs.clone())?)?;
+    } else {
+        set_attrs_fd(file.as_fd(), attrs)?;
+    }
+    drop(file);
+    replace(dir, tmp, name)
 }
 
 /// The master's current xattrs of `path` in `attrs` (for entries whose xattrs were too
@@ -532,16 +641,23 @@ fn remove_at(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> io::Result<()
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
 }
 
-/// Renames the temporary `tmp` over `name`, first removing a directory there (rename(2)
-/// cannot replace a directory with anything else).
+/// Renames the temporary `tmp` (never a directory) over `name`, removing a directory there
+/// if there is one (rename(2) cannot replace a directory with anything else). The rename is
+/// tried first: a directory in the way is rare, and asking beforehand cost a lookup a file.
 fn replace(dir: BorrowedFd<'_>, tmp: &CStr, name: &CStr) -> io::Result<()> {
-    if let Some(st) = lstat_at(dir, name)? {
-        if is_kind(&st, libc::S_IFDIR) {
-            remove_at(dir, name, &st)?;
-        }
-    }
     // SAFETY: valid C strings and fd.
-    cvt(unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
+    let rename = || cvt(unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr()) });
+    match rename() {
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+            if let Some(st) = lstat_at(dir, name)? {
+                if is_kind(&st, libc::S_IFDIR) {
+                    remove_at(dir, name, &st)?;
+                }
+            }
+            rename()
+        }
+        r => r,
+    }
 }
 
 /// Gives the temporary `tmp` its attributes and renames it over `name`; removes it if
@@ -569,6 +685,21 @@ fn set_attrs_at(dir: BorrowedFd<'_>, name: &CStr, attrs: &FileAttrs) -> io::Resu
     set_attrs_path(&fd_path(dir, name.to_bytes()), false, attrs)
 }
 
+/// [`set_attrs_path`] through an open regular file.
+fn set_attrs_fd(fd: BorrowedFd<'_>, attrs: &FileAttrs) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY (all calls below): a valid fd and buffers.
+    cvt(unsafe { libc::fchown(fd, attrs.uid, attrs.gid) })?;
+    cvt(unsafe { libc::fchmod(fd, attrs.mode & 0o7777) })?;
+    sync_xattrs(XattrsOf::Fd(fd), &attrs.xattrs)?;
+    let times = [timespec(attrs.atime), timespec(attrs.mtime)];
+    cvt(unsafe { libc::futimens(fd, times.as_ptr()) })
+}
+
+fn timespec(t: Timestamp) -> libc::timespec {
+    libc::timespec { tv_sec: t.sec as libc::time_t, tv_nsec: t.nsec as libc::c_long }
+}
+
 /// Owner, mode, xattrs, then times (in that order: chown clears set-id bits, and every other
 /// change moves ctime only). `follow`: the path is a /proc magic link to the object itself.
 fn set_attrs_path(path: &Path, follow: bool, attrs: &FileAttrs) -> io::Result<()> {
@@ -584,25 +715,64 @@ fn set_attrs_path(path: &Path, follow: bool, attrs: &FileAttrs) -> io::Result<()
     if attrs.kind != FileKind::Symlink {
         cvt(unsafe { libc::chmod(c.as_ptr(), attrs.mode & 0o7777) })?;
     }
-    sync_xattrs(&c, follow, &attrs.xattrs)?;
-    let ts = |t: Timestamp| libc::timespec { tv_sec: t.sec as libc::time_t, tv_nsec: t.nsec as libc::c_long };
-    let times = [ts(attrs.atime), ts(attrs.mtime)];
+    sync_xattrs(if follow { XattrsOf::Path(&c) } else { XattrsOf::Link(&c) }, &attrs.xattrs)?;
+    let times = [timespec(attrs.atime), timespec(attrs.mtime)];
     let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) })
 }
 
+/// The object whose xattrs [`sync_xattrs`] sets.
+#[derive(Clone, Copy)]
+enum XattrsOf<'a> {
+    /// The path, following a final symlink (a /proc magic link to the object).
+    Path(&'a CStr),
+    /// The path itself, not following it.
+    Link(&'a CStr),
+    Fd(libc::c_int),
+}
+
+impl XattrsOf<'_> {
+    fn list(self, buf: &mut [u8]) -> isize {
+        let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+        // SAFETY: a valid C string or fd; `buf` is writable for its length.
+        unsafe {
+            match self {
+                XattrsOf::Path(p) => libc::listxattr(p.as_ptr(), ptr, len),
+                XattrsOf::Link(p) => libc::llistxattr(p.as_ptr(), ptr, len),
+                XattrsOf::Fd(fd) => libc::flistxattr(fd, ptr, len),
+            }
+        }
+    }
+
+    fn remove(self, name: &CStr) -> libc::c_int {
+        // SAFETY: valid C strings or fd.
+        unsafe {
+            match self {
+                XattrsOf::Path(p) => libc::removexattr(p.as_ptr(), name.as_ptr()),
+                XattrsOf::Link(p) => libc::lremovexattr(p.as_ptr(), name.as_ptr()),
+                XattrsOf::Fd(fd) => libc::fremovexattr(fd, name.as_ptr()),
+            }
+        }
+    }
+
+    fn set(self, name: &CStr, value: &[u8]) -> libc::c_int {
+        let (ptr, len) = (value.as_ptr().cast(), value.len());
+        // SAFETY: valid C strings or fd; `value` is readable for its length.
+        unsafe {
+            match self {
+                XattrsOf::Path(p) => libc::setxattr(p.as_ptr(), name.as_ptr(), ptr, len, 0),
+                XattrsOf::Link(p) => libc::lsetxattr(p.as_ptr(), name.as_ptr(), ptr, len, 0),
+                XattrsOf::Fd(fd) => libc::fsetxattr(fd, name.as_ptr(), ptr, len, 0),
+            }
+        }
+    }
+}
+
 /// Makes the object's xattrs exactly `wanted`, except the host-local SELinux label.
-fn sync_xattrs(path: &CStr, follow: bool, wanted: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+fn sync_xattrs(of: XattrsOf<'_>, wanted: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let n = loop {
-        // SAFETY: valid C string; `buf` is writable for its length.
-        let r = unsafe {
-            if follow {
-                libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            } else {
-                libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            }
-        };
+        let r = of.list(&mut buf);
         if r >= 0 {
             break r as usize;
         }
@@ -617,16 +787,7 @@ fn sync_xattrs(path: &CStr, follow: bool, wanted: &[(Vec<u8>, Vec<u8>)]) -> io::
         if name == b"security.selinux" || wanted.iter().any(|(w, _)| w == name) {
             continue;
         }
-        let cname = cstring(name)?;
-        // SAFETY: valid C strings.
-        let r = unsafe {
-            if follow {
-                libc::removexattr(path.as_ptr(), cname.as_ptr())
-            } else {
-                libc::lremovexattr(path.as_ptr(), cname.as_ptr())
-            }
-        };
-        if r < 0 {
+        if of.remove(&cstring(name)?) < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ENODATA) {
                 return Err(e);
@@ -634,16 +795,13 @@ fn sync_xattrs(path: &CStr, follow: bool, wanted: &[(Vec<u8>, Vec<u8>)]) -> io::
         }
     }
     for (name, value) in wanted {
-        let cname = cstring(name)?;
-        // SAFETY: valid C strings; `value` is readable for its length.
-        cvt(unsafe {
-            if follow {
-                libc::setxattr(path.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), value.len(), 0)
-            } else {
-                libc::lsetxattr(path.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), value.len(), 0)
-            }
-        })
-        .map_err(|e| io::Error::new(e.kind(), format!("xattr {}: {e}", String::from_utf8_lossy(name))))?;
+        cvt(of.set(&cstring(name)?, value))
+            .map_err(|e| io::Error::new(e.kind(), format!("xattr {}: {e}", String::from_utf8_lossy(name))))?;
     }
     Ok(())
+}
+
+/// Whether `path` is `dir` or lies beneath it (`a` holds `a` and `a/b`, not `ab`).
+fn is_self_or_beneath(path: &[u8], dir: &[u8]) -> bool {
+    path.strip_prefix(dir).is_some_and(|rest| rest.is_empty() || rest[0] == b'/')
 }

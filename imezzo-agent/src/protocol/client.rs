@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::messages::{
-    entry_paths, wire_path_problem, FileAttrs, FrameDecoder, FrameError, FullSyncReason, ManifestEntry, Msg, Side,
-    Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
+    entry_paths, inline_data_problem, wire_path_problem, FileAttrs, FrameDecoder, FrameError, FullSyncReason,
+    ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
 };
 use super::CloseReason;
 use crate::op::{JournalEntry, RelPath};
@@ -317,12 +317,16 @@ impl ClientSession {
             }
             (Phase::AwaitWelcome, Msg::Refuse { reason }) => self.close(CloseReason::Refused { reason }),
             (Phase::Manifest { .. }, Msg::Manifest { entries }) => {
-                for e in entries {
+                // The whole chunk is checked before any of it is handed out, as for `Entries`.
+                for e in &entries {
                     if let Some(problem) = wire_path_problem(&e.path) {
                         return self.bad_path("Manifest", &e.path, problem);
                     }
-                    self.out.push_back(ClientOutput::ApplyManifest(e));
+                    if let Some(problem) = inline_data_problem(e) {
+                        return self.violation(format!("Manifest entry {:?} {problem}", e.path.display()));
+                    }
                 }
+                self.out.extend(entries.into_iter().map(ClientOutput::ApplyManifest));
             }
             (Phase::Manifest { manifest_seq }, Msg::ManifestEnd { seq }) => {
                 if seq != manifest_seq {

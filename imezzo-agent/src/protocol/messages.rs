@@ -5,7 +5,7 @@
 use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 
 /// The protocol version this agent speaks; it travels in every frame header.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
 pub const HEADER_LEN: usize = 6;
 /// Largest body accepted on the control stream (both directions) and from a client on a
@@ -20,6 +20,8 @@ pub const DATA_CHUNK: usize = 1 << 20;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Most paths in one `FetchAttrs`.
 pub const MAX_ATTRS_PATHS: usize = 1024;
+/// Largest regular file whose content may travel inside its manifest entry (`data`).
+pub const INLINE_DATA_MAX: u64 = 64 << 10;
 
 /// A journal's volume id: the big-endian bytes of the journal's `u128` (journal.md).
 pub type VolumeId = [u8; 16];
@@ -135,6 +137,10 @@ pub struct ManifestEntry {
     pub xattrs_omitted: bool,
     /// Shared by every name of one multiply-linked regular file within this manifest.
     pub link_group: Option<u64>,
+    /// The whole content of a regular file of at most [`INLINE_DATA_MAX`] bytes, when the
+    /// server chose to send it here rather than have the client fetch it; its length is
+    /// `attrs.size`.
+    pub data: Option<Vec<u8>>,
 }
 
 /// Which side of a connection.
@@ -451,7 +457,26 @@ pub(crate) fn entry_size_estimate(e: &JournalEntry) -> usize {
 
 /// Like [`entry_size_estimate`] for a manifest entry.
 pub(crate) fn manifest_size_estimate(m: &ManifestEntry) -> usize {
-    160 + m.path.0.len() + m.attrs.symlink_target.as_ref().map_or(0, Vec::len) + xattrs_size_estimate(&m.attrs.xattrs)
+    176 + m.path.0.len()
+        + m.attrs.symlink_target.as_ref().map_or(0, Vec::len)
+        + xattrs_size_estimate(&m.attrs.xattrs)
+        + m.data.as_ref().map_or(0, Vec::len)
+}
+
+/// What is wrong with a manifest entry's inline data, if anything: only a regular file's
+/// content may travel inline, whole, and within [`INLINE_DATA_MAX`].
+pub(crate) fn inline_data_problem(m: &ManifestEntry) -> Option<String> {
+    let data = m.data.as_ref()?;
+    if m.attrs.kind != FileKind::Regular {
+        return Some(format!("carries inline data for a {:?}", m.attrs.kind));
+    }
+    if data.len() as u64 != m.attrs.size {
+        return Some(format!("carries {} bytes of inline data for a file of size {}", data.len(), m.attrs.size));
+    }
+    if m.attrs.size > INLINE_DATA_MAX {
+        return Some(format!("carries {} bytes of inline data, over the limit of {INLINE_DATA_MAX}", data.len()));
+    }
+    None
 }
 
 pub(crate) fn xattrs_size_estimate(x: &[(Vec<u8>, Vec<u8>)]) -> usize {

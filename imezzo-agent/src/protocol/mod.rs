@@ -22,9 +22,9 @@ mod tests;
 
 pub use client::{ClientConfig, ClientOutput, ClientSession, ClientState, FetchEvent, FetchExchange};
 pub use messages::{
-    decode_body, encode, encode_bytes, volume_id, wire_path_problem, EncodeError, FileAttrs, FileKind, FrameDecoder, FrameError,
-    FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK, HEADER_LEN, MAX_ATTRS_PATHS,
-    MAX_CONTROL_BODY, MAX_DATA_BODY, MAX_PATH_LEN, PROTOCOL_VERSION,
+    decode_body, encode, encode_bytes, volume_id, wire_path_problem, EncodeError, FileAttrs, FileKind, FrameDecoder,
+    FrameError, FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK, HEADER_LEN,
+    INLINE_DATA_MAX, MAX_ATTRS_PATHS, MAX_CONTROL_BODY, MAX_DATA_BODY, MAX_PATH_LEN, PROTOCOL_VERSION,
 };
 pub use server::{FetchRequest, FetchRequestReader, ServerConfig, ServerOutput, ServerSession};
 

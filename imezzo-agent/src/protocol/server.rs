@@ -54,8 +54,10 @@ pub enum ServerOutput {
     ReadJournal { from: u64, max: usize },
     /// Take the journal's last seq *now*, report it with `handle_manifest_begin`, then walk
     /// the tree (parents first) feeding `handle_manifest_entries`, and end with
-    /// `handle_manifest_end` (or `handle_manifest_failed`).
-    StartManifest,
+    /// `handle_manifest_end` (or `handle_manifest_failed`). With `inline_data`, put the
+    /// content of each regular file of at most [`super::INLINE_DATA_MAX`] bytes in its
+    /// entry's `data` (when it reads whole and unchanged); without, leave every `data` out.
+    StartManifest { inline_data: bool },
     /// Close the connection with this reason; the session does nothing more.
     Close(CloseReason),
 }
@@ -451,9 +453,14 @@ impl ServerSession {
     }
 
     fn start_full_sync(&mut self, why: FullSyncReason) {
+        // A client starting from nothing needs every file's bytes: small ones travel in the
+        // manifest, saving a fetch stream (and its round trip and tasks) per file. Any other
+        // client probably holds most files already and keeps those whose size and mtime
+        // match, so inline data would mostly be sent for nothing.
+        let inline_data = why == FullSyncReason::NewClient;
         self.why_full_sync = Some(why);
         self.phase = Phase::WaitManifestSeq;
-        self.out.push_back(ServerOutput::StartManifest);
+        self.out.push_back(ServerOutput::StartManifest { inline_data });
     }
 
     /// Sends a journal read's entries as batches, each starting right after the last.

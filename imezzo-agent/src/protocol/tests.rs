@@ -117,6 +117,8 @@ struct Replica {
     manifest: Vec<ManifestEntry>,
     manifest_complete: Option<u64>,
     full_syncs: Vec<(u64, FullSyncReason)>,
+    /// `inline_data` of each `StartManifest` the server asked for.
+    inline_asked: Vec<bool>,
     /// Hold `PersistAndAck` instead of doing it (a slow disk).
     hold_acks: bool,
     held: Vec<(VolumeId, u64)>,
@@ -293,7 +295,8 @@ impl Pair {
                 let read = self.journal.read_from(from, max);
                 self.server.handle_journal(self.now, read);
             }
-            ServerOutput::StartManifest => {
+            ServerOutput::StartManifest { inline_data } => {
+                self.replica.inline_asked.push(inline_data);
                 let seq = self.journal.last_seq;
                 self.server.handle_manifest_begin(self.now, seq);
                 // The walk runs while capture keeps appending: it may see changes after
@@ -304,6 +307,7 @@ impl Pair {
                     attrs: attrs(FileKind::Directory, 0),
                     xattrs_omitted: false,
                     link_group: None,
+                    data: None,
                 }];
                 for (path, seq) in self.journal.tree_at(self.journal.last_seq) {
                     walk.push(ManifestEntry {
@@ -311,6 +315,8 @@ impl Pair {
                         attrs: attrs(FileKind::Regular, seq),
                         xattrs_omitted: false,
                         link_group: None,
+                        // As the real walk does, content only when asked, as long as `size`.
+                        data: (inline_data && seq <= INLINE_DATA_MAX).then(|| vec![seq as u8; seq as usize]),
                     });
                 }
                 for chunk in walk.chunks(2) {
@@ -501,6 +507,93 @@ fn interrupted_full_sync_starts_over_as_a_new_client() {
     p.assert_open();
     assert_eq!(p.welcome(1), full_sync(5, FullSyncReason::NewClient));
     assert_eq!(p.replica.durable.last_applied, Some(5));
+}
+
+#[test]
+fn only_a_new_client_is_sent_file_content_inside_the_manifest() {
+    let mut p = Pair::new();
+    p.append(5);
+    p.run();
+    p.assert_open();
+    assert_eq!(p.replica.inline_asked, [true]);
+    let files: Vec<&ManifestEntry> = p.replica.manifest.iter().filter(|e| e.attrs.kind == FileKind::Regular).collect();
+    assert!(!files.is_empty());
+    assert!(files.iter().all(|e| e.data.as_ref().map(Vec::len) == Some(e.attrs.size as usize)), "{files:?}");
+
+    // A client that fell out of retention probably holds most files already.
+    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(3) };
+    let mut p = Pair::with(state, ServerConfig::default(), ClientConfig::default());
+    p.journal.append(20);
+    p.journal.expire_through(10);
+    p.run();
+    p.assert_open();
+    assert_eq!(p.replica.inline_asked, [false]);
+    assert!(p.replica.manifest.iter().all(|e| e.data.is_none()));
+}
+
+#[test]
+fn inline_data_that_is_not_a_whole_regular_file_is_a_violation() {
+    let full = Msg::Welcome {
+        volume_id: VOLUME,
+        start: Start::FullSync { manifest_seq: 0, why: FullSyncReason::NewClient },
+        agent: String::new(),
+    };
+    let entry = |kind, size, data: &[u8]| ManifestEntry {
+        path: "f".into(),
+        attrs: attrs(kind, size),
+        xattrs_omitted: false,
+        link_group: None,
+        data: Some(data.to_vec()),
+    };
+    let manifest = |e| Msg::Manifest { entries: vec![entry(FileKind::Regular, 1, b"a"), e] };
+
+    let v = client_violation(ClientState::default(), &[full.clone(), manifest(entry(FileKind::Regular, 10, b"abc"))]);
+    assert!(v.contains("3 bytes of inline data for a file of size 10"), "{v}");
+    let v = client_violation(ClientState::default(), &[full.clone(), manifest(entry(FileKind::Directory, 0, b""))]);
+    assert!(v.contains("inline data for a Directory"), "{v}");
+    let over = vec![0u8; INLINE_DATA_MAX as usize + 1];
+    let too_big = manifest(entry(FileKind::Regular, over.len() as u64, &over));
+    let v = client_violation(ClientState::default(), &[full.clone(), too_big]);
+    assert!(v.contains("over the limit"), "{v}");
+
+    // A refused chunk applies nothing, not even its good first entry.
+    let out = client_after(ClientState::default(), &[full, manifest(entry(FileKind::Regular, 2, b"a"))]);
+    assert!(!out.iter().any(|o| matches!(o, ClientOutput::ApplyManifest(_))), "{out:?}");
+}
+
+#[test]
+fn a_manifest_of_inlined_files_is_split_into_frames_under_the_control_limit() {
+    let now = Instant::now();
+    let mut s = ServerSession::new(VOLUME, now);
+    s.handle_stream_data(now, &frame(&hello(None, None)));
+    assert_eq!(s.poll_output(), Some(ServerOutput::StartManifest { inline_data: true }));
+    s.handle_manifest_begin(now, 0);
+    // 200 files of the largest inline size (12.5 MiB), handed over as the walk does.
+    let walk: Vec<ManifestEntry> = (0..200u32)
+        .map(|i| ManifestEntry {
+            path: RelPath(format!("d/{i:03}").into_bytes()),
+            attrs: attrs(FileKind::Regular, INLINE_DATA_MAX),
+            xattrs_omitted: false,
+            link_group: None,
+            data: Some(vec![i as u8; INLINE_DATA_MAX as usize]),
+        })
+        .collect();
+    for chunk in walk.chunks(8) {
+        s.handle_manifest_entries(now, chunk.to_vec());
+    }
+    s.handle_manifest_end(now);
+    let mut got = Vec::new();
+    let mut frames = 0;
+    while let Some(o) = s.poll_output() {
+        if let ServerOutput::Send(m @ Msg::Manifest { .. }) = o {
+            assert!(encode(&m).unwrap().len() - HEADER_LEN <= MAX_CONTROL_BODY, "a manifest frame over the limit");
+            let Msg::Manifest { entries } = m else { unreachable!() };
+            got.extend(entries);
+            frames += 1;
+        }
+    }
+    assert_eq!(got, walk, "every entry, in order, content intact");
+    assert!(frames >= 25, "12.5 MiB of content needs at least 25 frames of 512 KiB, got {frames}");
 }
 
 #[test]
@@ -830,7 +923,7 @@ fn server_closes_on(input: &[Vec<u8>], finish: bool) -> CloseReason {
             let Some(o) = s.poll_output() else { break };
             match o {
                 ServerOutput::ReadJournal { from, max } => s.handle_journal(now, journal.read_from(from, max)),
-                ServerOutput::StartManifest => {
+                ServerOutput::StartManifest { .. } => {
                     s.handle_manifest_begin(now, journal.last_seq);
                     s.handle_manifest_end(now);
                 }
@@ -860,12 +953,12 @@ fn violation_text(r: &CloseReason) -> String {
 #[test]
 fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     let mut f = frame(&hello(None, None));
-    f[4..6].copy_from_slice(&3u16.to_le_bytes());
+    f[4..6].copy_from_slice(&4u16.to_le_bytes());
     let r = server_closes_on(&[f.clone()], false);
     assert_eq!(r.code(), 1);
     assert_eq!(
         r.to_string(),
-        "this server speaks imezzo protocol 2 and the client speaks protocol 3: upgrade the server"
+        "this server speaks imezzo protocol 3 and the client speaks protocol 4: upgrade the server"
     );
 
     let mut c = ClientSession::new(ClientState::default(), Instant::now());
@@ -874,7 +967,7 @@ fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     match close {
         Some(ClientOutput::Close(r)) => assert_eq!(
             r.to_string(),
-            "this client speaks imezzo protocol 2 and the server speaks protocol 3: upgrade the client"
+            "this client speaks imezzo protocol 3 and the server speaks protocol 4: upgrade the client"
         ),
         other => panic!("{other:?}"),
     }
@@ -1048,6 +1141,7 @@ fn a_path_escaping_the_root_from_the_server_is_a_violation() {
         attrs: attrs(FileKind::Regular, 0),
         xattrs_omitted: false,
         link_group: None,
+        data: None,
     };
     let v = client_violation(ClientState::default(), &[full, Msg::Manifest { entries: vec![evil] }]);
     assert!(v.contains("absolute"), "{v}");
@@ -1131,6 +1225,16 @@ fn samples() -> Vec<Msg> {
                 },
                 xattrs_omitted: false,
                 link_group: Some(3),
+                data: None,
+            }],
+        },
+        Msg::Manifest {
+            entries: vec![ManifestEntry {
+                path: "d/small".into(),
+                attrs: attrs(FileKind::Regular, 5),
+                xattrs_omitted: false,
+                link_group: None,
+                data: Some(b"hello".to_vec()),
             }],
         },
         Msg::ManifestEnd { seq: 9 },
@@ -1171,19 +1275,31 @@ fn frames_split_at_every_byte_still_decode() {
     assert_eq!(got, samples());
 }
 
-/// The bytes of version 2 (body archives of sample messages). A change here means the wire
+/// The bytes of version 3 (body archives of sample messages). A change here means the wire
 /// format changed: bump `PROTOCOL_VERSION` and update docs/protocol.md, then this test.
-/// (Version 2 added the inode to write entries and to `Fetch`.)
+/// (Version 2 added the inode to write entries and to `Fetch`; version 3 the inline `data`
+/// of manifest entries.)
 #[test]
-fn version_2_wire_bytes_are_frozen() {
+fn version_3_wire_bytes_are_frozen() {
     let hello = hex::encode(frame(&hello(Some(VOLUME), Some(42))));
     let entries = hex::encode(frame(&Msg::Entries { from_seq: 1, entries: vec![entry(1)] }));
-    assert_eq!(hello, HELLO_V2);
-    assert_eq!(entries, ENTRIES_V2);
+    let manifest = hex::encode(frame(&Msg::Manifest {
+        entries: vec![ManifestEntry {
+            path: "d/f".into(),
+            attrs: attrs(FileKind::Regular, 2),
+            xattrs_omitted: false,
+            link_group: Some(1),
+            data: Some(b"hi".to_vec()),
+        }],
+    }));
+    assert_eq!(hello, HELLO_V3);
+    assert_eq!(entries, ENTRIES_V3);
+    assert_eq!(manifest, MANIFEST_V3);
 }
 
-const HELLO_V2: &str = "48000000020000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
-const ENTRIES_V2: &str = "b000000002006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const HELLO_V3: &str = "48000000030000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
+const ENTRIES_V3: &str = "b000000003006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const MANIFEST_V3: &str = "d80000000300642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
 
 #[test]
 fn random_bytes_never_panic_the_decoder_or_the_sessions() {
@@ -1273,16 +1389,19 @@ fn a_manifest_entry_with_huge_xattrs_travels_without_them() {
     let now = Instant::now();
     let mut s = ServerSession::new(VOLUME, now);
     s.handle_stream_data(now, &frame(&hello(None, None)));
-    assert_eq!(s.poll_output(), Some(ServerOutput::StartManifest));
+    assert_eq!(s.poll_output(), Some(ServerOutput::StartManifest { inline_data: true }));
     s.handle_manifest_begin(now, 0);
     let mut big = attrs(FileKind::Regular, 1);
     big.xattrs = (0..8).map(|i| (format!("user.{i}").into_bytes(), vec![0u8; 64 << 10])).collect();
-    let small =
-        ManifestEntry { path: "s".into(), attrs: attrs(FileKind::Regular, 1), xattrs_omitted: false, link_group: None };
-    s.handle_manifest_entries(
-        now,
-        vec![ManifestEntry { path: "b".into(), attrs: big, xattrs_omitted: false, link_group: None }, small.clone()],
-    );
+    let small = ManifestEntry {
+        path: "s".into(),
+        attrs: attrs(FileKind::Regular, 1),
+        xattrs_omitted: false,
+        link_group: None,
+        data: Some(vec![1]),
+    };
+    let big = ManifestEntry { path: "b".into(), attrs: big, xattrs_omitted: false, link_group: None, data: None };
+    s.handle_manifest_entries(now, vec![big, small.clone()]);
     s.handle_manifest_end(now);
     let sent: Vec<ManifestEntry> = std::iter::from_fn(|| s.poll_output())
         .filter_map(|o| match o {

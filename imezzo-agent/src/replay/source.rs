@@ -118,13 +118,19 @@ impl Attrs {
     /// Reads the attributes of `path` without following a final symlink; `Ok(None)` when
     /// nothing is there.
     pub fn read(path: &Path) -> io::Result<Option<Attrs>> {
+        Ok(Attrs::read_with_stat(path)?.map(|(attrs, _)| attrs))
+    }
+
+    /// [`read`](Self::read), with the `lstat` it was made from (for the inode, device and
+    /// link count, without a second lookup).
+    pub fn read_with_stat(path: &Path) -> io::Result<Option<(Attrs, libc::stat)>> {
         let Some(st) = sys::lstat_path(path)? else { return Ok(None) };
         let Some(kind) = FileKind::from_mode(st.st_mode) else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "unknown file type"));
         };
         let symlink_target = if kind == FileKind::Symlink { Some(sys::readlink_path(path)?) } else { None };
         let xattrs = sys::path_xattrs(path)?;
-        Ok(Some(Attrs {
+        Ok(Some((Attrs {
             kind,
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
@@ -135,7 +141,7 @@ impl Attrs {
             rdev: st.st_rdev,
             symlink_target,
             xattrs,
-        }))
+        }, st)))
     }
 }
 

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::op::RelPath;
-use crate::protocol::{FileAttrs, ManifestEntry};
+use crate::protocol::{FileAttrs, ManifestEntry, INLINE_DATA_MAX};
 use crate::replay::{Attrs, TEMP_PREFIX};
 
 /// `struct open_how` of linux/openat2.h (libc's is `non_exhaustive` and cannot be built).
@@ -118,6 +118,11 @@ impl Export {
     /// Opens the regular file at `path` for reading; `Ok(None)` when nothing, or something
     /// other than a regular file, is there now (the client is told `Gone`).
     pub fn open_regular(&self, path: &RelPath) -> io::Result<Option<File>> {
+        Ok(self.open_regular_meta(path)?.map(|(file, _)| file))
+    }
+
+    /// [`open_regular`](Self::open_regular), with the opened file's metadata.
+    fn open_regular_meta(&self, path: &RelPath) -> io::Result<Option<(File, std::fs::Metadata)>> {
         if path.as_bytes().is_empty() {
             return Ok(None);
         }
@@ -135,10 +140,34 @@ impl Export {
             Err(e) => return Err(e),
         };
         let file = File::from(fd);
-        if !file.metadata()?.file_type().is_file() {
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
             return Ok(None);
         }
-        Ok(Some(file))
+        Ok(Some((file, meta)))
+    }
+
+    /// The whole content of the regular file at `path`, if it is still the inode `ino` and
+    /// reads as exactly `size` bytes; `None` when it cannot be read or changed meanwhile
+    /// (the client then fetches it). Meant for small files: everything is read at once.
+    fn read_whole(&self, path: &RelPath, ino: u64, size: u64) -> Option<Vec<u8>> {
+        let read = (|| -> io::Result<Option<Vec<u8>>> {
+            let Some((file, meta)) = self.open_regular_meta(path)? else { return Ok(None) };
+            if meta.ino() != ino || meta.len() != size {
+                return Ok(None);
+            }
+            // One byte more than expected is asked for, so a file that grew is noticed.
+            let mut data = Vec::with_capacity(size as usize + 1);
+            io::Read::read_to_end(&mut io::Read::take(&file, size + 1), &mut data)?;
+            Ok((data.len() as u64 == size).then_some(data))
+        })();
+        match read {
+            Ok(data) => data,
+            Err(e) => {
+                log::debug!("manifest: {:?} will be fetched, reading it inline failed: {e}", path.display());
+                None
+            }
+        }
     }
 
     /// The current attributes of `path`, without following its final component;
@@ -158,15 +187,23 @@ impl Export {
     }
 
     /// Walks the tree in pre-order (the root `""` first, every directory before what it
-    /// holds) and hands the manifest over in chunks of about `chunk` entries. `sink`
-    /// returns false to stop the walk (the client went away). Replay's temporaries are
-    /// left out; other file systems mounted inside the export are listed but not entered
-    /// (capture does not see into them).
-    pub fn walk(&self, chunk: usize, sink: &mut dyn FnMut(Vec<ManifestEntry>) -> bool) -> io::Result<WalkStats> {
+    /// holds) and hands the manifest over in chunks of at most `chunk.entries` entries and
+    /// about `chunk.data` bytes of inline data. With `inline_data`, each regular file of at
+    /// most [`INLINE_DATA_MAX`] bytes carries its content (a link group's first name only:
+    /// the others are links to it). `sink` returns false to stop the walk (the client went
+    /// away). Replay's temporaries are left out; other file systems mounted inside the
+    /// export are listed but not entered (capture does not see into them).
+    pub fn walk(
+        &self,
+        inline_data: bool,
+        chunk: WalkChunk,
+        sink: &mut dyn FnMut(Vec<ManifestEntry>) -> bool,
+    ) -> io::Result<WalkStats> {
         let root_meta = std::fs::symlink_metadata(&self.root)?;
         let mut stats = WalkStats::default();
         let mut groups: HashMap<(u64, u64), u64> = HashMap::new();
-        let mut batch = Vec::with_capacity(chunk);
+        let mut batch = Vec::with_capacity(chunk.entries);
+        let mut batch_data = 0usize;
         let root_attrs = Attrs::read(&self.root)?
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the exported directory disappeared"))?;
         batch.push(ManifestEntry {
@@ -174,6 +211,7 @@ impl Export {
             attrs: FileAttrs::from(root_attrs),
             xattrs_omitted: false,
             link_group: None,
+            data: None,
         });
         let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
         while let Some(dir_rel) = stack.pop() {
@@ -201,36 +239,49 @@ impl Export {
                 }
                 rel.extend_from_slice(name);
                 let path = item.path();
-                let meta = match std::fs::symlink_metadata(&path) {
-                    Ok(m) => m,
-                    Err(e) if is_absent(&e) => continue,
-                    Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-                };
-                let attrs = match Attrs::read(&path) {
+                let (attrs, st) = match Attrs::read_with_stat(&path) {
                     Ok(Some(a)) => a,
                     Ok(None) => continue,
                     Err(e) if is_absent(&e) => continue,
                     Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
                 };
-                let link_group = if attrs.kind == crate::replay::FileKind::Regular && meta.nlink() > 1 {
+                let regular = attrs.kind == crate::replay::FileKind::Regular;
+                // (group, whether this is the group's first name)
+                let link_group = if regular && st.st_nlink > 1 {
                     let next = groups.len() as u64 + 1;
-                    Some(*groups.entry((meta.dev(), meta.ino())).or_insert(next))
+                    let group = *groups.entry((st.st_dev, st.st_ino)).or_insert(next);
+                    Some((group, group == next))
                 } else {
                     None
                 };
                 stats.entries += 1;
-                if attrs.kind == crate::replay::FileKind::Regular {
+                if regular {
                     stats.bytes += attrs.size;
+                }
+                let wire_path = RelPath(rel.clone());
+                let data = if inline_data
+                    && regular
+                    && attrs.size <= INLINE_DATA_MAX
+                    && link_group.is_none_or(|(_, first)| first)
+                {
+                    self.read_whole(&wire_path, st.st_ino, attrs.size)
+                } else {
+                    None
+                };
+                if let Some(d) = &data {
+                    stats.inline_files += 1;
+                    batch_data += d.len();
                 }
                 let is_dir = attrs.kind == crate::replay::FileKind::Directory;
                 batch.push(ManifestEntry {
-                    path: RelPath(rel.clone()),
+                    path: wire_path,
                     attrs: FileAttrs::from(attrs),
                     xattrs_omitted: false,
-                    link_group,
+                    link_group: link_group.map(|(group, _)| group),
+                    data,
                 });
                 if is_dir {
-                    if meta.dev() == root_meta.dev() {
+                    if st.st_dev == root_meta.dev() {
                         stack.push(rel);
                     } else {
                         log::warn!(
@@ -239,8 +290,11 @@ impl Export {
                         );
                     }
                 }
-                if batch.len() >= chunk && !sink(std::mem::replace(&mut batch, Vec::with_capacity(chunk))) {
-                    return Ok(stats);
+                if batch.len() >= chunk.entries || batch_data >= chunk.data {
+                    batch_data = 0;
+                    if !sink(std::mem::replace(&mut batch, Vec::with_capacity(chunk.entries))) {
+                        return Ok(stats);
+                    }
                 }
             }
         }
@@ -251,12 +305,23 @@ impl Export {
     }
 }
 
+/// How a manifest walk cuts its output: a chunk is handed over when it holds `entries`
+/// entries or `data` bytes of inline data, whichever comes first (the walk's channel holds
+/// a few chunks, so this bounds the server's memory per walking client).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalkChunk {
+    pub entries: usize,
+    pub data: usize,
+}
+
 /// What a manifest walk listed (the root not counted).
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct WalkStats {
     pub entries: u64,
     /// Sum of the regular files' sizes.
     pub bytes: u64,
+    /// Regular files whose content travelled in the manifest.
+    pub inline_files: u64,
 }
 
 /// Reads a file's data for a fetch, skipping holes. The data segment around the read
