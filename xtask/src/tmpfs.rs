@@ -22,18 +22,8 @@ impl TmpfsDir {
     /// Creates `/tmp/<prefix>-XXXXXX` and mounts a tmpfs on it.
     pub fn mount(prefix: &str) -> Result<Self> {
         exec::require_root("mounting a scratch tmpfs")?;
-        let template = CString::new(format!("/tmp/{prefix}-XXXXXX"))
-            .context("the scratch directory prefix contains a NUL byte")?;
-        let mut template = template.into_bytes_with_nul();
-        // SAFETY: the template is NUL-terminated and writable; mkdtemp replaces the X's in place.
-        let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
-        if made.is_null() {
-            return Err(std::io::Error::last_os_error())
-                .context("could not create a scratch directory under /tmp");
-        }
-        template.pop(); // the NUL
         let mut dir = Self {
-            path: PathBuf::from(std::ffi::OsString::from_vec(template)),
+            path: make_temp_dir(prefix)?,
             mounted: false,
         };
         exec::run(
@@ -71,4 +61,19 @@ impl Drop for TmpfsDir {
             );
         }
     }
+}
+
+/// Creates `/tmp/<prefix>-XXXXXX` (mkdtemp) and returns its path.
+pub fn make_temp_dir(prefix: &str) -> Result<PathBuf> {
+    let template = CString::new(format!("/tmp/{prefix}-XXXXXX"))
+        .context("the scratch directory prefix contains a NUL byte")?;
+    let mut template = template.into_bytes_with_nul();
+    // SAFETY: the template is NUL-terminated and writable; mkdtemp replaces the X's in place.
+    let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(std::io::Error::last_os_error())
+            .context("could not create a scratch directory under /tmp");
+    }
+    template.pop(); // the NUL
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(template)))
 }
