@@ -20,10 +20,9 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -520,7 +519,7 @@ fn write_inline(
     result
 }
 
-/// A new, empty temporary file in `dir`, owner-only until `place` gives it its mode.
+/// A new, empty temporary file in `dir`, owner-only until it is given its attributes.
 fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(CString, File)> {
     let tmp = temp_name();
     // SAFETY: valid C string and fd.
@@ -643,7 +642,7 @@ fn remove_at(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> io::Result<()
 
 /// Renames the temporary `tmp` (never a directory) over `name`, removing a directory there
 /// if there is one (rename(2) cannot replace a directory with anything else). The rename is
-/// tried first: a directory in the way is rare, and asking beforehand cost a lookup a file.
+/// tried first: a directory in the way is rare, and asking beforehand cost a lookup per file.
 fn replace(dir: BorrowedFd<'_>, tmp: &CStr, name: &CStr) -> io::Result<()> {
     // SAFETY: valid C strings and fd.
     let rename = || cvt(unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr()) });
@@ -686,12 +685,12 @@ fn set_attrs_at(dir: BorrowedFd<'_>, name: &CStr, attrs: &FileAttrs) -> io::Resu
 }
 
 /// [`set_attrs_path`] through an open regular file.
-fn set_attrs_fd(fd: BorrowedFd<'_>, attrs: &FileAttrs) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
+fn set_attrs_fd(fd_ref: BorrowedFd<'_>, attrs: &FileAttrs) -> io::Result<()> {
+    let fd = fd_ref.as_raw_fd();
     // SAFETY (all calls below): a valid fd and buffers.
     cvt(unsafe { libc::fchown(fd, attrs.uid, attrs.gid) })?;
     cvt(unsafe { libc::fchmod(fd, attrs.mode & 0o7777) })?;
-    sync_xattrs(XattrsOf::Fd(fd), &attrs.xattrs)?;
+    sync_xattrs(XattrsOf::Fd(fd_ref), &attrs.xattrs)?;
     let times = [timespec(attrs.atime), timespec(attrs.mtime)];
     cvt(unsafe { libc::futimens(fd, times.as_ptr()) })
 }
@@ -728,7 +727,7 @@ enum XattrsOf<'a> {
     Path(&'a CStr),
     /// The path itself, not following it.
     Link(&'a CStr),
-    Fd(libc::c_int),
+    Fd(BorrowedFd<'a>),
 }
 
 impl XattrsOf<'_> {
@@ -739,7 +738,7 @@ impl XattrsOf<'_> {
             match self {
                 XattrsOf::Path(p) => libc::listxattr(p.as_ptr(), ptr, len),
                 XattrsOf::Link(p) => libc::llistxattr(p.as_ptr(), ptr, len),
-                XattrsOf::Fd(fd) => libc::flistxattr(fd, ptr, len),
+                XattrsOf::Fd(fd) => libc::flistxattr(fd.as_raw_fd(), ptr, len),
             }
         }
     }
@@ -750,7 +749,7 @@ impl XattrsOf<'_> {
             match self {
                 XattrsOf::Path(p) => libc::removexattr(p.as_ptr(), name.as_ptr()),
                 XattrsOf::Link(p) => libc::lremovexattr(p.as_ptr(), name.as_ptr()),
-                XattrsOf::Fd(fd) => libc::fremovexattr(fd, name.as_ptr()),
+                XattrsOf::Fd(fd) => libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()),
             }
         }
     }
@@ -762,7 +761,7 @@ impl XattrsOf<'_> {
             match self {
                 XattrsOf::Path(p) => libc::setxattr(p.as_ptr(), name.as_ptr(), ptr, len, 0),
                 XattrsOf::Link(p) => libc::lsetxattr(p.as_ptr(), name.as_ptr(), ptr, len, 0),
-                XattrsOf::Fd(fd) => libc::fsetxattr(fd, name.as_ptr(), ptr, len, 0),
+                XattrsOf::Fd(fd) => libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len, 0),
             }
         }
     }

@@ -130,7 +130,7 @@ impl Attrs {
         };
         let symlink_target = if kind == FileKind::Symlink { Some(sys::readlink_path(path)?) } else { None };
         let xattrs = sys::path_xattrs(path)?;
-        Ok(Some((Attrs {
+        let attrs = Attrs {
             kind,
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
@@ -141,7 +141,8 @@ impl Attrs {
             rdev: st.st_rdev,
             symlink_target,
             xattrs,
-        }, st)))
+        };
+        Ok(Some((attrs, st)))
     }
 }
 
