@@ -102,7 +102,7 @@ pub struct Server {
 /// What every connection task reads.
 struct Shared {
     journal: Arc<Journal>,
-    export: export::Export,
+    export: Arc<export::Export>,
     volume: VolumeId,
     /// The journal's last seq, published after each append.
     appended: watch::Receiver<u64>,
@@ -117,11 +117,14 @@ impl Server {
         let journal = Arc::new(blocking(move || Journal::open(&state)).await??);
         let export_root = std::fs::canonicalize(&opts.export)
             .map_err(|error| ServerError::Export { path: opts.export.clone(), error })?;
-        let export = export::Export::open(&export_root)
-            .map_err(|error| ServerError::Export { path: export_root.clone(), error })?;
+        let export = Arc::new(
+            export::Export::open(&export_root)
+                .map_err(|error| ServerError::Export { path: export_root.clone(), error })?,
+        );
         let (appended_tx, appended) = watch::channel(journal.last_seq());
         let capture = CaptureThread::start(
             export_root.clone(),
+            export.clone(),
             opts.state.clone(),
             journal_existed,
             journal.clone(),
@@ -223,6 +226,7 @@ struct CaptureThread {
 impl CaptureThread {
     async fn start(
         root: PathBuf,
+        export: Arc<export::Export>,
         state: PathBuf,
         journal_existed: bool,
         journal: Arc<Journal>,
@@ -245,8 +249,6 @@ impl CaptureThread {
                     let attached = SystemTime::now();
                     let mut cap = Capture::start(&cfg)
                         .map_err(|error| ServerError::Capture { export: root.clone(), error })?;
-                    let export = export::Export::open(cap.root())
-                        .map_err(|error| ServerError::Export { path: root.clone(), error })?;
                     let changed = cap.take_changed().unwrap_or_default();
                     let (ops, line) = catchup::ops(plan, &changed, &export);
                     if let Some(line) = line {

@@ -279,7 +279,12 @@ pub fn decode_body(body: &[u8]) -> Result<Msg, FrameError> {
     // so it is copied into an aligned buffer first.
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
-    rkyv::from_bytes::<Msg, rkyv::rancor::Error>(&aligned).map_err(|e| FrameError::Malformed(e.to_string()))
+    decode_aligned(&aligned)
+}
+
+/// Validates and deserializes a body that already lies in an aligned buffer.
+fn decode_aligned(body: &rkyv::util::AlignedVec<16>) -> Result<Msg, FrameError> {
+    rkyv::from_bytes::<Msg, rkyv::rancor::Error>(body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// Splits a stream's bytes into messages. Feed it what the stream delivers with
@@ -370,9 +375,9 @@ impl FrameDecoder {
     /// every call returns the same error.
     pub fn next_msg(&mut self) -> Result<Option<Msg>, FrameError> {
         if let Some(body) = self.ready.pop_front() {
-            match rkyv::from_bytes::<Msg, rkyv::rancor::Error>(&body) {
+            match decode_aligned(&body) {
                 Ok(msg) => return Ok(Some(msg)),
-                Err(e) => self.failed = Some(FrameError::Malformed(e.to_string())),
+                Err(e) => self.failed = Some(e),
             }
         }
         match &self.failed {
