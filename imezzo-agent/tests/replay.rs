@@ -12,9 +12,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use imezzo_agent::attrs::Attrs;
 use imezzo_agent::op::{JournalEntry, Op, RelPath, Timestamp};
 use imezzo_agent::replay::{
-    Applied, Attrs, DataSource, DirSource, InodeId, Mark, MarkStore, Recovered, ReplayError, Replayer, TEMP_PREFIX,
+    Applied, DataSource, DirSource, InodeId, Mark, MarkStore, Recovered, ReplayError, Replayer,
+    TEMP_PREFIX,
 };
 use tempfile::TempDir;
 
@@ -29,13 +31,25 @@ fn xattr_names(p: &Path) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; 65536];
     // SAFETY: valid C string and buffer.
     let n = unsafe { libc::llistxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n >= 0, "llistxattr {}: {}", p.display(), io::Error::last_os_error());
-    buf[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect()
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
+    buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 /// Every xattr, replay's included if it ever wrote one: a replica must not differ.
 fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    xattr_names(p).into_iter().map(|name| (name.clone(), get_xattr(p, &name).expect("listed xattr"))).collect()
+    xattr_names(p)
+        .into_iter()
+        .map(|name| (name.clone(), get_xattr(p, &name).expect("listed xattr")))
+        .collect()
 }
 
 /// Every object beneath `root`, the root included, never following a symlink.
@@ -69,7 +83,10 @@ fn assert_no_imezzo_xattrs(root: &Path) {
 
 fn id_of(p: &Path) -> InodeId {
     let m = fs::symlink_metadata(p).unwrap();
-    InodeId { dev: m.dev(), ino: m.ino() }
+    InodeId {
+        dev: m.dev(),
+        ino: m.ino(),
+    }
 }
 
 fn get_xattr(p: &Path, name: &[u8]) -> Option<Vec<u8>> {
@@ -87,8 +104,22 @@ fn get_xattr(p: &Path, name: &[u8]) -> Option<Vec<u8>> {
 fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let (cp, cn) = (c(p), CString::new(name).unwrap());
     // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::lsetxattr(cp.as_ptr(), cn.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(r, 0, "lsetxattr {name} on {}: {}", p.display(), io::Error::last_os_error());
+    let r = unsafe {
+        libc::lsetxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "lsetxattr {name} on {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
 }
 
 fn remove_xattr(p: &Path, name: &str) {
@@ -99,12 +130,31 @@ fn remove_xattr(p: &Path, name: &str) {
 
 fn set_times(p: &Path, atime: Timestamp, mtime: Timestamp) {
     let ts = [
-        libc::timespec { tv_sec: atime.sec, tv_nsec: atime.nsec as i64 },
-        libc::timespec { tv_sec: mtime.sec, tv_nsec: mtime.nsec as i64 },
+        libc::timespec {
+            tv_sec: atime.sec,
+            tv_nsec: atime.nsec as i64,
+        },
+        libc::timespec {
+            tv_sec: mtime.sec,
+            tv_nsec: mtime.nsec as i64,
+        },
     ];
     // SAFETY: valid C string and two timespecs.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
-    assert_eq!(r, 0, "utimensat {}: {}", p.display(), io::Error::last_os_error());
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
 }
 
 fn lchown(p: &Path, uid: u32, gid: u32) {
@@ -114,13 +164,26 @@ fn lchown(p: &Path, uid: u32, gid: u32) {
 fn mknod(p: &Path, mode: u32, rdev: u64) {
     // SAFETY: valid C string.
     let r = unsafe { libc::mknod(c(p).as_ptr(), mode, rdev) };
-    assert_eq!(r, 0, "mknod {}: {}", p.display(), io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
 }
 
 fn rename_exchange(a: &Path, b: &Path) {
     // SAFETY: valid C strings.
-    let r =
-        unsafe { libc::renameat2(libc::AT_FDCWD, c(a).as_ptr(), libc::AT_FDCWD, c(b).as_ptr(), libc::RENAME_EXCHANGE) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(a).as_ptr(),
+            libc::AT_FDCWD,
+            c(b).as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     assert_eq!(r, 0, "renameat2 exchange: {}", io::Error::last_os_error());
 }
 
@@ -128,7 +191,14 @@ fn punch(p: &Path, off: i64, len: i64) {
     let f = fs::OpenOptions::new().write(true).open(p).unwrap();
     use std::os::fd::AsRawFd;
     // SAFETY: open fd.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
     assert_eq!(r, 0, "punch: {}", io::Error::last_os_error());
 }
 
@@ -141,7 +211,13 @@ impl std::fmt::Debug for Content {
         use sha2::Digest;
         let d = sha2::Sha256::digest(&self.0);
         let head = String::from_utf8_lossy(&self.0[..self.0.len().min(24)]).into_owned();
-        write!(f, "{} bytes {:?}.. sha256 {}", self.0.len(), head, hex::encode(&d[..6]))
+        write!(
+            f,
+            "{} bytes {:?}.. sha256 {}",
+            self.0.len(),
+            head,
+            hex::encode(&d[..6])
+        )
     }
 }
 
@@ -164,7 +240,11 @@ struct Node {
 /// Reads a file without moving its atime (times are part of what replay must get right).
 fn read_noatime(p: &Path) -> Vec<u8> {
     use std::io::Read;
-    let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(p).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(p)
+        .unwrap();
     let mut v = Vec::new();
     f.read_to_end(&mut v).unwrap();
     v
@@ -175,16 +255,27 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     let mut inodes: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
-        let p = if rel.is_empty() { root.to_path_buf() } else { root.join(&rel) };
+        let p = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
         let m = fs::symlink_metadata(&p).unwrap();
         let ft = m.file_type();
         if ft.is_dir() {
             for e in fs::read_dir(&p).unwrap() {
                 let name = e.unwrap().file_name().into_string().unwrap();
-                stack.push(if rel.is_empty() { name } else { format!("{rel}/{name}") });
+                stack.push(if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                });
             }
         } else if m.nlink() > 1 {
-            inodes.entry((m.dev(), m.ino())).or_default().push(rel.clone());
+            inodes
+                .entry((m.dev(), m.ino()))
+                .or_default()
+                .push(rel.clone());
         }
         out.insert(
             rel.clone(),
@@ -258,8 +349,14 @@ impl Pair {
         let master = TempDir::new().unwrap();
         let replica = TempDir::new().unwrap();
         let replayer = Replayer::open(replica.path()).unwrap();
-        let source = DirSource::new(master.path());
-        Pair { master, replica, replayer, source, seq: 0 }
+        let source = DirSource::new(master.path()).unwrap();
+        Pair {
+            master,
+            replica,
+            replayer,
+            source,
+            seq: 0,
+        }
     }
 
     fn m(&self, rel: &str) -> PathBuf {
@@ -283,32 +380,68 @@ impl Pair {
     fn replay_twice(&mut self, op: Op) -> (Applied, Applied) {
         self.seq += 1;
         let e = JournalEntry { seq: self.seq, op };
-        let first = self.replayer.apply_entry(&e, &mut self.source).unwrap_or_else(|err| panic!("{e}: {err}"));
+        let first = self
+            .replayer
+            .apply_entry(&e, &mut self.source)
+            .unwrap_or_else(|err| panic!("{e}: {err}"));
         assert_same_tree(self.master.path(), self.replica.path());
         let before = snapshot(self.replica.path());
-        let second = self.replayer.apply_entry(&e, &mut self.source).unwrap_or_else(|err| panic!("{e} again: {err}"));
-        assert_eq!(snapshot(self.replica.path()), before, "applying {e} a second time changed the replica");
-        assert!(temps_under(self.replica.path()).is_empty(), "temporaries left after {e}");
+        let second = self
+            .replayer
+            .apply_entry(&e, &mut self.source)
+            .unwrap_or_else(|err| panic!("{e} again: {err}"));
+        assert_eq!(
+            snapshot(self.replica.path()),
+            before,
+            "applying {e} a second time changed the replica"
+        );
+        assert!(
+            temps_under(self.replica.path()).is_empty(),
+            "temporaries left after {e}"
+        );
         (first, second)
     }
 }
 
 fn create(path: &str, mode: u32) -> Op {
-    Op::Create { path: path.into(), mode }
+    Op::Create {
+        path: path.into(),
+        mode,
+    }
 }
 fn mkdir(path: &str, mode: u32) -> Op {
-    Op::Mkdir { path: path.into(), mode }
+    Op::Mkdir {
+        path: path.into(),
+        mode,
+    }
 }
 fn write(path: &str, offset: u64, len: u64) -> Op {
-    Op::Write { path: path.into(), offset, len, source: None, mode: None, ino: None }
+    Op::Write {
+        path: path.into(),
+        offset,
+        len,
+        source: None,
+        mode: None,
+        ino: None,
+    }
 }
 fn rename(from: &str, to: &str) -> Op {
-    Op::Rename { path: from.into(), new_path: to.into(), exchange: false, noreplace: false }
+    Op::Rename {
+        path: from.into(),
+        new_path: to.into(),
+        exchange: false,
+        noreplace: false,
+    }
 }
 
 fn new_file(p: &Path, mode: u32, content: &[u8]) {
     use std::io::Write;
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(p).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(p)
+        .unwrap();
     f.write_all(content).unwrap();
     fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
 }
@@ -318,8 +451,14 @@ fn new_dir(p: &Path, mode: u32) {
     fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
 }
 
-const T1: Timestamp = Timestamp { sec: 1_600_000_000, nsec: 123_456_789 };
-const T2: Timestamp = Timestamp { sec: 1_700_000_001, nsec: 987_654_321 };
+const T1: Timestamp = Timestamp {
+    sec: 1_600_000_000,
+    nsec: 123_456_789,
+};
+const T2: Timestamp = Timestamp {
+    sec: 1_700_000_001,
+    nsec: 987_654_321,
+};
 
 // ---- one operation at a time ------------------------------------------------------------
 
@@ -332,7 +471,10 @@ fn create_makes_an_empty_file_with_the_masters_mode_owner_and_times() {
     let (first, second) = p.replay_twice(create("f", 0o640));
     assert_eq!((first, second), (Applied::Changed, Applied::AlreadyApplied));
     let m = fs::symlink_metadata(p.r("f")).unwrap();
-    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777, m.mtime_nsec()), (1234, 5678, 0o640, T2.nsec as i64));
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777, m.mtime_nsec()),
+        (1234, 5678, 0o640, T2.nsec as i64)
+    );
 }
 
 #[test]
@@ -340,7 +482,10 @@ fn create_keeps_an_existing_regular_file_and_its_content() {
     let mut p = Pair::new();
     new_file(&p.r("f"), 0o644, b"kept");
     new_file(&p.m("f"), 0o644, b"kept");
-    let r = p.replayer.apply(&create("f", 0o644), &mut p.source).unwrap();
+    let r = p
+        .replayer
+        .apply(&create("f", 0o644), &mut p.source)
+        .unwrap();
     assert_eq!(r, Applied::AlreadyApplied);
     assert_eq!(fs::read(p.r("f")).unwrap(), b"kept");
 }
@@ -349,12 +494,21 @@ fn create_keeps_an_existing_regular_file_and_its_content() {
 fn mkdir_makes_nested_directories_and_restores_each_parents_mtime() {
     let mut p = Pair::new();
     new_dir(&p.m("a"), 0o750);
-    assert_eq!(p.replay_twice(mkdir("a", 0o750)), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(mkdir("a", 0o750)),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     new_dir(&p.m("a/b"), 0o700);
     set_times(&p.m("a"), T1, T1); // the parent's mtime must come back exactly after the mkdir below
-    assert_eq!(p.replay_twice(mkdir("a/b", 0o700)), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(mkdir("a/b", 0o700)),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     new_dir(&p.m("a/b/c"), 0o755);
-    assert_eq!(p.replay_twice(mkdir("a/b/c", 0o755)), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(mkdir("a/b/c", 0o755)),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     assert_eq!(fs::metadata(p.r("a")).unwrap().mtime_nsec(), T1.nsec as i64);
 }
 
@@ -362,11 +516,19 @@ fn mkdir_makes_nested_directories_and_restores_each_parents_mtime() {
 fn mknod_makes_a_fifo_and_a_character_device() {
     let mut p = Pair::new();
     mknod(&p.m("fifo"), libc::S_IFIFO | 0o620, 0);
-    let (first, second) = p.replay_twice(Op::Mknod { path: "fifo".into(), mode: libc::S_IFIFO | 0o620, rdev: 0 });
+    let (first, second) = p.replay_twice(Op::Mknod {
+        path: "fifo".into(),
+        mode: libc::S_IFIFO | 0o620,
+        rdev: 0,
+    });
     assert_eq!((first, second), (Applied::Changed, Applied::AlreadyApplied));
     let null = libc::makedev(1, 3);
     mknod(&p.m("null"), libc::S_IFCHR | 0o666, null);
-    let (first, second) = p.replay_twice(Op::Mknod { path: "null".into(), mode: libc::S_IFCHR | 0o666, rdev: null });
+    let (first, second) = p.replay_twice(Op::Mknod {
+        path: "null".into(),
+        mode: libc::S_IFCHR | 0o666,
+        rdev: null,
+    });
     assert_eq!((first, second), (Applied::Changed, Applied::AlreadyApplied));
     assert_eq!(fs::symlink_metadata(p.r("null")).unwrap().rdev(), null);
 }
@@ -377,13 +539,25 @@ fn symlink_keeps_its_target_verbatim_and_a_changed_target_is_replaced_atomically
     // A target leading outside is only content: replay never follows it.
     symlink("../../elsewhere/x", p.m("l")).unwrap();
     lchown(&p.m("l"), 1234, 5678);
-    let op = Op::Symlink { path: "l".into(), target: "../../elsewhere/x".into() };
-    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
+    let op = Op::Symlink {
+        path: "l".into(),
+        target: "../../elsewhere/x".into(),
+    };
+    assert_eq!(
+        p.replay_twice(op),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     let ino = fs::symlink_metadata(p.r("l")).unwrap().ino();
     fs::remove_file(p.m("l")).unwrap();
     symlink("other", p.m("l")).unwrap();
-    let op = Op::Symlink { path: "l".into(), target: "other".into() };
-    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
+    let op = Op::Symlink {
+        path: "l".into(),
+        target: "other".into(),
+    };
+    assert_eq!(
+        p.replay_twice(op),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     assert_eq!(fs::read_link(p.r("l")).unwrap(), Path::new("other"));
     assert_ne!(fs::symlink_metadata(p.r("l")).unwrap().ino(), ino);
 }
@@ -396,9 +570,18 @@ fn hard_links_share_one_inode_at_the_replica() {
     fs::write(p.m("a"), b"shared bytes").unwrap();
     p.replay_twice(write("a", 0, 12));
     fs::hard_link(p.m("a"), p.m("b")).unwrap();
-    let op = Op::Link { path: "a".into(), new_path: "b".into() };
-    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
-    let (a, b) = (fs::metadata(p.r("a")).unwrap(), fs::metadata(p.r("b")).unwrap());
+    let op = Op::Link {
+        path: "a".into(),
+        new_path: "b".into(),
+    };
+    assert_eq!(
+        p.replay_twice(op),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
+    let (a, b) = (
+        fs::metadata(p.r("a")).unwrap(),
+        fs::metadata(p.r("b")).unwrap(),
+    );
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
 }
 
@@ -410,11 +593,20 @@ fn unlink_and_rmdir_remove_and_are_already_applied_when_absent() {
     new_file(&p.m("d/f"), 0o644, b"");
     p.replay_twice(create("d/f", 0o644));
     fs::remove_file(p.m("d/f")).unwrap();
-    assert_eq!(p.replay_twice(Op::Unlink { path: "d/f".into() }), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(Op::Unlink { path: "d/f".into() }),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     fs::remove_dir(p.m("d")).unwrap();
-    assert_eq!(p.replay_twice(Op::Rmdir { path: "d".into() }), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(Op::Rmdir { path: "d".into() }),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     // A name under a parent that is gone too is simply absent.
-    assert_eq!(p.apply(Op::Unlink { path: "d/f".into() }).unwrap(), Applied::AlreadyApplied);
+    assert_eq!(
+        p.apply(Op::Unlink { path: "d/f".into() }).unwrap(),
+        Applied::AlreadyApplied
+    );
 }
 
 #[test]
@@ -427,10 +619,18 @@ fn rename_replaces_an_existing_file_and_is_done_when_the_source_is_gone() {
         p.replay_twice(write(n, 0, body.len() as u64));
     }
     fs::rename(p.m("new"), p.m("old")).unwrap();
-    assert_eq!(p.replay_twice(rename("new", "old")), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(rename("new", "old")),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     assert_eq!(fs::read(p.r("old")).unwrap(), b"new bytes");
     // Without sequence marks, presence alone says it is done.
-    assert_eq!(p.replayer.apply(&rename("new", "old"), &mut p.source).unwrap(), Applied::AlreadyApplied);
+    assert_eq!(
+        p.replayer
+            .apply(&rename("new", "old"), &mut p.source)
+            .unwrap(),
+        Applied::AlreadyApplied
+    );
 }
 
 #[test]
@@ -450,7 +650,10 @@ fn rename_of_a_directory_with_1000_files_moves_every_descendant_in_one_step() {
     assert_same_tree(p.master.path(), p.replica.path());
     let ino = fs::metadata(p.r("big")).unwrap().ino();
     fs::rename(p.m("big"), p.m("dest/moved")).unwrap();
-    assert_eq!(p.replay_twice(rename("big", "dest/moved")), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(rename("big", "dest/moved")),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     // The same directory inode, moved, not rebuilt.
     assert_eq!(fs::metadata(p.r("dest/moved")).unwrap().ino(), ino);
     assert_eq!(fs::read_dir(p.r("dest/moved")).unwrap().count(), 1000);
@@ -468,8 +671,16 @@ fn rename_exchange_swaps_a_file_and_a_directory() {
     new_file(&p.m("y/inner"), 0o644, b"");
     p.replay_twice(create("y/inner", 0o644));
     rename_exchange(&p.m("x"), &p.m("y"));
-    let op = Op::Rename { path: "x".into(), new_path: "y".into(), exchange: true, noreplace: false };
-    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
+    let op = Op::Rename {
+        path: "x".into(),
+        new_path: "y".into(),
+        exchange: true,
+        noreplace: false,
+    };
+    assert_eq!(
+        p.replay_twice(op),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     assert!(fs::metadata(p.r("x/inner")).unwrap().is_file());
     assert_eq!(fs::read(p.r("y")).unwrap(), b"file");
 }
@@ -507,7 +718,11 @@ fn a_write_of_a_range_is_done_in_place_and_may_extend_the_file() {
     p.replay_twice(write("f", 5000, 6));
     f.write_all_at(b"past the end", 12000).unwrap();
     p.replay_twice(write("f", 12000, 12));
-    assert_eq!(fs::metadata(p.r("f")).unwrap().ino(), ino, "a range is written in place");
+    assert_eq!(
+        fs::metadata(p.r("f")).unwrap().ino(),
+        ino,
+        "a range is written in place"
+    );
 }
 
 #[test]
@@ -518,21 +733,31 @@ fn a_sparse_source_with_a_1mib_hole_stays_sparse_at_the_replica() {
     p.replay_twice(create("sparse", 0o644));
     {
         use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new().write(true).open(p.m("sparse")).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(p.m("sparse"))
+            .unwrap();
         f.write_all_at(&[7u8; 4096], 0).unwrap();
         f.write_all_at(&[9u8; 4096], (1 << 20) + 4096).unwrap();
     }
     p.replay_twice(write("sparse", 0, size));
     let m = fs::metadata(p.r("sparse")).unwrap();
     assert_eq!(m.len(), size);
-    assert!(m.blocks() * 512 <= 64 * 1024, "replica allocates {} bytes for 8 KiB of data", m.blocks() * 512);
+    assert!(
+        m.blocks() * 512 <= 64 * 1024,
+        "replica allocates {} bytes for 8 KiB of data",
+        m.blocks() * 512
+    );
 
     // The same through a whole-file rewrite of a file that had data (a temporary renamed over).
     fs::write(p.m("sparse"), b"dense now").unwrap();
     p.replay_twice(write("sparse", 0, 9));
     {
         use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new().write(true).open(p.m("sparse")).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(p.m("sparse"))
+            .unwrap();
         f.write_all_at(&[5u8; 4096], 0).unwrap();
         f.write_all_at(&[3u8; 4096], (1 << 20) + 4096).unwrap();
     }
@@ -540,7 +765,11 @@ fn a_sparse_source_with_a_1mib_hole_stays_sparse_at_the_replica() {
     p.replay_twice(write("sparse", 0, size));
     let m = fs::metadata(p.r("sparse")).unwrap();
     assert_ne!(m.ino(), old.metadata().unwrap().ino());
-    assert!(m.blocks() * 512 <= 64 * 1024, "rewritten replica allocates {} bytes for 8 KiB of data", m.blocks() * 512);
+    assert!(
+        m.blocks() * 512 <= 64 * 1024,
+        "rewritten replica allocates {} bytes for 8 KiB of data",
+        m.blocks() * 512
+    );
 
     // Zeroes over existing data become a hole too.
     let dense = 1 << 20;
@@ -550,11 +779,24 @@ fn a_sparse_source_with_a_1mib_hole_stays_sparse_at_the_replica() {
     p.replay_twice(write("dense", 0, dense as u64));
     // Two hard links force the in-place path.
     fs::hard_link(p.m("dense"), p.m("dense2")).unwrap();
-    p.replay_twice(Op::Link { path: "dense".into(), new_path: "dense2".into() });
+    p.replay_twice(Op::Link {
+        path: "dense".into(),
+        new_path: "dense2".into(),
+    });
     punch(&p.m("dense"), 4096, 512 * 1024);
-    p.replay_twice(Op::Write { path: "dense".into(), offset: 4096, len: 512 * 1024, source: None, mode: None, ino: None });
+    p.replay_twice(Op::Write {
+        path: "dense".into(),
+        offset: 4096,
+        len: 512 * 1024,
+        source: None,
+        mode: None,
+        ino: None,
+    });
     let blocks = fs::metadata(p.r("dense")).unwrap().blocks() * 512;
-    assert!(blocks <= (dense as u64 - 512 * 1024) + 64 * 1024, "punched range still allocated: {blocks} bytes");
+    assert!(
+        blocks <= (dense as u64 - 512 * 1024) + 64 * 1024,
+        "punched range still allocated: {blocks} bytes"
+    );
 }
 
 #[test]
@@ -564,10 +806,26 @@ fn truncate_shrinks_and_extends_with_a_hole() {
     p.replay_twice(create("f", 0o644));
     fs::write(p.m("f"), b"0123456789").unwrap();
     p.replay_twice(write("f", 0, 10));
-    fs::OpenOptions::new().write(true).open(p.m("f")).unwrap().set_len(4).unwrap();
-    p.replay_twice(Op::Truncate { path: "f".into(), size: 4 });
-    fs::OpenOptions::new().write(true).open(p.m("f")).unwrap().set_len(8 << 20).unwrap();
-    p.replay_twice(Op::Truncate { path: "f".into(), size: 8 << 20 });
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p.m("f"))
+        .unwrap()
+        .set_len(4)
+        .unwrap();
+    p.replay_twice(Op::Truncate {
+        path: "f".into(),
+        size: 4,
+    });
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p.m("f"))
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    p.replay_twice(Op::Truncate {
+        path: "f".into(),
+        size: 8 << 20,
+    });
     assert!(fs::metadata(p.r("f")).unwrap().blocks() * 512 <= 64 * 1024);
 }
 
@@ -592,9 +850,19 @@ fn setattr_restores_times_to_the_nanosecond() {
     );
     // Only the times present change.
     set_times(&p.m("f"), T1, T1);
-    p.replay_twice(Op::Setattr { path: "f".into(), mode: None, uid: None, gid: None, atime: None, mtime: Some(T1) });
+    p.replay_twice(Op::Setattr {
+        path: "f".into(),
+        mode: None,
+        uid: None,
+        gid: None,
+        atime: None,
+        mtime: Some(T1),
+    });
     let m = fs::symlink_metadata(p.r("f")).unwrap();
-    assert_eq!((m.atime_nsec(), m.mtime_nsec()), (T1.nsec as i64, T1.nsec as i64));
+    assert_eq!(
+        (m.atime_nsec(), m.mtime_nsec()),
+        (T1.nsec as i64, T1.nsec as i64)
+    );
 }
 
 #[test]
@@ -603,9 +871,16 @@ fn setattr_applies_ownership_and_mode_without_following_a_symlink() {
     new_file(&p.m("f"), 0o644, b"");
     p.replay_twice(create("f", 0o644));
     symlink("f", p.m("l")).unwrap();
-    p.replay_twice(Op::Symlink { path: "l".into(), target: "f".into() });
+    p.replay_twice(Op::Symlink {
+        path: "l".into(),
+        target: "f".into(),
+    });
     lchown(&p.m("f"), 1234, 5678);
-    fs::set_permissions(p.m("f"), std::os::unix::fs::PermissionsExt::from_mode(0o4750)).unwrap();
+    fs::set_permissions(
+        p.m("f"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4750),
+    )
+    .unwrap();
     let op = Op::Setattr {
         path: "f".into(),
         mode: Some(0o4750),
@@ -624,7 +899,10 @@ fn setattr_applies_ownership_and_mode_without_following_a_symlink() {
         atime: None,
         mtime: None,
     });
-    let (f, l) = (fs::symlink_metadata(p.r("f")).unwrap(), fs::symlink_metadata(p.r("l")).unwrap());
+    let (f, l) = (
+        fs::symlink_metadata(p.r("f")).unwrap(),
+        fs::symlink_metadata(p.r("l")).unwrap(),
+    );
     assert_eq!((f.uid(), f.gid(), f.mode() & 0o7777), (1234, 5678, 0o4750));
     assert_eq!((l.uid(), l.gid()), (4321, 8765));
 }
@@ -633,7 +911,14 @@ fn setattr_applies_ownership_and_mode_without_following_a_symlink() {
 fn setattr_of_the_root_itself_applies_to_the_replica_root() {
     let mut p = Pair::new();
     set_times(p.master.path(), T1, T2);
-    p.replay_twice(Op::Setattr { path: "".into(), mode: None, uid: None, gid: None, atime: Some(T1), mtime: Some(T2) });
+    p.replay_twice(Op::Setattr {
+        path: "".into(),
+        mode: None,
+        uid: None,
+        gid: None,
+        atime: Some(T1),
+        mtime: Some(T2),
+    });
 }
 
 #[test]
@@ -642,12 +927,24 @@ fn setxattr_copies_the_masters_value_and_removes_a_name_gone_there() {
     new_file(&p.m("f"), 0o644, b"");
     p.replay_twice(create("f", 0o644));
     set_xattr(&p.m("f"), "user.color", b"blue\0binary");
-    let op = Op::Setxattr { path: "f".into(), name: "user.color".into() };
-    assert_eq!(p.replay_twice(op.clone()), (Applied::Changed, Applied::AlreadyApplied));
-    assert_eq!(get_xattr(&p.r("f"), b"user.color").unwrap(), b"blue\0binary");
+    let op = Op::Setxattr {
+        path: "f".into(),
+        name: "user.color".into(),
+    };
+    assert_eq!(
+        p.replay_twice(op.clone()),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
+    assert_eq!(
+        get_xattr(&p.r("f"), b"user.color").unwrap(),
+        b"blue\0binary"
+    );
     remove_xattr(&p.m("f"), "user.color");
     // The setxattr arrives after the master removed the name: the replica follows the master.
-    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(
+        p.replay_twice(op),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
     assert_eq!(get_xattr(&p.r("f"), b"user.color"), None);
 }
 
@@ -659,15 +956,31 @@ fn removexattr_removes_and_is_already_applied_when_absent() {
     p.replay_twice(mkdir("d", 0o755));
     assert_eq!(get_xattr(&p.r("d"), b"trusted.k").unwrap(), b"1");
     remove_xattr(&p.m("d"), "trusted.k");
-    let op = Op::Removexattr { path: "d".into(), name: "trusted.k".into() };
-    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
+    let op = Op::Removexattr {
+        path: "d".into(),
+        name: "trusted.k".into(),
+    };
+    assert_eq!(
+        p.replay_twice(op),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
 }
 
 #[test]
 fn rescan_asks_the_caller_for_a_resync_of_that_subtree() {
     let mut p = Pair::new();
-    let r = p.apply(Op::Rescan { path: "sub/tree".into(), reason: "ring buffer full".into() }).unwrap();
-    assert_eq!(r, Applied::NeedsResync { path: "sub/tree".into() });
+    let r = p
+        .apply(Op::Rescan {
+            path: "sub/tree".into(),
+            reason: "ring buffer full".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        r,
+        Applied::NeedsResync {
+            path: "sub/tree".into()
+        }
+    );
 }
 
 #[test]
@@ -684,7 +997,10 @@ fn a_write_whose_file_is_gone_at_the_master_is_obsolete() {
 fn a_partial_write_to_a_file_the_replica_lacks_asks_for_a_resync() {
     let mut p = Pair::new();
     new_file(&p.m("f"), 0o644, &[1u8; 100]);
-    assert_eq!(p.apply(write("f", 50, 10)).unwrap(), Applied::NeedsResync { path: "f".into() });
+    assert_eq!(
+        p.apply(write("f", 50, 10)).unwrap(),
+        Applied::NeedsResync { path: "f".into() }
+    );
     assert!(!p.r("f").exists());
 }
 
@@ -699,25 +1015,60 @@ fn paths_with_dotdot_absolute_or_empty_components_are_refused_and_change_nothing
     let before = snapshot(p.replica.path());
     let abs = outside.path().join("evil");
     let abs = abs.to_str().unwrap();
-    let hostile = ["../x", abs, "/etc/passwd", "a/../../x", "a/..", "a//x", "a/./x", ".imezzo-tmp.1"];
+    let hostile = [
+        "../x",
+        abs,
+        "/etc/passwd",
+        "a/../../x",
+        "a/..",
+        "a//x",
+        "a/./x",
+        ".imezzo-tmp.1",
+    ];
     for bad in hostile {
         let ops = [
             create(bad, 0o644),
             mkdir(bad, 0o755),
-            Op::Symlink { path: bad.into(), target: "/etc/passwd".into() },
-            Op::Link { path: "a".into(), new_path: bad.into() },
+            Op::Symlink {
+                path: bad.into(),
+                target: "/etc/passwd".into(),
+            },
+            Op::Link {
+                path: "a".into(),
+                new_path: bad.into(),
+            },
             rename("a", bad),
             rename(bad, "a2"),
             write(bad, 0, 10),
-            Op::Truncate { path: bad.into(), size: 0 },
-            Op::Setattr { path: bad.into(), mode: Some(0o777), uid: Some(1), gid: None, atime: None, mtime: None },
+            Op::Truncate {
+                path: bad.into(),
+                size: 0,
+            },
+            Op::Setattr {
+                path: bad.into(),
+                mode: Some(0o777),
+                uid: Some(1),
+                gid: None,
+                atime: None,
+                mtime: None,
+            },
             Op::Unlink { path: bad.into() },
-            Op::Setxattr { path: bad.into(), name: "user.x".into() },
+            Op::Setxattr {
+                path: bad.into(),
+                name: "user.x".into(),
+            },
         ];
         for op in ops {
-            let e = p.apply(op.clone()).expect_err(&format!("{op:?} must be refused"));
+            let e = p
+                .apply(op.clone())
+                .expect_err(&format!("{op:?} must be refused"));
             assert!(
-                matches!(e, ReplayError::EscapesRoot { .. } | ReplayError::BadPath { .. } | ReplayError::BadOp { .. }),
+                matches!(
+                    e,
+                    ReplayError::EscapesRoot { .. }
+                        | ReplayError::BadPath { .. }
+                        | ReplayError::BadOp { .. }
+                ),
                 "{op:?}: {e}"
             );
         }
@@ -740,13 +1091,25 @@ fn a_symlinked_parent_pointing_outside_is_refused_and_nothing_appears_outside() 
     let ops = [
         create("ln/evil", 0o644),
         mkdir("ln/evil", 0o755),
-        Op::Symlink { path: "ln/evil".into(), target: "x".into() },
-        Op::Link { path: "x".into(), new_path: "ln/evil".into() },
+        Op::Symlink {
+            path: "ln/evil".into(),
+            target: "x".into(),
+        },
+        Op::Link {
+            path: "x".into(),
+            new_path: "ln/evil".into(),
+        },
         rename("x", "ln/evil"),
         rename("ln/victim", "stolen"),
-        Op::Link { path: "ln/victim".into(), new_path: "stolen".into() },
+        Op::Link {
+            path: "ln/victim".into(),
+            new_path: "stolen".into(),
+        },
         write("ln/victim", 0, 6),
-        Op::Truncate { path: "ln/victim".into(), size: 0 },
+        Op::Truncate {
+            path: "ln/victim".into(),
+            size: 0,
+        },
         Op::Setattr {
             path: "ln/victim".into(),
             mode: Some(0o666),
@@ -755,17 +1118,34 @@ fn a_symlinked_parent_pointing_outside_is_refused_and_nothing_appears_outside() 
             atime: None,
             mtime: None,
         },
-        Op::Unlink { path: "ln/victim".into() },
-        Op::Removexattr { path: "ln/victim".into(), name: "user.x".into() },
+        Op::Unlink {
+            path: "ln/victim".into(),
+        },
+        Op::Removexattr {
+            path: "ln/victim".into(),
+            name: "user.x".into(),
+        },
     ];
     for op in ops {
-        let e = p.apply(op.clone()).expect_err(&format!("{op:?} must be refused"));
+        let e = p
+            .apply(op.clone())
+            .expect_err(&format!("{op:?} must be refused"));
         assert!(matches!(e, ReplayError::EscapesRoot { .. }), "{op:?}: {e}");
     }
     // The symlink itself may be changed (its own owner), never what it points to.
-    p.apply(Op::Setattr { path: "ln".into(), mode: Some(0o777), uid: Some(1234), gid: None, atime: None, mtime: None })
-        .unwrap();
-    let names: Vec<_> = fs::read_dir(outside.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    p.apply(Op::Setattr {
+        path: "ln".into(),
+        mode: Some(0o777),
+        uid: Some(1234),
+        gid: None,
+        atime: None,
+        mtime: None,
+    })
+    .unwrap();
+    let names: Vec<_> = fs::read_dir(outside.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("victim")]);
     let v = fs::metadata(outside.path().join("victim")).unwrap();
     assert_eq!((v.mode() & 0o777, v.uid(), v.len()), (0o600, 0, 6));
@@ -802,9 +1182,18 @@ fn under<'a>(p: &'a [u8], dir: &[u8]) -> Option<&'a [u8]> {
 impl HistorySource {
     fn locate(&self, path: &RelPath) -> Option<RelPath> {
         let mut names = vec![path.0.clone()];
-        for e in self.journal.iter().filter(|e| e.seq > self.at && e.seq <= self.master_at) {
+        for e in self
+            .journal
+            .iter()
+            .filter(|e| e.seq > self.at && e.seq <= self.master_at)
+        {
             match &e.op {
-                Op::Rename { path: from, new_path: to, exchange, .. } => {
+                Op::Rename {
+                    path: from,
+                    new_path: to,
+                    exchange,
+                    ..
+                } => {
                     names = names
                         .into_iter()
                         .filter_map(|p| {
@@ -818,7 +1207,10 @@ impl HistorySource {
                         })
                         .collect();
                 }
-                Op::Link { path: from, new_path: to } if names.contains(&from.0) => names.push(to.0.clone()),
+                Op::Link {
+                    path: from,
+                    new_path: to,
+                } if names.contains(&from.0) => names.push(to.0.clone()),
                 Op::Unlink { path: q } | Op::Rmdir { path: q } => names.retain(|p| *p != q.0),
                 _ => {}
             }
@@ -828,7 +1220,13 @@ impl HistorySource {
 }
 
 impl DataSource for HistorySource {
-    fn read_range(&mut self, path: &RelPath, offset: u64, len: u64, ino: Option<u64>) -> io::Result<Vec<u8>> {
+    fn read_range(
+        &mut self,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+        ino: Option<u64>,
+    ) -> io::Result<Vec<u8>> {
         match self.locate(path) {
             Some(p) => self.dir.read_range(&p, offset, len, ino),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),
@@ -848,69 +1246,179 @@ type Step = (Op, Box<dyn Fn(&Path)>);
 fn busy_master_script() -> Vec<Step> {
     fn wr(p: &Path, rel: &str, body: &'static [u8]) {
         use std::os::unix::fs::FileExt;
-        fs::OpenOptions::new().write(true).open(p.join(rel)).unwrap().write_all_at(body, 0).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p.join(rel))
+            .unwrap()
+            .write_all_at(body, 0)
+            .unwrap();
     }
     vec![
         // An editor's save: temporary, rename over, temporary again.
-        (mkdir("d", 0o755), Box::new(|m| new_dir(&m.join("d"), 0o755))),
-        (create("d/t", 0o644), Box::new(|m| new_file(&m.join("d/t"), 0o644, b""))),
-        (write("d/t", 0, 13), Box::new(|m| wr(m, "d/t", b"first version"))),
-        (rename("d/t", "d/f"), Box::new(|m| fs::rename(m.join("d/t"), m.join("d/f")).unwrap())),
-        (create("d/t", 0o600), Box::new(|m| new_file(&m.join("d/t"), 0o600, b""))),
-        (write("d/t", 0, 14), Box::new(|m| wr(m, "d/t", b"second version"))),
+        (
+            mkdir("d", 0o755),
+            Box::new(|m| new_dir(&m.join("d"), 0o755)),
+        ),
+        (
+            create("d/t", 0o644),
+            Box::new(|m| new_file(&m.join("d/t"), 0o644, b"")),
+        ),
+        (
+            write("d/t", 0, 13),
+            Box::new(|m| wr(m, "d/t", b"first version")),
+        ),
+        (
+            rename("d/t", "d/f"),
+            Box::new(|m| fs::rename(m.join("d/t"), m.join("d/f")).unwrap()),
+        ),
+        (
+            create("d/t", 0o600),
+            Box::new(|m| new_file(&m.join("d/t"), 0o600, b"")),
+        ),
+        (
+            write("d/t", 0, 14),
+            Box::new(|m| wr(m, "d/t", b"second version")),
+        ),
         // A name reused after its inode went on under another name.
-        (create("a", 0o644), Box::new(|m| new_file(&m.join("a"), 0o644, b""))),
+        (
+            create("a", 0o644),
+            Box::new(|m| new_file(&m.join("a"), 0o644, b"")),
+        ),
         (write("a", 0, 5), Box::new(|m| wr(m, "a", b"alpha"))),
         (
-            Op::Link { path: "a".into(), new_path: "b".into() },
+            Op::Link {
+                path: "a".into(),
+                new_path: "b".into(),
+            },
             Box::new(|m| fs::hard_link(m.join("a"), m.join("b")).unwrap()),
         ),
-        (Op::Unlink { path: "a".into() }, Box::new(|m| fs::remove_file(m.join("a")).unwrap())),
-        (create("a", 0o640), Box::new(|m| new_file(&m.join("a"), 0o640, b""))),
+        (
+            Op::Unlink { path: "a".into() },
+            Box::new(|m| fs::remove_file(m.join("a")).unwrap()),
+        ),
+        (
+            create("a", 0o640),
+            Box::new(|m| new_file(&m.join("a"), 0o640, b"")),
+        ),
         (write("a", 0, 9), Box::new(|m| wr(m, "a", b"new alpha"))),
         // A directory renamed with its content, and its old name reused.
-        (mkdir("x", 0o755), Box::new(|m| new_dir(&m.join("x"), 0o755))),
-        (create("x/y", 0o644), Box::new(|m| new_file(&m.join("x/y"), 0o644, b""))),
-        (write("x/y", 0, 3), Box::new(|m| wr(m, "x/y", b"why"))),
-        (rename("x", "z"), Box::new(|m| fs::rename(m.join("x"), m.join("z")).unwrap())),
-        (mkdir("x", 0o700), Box::new(|m| new_dir(&m.join("x"), 0o700))),
-        // An exchange of a file and a directory.
-        (create("p", 0o644), Box::new(|m| new_file(&m.join("p"), 0o644, b""))),
-        (mkdir("q", 0o755), Box::new(|m| new_dir(&m.join("q"), 0o755))),
-        (create("q/inner", 0o644), Box::new(|m| new_file(&m.join("q/inner"), 0o644, b""))),
         (
-            Op::Rename { path: "p".into(), new_path: "q".into(), exchange: true, noreplace: false },
+            mkdir("x", 0o755),
+            Box::new(|m| new_dir(&m.join("x"), 0o755)),
+        ),
+        (
+            create("x/y", 0o644),
+            Box::new(|m| new_file(&m.join("x/y"), 0o644, b"")),
+        ),
+        (write("x/y", 0, 3), Box::new(|m| wr(m, "x/y", b"why"))),
+        (
+            rename("x", "z"),
+            Box::new(|m| fs::rename(m.join("x"), m.join("z")).unwrap()),
+        ),
+        (
+            mkdir("x", 0o700),
+            Box::new(|m| new_dir(&m.join("x"), 0o700)),
+        ),
+        // An exchange of a file and a directory.
+        (
+            create("p", 0o644),
+            Box::new(|m| new_file(&m.join("p"), 0o644, b"")),
+        ),
+        (
+            mkdir("q", 0o755),
+            Box::new(|m| new_dir(&m.join("q"), 0o755)),
+        ),
+        (
+            create("q/inner", 0o644),
+            Box::new(|m| new_file(&m.join("q/inner"), 0o644, b"")),
+        ),
+        (
+            Op::Rename {
+                path: "p".into(),
+                new_path: "q".into(),
+                exchange: true,
+                noreplace: false,
+            },
             Box::new(|m| rename_exchange(&m.join("p"), &m.join("q"))),
         ),
         // Attributes, a symlink moved, a truncate, a short-lived directory.
         (
-            Op::Setattr { path: "z/y".into(), mode: Some(0o600), uid: Some(1234), gid: None, atime: None, mtime: None },
+            Op::Setattr {
+                path: "z/y".into(),
+                mode: Some(0o600),
+                uid: Some(1234),
+                gid: None,
+                atime: None,
+                mtime: None,
+            },
             Box::new(|m| {
-                fs::set_permissions(m.join("z/y"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+                fs::set_permissions(
+                    m.join("z/y"),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
                 std::os::unix::fs::lchown(m.join("z/y"), Some(1234), None).unwrap();
             }),
         ),
-        (Op::Symlink { path: "s".into(), target: "d/f".into() }, Box::new(|m| symlink("d/f", m.join("s")).unwrap())),
-        (rename("s", "d/s"), Box::new(|m| fs::rename(m.join("s"), m.join("d/s")).unwrap())),
         (
-            Op::Setxattr { path: "d/f".into(), name: "user.k".into() },
+            Op::Symlink {
+                path: "s".into(),
+                target: "d/f".into(),
+            },
+            Box::new(|m| symlink("d/f", m.join("s")).unwrap()),
+        ),
+        (
+            rename("s", "d/s"),
+            Box::new(|m| fs::rename(m.join("s"), m.join("d/s")).unwrap()),
+        ),
+        (
+            Op::Setxattr {
+                path: "d/f".into(),
+                name: "user.k".into(),
+            },
             Box::new(|m| set_xattr(&m.join("d/f"), "user.k", b"v")),
         ),
         (
-            Op::Truncate { path: "a".into(), size: 3 },
-            Box::new(|m| fs::OpenOptions::new().write(true).open(m.join("a")).unwrap().set_len(3).unwrap()),
+            Op::Truncate {
+                path: "a".into(),
+                size: 3,
+            },
+            Box::new(|m| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(m.join("a"))
+                    .unwrap()
+                    .set_len(3)
+                    .unwrap()
+            }),
         ),
-        (mkdir("r", 0o755), Box::new(|m| new_dir(&m.join("r"), 0o755))),
-        (Op::Rmdir { path: "r".into() }, Box::new(|m| fs::remove_dir(m.join("r")).unwrap())),
+        (
+            mkdir("r", 0o755),
+            Box::new(|m| new_dir(&m.join("r"), 0o755)),
+        ),
+        (
+            Op::Rmdir { path: "r".into() },
+            Box::new(|m| fs::remove_dir(m.join("r")).unwrap()),
+        ),
     ]
 }
 
 fn journal_of(script: &[Step]) -> Vec<JournalEntry> {
-    script.iter().enumerate().map(|(i, (op, _))| JournalEntry { seq: i as u64 + 1, op: op.clone() }).collect()
+    script
+        .iter()
+        .enumerate()
+        .map(|(i, (op, _))| JournalEntry {
+            seq: i as u64 + 1,
+            op: op.clone(),
+        })
+        .collect()
 }
 
 fn open_with_store(replica: &Path, store: &Path) -> Replayer {
-    Replayer::open(replica).unwrap().with_marks(MarkStore::open(store).unwrap()).unwrap()
+    Replayer::open(replica)
+        .unwrap()
+        .with_marks(MarkStore::open(store).unwrap())
+        .unwrap()
 }
 
 /// Plays a crash of the client: the first pass applies the entries through `crash_after`
@@ -925,16 +1433,26 @@ fn crash_and_replay_again(
 ) {
     let script = busy_master_script();
     let journal = journal_of(&script);
-    let (master, replica, state) = (TempDir::new().unwrap(), TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (master, replica, state) = (
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+    );
     let store = state.path().join("replay-marks.redb");
-    let mut src = HistorySource { dir: DirSource::new(master.path()), journal: journal.clone(), at: 0, master_at: 0 };
+    let mut src = HistorySource {
+        dir: DirSource::new(master.path()).unwrap(),
+        journal: journal.clone(),
+        at: 0,
+        master_at: 0,
+    };
     let mut r = open_with_store(replica.path(), &store);
     for (e, (_, step)) in journal.iter().zip(&script) {
         step(master.path());
         src.master_at = e.seq;
         if e.seq as usize <= crash_after {
             src.at = e.seq;
-            r.apply_entry(e, &mut src).unwrap_or_else(|err| panic!("first pass {e}: {err}"));
+            r.apply_entry(e, &mut src)
+                .unwrap_or_else(|err| panic!("first pass {e}: {err}"));
             if (e.seq as usize).is_multiple_of(sync_every) {
                 r.sync().unwrap();
             }
@@ -948,11 +1466,18 @@ fn crash_and_replay_again(
     // The client had acknowledged nothing: it restarts and replays the whole batch, twice.
     for pass in ["after restart", "once more"] {
         let store = MarkStore::open(&store).unwrap();
-        assert!(!matches!(store.recovered(), Recovered::Dropped { .. }), "same boot: nothing may be dropped");
-        let mut r = Replayer::open(replica.path()).unwrap().with_marks(store).unwrap();
+        assert!(
+            !matches!(store.recovered(), Recovered::Dropped { .. }),
+            "same boot: nothing may be dropped"
+        );
+        let mut r = Replayer::open(replica.path())
+            .unwrap()
+            .with_marks(store)
+            .unwrap();
         for e in &journal {
             src.at = e.seq;
-            r.apply_entry(e, &mut src).unwrap_or_else(|err| panic!("crash after {crash_after}, {pass}, {e}: {err}"));
+            r.apply_entry(e, &mut src)
+                .unwrap_or_else(|err| panic!("crash after {crash_after}, {pass}, {e}: {err}"));
         }
         if snapshot(master.path()) != snapshot(replica.path()) {
             eprintln!("crash after op {crash_after} (sync every {sync_every}), replay {pass}:");
@@ -978,10 +1503,19 @@ fn a_crash_between_an_entrys_marks_and_its_change_leaves_the_masters_tree() {
     // What the replayer records ahead of the change it is about to make (M1), written here
     // by hand, the change left undone: that is the tree and store a crash in between leaves.
     let ahead = |marks: &mut MarkStore, replica: &Path, next: &JournalEntry| {
-        let mark = |to_new_path| Mark { volume: 0, seq: next.seq, to_new_path };
+        let mark = |to_new_path| Mark {
+            volume: 0,
+            seq: next.seq,
+            to_new_path,
+        };
         let at = |rel: &RelPath| replica.join(std::ffi::OsStr::from_bytes(rel.as_bytes()));
         match &next.op {
-            Op::Rename { path, new_path, exchange, .. } if at(path).symlink_metadata().is_ok() => {
+            Op::Rename {
+                path,
+                new_path,
+                exchange,
+                ..
+            } if at(path).symlink_metadata().is_ok() => {
                 marks.set(id_of(&at(path)), mark(true)).unwrap();
                 if *exchange && at(new_path).symlink_metadata().is_ok() {
                     marks.set(id_of(&at(new_path)), mark(false)).unwrap();
@@ -1009,9 +1543,16 @@ fn a_crash_between_an_entrys_marks_and_its_change_leaves_the_masters_tree() {
 #[test]
 fn stale_temporaries_are_removed_when_the_replayer_opens() {
     let replica = TempDir::new().unwrap();
-    new_file(&replica.path().join(".imezzo-tmp.0011223344556677"), 0o600, b"half written");
+    new_file(
+        &replica.path().join(".imezzo-tmp.0011223344556677"),
+        0o600,
+        b"half written",
+    );
     new_dir(&replica.path().join("sub"), 0o755);
-    new_dir(&replica.path().join("sub/.imezzo-tmp.8899aabbccddeeff"), 0o700);
+    new_dir(
+        &replica.path().join("sub/.imezzo-tmp.8899aabbccddeeff"),
+        0o700,
+    );
     new_file(&replica.path().join("sub/keep"), 0o644, b"");
     let mut r = Replayer::open(replica.path()).unwrap();
     assert!(temps_under(replica.path()).is_empty());
@@ -1039,8 +1580,11 @@ fn a_failed_write_returns_an_error_and_leaves_no_temporary_and_the_old_file() {
     fs::write(p.m("f"), b"old").unwrap();
     p.replay_twice(write("f", 0, 3));
     fs::write(p.m("f"), b"new content").unwrap();
-    let mut failing = FailingReads(DirSource::new(p.master.path()));
-    let e = p.replayer.apply(&write("f", 0, 11), &mut failing).unwrap_err();
+    let mut failing = FailingReads(DirSource::new(p.master.path()).unwrap());
+    let e = p
+        .replayer
+        .apply(&write("f", 0, 11), &mut failing)
+        .unwrap_err();
     assert!(matches!(e, ReplayError::Source { .. }), "{e}");
     assert!(temps_under(p.replica.path()).is_empty());
     assert_eq!(fs::read(p.r("f")).unwrap(), b"old");
@@ -1067,11 +1611,34 @@ fn sequence_marks_live_in_the_store_and_never_on_the_replicas_files() {
     fs::rename(p.m("d/f"), p.m("g")).unwrap();
     p.apply(rename("d/f", "g")).unwrap();
     let marks = p.replayer.marks();
-    assert_eq!(marks.get(id_of(&p.r("d"))), Some(Mark { volume: 0, seq: 1, to_new_path: false }));
-    assert_eq!(marks.get(id_of(&p.r("g"))), Some(Mark { volume: 0, seq: 3, to_new_path: true }));
+    assert_eq!(
+        marks.get(id_of(&p.r("d"))),
+        Some(Mark {
+            volume: 0,
+            seq: 1,
+            to_new_path: false
+        })
+    );
+    assert_eq!(
+        marks.get(id_of(&p.r("g"))),
+        Some(Mark {
+            volume: 0,
+            seq: 3,
+            to_new_path: true
+        })
+    );
     for rel in ["", "d", "g"] {
-        assert!(xattr_names(&p.r(rel)).is_empty(), "{rel:?} carries xattrs: replay must leave none of its own");
-        assert!(Attrs::read(&p.r(rel)).unwrap().unwrap().xattrs.is_empty());
+        assert!(
+            xattr_names(&p.r(rel)).is_empty(),
+            "{rel:?} carries xattrs: replay must leave none of its own"
+        );
+        let tree = imezzo_agent::beneath::Tree::open(p.replica.path()).unwrap();
+        assert!(tree
+            .attrs(&RelPath(rel.as_bytes().to_vec()))
+            .unwrap()
+            .unwrap()
+            .xattrs
+            .is_empty());
     }
 }
 
@@ -1080,7 +1647,12 @@ fn after_replaying_a_busy_journal_no_object_carries_an_imezzo_xattr() {
     let script = busy_master_script();
     let journal = journal_of(&script);
     let (master, replica) = (TempDir::new().unwrap(), TempDir::new().unwrap());
-    let mut src = HistorySource { dir: DirSource::new(master.path()), journal: journal.clone(), at: 0, master_at: 0 };
+    let mut src = HistorySource {
+        dir: DirSource::new(master.path()).unwrap(),
+        journal: journal.clone(),
+        at: 0,
+        master_at: 0,
+    };
     let mut r = Replayer::open(replica.path()).unwrap();
     for (e, (_, step)) in journal.iter().zip(&script) {
         step(master.path());
@@ -1097,33 +1669,91 @@ fn after_replaying_a_busy_journal_no_object_carries_an_imezzo_xattr() {
 
 #[test]
 fn marks_survive_a_reopen_of_the_store_synced_or_not() {
-    let (master, replica, state) = (TempDir::new().unwrap(), TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (master, replica, state) = (
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+    );
     let store = state.path().join("replay-marks.redb");
-    let mut src = DirSource::new(master.path());
+    let mut src = DirSource::new(master.path()).unwrap();
     let mut r = open_with_store(replica.path(), &store).with_volume(42);
     new_file(&master.path().join("synced"), 0o644, b"");
-    r.apply_entry(&JournalEntry { seq: 7, op: create("synced", 0o644) }, &mut src).unwrap();
+    r.apply_entry(
+        &JournalEntry {
+            seq: 7,
+            op: create("synced", 0o644),
+        },
+        &mut src,
+    )
+    .unwrap();
     r.sync().unwrap();
     assert_eq!(r.marks().unsynced(), 0);
     new_file(&master.path().join("unsynced"), 0o644, b"");
-    r.apply_entry(&JournalEntry { seq: 8, op: create("unsynced", 0o644) }, &mut src).unwrap();
+    r.apply_entry(
+        &JournalEntry {
+            seq: 8,
+            op: create("unsynced", 0o644),
+        },
+        &mut src,
+    )
+    .unwrap();
     drop(r);
-    let (synced, unsynced) = (id_of(&replica.path().join("synced")), id_of(&replica.path().join("unsynced")));
+    let (synced, unsynced) = (
+        id_of(&replica.path().join("synced")),
+        id_of(&replica.path().join("unsynced")),
+    );
 
     let s = MarkStore::open(&store).unwrap();
-    assert_eq!(s.get(synced), Some(Mark { volume: 42, seq: 7, to_new_path: false }));
+    assert_eq!(
+        s.get(synced),
+        Some(Mark {
+            volume: 42,
+            seq: 7,
+            to_new_path: false
+        })
+    );
     // Not synced, but the process, not the machine, stopped: the log kept it (M4).
-    assert_eq!(s.get(unsynced), Some(Mark { volume: 42, seq: 8, to_new_path: false }));
-    assert!(matches!(s.recovered(), Recovered::Unsynced { changes } if changes >= 1), "{:?}", s.recovered());
-    let mut r = Replayer::open(replica.path()).unwrap().with_marks(s).unwrap().with_volume(42);
+    assert_eq!(
+        s.get(unsynced),
+        Some(Mark {
+            volume: 42,
+            seq: 8,
+            to_new_path: false
+        })
+    );
+    assert!(
+        matches!(s.recovered(), Recovered::Unsynced { changes } if changes >= 1),
+        "{:?}",
+        s.recovered()
+    );
+    let mut r = Replayer::open(replica.path())
+        .unwrap()
+        .with_marks(s)
+        .unwrap()
+        .with_volume(42);
     // The marks act: entry 7 met again is recognised, the object being placed by it.
-    let again = r.apply_entry(&JournalEntry { seq: 7, op: create("synced", 0o644) }, &mut src).unwrap();
+    let again = r
+        .apply_entry(
+            &JournalEntry {
+                seq: 7,
+                op: create("synced", 0o644),
+            },
+            &mut src,
+        )
+        .unwrap();
     assert_eq!(again, Applied::AlreadyApplied);
     r.sync().unwrap();
     drop(r);
     let s = MarkStore::open(&store).unwrap();
     assert_eq!(s.recovered(), Recovered::Nothing);
-    assert_eq!(s.get(unsynced), Some(Mark { volume: 42, seq: 8, to_new_path: false }));
+    assert_eq!(
+        s.get(unsynced),
+        Some(Mark {
+            volume: 42,
+            seq: 8,
+            to_new_path: false
+        })
+    );
 }
 
 #[test]
@@ -1136,11 +1766,23 @@ fn replay_removes_the_marks_of_the_objects_it_frees_and_keeps_those_of_surviving
     new_dir(&p.m("d"), 0o755);
     p.apply(mkdir("d", 0o755)).unwrap();
     fs::hard_link(p.m("a"), p.m("a2")).unwrap();
-    p.apply(Op::Link { path: "a".into(), new_path: "a2".into() }).unwrap();
-    let (a, b, c, d) = (id_of(&p.r("a")), id_of(&p.r("b")), id_of(&p.r("c")), id_of(&p.r("d")));
+    p.apply(Op::Link {
+        path: "a".into(),
+        new_path: "a2".into(),
+    })
+    .unwrap();
+    let (a, b, c, d) = (
+        id_of(&p.r("a")),
+        id_of(&p.r("b")),
+        id_of(&p.r("c")),
+        id_of(&p.r("d")),
+    );
     fs::remove_file(p.m("a")).unwrap();
     p.apply(Op::Unlink { path: "a".into() }).unwrap();
-    assert!(p.replayer.marks().get(a).is_some(), "a2 still names the inode");
+    assert!(
+        p.replayer.marks().get(a).is_some(),
+        "a2 still names the inode"
+    );
     fs::remove_file(p.m("b")).unwrap();
     p.apply(Op::Unlink { path: "b".into() }).unwrap();
     assert_eq!(p.replayer.marks().get(b), None, "unlink of the last name");
@@ -1170,22 +1812,45 @@ fn a_stale_mark_on_a_reused_inode_number_never_makes_replay_skip() {
     }
     let dev = freed[0].dev;
     let top = freed.iter().map(|i| i.ino).max().unwrap();
-    let planted: Vec<InodeId> =
-        freed.iter().copied().chain((top + 1..top + 2000).map(|ino| InodeId { dev, ino })).collect();
+    let planted: Vec<InodeId> = freed
+        .iter()
+        .copied()
+        .chain((top + 1..top + 2000).map(|ino| InodeId { dev, ino }))
+        .collect();
     let mut store = MarkStore::in_memory();
-    let late = Mark { volume: 0, seq: 1_000_000, to_new_path: false };
+    let late = Mark {
+        volume: 0,
+        seq: 1_000_000,
+        to_new_path: false,
+    };
     for id in &planted {
         store.set(*id, late).unwrap();
     }
-    store.set(id_of(&p.r("d")), Mark { volume: 0, seq: 1, to_new_path: false }).unwrap();
-    p.replayer = Replayer::open(p.replica.path()).unwrap().with_marks(store).unwrap();
+    store
+        .set(
+            id_of(&p.r("d")),
+            Mark {
+                volume: 0,
+                seq: 1,
+                to_new_path: false,
+            },
+        )
+        .unwrap();
+    p.replayer = Replayer::open(p.replica.path())
+        .unwrap()
+        .with_marks(store)
+        .unwrap();
     // Objects replay creates, then changes to them: none may be taken as placed later.
     for i in 0..20 {
         let n = format!("d/f{i}");
         new_file(&p.m(&n), 0o600, b"");
         assert_eq!(p.apply(create(&n, 0o600)).unwrap(), Applied::Changed, "{n}");
         fs::write(p.m(&n), format!("content {i}")).unwrap();
-        assert_eq!(p.apply(write(&n, 0, 9 + (i >= 10) as u64)).unwrap(), Applied::Changed, "{n}");
+        assert_eq!(
+            p.apply(write(&n, 0, 9 + (i >= 10) as u64)).unwrap(),
+            Applied::Changed,
+            "{n}"
+        );
         lchown(&p.m(&n), 1000 + i, 1000);
         let op = Op::Setattr {
             path: n.as_str().into(),
@@ -1200,20 +1865,41 @@ fn a_stale_mark_on_a_reused_inode_number_never_makes_replay_skip() {
     new_dir(&p.m("d/sub"), 0o700);
     assert_eq!(p.apply(mkdir("d/sub", 0o700)).unwrap(), Applied::Changed);
     new_file(&p.m("d/sub/x"), 0o644, b"");
-    assert_eq!(p.apply(create("d/sub/x", 0o644)).unwrap(), Applied::Changed, "a new directory is no later one");
+    assert_eq!(
+        p.apply(create("d/sub/x", 0o644)).unwrap(),
+        Applied::Changed,
+        "a new directory is no later one"
+    );
     assert_same_tree(p.master.path(), p.replica.path());
-    let overwritten = planted.iter().filter(|i| p.replayer.marks().get(**i) != Some(late)).count();
-    assert!(overwritten > 0, "no new object got a planted inode number: the test proves nothing here");
+    let overwritten = planted
+        .iter()
+        .filter(|i| p.replayer.marks().get(**i) != Some(late))
+        .count();
+    assert!(
+        overwritten > 0,
+        "no new object got a planted inode number: the test proves nothing here"
+    );
 }
 
 #[test]
 fn a_store_kept_for_another_replica_root_is_emptied() {
-    let (r1, r2, state) = (TempDir::new().unwrap(), TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (r1, r2, state) = (
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+    );
     let store = state.path().join("replay-marks.redb");
     let mut r = open_with_store(r1.path(), &store);
     let master = TempDir::new().unwrap();
     new_file(&master.path().join("f"), 0o644, b"");
-    r.apply_entry(&JournalEntry { seq: 1, op: create("f", 0o644) }, &mut DirSource::new(master.path())).unwrap();
+    r.apply_entry(
+        &JournalEntry {
+            seq: 1,
+            op: create("f", 0o644),
+        },
+        &mut DirSource::new(master.path()).unwrap(),
+    )
+    .unwrap();
     r.sync().unwrap();
     assert_eq!(r.marks().len(), 1);
     drop(r);

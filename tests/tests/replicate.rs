@@ -6,10 +6,10 @@
 //! fail the test at once, with both logs. Hostile peers use the agent library's own
 //! transport and framing, so they pass the TLS pins and speak bytes the real decoder reads.
 
+use imezzo_agent::attrs::{Attrs, FileKind};
 use imezzo_agent::op::{JournalEntry, Op, RelPath, Timestamp};
 use imezzo_agent::protocol::{
-    FileAttrs, FileKind, FullSyncReason, ManifestEntry, Msg, Start, MAX_CONTROL_BODY,
-    PROTOCOL_VERSION,
+    FullSyncReason, ManifestEntry, Msg, Start, MAX_CONTROL_BODY, PROTOCOL_VERSION,
 };
 use imezzo_agent::transport;
 use imezzo_tests::replica::wire::{self, Ending};
@@ -98,7 +98,12 @@ fn a_new_clients_small_files_travel_in_the_manifest_hard_links_included_and_end_
             ok(sys::chown(&p, 1000 + i as u32 % 3, 100));
         }
         if i % 11 == 0 {
-            ok(sys::setxattr(&p, "user.inline", format!("{i}").as_bytes(), 0));
+            ok(sys::setxattr(
+                &p,
+                "user.inline",
+                format!("{i}").as_bytes(),
+                0,
+            ));
         }
         ok(sys::chmod(&p, [0o644, 0o600, 0o444, 0o755][i % 4]));
         set_mtime(&p, 1_700_000_000 + i as i64, i as i64 * 1000);
@@ -284,12 +289,27 @@ fn writes_whose_file_is_renamed_away_or_exchanged_at_once_end_identical() {
     r.export.dirs("e");
     r.export.dirs("x");
     for i in 0..150 {
-        r.export.put(&format!("e/f{i}"), format!("first version of f{i}\n").repeat(50).as_bytes());
-        ok(sys::rename(&r.e(&format!("e/f{i}")), &r.e(&format!("e/f{i}~"))));
-        r.export.put(&format!("e/f{i}"), format!("second version of f{i}\n").repeat(7).as_bytes());
+        r.export.put(
+            &format!("e/f{i}"),
+            format!("first version of f{i}\n").repeat(50).as_bytes(),
+        );
+        ok(sys::rename(
+            &r.e(&format!("e/f{i}")),
+            &r.e(&format!("e/f{i}~")),
+        ));
+        r.export.put(
+            &format!("e/f{i}"),
+            format!("second version of f{i}\n").repeat(7).as_bytes(),
+        );
 
-        r.export.put(&format!("x/b{i}"), format!("b{i} before\n").as_bytes());
-        r.export.put(&format!("x/a{i}"), format!("a{i} written just before the exchange\n").repeat(30).as_bytes());
+        r.export
+            .put(&format!("x/b{i}"), format!("b{i} before\n").as_bytes());
+        r.export.put(
+            &format!("x/a{i}"),
+            format!("a{i} written just before the exchange\n")
+                .repeat(30)
+                .as_bytes(),
+        );
         ok(sys::renameat2(
             libc::AT_FDCWD,
             &r.e(&format!("x/a{i}")),
@@ -303,13 +323,18 @@ fn writes_whose_file_is_renamed_away_or_exchanged_at_once_end_identical() {
 }
 
 #[test]
-fn a_tree_moved_in_from_outside_the_export_and_an_o_tmpfile_linked_in_replicate_without_a_full_resync() {
+fn a_tree_moved_in_from_outside_the_export_and_an_o_tmpfile_linked_in_replicate_without_a_full_resync(
+) {
     let mut r = Replication::started("movein");
     // Made outside the export, on the same file system, then moved in with one rename.
     let out = r.export.s("incoming");
     std::fs::create_dir_all(out.join("deep/er")).unwrap();
     for i in 0..40 {
-        std::fs::write(out.join(format!("deep/er/f{i}")), format!("payload {i}\n").repeat(100)).unwrap();
+        std::fs::write(
+            out.join(format!("deep/er/f{i}")),
+            format!("payload {i}\n").repeat(100),
+        )
+        .unwrap();
     }
     std::fs::write(out.join("big"), vec![0xa5u8; 3 * MIB]).unwrap();
     ok(sys::link(&out.join("big"), &out.join("deep/big-link")));
@@ -321,10 +346,19 @@ fn a_tree_moved_in_from_outside_the_export_and_an_o_tmpfile_linked_in_replicate_
     let fd = open_or_panic(&r.e(""), libc::O_TMPFILE | libc::O_WRONLY, 0o640);
     ok(sys::write(&fd, b"born nameless\n"));
     let empty = Path::new("");
-    ok(sys::linkat(fd.as_raw_fd(), empty, libc::AT_FDCWD, &r.e("from-tmpfile"), libc::AT_EMPTY_PATH));
+    ok(sys::linkat(
+        fd.as_raw_fd(),
+        empty,
+        libc::AT_FDCWD,
+        &r.e("from-tmpfile"),
+        libc::AT_EMPTY_PATH,
+    ));
     drop(fd);
 
-    r.assert_identical(CONVERGE_TIMEOUT, "a tree moved in and an O_TMPFILE linked in");
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "a tree moved in and an O_TMPFILE linked in",
+    );
     let c = r.client();
     assert_eq!(
         c.initial_syncs().len(),
@@ -632,7 +666,8 @@ fn files_changed_in_place_while_the_server_was_down_reach_the_client_without_a_f
     let mut r = Replication::new("downedit");
     r.export.dirs("data");
     for i in 0..50 {
-        r.export.put(&format!("data/f{i}"), format!("file {i}\n").as_bytes());
+        r.export
+            .put(&format!("data/f{i}"), format!("file {i}\n").as_bytes());
     }
     r.export.put("db", &vec![7u8; 4 * MIB]);
     r.start_server(&[]);
@@ -643,13 +678,23 @@ fn files_changed_in_place_while_the_server_was_down_reach_the_client_without_a_f
 
     // Nobody captures these: the restarted server must find them by their change times.
     let db = open_or_panic(&r.e("db"), libc::O_WRONLY, 0);
-    ok(sys::pwrite64(&db, b"written while the server was down", 1_000_000));
+    ok(sys::pwrite64(
+        &db,
+        b"written while the server was down",
+        1_000_000,
+    ));
     ok(sys::pwrite64(&db, &[9u8; 8192], (4 * MIB - 4096) as i64));
     drop(db);
-    r.export.put("data/f1", b"rewritten in place while the server was down\n");
+    r.export
+        .put("data/f1", b"rewritten in place while the server was down\n");
     ok(sys::chmod(&r.e("data/f2"), 0o600));
     ok(sys::truncate(&r.e("data/f3"), 2));
-    ok(sys::setxattr(&r.e("data/f4"), "user.note", b"set while down", 0));
+    ok(sys::setxattr(
+        &r.e("data/f4"),
+        "user.note",
+        b"set while down",
+        0,
+    ));
 
     r.server().restart();
     r.assert_identical(CONVERGE_TIMEOUT, "changes made while the server was down");
@@ -674,7 +719,8 @@ fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_id
     let mut r = Replication::new("downnames");
     r.export.dirs("data/sub");
     for i in 0..50 {
-        r.export.put(&format!("data/f{i}"), format!("file {i}\n").as_bytes());
+        r.export
+            .put(&format!("data/f{i}"), format!("file {i}\n").as_bytes());
     }
     r.start_server(&[]);
     r.start_client();
@@ -682,7 +728,8 @@ fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_id
     r.server().kill9();
 
     r.export.dirs("new/deeper");
-    r.export.put("new/deeper/born", b"created while the server was down\n");
+    r.export
+        .put("new/deeper/born", b"created while the server was down\n");
     ok(sys::rename(&r.e("data/f4"), &r.e("new/moved-f4")));
     ok(sys::rename(&r.e("data/sub"), &r.e("new/sub-moved")));
     ok(sys::unlink(&r.e("data/f5")));
@@ -692,7 +739,9 @@ fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_id
     r.assert_identical(CONVERGE_TIMEOUT, "names changed while the server was down");
     let s = r.server();
     assert!(
-        !s.agent.stderr_matching("directories changed while the server was down").is_empty(),
+        !s.agent
+            .stderr_matching("directories changed while the server was down")
+            .is_empty(),
         "the restarted server did not report the changed directories\n{}",
         s.context()
     );
@@ -1317,12 +1366,12 @@ fn hostile_client_messages_close_only_their_own_connection_with_a_logged_reason(
     r.assert_no_panic();
 }
 
-fn attrs(kind: FileKind, mode: u32, target: Option<&str>) -> FileAttrs {
+fn attrs(kind: FileKind, mode: u32, target: Option<&str>) -> Attrs {
     let t = Timestamp {
         sec: 1_700_000_000,
         nsec: 0,
     };
-    FileAttrs {
+    Attrs {
         kind,
         mode,
         uid: 0,
@@ -1336,7 +1385,7 @@ fn attrs(kind: FileKind, mode: u32, target: Option<&str>) -> FileAttrs {
     }
 }
 
-fn manifest_entry(path: &str, a: FileAttrs) -> ManifestEntry {
+fn manifest_entry(path: &str, a: Attrs) -> ManifestEntry {
     ManifestEntry {
         path: rel(path),
         attrs: a,
@@ -1690,7 +1739,11 @@ fn a_small_file_that_a_manifest_names_where_it_made_a_directory_replaces_it() {
     };
     let addr = ep.local_addr().unwrap();
     let mut client = Client::spawn(&victim, addr, &fake.id, &replica.root);
-    let session = rt.spawn(fake_server_session(ep.clone(), script, Duration::from_secs(30)));
+    let session = rt.spawn(fake_server_session(
+        ep.clone(),
+        script,
+        Duration::from_secs(30),
+    ));
     let done = client
         .agent
         .wait_stderr(|l| l.contains(INITIAL_SYNC_DONE), Duration::from_secs(30));
@@ -1705,7 +1758,12 @@ fn a_small_file_that_a_manifest_names_where_it_made_a_directory_replaces_it() {
         "a/b should be the small file, is {placed:?}\n{}",
         client.context()
     );
-    assert_eq!(read.ok().as_deref(), Some(&content[..]), "{}", client.context());
+    assert_eq!(
+        read.ok().as_deref(),
+        Some(&content[..]),
+        "{}",
+        client.context()
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -6,10 +6,11 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::messages::{
-    entry_paths, inline_data_problem, wire_path_problem, FileAttrs, FrameDecoder, FrameError, FullSyncReason,
+    entry_paths, inline_data_problem, wire_path_problem, FrameDecoder, FrameError, FullSyncReason,
     ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
 };
 use super::CloseReason;
+use crate::attrs::Attrs;
 use crate::op::{JournalEntry, RelPath};
 
 /// What the client has durably: the volume its replica belongs to and the seq through
@@ -52,7 +53,11 @@ pub enum ClientOutput {
     Send(Msg),
     /// A full sync starts: durably record `volume_id` with no last applied seq (so a crash
     /// restarts the full sync), and prepare the root.
-    BeginFullSync { volume_id: VolumeId, manifest_seq: u64, why: FullSyncReason },
+    BeginFullSync {
+        volume_id: VolumeId,
+        manifest_seq: u64,
+        why: FullSyncReason,
+    },
     /// Create or update this object (parents come first), fetching a regular file's data.
     ApplyManifest(ManifestEntry),
     /// The manifest is whole: remove every local object it did not name and finish its
@@ -178,9 +183,10 @@ impl ClientSession {
         }
         match self.decoder.finish() {
             Err(e) => self.frame_error(e),
-            Ok(()) => {
-                self.close(CloseReason::Shutdown { side: Side::Server, detail: "it ended the control stream".into() })
-            }
+            Ok(()) => self.close(CloseReason::Shutdown {
+                side: Side::Server,
+                detail: "it ended the control stream".into(),
+            }),
         }
     }
 
@@ -204,7 +210,10 @@ impl ClientSession {
         }
         self.acked = seq;
         self.ack_sent = true;
-        self.state = ClientState { volume_id: self.volume_id, last_applied: Some(seq) };
+        self.state = ClientState {
+            volume_id: self.volume_id,
+            last_applied: Some(seq),
+        };
         while let Some(&(through, n)) = self.in_flight.front() {
             if through > seq {
                 break;
@@ -212,7 +221,8 @@ impl ClientSession {
             self.in_flight.pop_front();
             self.in_flight_entries -= n;
         }
-        self.out.push_back(ClientOutput::Send(Msg::Ack { applied_seq: seq }));
+        self.out
+            .push_back(ClientOutput::Send(Msg::Ack { applied_seq: seq }));
     }
 
     /// Call when [`poll_timeout`](Self::poll_timeout)'s instant has passed.
@@ -221,9 +231,15 @@ impl ClientSession {
             return;
         }
         let what = if self.phase == Phase::AwaitWelcome {
-            format!("the server did not answer Hello within {:?}", self.config.welcome_timeout)
+            format!(
+                "the server did not answer Hello within {:?}",
+                self.config.welcome_timeout
+            )
         } else {
-            format!("the server sent nothing for {:?} (it sends a heartbeat every second)", self.config.silence_timeout)
+            format!(
+                "the server sent nothing for {:?} (it sends a heartbeat every second)",
+                self.config.silence_timeout
+            )
         };
         self.close(CloseReason::Timeout { what });
     }
@@ -284,7 +300,14 @@ impl ClientSession {
 
     fn handle_msg(&mut self, now: Instant, msg: Msg) {
         match (self.phase, msg) {
-            (Phase::AwaitWelcome, Msg::Welcome { volume_id, start, agent }) => {
+            (
+                Phase::AwaitWelcome,
+                Msg::Welcome {
+                    volume_id,
+                    start,
+                    agent,
+                },
+            ) => {
                 self.server_agent = agent;
                 self.deadline = now + self.config.silence_timeout;
                 match start {
@@ -306,16 +329,25 @@ impl ClientSession {
                     }
                     Start::FullSync { manifest_seq, why } => {
                         self.volume_id = Some(volume_id);
-                        self.state = ClientState { volume_id: Some(volume_id), last_applied: None };
+                        self.state = ClientState {
+                            volume_id: Some(volume_id),
+                            last_applied: None,
+                        };
                         self.received_through = manifest_seq;
                         self.acked = manifest_seq;
                         self.server_journal_last = manifest_seq;
                         self.phase = Phase::Manifest { manifest_seq };
-                        self.out.push_back(ClientOutput::BeginFullSync { volume_id, manifest_seq, why });
+                        self.out.push_back(ClientOutput::BeginFullSync {
+                            volume_id,
+                            manifest_seq,
+                            why,
+                        });
                     }
                 }
             }
-            (Phase::AwaitWelcome, Msg::Refuse { reason }) => self.close(CloseReason::Refused { reason }),
+            (Phase::AwaitWelcome, Msg::Refuse { reason }) => {
+                self.close(CloseReason::Refused { reason })
+            }
             (Phase::Manifest { .. }, Msg::Manifest { entries }) => {
                 // The whole chunk is checked before any of it is handed out, as for `Entries`.
                 for e in &entries {
@@ -323,21 +355,33 @@ impl ClientSession {
                         return self.bad_path("Manifest", &e.path, problem);
                     }
                     if let Some(problem) = inline_data_problem(e) {
-                        return self.violation(format!("Manifest entry {:?} {problem}", e.path.display()));
+                        return self
+                            .violation(format!("Manifest entry {:?} {problem}", e.path.display()));
                     }
                 }
-                self.out.extend(entries.into_iter().map(ClientOutput::ApplyManifest));
+                self.out
+                    .extend(entries.into_iter().map(ClientOutput::ApplyManifest));
             }
             (Phase::Manifest { manifest_seq }, Msg::ManifestEnd { seq }) => {
                 if seq != manifest_seq {
-                    return self.violation(format!("ManifestEnd {seq} for a manifest announced at {manifest_seq}"));
+                    return self.violation(format!(
+                        "ManifestEnd {seq} for a manifest announced at {manifest_seq}"
+                    ));
                 }
                 self.phase = Phase::Streaming;
                 self.out.push_back(ClientOutput::ManifestComplete { seq });
                 self.pending_persist = Some(seq);
             }
-            (Phase::Streaming, Msg::Entries { from_seq, entries }) => self.take_entries(from_seq, entries),
-            (Phase::Manifest { .. } | Phase::Streaming, Msg::Heartbeat { sent_through, journal_last }) => {
+            (Phase::Streaming, Msg::Entries { from_seq, entries }) => {
+                self.take_entries(from_seq, entries)
+            }
+            (
+                Phase::Manifest { .. } | Phase::Streaming,
+                Msg::Heartbeat {
+                    sent_through,
+                    journal_last,
+                },
+            ) => {
                 if sent_through != self.received_through {
                     return self.violation(format!(
                         "Heartbeat says {sent_through} was sent, but the stream delivered through {}",
@@ -350,7 +394,10 @@ impl ClientSession {
                 let detail = if msg.sender() == Side::Client {
                     format!("{} is a client message", msg.name())
                 } else if msg.stream() == StreamKind::Fetch {
-                    format!("{} belongs on a fetch stream, not the control stream", msg.name())
+                    format!(
+                        "{} belongs on a fetch stream, not the control stream",
+                        msg.name()
+                    )
                 } else {
                     format!("{} while {}", msg.name(), phase.describe())
                 };
@@ -382,7 +429,10 @@ impl ClientSession {
         let mut prev = from_seq - 1;
         for e in &entries {
             if e.seq <= prev {
-                return self.violation(format!("Entries with seq {} after {prev} (not increasing)", e.seq));
+                return self.violation(format!(
+                    "Entries with seq {} after {prev} (not increasing)",
+                    e.seq
+                ));
             }
             prev = e.seq;
             for p in entry_paths(&e.op).into_iter().flatten() {
@@ -392,7 +442,8 @@ impl ClientSession {
             }
         }
         let n = entries.len();
-        self.out.extend(entries.into_iter().map(ClientOutput::Apply));
+        self.out
+            .extend(entries.into_iter().map(ClientOutput::Apply));
         self.received_through = prev;
         self.server_journal_last = self.server_journal_last.max(prev);
         self.in_flight.push_back((prev, n));
@@ -401,20 +452,28 @@ impl ClientSession {
     }
 
     fn bad_path(&mut self, msg: &str, path: &RelPath, problem: &str) {
-        self.violation(format!("{msg} names a path that {problem}: {:?}", path.display()))
+        self.violation(format!(
+            "{msg} names a path that {problem}: {:?}",
+            path.display()
+        ))
     }
 
     fn frame_error(&mut self, e: FrameError) {
         match e {
-            FrameError::Version { theirs, ours } => {
-                self.close(CloseReason::VersionMismatch { local: Side::Client, ours, theirs })
-            }
+            FrameError::Version { theirs, ours } => self.close(CloseReason::VersionMismatch {
+                local: Side::Client,
+                ours,
+                theirs,
+            }),
             other => self.violation(format!("sent {other}")),
         }
     }
 
     fn violation(&mut self, detail: String) {
-        self.close(CloseReason::Violation { peer: Side::Server, detail })
+        self.close(CloseReason::Violation {
+            peer: Side::Server,
+            detail,
+        })
     }
 
     /// Closes at once. Queued applies are dropped: nothing from a broken stream is applied
@@ -435,7 +494,7 @@ pub enum FetchEvent {
     /// The answer is complete; the file had this size when read.
     End { file_size: u64 },
     /// One entry per requested path, in order.
-    Attrs(Vec<Option<FileAttrs>>),
+    Attrs(Vec<Option<Attrs>>),
     /// Nothing (or no regular file) is at the path now: a later entry accounts for it.
     Gone,
     /// The server could not read it; report and retry later.
@@ -469,16 +528,35 @@ impl FetchExchange {
     /// A request for the bytes `[offset, offset + len)` of `path` (only from inode `ino`,
     /// when given: another object there now is answered `Gone`); write the message on a
     /// new bidirectional stream, then finish the stream's send side.
-    pub fn data(req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64>) -> (FetchExchange, Msg) {
+    pub fn data(
+        req_id: u64,
+        path: RelPath,
+        offset: u64,
+        len: u64,
+        ino: Option<u64>,
+    ) -> (FetchExchange, Msg) {
         let end = offset.saturating_add(len);
         let len = end - offset;
         let ex = FetchExchange {
             req_id,
-            expect: Expect::Data { start: offset, end, next: offset },
+            expect: Expect::Data {
+                start: offset,
+                end,
+                next: offset,
+            },
             decoder: FrameDecoder::new(MAX_DATA_BODY),
             done: false,
         };
-        (ex, Msg::Fetch { req_id, path, offset, len, ino })
+        (
+            ex,
+            Msg::Fetch {
+                req_id,
+                path,
+                offset,
+                len,
+                ino,
+            },
+        )
     }
 
     /// A request for the current attributes of `paths` (at most [`super::MAX_ATTRS_PATHS`]).
@@ -511,7 +589,11 @@ impl FetchExchange {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return Ok(events),
                 Err(FrameError::Version { theirs, ours }) => {
-                    return Err(CloseReason::VersionMismatch { local: Side::Client, ours, theirs })
+                    return Err(CloseReason::VersionMismatch {
+                        local: Side::Client,
+                        ours,
+                        theirs,
+                    })
                 }
                 Err(e) => return Err(self.violation(format!("sent {e}"))),
             };
@@ -544,7 +626,10 @@ impl FetchExchange {
                 let detail = if other.sender() == Side::Client {
                     format!("{} is a client message", other.name())
                 } else {
-                    format!("{} belongs on the control stream, not a fetch stream", other.name())
+                    format!(
+                        "{} belongs on the control stream, not a fetch stream",
+                        other.name()
+                    )
                 };
                 return Err(self.violation(detail));
             }
@@ -573,7 +658,9 @@ impl FetchExchange {
                 // Bytes cannot have come from past the file's end as it was read.
                 let next = *next;
                 if next > *start && file_size < next {
-                    return Err(self.violation(format!("DataEnd with file size {file_size} after data up to {next}")));
+                    return Err(self.violation(format!(
+                        "DataEnd with file size {file_size} after data up to {next}"
+                    )));
                 }
                 self.done = true;
                 Ok(FetchEvent::End { file_size })
@@ -581,7 +668,10 @@ impl FetchExchange {
             (Expect::Attrs { count }, Msg::Attrs { attrs, .. }) => {
                 if attrs.len() != *count {
                     let count = *count;
-                    return Err(self.violation(format!("Attrs with {} answers for {count} paths", attrs.len())));
+                    return Err(self.violation(format!(
+                        "Attrs with {} answers for {count} paths",
+                        attrs.len()
+                    )));
                 }
                 self.done = true;
                 Ok(FetchEvent::Attrs(attrs))
@@ -600,6 +690,9 @@ impl FetchExchange {
     }
 
     fn violation(&self, detail: String) -> CloseReason {
-        CloseReason::Violation { peer: Side::Server, detail: format!("on fetch stream {}: {detail}", self.req_id) }
+        CloseReason::Violation {
+            peer: Side::Server,
+            detail: format!("on fetch stream {}: {detail}", self.req_id),
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! (`u32 body_len | u16 version | rkyv body`), and the checks every received frame passes
 //! before any field is used. docs/protocol.md is the specification.
 
-use crate::op::{JournalEntry, Op, RelPath, Timestamp};
+use crate::attrs::{Attrs, FileKind};
+use crate::op::{JournalEntry, Op, RelPath};
 
 /// The protocol version this agent speaks; it travels in every frame header.
 pub const PROTOCOL_VERSION: u16 = 3;
@@ -36,24 +37,71 @@ pub fn volume_id(v: u128) -> VolumeId {
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Msg {
     // Control stream, client to server.
-    Hello { volume_id: Option<VolumeId>, last_applied: Option<u64>, window: u32, agent: String },
-    Ack { applied_seq: u64 },
+    Hello {
+        volume_id: Option<VolumeId>,
+        last_applied: Option<u64>,
+        window: u32,
+        agent: String,
+    },
+    Ack {
+        applied_seq: u64,
+    },
     // Control stream, server to client.
-    Welcome { volume_id: VolumeId, start: Start, agent: String },
-    Refuse { reason: String },
-    Entries { from_seq: u64, entries: Vec<JournalEntry> },
-    Manifest { entries: Vec<ManifestEntry> },
-    ManifestEnd { seq: u64 },
-    Heartbeat { sent_through: u64, journal_last: u64 },
+    Welcome {
+        volume_id: VolumeId,
+        start: Start,
+        agent: String,
+    },
+    Refuse {
+        reason: String,
+    },
+    Entries {
+        from_seq: u64,
+        entries: Vec<JournalEntry>,
+    },
+    Manifest {
+        entries: Vec<ManifestEntry>,
+    },
+    ManifestEnd {
+        seq: u64,
+    },
+    Heartbeat {
+        sent_through: u64,
+        journal_last: u64,
+    },
     // Fetch streams, client to server.
-    Fetch { req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64> },
-    FetchAttrs { req_id: u64, paths: Vec<RelPath> },
+    Fetch {
+        req_id: u64,
+        path: RelPath,
+        offset: u64,
+        len: u64,
+        ino: Option<u64>,
+    },
+    FetchAttrs {
+        req_id: u64,
+        paths: Vec<RelPath>,
+    },
     // Fetch streams, server to client.
-    Data { req_id: u64, offset: u64, bytes: Vec<u8> },
-    DataEnd { req_id: u64, file_size: u64 },
-    Attrs { req_id: u64, attrs: Vec<Option<FileAttrs>> },
-    Gone { req_id: u64 },
-    Unreadable { req_id: u64, reason: String },
+    Data {
+        req_id: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    DataEnd {
+        req_id: u64,
+        file_size: u64,
+    },
+    Attrs {
+        req_id: u64,
+        attrs: Vec<Option<Attrs>>,
+    },
+    Gone {
+        req_id: u64,
+    },
+    Unreadable {
+        req_id: u64,
+        reason: String,
+    },
 }
 
 /// Where a client starts, chosen by the server in `Welcome`.
@@ -62,7 +110,10 @@ pub enum Start {
     /// The journal holds everything after the client's last applied seq.
     Resume { from_seq: u64 },
     /// The client rebuilds from a manifest consistent with `manifest_seq`.
-    FullSync { manifest_seq: u64, why: FullSyncReason },
+    FullSync {
+        manifest_seq: u64,
+        why: FullSyncReason,
+    },
 }
 
 /// Why the server sends a full sync; for the operator's logs.
@@ -98,40 +149,11 @@ impl std::fmt::Display for FullSyncReason {
     }
 }
 
-/// The type of a file system object, as the wire names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub enum FileKind {
-    Regular,
-    Directory,
-    Symlink,
-    Fifo,
-    CharDevice,
-    BlockDevice,
-    Socket,
-}
-
-/// A master object's attributes as read when they are sent.
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct FileAttrs {
-    pub kind: FileKind,
-    /// Permission bits, `0o7777` at most.
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub atime: Timestamp,
-    pub mtime: Timestamp,
-    pub size: u64,
-    pub rdev: u64,
-    pub symlink_target: Option<Vec<u8>>,
-    /// `(name, value)`: every extended attribute.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
 /// One object of a full-sync manifest.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ManifestEntry {
     pub path: RelPath,
-    pub attrs: FileAttrs,
+    pub attrs: Attrs,
     /// The xattrs were too large to travel inline: `attrs.xattrs` is empty and the client
     /// fetches them with `FetchAttrs`.
     pub xattrs_omitted: bool,
@@ -200,7 +222,9 @@ impl Msg {
     /// The side that may send this message.
     pub fn sender(&self) -> Side {
         match self {
-            Msg::Hello { .. } | Msg::Ack { .. } | Msg::Fetch { .. } | Msg::FetchAttrs { .. } => Side::Client,
+            Msg::Hello { .. } | Msg::Ack { .. } | Msg::Fetch { .. } | Msg::FetchAttrs { .. } => {
+                Side::Client
+            }
             _ => Side::Server,
         }
     }
@@ -237,7 +261,11 @@ pub enum FrameError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
     #[error("a {name} message of {len} bytes exceeds the largest frame ({max}); this is a bug: please report it")]
-    TooLarge { name: &'static str, len: usize, max: usize },
+    TooLarge {
+        name: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("cannot archive a {name} message: {reason}")]
     Archive { name: &'static str, reason: String },
 }
@@ -262,11 +290,20 @@ pub fn encode_bytes(msg: &Msg) -> Result<bytes::Bytes, EncodeError> {
     };
     let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(LEAD + hint);
     buf.extend_from_slice(&[0u8; LEAD]);
-    let mut buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(msg, buf)
-        .map_err(|e| EncodeError::Archive { name: msg.name(), reason: e.to_string() })?;
+    let mut buf =
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(msg, buf).map_err(|e| {
+            EncodeError::Archive {
+                name: msg.name(),
+                reason: e.to_string(),
+            }
+        })?;
     let body_len = buf.len() - LEAD;
     if body_len > MAX_DATA_BODY {
-        return Err(EncodeError::TooLarge { name: msg.name(), len: body_len, max: MAX_DATA_BODY });
+        return Err(EncodeError::TooLarge {
+            name: msg.name(),
+            len: body_len,
+            max: MAX_DATA_BODY,
+        });
     }
     buf[LEAD - HEADER_LEN..LEAD - 2].copy_from_slice(&(body_len as u32).to_le_bytes());
     buf[LEAD - 2..LEAD].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -284,7 +321,8 @@ pub fn decode_body(body: &[u8]) -> Result<Msg, FrameError> {
 
 /// Validates and deserializes a body that already lies in an aligned buffer.
 fn decode_aligned(body: &rkyv::util::AlignedVec<16>) -> Result<Msg, FrameError> {
-    rkyv::from_bytes::<Msg, rkyv::rancor::Error>(body).map_err(|e| FrameError::Malformed(e.to_string()))
+    rkyv::from_bytes::<Msg, rkyv::rancor::Error>(body)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// Splits a stream's bytes into messages. Feed it what the stream delivers with
@@ -355,12 +393,18 @@ impl FrameDecoder {
         // The version first: a peer of another version may frame differently, and "upgrade"
         // is the useful message, not "oversized".
         if version != PROTOCOL_VERSION {
-            self.failed = Some(FrameError::Version { theirs: version, ours: PROTOCOL_VERSION });
+            self.failed = Some(FrameError::Version {
+                theirs: version,
+                ours: PROTOCOL_VERSION,
+            });
             return;
         }
         // Checked before anything is allocated for the body.
         if len > self.max_body {
-            self.failed = Some(FrameError::Oversized { len, max: self.max_body });
+            self.failed = Some(FrameError::Oversized {
+                len,
+                max: self.max_body,
+            });
             return;
         }
         let body = rkyv::util::AlignedVec::<16>::with_capacity(len);
@@ -396,14 +440,20 @@ impl FrameDecoder {
     pub fn buffered(&self) -> usize {
         self.head_len
             + self.body.as_ref().map_or(0, |(b, _)| b.len())
-            + self.ready.iter().map(|b| HEADER_LEN + b.len()).sum::<usize>()
+            + self
+                .ready
+                .iter()
+                .map(|b| HEADER_LEN + b.len())
+                .sum::<usize>()
     }
 
     /// The stream ended: an error if it ended inside a frame.
     pub fn finish(&self) -> Result<(), FrameError> {
         match &self.failed {
             Some(e) => Err(e.clone()),
-            None if self.buffered() > 0 => Err(FrameError::Truncated { buffered: self.buffered() }),
+            None if self.buffered() > 0 => Err(FrameError::Truncated {
+                buffered: self.buffered(),
+            }),
             None => Ok(()),
         }
     }
@@ -441,7 +491,9 @@ pub fn wire_path_problem(path: &RelPath) -> Option<&'static str> {
 /// a path of the tree, and may legitimately be absolute).
 pub(crate) fn entry_paths(op: &Op) -> [Option<&RelPath>; 2] {
     match op {
-        Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => [Some(path), Some(new_path)],
+        Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => {
+            [Some(path), Some(new_path)]
+        }
         other => [Some(other.path()), None],
     }
 }
@@ -451,7 +503,9 @@ pub(crate) fn entry_paths(op: &Op) -> [Option<&RelPath>; 2] {
 pub(crate) fn entry_size_estimate(e: &JournalEntry) -> usize {
     let var = match &e.op {
         Op::Symlink { path, target } => path.0.len() + target.0.len(),
-        Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => path.0.len() + new_path.0.len(),
+        Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => {
+            path.0.len() + new_path.0.len()
+        }
         Op::Setxattr { path, name } | Op::Removexattr { path, name } => path.0.len() + name.0.len(),
         Op::Rescan { path, reason } => path.0.len() + reason.len(),
         other => other.path().0.len(),
@@ -476,82 +530,21 @@ pub(crate) fn inline_data_problem(m: &ManifestEntry) -> Option<String> {
         return Some(format!("carries inline data for a {:?}", m.attrs.kind));
     }
     if data.len() as u64 != m.attrs.size {
-        return Some(format!("carries {} bytes of inline data for a file of size {}", data.len(), m.attrs.size));
+        return Some(format!(
+            "carries {} bytes of inline data for a file of size {}",
+            data.len(),
+            m.attrs.size
+        ));
     }
     if m.attrs.size > INLINE_DATA_MAX {
-        return Some(format!("carries {} bytes of inline data, over the limit of {INLINE_DATA_MAX}", data.len()));
+        return Some(format!(
+            "carries {} bytes of inline data, over the limit of {INLINE_DATA_MAX}",
+            data.len()
+        ));
     }
     None
 }
 
 pub(crate) fn xattrs_size_estimate(x: &[(Vec<u8>, Vec<u8>)]) -> usize {
     x.iter().map(|(n, v)| 32 + n.len() + v.len()).sum()
-}
-
-// Conversions with the replayer's types, so the client's data source and the server's
-// reader hand them over without field-by-field code in the drivers. The wire keeps its
-// own types so that a change in replay cannot change the wire format unnoticed.
-
-impl From<crate::replay::FileKind> for FileKind {
-    fn from(k: crate::replay::FileKind) -> FileKind {
-        use crate::replay::FileKind as R;
-        match k {
-            R::Regular => FileKind::Regular,
-            R::Directory => FileKind::Directory,
-            R::Symlink => FileKind::Symlink,
-            R::Fifo => FileKind::Fifo,
-            R::CharDevice => FileKind::CharDevice,
-            R::BlockDevice => FileKind::BlockDevice,
-            R::Socket => FileKind::Socket,
-        }
-    }
-}
-
-impl From<FileKind> for crate::replay::FileKind {
-    fn from(k: FileKind) -> crate::replay::FileKind {
-        use crate::replay::FileKind as R;
-        match k {
-            FileKind::Regular => R::Regular,
-            FileKind::Directory => R::Directory,
-            FileKind::Symlink => R::Symlink,
-            FileKind::Fifo => R::Fifo,
-            FileKind::CharDevice => R::CharDevice,
-            FileKind::BlockDevice => R::BlockDevice,
-            FileKind::Socket => R::Socket,
-        }
-    }
-}
-
-impl From<crate::replay::Attrs> for FileAttrs {
-    fn from(a: crate::replay::Attrs) -> FileAttrs {
-        FileAttrs {
-            kind: a.kind.into(),
-            mode: a.mode,
-            uid: a.uid,
-            gid: a.gid,
-            atime: a.atime,
-            mtime: a.mtime,
-            size: a.size,
-            rdev: a.rdev,
-            symlink_target: a.symlink_target,
-            xattrs: a.xattrs,
-        }
-    }
-}
-
-impl From<FileAttrs> for crate::replay::Attrs {
-    fn from(a: FileAttrs) -> crate::replay::Attrs {
-        crate::replay::Attrs {
-            kind: a.kind.into(),
-            mode: a.mode,
-            uid: a.uid,
-            gid: a.gid,
-            atime: a.atime,
-            mtime: a.mtime,
-            size: a.size,
-            rdev: a.rdev,
-            symlink_target: a.symlink_target,
-            xattrs: a.xattrs,
-        }
-    }
 }

@@ -20,11 +20,14 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-pub use client::{ClientConfig, ClientOutput, ClientSession, ClientState, FetchEvent, FetchExchange};
+pub use client::{
+    ClientConfig, ClientOutput, ClientSession, ClientState, FetchEvent, FetchExchange,
+};
 pub use messages::{
-    decode_body, encode, encode_bytes, volume_id, wire_path_problem, EncodeError, FileAttrs, FileKind, FrameDecoder,
-    FrameError, FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK, HEADER_LEN,
-    INLINE_DATA_MAX, MAX_ATTRS_PATHS, MAX_CONTROL_BODY, MAX_DATA_BODY, MAX_PATH_LEN, PROTOCOL_VERSION,
+    decode_body, encode, encode_bytes, volume_id, wire_path_problem, EncodeError, FrameDecoder,
+    FrameError, FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK,
+    HEADER_LEN, INLINE_DATA_MAX, MAX_ATTRS_PATHS, MAX_CONTROL_BODY, MAX_DATA_BODY, MAX_PATH_LEN,
+    PROTOCOL_VERSION,
 };
 pub use server::{FetchRequest, FetchRequestReader, ServerConfig, ServerOutput, ServerSession};
 
@@ -90,16 +93,4 @@ pub enum JournalRead {
     AheadOfJournal { last_seq: u64 },
     /// The read failed.
     Failed { reason: String },
-}
-
-impl From<crate::journal::Result<crate::journal::ReadFrom>> for JournalRead {
-    fn from(r: crate::journal::Result<crate::journal::ReadFrom>) -> JournalRead {
-        use crate::journal::{JournalError, ReadFrom};
-        match r {
-            Ok(ReadFrom::Entries(v)) => JournalRead::Entries(v),
-            Ok(ReadFrom::Expired { first_retained }) => JournalRead::Expired { first_retained },
-            Err(JournalError::AheadOfJournal { last_seq, .. }) => JournalRead::AheadOfJournal { last_seq },
-            Err(e) => JournalRead::Failed { reason: e.to_string() },
-        }
-    }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::attrs::{Attrs, FileKind};
 use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 
 const VOLUME: VolumeId = [7; 16];
@@ -29,8 +30,8 @@ fn entry(seq: u64) -> JournalEntry {
     }
 }
 
-fn attrs(kind: FileKind, size: u64) -> FileAttrs {
-    FileAttrs {
+fn attrs(kind: FileKind, size: u64) -> Attrs {
+    Attrs {
         kind,
         mode: 0o644,
         uid: 0,
@@ -57,7 +58,10 @@ struct FakeJournal {
 
 impl FakeJournal {
     fn new() -> FakeJournal {
-        FakeJournal { first_retained: 1, ..Default::default() }
+        FakeJournal {
+            first_retained: 1,
+            ..Default::default()
+        }
     }
 
     fn append(&mut self, n: u64) {
@@ -71,17 +75,30 @@ impl FakeJournal {
 
     fn read_from(&self, from: u64, max: usize) -> JournalRead {
         if from < self.first_retained {
-            return JournalRead::Expired { first_retained: self.first_retained };
+            return JournalRead::Expired {
+                first_retained: self.first_retained,
+            };
         }
         if from > self.last_seq + 1 {
-            return JournalRead::AheadOfJournal { last_seq: self.last_seq };
+            return JournalRead::AheadOfJournal {
+                last_seq: self.last_seq,
+            };
         }
-        JournalRead::Entries(self.retained.iter().filter(|e| e.seq >= from).take(max).cloned().collect())
+        JournalRead::Entries(
+            self.retained
+                .iter()
+                .filter(|e| e.seq >= from)
+                .take(max)
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Drops `seq`, which a later retained entry of the same path covers.
     fn supersede(&mut self, seq: u64) -> bool {
-        let Some(i) = self.retained.iter().position(|e| e.seq == seq) else { return false };
+        let Some(i) = self.retained.iter().position(|e| e.seq == seq) else {
+            return false;
+        };
         let path = self.retained[i].op.path().clone();
         if !self.retained[i + 1..].iter().any(|e| e.op.path() == &path) {
             return false;
@@ -152,7 +169,11 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        Pair::with(ClientState::default(), ServerConfig::default(), ClientConfig::default())
+        Pair::with(
+            ClientState::default(),
+            ServerConfig::default(),
+            ClientConfig::default(),
+        )
     }
 
     fn with(state: ClientState, server_config: ServerConfig, client_config: ClientConfig) -> Pair {
@@ -169,7 +190,10 @@ impl Pair {
             to_client: VecDeque::new(),
             cut_to_client: false,
             race_appends: 0,
-            replica: Replica { durable: state, ..Default::default() },
+            replica: Replica {
+                durable: state,
+                ..Default::default()
+            },
             server_close: None,
             client_close: None,
             server_sent: vec![Vec::new()],
@@ -191,7 +215,8 @@ impl Pair {
         self.to_client.clear();
         self.replica.held.clear();
         self.server = ServerSession::with_config(VOLUME, self.now, self.server_config.clone());
-        self.client = ClientSession::with_config(self.replica.durable, self.now, self.client_config.clone());
+        self.client =
+            ClientSession::with_config(self.replica.durable, self.now, self.client_config.clone());
         self.server_close = None;
         self.client_close = None;
         self.server_sent.push(Vec::new());
@@ -205,14 +230,24 @@ impl Pair {
         // A session that keeps asking for work with nothing in between livelocks inside one
         // step: bound that too.
         for n in 0.. {
-            let Some(o) = self.server.poll_output() else { break };
-            assert!(n < MAX_OUTPUTS_PER_STEP, "the server keeps producing outputs: a livelock ({o:?})");
+            let Some(o) = self.server.poll_output() else {
+                break;
+            };
+            assert!(
+                n < MAX_OUTPUTS_PER_STEP,
+                "the server keeps producing outputs: a livelock ({o:?})"
+            );
             progress = true;
             self.server_does(o);
         }
         for n in 0.. {
-            let Some(o) = self.client.poll_output() else { break };
-            assert!(n < MAX_OUTPUTS_PER_STEP, "the client keeps producing outputs: a livelock ({o:?})");
+            let Some(o) = self.client.poll_output() else {
+                break;
+            };
+            assert!(
+                n < MAX_OUTPUTS_PER_STEP,
+                "the client keeps producing outputs: a livelock ({o:?})"
+            );
             progress = true;
             self.client_does(o);
         }
@@ -239,7 +274,13 @@ impl Pair {
             if self.step() {
                 continue;
             }
-            let next = self.to_server.front().map(|x| x.0).into_iter().chain(self.to_client.front().map(|x| x.0)).min();
+            let next = self
+                .to_server
+                .front()
+                .map(|x| x.0)
+                .into_iter()
+                .chain(self.to_client.front().map(|x| x.0))
+                .min();
             match next {
                 Some(t) => self.set_time(t),
                 None => return,
@@ -253,7 +294,10 @@ impl Pair {
         let end = self.now + d;
         for _ in 0..MAX_STEPS {
             self.run();
-            let next = [self.server.poll_timeout(), self.client.poll_timeout()].into_iter().flatten().min();
+            let next = [self.server.poll_timeout(), self.client.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
             match next {
                 Some(t) if t <= end => self.set_time(t.max(self.now)),
                 _ => {
@@ -281,11 +325,19 @@ impl Pair {
             ServerOutput::Send(msg) => {
                 if let Msg::Entries { entries, .. } = &msg {
                     self.sent_seqs.extend(entries.iter().map(|e| e.seq));
-                    let unacked = self.sent_seqs.iter().filter(|&&s| s > self.acked_at_server).count();
+                    let unacked = self
+                        .sent_seqs
+                        .iter()
+                        .filter(|&&s| s > self.acked_at_server)
+                        .count();
                     self.max_unacked = self.max_unacked.max(unacked);
                 }
                 let frame = encode(&msg).expect("the server's messages encode");
-                assert!(frame.len() - HEADER_LEN <= MAX_CONTROL_BODY, "{} frame over the control limit", msg.name());
+                assert!(
+                    frame.len() - HEADER_LEN <= MAX_CONTROL_BODY,
+                    "{} frame over the control limit",
+                    msg.name()
+                );
                 self.server_sent.last_mut().unwrap().push(msg);
                 if !self.cut_to_client {
                     self.to_client.push_back((self.now + self.latency, frame));
@@ -316,11 +368,13 @@ impl Pair {
                         xattrs_omitted: false,
                         link_group: None,
                         // As the real walk does, content only when asked, as long as `size`.
-                        data: (inline_data && seq <= INLINE_DATA_MAX).then(|| vec![seq as u8; seq as usize]),
+                        data: (inline_data && seq <= INLINE_DATA_MAX)
+                            .then(|| vec![seq as u8; seq as usize]),
                     });
                 }
                 for chunk in walk.chunks(2) {
-                    self.server.handle_manifest_entries(self.now, chunk.to_vec());
+                    self.server
+                        .handle_manifest_entries(self.now, chunk.to_vec());
                 }
                 self.server.handle_manifest_end(self.now);
                 self.server.handle_appended(self.now, self.journal.last_seq);
@@ -336,8 +390,15 @@ impl Pair {
                 let frame = encode(&msg).expect("the client's messages encode");
                 self.to_server.push_back((self.now + self.latency, frame));
             }
-            ClientOutput::BeginFullSync { volume_id, manifest_seq, why } => {
-                r.durable = ClientState { volume_id: Some(volume_id), last_applied: None };
+            ClientOutput::BeginFullSync {
+                volume_id,
+                manifest_seq,
+                why,
+            } => {
+                r.durable = ClientState {
+                    volume_id: Some(volume_id),
+                    last_applied: None,
+                };
                 r.full_syncs.push((manifest_seq, why));
                 r.manifest.clear();
                 r.manifest_complete = None;
@@ -366,7 +427,10 @@ impl Pair {
     }
 
     fn persist(&mut self, volume_id: VolumeId, seq: u64) {
-        self.replica.durable = ClientState { volume_id: Some(volume_id), last_applied: Some(seq) };
+        self.replica.durable = ClientState {
+            volume_id: Some(volume_id),
+            last_applied: Some(seq),
+        };
         self.client.handle_applied(self.now, seq);
     }
 
@@ -407,9 +471,19 @@ fn new_client_gets_a_full_sync_then_the_stream() {
     p.assert_open();
     assert_eq!(p.welcome(0), full_sync(5, FullSyncReason::NewClient));
     assert_eq!(p.replica.manifest_complete, Some(5));
-    assert_eq!(p.replica.manifest[0].path, RelPath::default(), "the root comes first");
+    assert_eq!(
+        p.replica.manifest[0].path,
+        RelPath::default(),
+        "the root comes first"
+    );
     assert_eq!(p.replica.tree, p.journal.tree_at(5));
-    assert_eq!(p.replica.durable, ClientState { volume_id: Some(VOLUME), last_applied: Some(5) });
+    assert_eq!(
+        p.replica.durable,
+        ClientState {
+            volume_id: Some(VOLUME),
+            last_applied: Some(5)
+        }
+    );
     assert!(p.replica.applied.is_empty());
 
     p.append(3);
@@ -433,7 +507,11 @@ fn client_resumes_after_a_disconnect_without_a_full_sync() {
     p.run();
     p.assert_open();
     assert_eq!(p.welcome(1), Start::Resume { from_seq: 10 });
-    assert_eq!(p.replica.full_syncs.len(), 1, "only the first connection synced in full");
+    assert_eq!(
+        p.replica.full_syncs.len(),
+        1,
+        "only the first connection synced in full"
+    );
     assert_eq!(p.replica.applied, (6..=12).collect::<Vec<_>>());
     assert_eq!(p.replica.durable.last_applied, Some(12));
 }
@@ -447,7 +525,11 @@ fn entries_applied_but_not_yet_durable_are_sent_again_after_a_crash() {
     p.append(5);
     p.run();
     assert_eq!(p.replica.applied, [6, 7, 8, 9, 10]);
-    assert_eq!(p.replica.durable.last_applied, Some(5), "nothing made durable yet");
+    assert_eq!(
+        p.replica.durable.last_applied,
+        Some(5),
+        "nothing made durable yet"
+    );
     p.replica.hold_acks = false;
     p.reconnect();
     p.run();
@@ -459,13 +541,19 @@ fn entries_applied_but_not_yet_durable_are_sent_again_after_a_crash() {
 
 #[test]
 fn client_behind_retention_gets_a_full_sync() {
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(3) };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(3),
+    };
     let mut p = Pair::with(state, ServerConfig::default(), ClientConfig::default());
     p.journal.append(20);
     p.journal.expire_through(10);
     p.run();
     p.assert_open();
-    assert_eq!(p.welcome(0), full_sync(20, FullSyncReason::Expired { first_retained: 11 }));
+    assert_eq!(
+        p.welcome(0),
+        full_sync(20, FullSyncReason::Expired { first_retained: 11 })
+    );
     assert_eq!(p.replica.durable.last_applied, Some(20));
     assert_eq!(p.replica.tree, p.journal.tree_at(20));
 }
@@ -473,23 +561,46 @@ fn client_behind_retention_gets_a_full_sync() {
 #[test]
 fn client_of_another_volume_gets_a_full_sync() {
     let other = [9; 16];
-    let state = ClientState { volume_id: Some(other), last_applied: Some(3) };
+    let state = ClientState {
+        volume_id: Some(other),
+        last_applied: Some(3),
+    };
     let mut p = Pair::with(state, ServerConfig::default(), ClientConfig::default());
     p.journal.append(4);
     p.run();
     p.assert_open();
-    assert_eq!(p.welcome(0), full_sync(4, FullSyncReason::OtherVolume { client_volume: other }));
-    assert_eq!(p.replica.durable, ClientState { volume_id: Some(VOLUME), last_applied: Some(4) });
+    assert_eq!(
+        p.welcome(0),
+        full_sync(
+            4,
+            FullSyncReason::OtherVolume {
+                client_volume: other
+            }
+        )
+    );
+    assert_eq!(
+        p.replica.durable,
+        ClientState {
+            volume_id: Some(VOLUME),
+            last_applied: Some(4)
+        }
+    );
 }
 
 #[test]
 fn client_ahead_of_the_journal_gets_a_full_sync() {
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(50) };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(50),
+    };
     let mut p = Pair::with(state, ServerConfig::default(), ClientConfig::default());
     p.journal.append(20);
     p.run();
     p.assert_open();
-    assert_eq!(p.welcome(0), full_sync(20, FullSyncReason::AheadOfJournal { last_seq: 20 }));
+    assert_eq!(
+        p.welcome(0),
+        full_sync(20, FullSyncReason::AheadOfJournal { last_seq: 20 })
+    );
     assert_eq!(p.replica.durable.last_applied, Some(20));
 }
 
@@ -500,7 +611,13 @@ fn interrupted_full_sync_starts_over_as_a_new_client() {
     // The client records the volume with no last applied seq, then dies before the end.
     p.replica.hold_acks = true;
     p.run();
-    assert_eq!(p.replica.durable, ClientState { volume_id: Some(VOLUME), last_applied: None });
+    assert_eq!(
+        p.replica.durable,
+        ClientState {
+            volume_id: Some(VOLUME),
+            last_applied: None
+        }
+    );
     p.replica.hold_acks = false;
     p.reconnect();
     p.run();
@@ -516,12 +633,25 @@ fn only_a_new_client_is_sent_file_content_inside_the_manifest() {
     p.run();
     p.assert_open();
     assert_eq!(p.replica.inline_asked, [true]);
-    let files: Vec<&ManifestEntry> = p.replica.manifest.iter().filter(|e| e.attrs.kind == FileKind::Regular).collect();
+    let files: Vec<&ManifestEntry> = p
+        .replica
+        .manifest
+        .iter()
+        .filter(|e| e.attrs.kind == FileKind::Regular)
+        .collect();
     assert!(!files.is_empty());
-    assert!(files.iter().all(|e| e.data.as_ref().map(Vec::len) == Some(e.attrs.size as usize)), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|e| e.data.as_ref().map(Vec::len) == Some(e.attrs.size as usize)),
+        "{files:?}"
+    );
 
     // A client that fell out of retention probably holds most files already.
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(3) };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(3),
+    };
     let mut p = Pair::with(state, ServerConfig::default(), ClientConfig::default());
     p.journal.append(20);
     p.journal.expire_through(10);
@@ -535,7 +665,10 @@ fn only_a_new_client_is_sent_file_content_inside_the_manifest() {
 fn inline_data_that_is_not_a_whole_regular_file_is_a_violation() {
     let full = Msg::Welcome {
         volume_id: VOLUME,
-        start: Start::FullSync { manifest_seq: 0, why: FullSyncReason::NewClient },
+        start: Start::FullSync {
+            manifest_seq: 0,
+            why: FullSyncReason::NewClient,
+        },
         agent: String::new(),
     };
     let entry = |kind, size, data: &[u8]| ManifestEntry {
@@ -545,11 +678,22 @@ fn inline_data_that_is_not_a_whole_regular_file_is_a_violation() {
         link_group: None,
         data: Some(data.to_vec()),
     };
-    let manifest = |e| Msg::Manifest { entries: vec![entry(FileKind::Regular, 1, b"a"), e] };
+    let manifest = |e| Msg::Manifest {
+        entries: vec![entry(FileKind::Regular, 1, b"a"), e],
+    };
 
-    let v = client_violation(ClientState::default(), &[full.clone(), manifest(entry(FileKind::Regular, 10, b"abc"))]);
-    assert!(v.contains("3 bytes of inline data for a file of size 10"), "{v}");
-    let v = client_violation(ClientState::default(), &[full.clone(), manifest(entry(FileKind::Directory, 0, b""))]);
+    let v = client_violation(
+        ClientState::default(),
+        &[full.clone(), manifest(entry(FileKind::Regular, 10, b"abc"))],
+    );
+    assert!(
+        v.contains("3 bytes of inline data for a file of size 10"),
+        "{v}"
+    );
+    let v = client_violation(
+        ClientState::default(),
+        &[full.clone(), manifest(entry(FileKind::Directory, 0, b""))],
+    );
     assert!(v.contains("inline data for a Directory"), "{v}");
     let over = vec![0u8; INLINE_DATA_MAX as usize + 1];
     let too_big = manifest(entry(FileKind::Regular, over.len() as u64, &over));
@@ -557,8 +701,15 @@ fn inline_data_that_is_not_a_whole_regular_file_is_a_violation() {
     assert!(v.contains("over the limit"), "{v}");
 
     // A refused chunk applies nothing, not even its good first entry.
-    let out = client_after(ClientState::default(), &[full, manifest(entry(FileKind::Regular, 2, b"a"))]);
-    assert!(!out.iter().any(|o| matches!(o, ClientOutput::ApplyManifest(_))), "{out:?}");
+    let out = client_after(
+        ClientState::default(),
+        &[full, manifest(entry(FileKind::Regular, 2, b"a"))],
+    );
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, ClientOutput::ApplyManifest(_))),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -566,7 +717,10 @@ fn a_manifest_of_inlined_files_is_split_into_frames_under_the_control_limit() {
     let now = Instant::now();
     let mut s = ServerSession::new(VOLUME, now);
     s.handle_stream_data(now, &frame(&hello(None, None)));
-    assert_eq!(s.poll_output(), Some(ServerOutput::StartManifest { inline_data: true }));
+    assert_eq!(
+        s.poll_output(),
+        Some(ServerOutput::StartManifest { inline_data: true })
+    );
     s.handle_manifest_begin(now, 0);
     // 200 files of the largest inline size (12.5 MiB), handed over as the walk does.
     let walk: Vec<ManifestEntry> = (0..200u32)
@@ -586,20 +740,34 @@ fn a_manifest_of_inlined_files_is_split_into_frames_under_the_control_limit() {
     let mut frames = 0;
     while let Some(o) = s.poll_output() {
         if let ServerOutput::Send(m @ Msg::Manifest { .. }) = o {
-            assert!(encode(&m).unwrap().len() - HEADER_LEN <= MAX_CONTROL_BODY, "a manifest frame over the limit");
-            let Msg::Manifest { entries } = m else { unreachable!() };
+            assert!(
+                encode(&m).unwrap().len() - HEADER_LEN <= MAX_CONTROL_BODY,
+                "a manifest frame over the limit"
+            );
+            let Msg::Manifest { entries } = m else {
+                unreachable!()
+            };
             got.extend(entries);
             frames += 1;
         }
     }
     assert_eq!(got, walk, "every entry, in order, content intact");
-    assert!(frames >= 25, "12.5 MiB of content needs at least 25 frames of 512 KiB, got {frames}");
+    assert!(
+        frames >= 25,
+        "12.5 MiB of content needs at least 25 frames of 512 KiB, got {frames}"
+    );
 }
 
 #[test]
 fn superseded_entries_leave_gaps_the_client_accepts() {
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(2) };
-    let config = ServerConfig { max_batch: 4, ..Default::default() };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(2),
+    };
+    let config = ServerConfig {
+        max_batch: 4,
+        ..Default::default()
+    };
     let mut p = Pair::with(state, config, ClientConfig::default());
     p.journal.append(30);
     for seq in [3, 4, 9, 15, 16, 17] {
@@ -608,7 +776,13 @@ fn superseded_entries_leave_gaps_the_client_accepts() {
     p.run();
     p.assert_open();
     assert_eq!(p.welcome(0), Start::Resume { from_seq: 3 });
-    let retained: Vec<u64> = p.journal.retained.iter().map(|e| e.seq).filter(|&s| s > 2).collect();
+    let retained: Vec<u64> = p
+        .journal
+        .retained
+        .iter()
+        .map(|e| e.seq)
+        .filter(|&s| s > 2)
+        .collect();
     assert_eq!(p.replica.applied, retained);
     assert_eq!(p.replica.durable.last_applied, Some(30));
     // The first batch covers the gap at its start: it begins at 3 with entry 5.
@@ -621,13 +795,20 @@ fn superseded_entries_leave_gaps_the_client_accepts() {
 
 #[test]
 fn server_never_has_more_than_the_window_in_flight() {
-    let client = ClientConfig { window: 8, ..Default::default() };
+    let client = ClientConfig {
+        window: 8,
+        ..Default::default()
+    };
     let mut p = Pair::with(ClientState::default(), ServerConfig::default(), client);
     p.run();
     p.replica.hold_acks = true;
     p.append(100);
     p.run();
-    assert_eq!(p.replica.applied.len(), 8, "exactly one window is sent before any ack");
+    assert_eq!(
+        p.replica.applied.len(),
+        8,
+        "exactly one window is sent before any ack"
+    );
     assert_eq!(p.server.in_flight(), 8);
     for round in 0.. {
         assert!(round < 100, "no progress");
@@ -644,7 +825,10 @@ fn server_never_has_more_than_the_window_in_flight() {
 
 #[test]
 fn server_window_caps_a_greedy_client() {
-    let server = ServerConfig { window: 5, ..Default::default() };
+    let server = ServerConfig {
+        window: 5,
+        ..Default::default()
+    };
     let mut p = Pair::with(ClientState::default(), server, ClientConfig::default());
     p.run();
     p.replica.hold_acks = true;
@@ -661,7 +845,10 @@ fn server_window_caps_a_greedy_client() {
 
 #[test]
 fn batches_respect_the_largest_batch() {
-    let server = ServerConfig { max_batch: 3, ..Default::default() };
+    let server = ServerConfig {
+        max_batch: 3,
+        ..Default::default()
+    };
     let mut p = Pair::with(ClientState::default(), server, ClientConfig::default());
     p.run();
     p.append(10);
@@ -682,15 +869,39 @@ fn batches_arriving_together_are_made_durable_once() {
     let (state, welcome) = resumed(0);
     let batches = [
         welcome,
-        Msg::Entries { from_seq: 1, entries: vec![entry(1), entry(2)] },
-        Msg::Entries { from_seq: 3, entries: vec![entry(3)] },
-        Msg::Entries { from_seq: 4, entries: vec![entry(4), entry(5)] },
+        Msg::Entries {
+            from_seq: 1,
+            entries: vec![entry(1), entry(2)],
+        },
+        Msg::Entries {
+            from_seq: 3,
+            entries: vec![entry(3)],
+        },
+        Msg::Entries {
+            from_seq: 4,
+            entries: vec![entry(4), entry(5)],
+        },
     ];
     let out = client_after(state, &batches);
-    let applies = out.iter().filter(|o| matches!(o, ClientOutput::Apply(_))).count();
+    let applies = out
+        .iter()
+        .filter(|o| matches!(o, ClientOutput::Apply(_)))
+        .count();
     assert_eq!(applies, 5);
-    assert_eq!(out.last(), Some(&ClientOutput::PersistAndAck { volume_id: VOLUME, seq: 5 }), "{out:?}");
-    assert_eq!(out.iter().filter(|o| matches!(o, ClientOutput::PersistAndAck { .. })).count(), 1);
+    assert_eq!(
+        out.last(),
+        Some(&ClientOutput::PersistAndAck {
+            volume_id: VOLUME,
+            seq: 5
+        }),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, ClientOutput::PersistAndAck { .. }))
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -700,13 +911,34 @@ fn a_trickle_is_acknowledged_batch_by_batch() {
     let mut c = ClientSession::new(state, now);
     c.handle_stream_data(now, &frame(&welcome));
     for seq in 1..=3 {
-        c.handle_stream_data(now, &frame(&Msg::Entries { from_seq: seq, entries: vec![entry(seq)] }));
+        c.handle_stream_data(
+            now,
+            &frame(&Msg::Entries {
+                from_seq: seq,
+                entries: vec![entry(seq)],
+            }),
+        );
         let out: Vec<ClientOutput> = std::iter::from_fn(|| c.poll_output()).collect();
-        assert_eq!(out.last(), Some(&ClientOutput::PersistAndAck { volume_id: VOLUME, seq }));
+        assert_eq!(
+            out.last(),
+            Some(&ClientOutput::PersistAndAck {
+                volume_id: VOLUME,
+                seq
+            })
+        );
         c.handle_applied(now, seq);
-        assert_eq!(c.poll_output(), Some(ClientOutput::Send(Msg::Ack { applied_seq: seq })));
+        assert_eq!(
+            c.poll_output(),
+            Some(ClientOutput::Send(Msg::Ack { applied_seq: seq }))
+        );
     }
-    assert_eq!(c.state(), ClientState { volume_id: Some(VOLUME), last_applied: Some(3) });
+    assert_eq!(
+        c.state(),
+        ClientState {
+            volume_id: Some(VOLUME),
+            last_applied: Some(3)
+        }
+    );
 }
 
 #[test]
@@ -716,7 +948,10 @@ fn heartbeats_keep_an_idle_client_connected() {
     p.run();
     p.advance(Duration::from_secs(30));
     p.assert_open();
-    let heartbeats = p.server_sent[0].iter().filter(|m| matches!(m, Msg::Heartbeat { .. })).count();
+    let heartbeats = p.server_sent[0]
+        .iter()
+        .filter(|m| matches!(m, Msg::Heartbeat { .. }))
+        .count();
     assert!(heartbeats >= 25, "{heartbeats} heartbeats in 30 s");
     assert_eq!(p.client.server_journal_last(), 2);
 }
@@ -727,9 +962,17 @@ fn a_silent_server_times_the_client_out_within_three_seconds() {
     p.run();
     p.cut_to_client = true;
     p.advance(Duration::from_secs(2));
-    assert!(p.client_close.is_none(), "closed after 2 s of silence: {:?}", p.client_close);
+    assert!(
+        p.client_close.is_none(),
+        "closed after 2 s of silence: {:?}",
+        p.client_close
+    );
     p.advance(Duration::from_millis(1100));
-    assert!(matches!(p.client_close, Some(CloseReason::Timeout { .. })), "{:?}", p.client_close);
+    assert!(
+        matches!(p.client_close, Some(CloseReason::Timeout { .. })),
+        "{:?}",
+        p.client_close
+    );
     assert_eq!(p.client_close.as_ref().unwrap().code(), 4);
 }
 
@@ -741,14 +984,20 @@ fn a_client_that_sends_no_hello_is_dropped() {
     s.handle_timeout(now + Duration::from_secs(5));
     assert_eq!(s.poll_output(), None);
     s.handle_timeout(now + Duration::from_secs(10));
-    assert!(matches!(s.poll_output(), Some(ServerOutput::Close(CloseReason::Timeout { .. }))));
+    assert!(matches!(
+        s.poll_output(),
+        Some(ServerOutput::Close(CloseReason::Timeout { .. }))
+    ));
 }
 
 #[test]
 fn a_server_that_never_welcomes_times_the_client_out() {
     let now = Instant::now();
     let mut c = ClientSession::new(ClientState::default(), now);
-    assert!(matches!(c.poll_output(), Some(ClientOutput::Send(Msg::Hello { .. }))));
+    assert!(matches!(
+        c.poll_output(),
+        Some(ClientOutput::Send(Msg::Hello { .. }))
+    ));
     c.handle_timeout(now + Duration::from_secs(10));
     match c.poll_output() {
         Some(ClientOutput::Close(CloseReason::Timeout { what })) => {
@@ -760,7 +1009,10 @@ fn a_server_that_never_welcomes_times_the_client_out() {
 
 #[test]
 fn retention_expiring_under_a_connected_client_closes_it_and_it_resyncs() {
-    let client = ClientConfig { window: 4, ..Default::default() };
+    let client = ClientConfig {
+        window: 4,
+        ..Default::default()
+    };
     let mut p = Pair::with(ClientState::default(), ServerConfig::default(), client);
     p.run();
     p.replica.hold_acks = true;
@@ -769,12 +1021,18 @@ fn retention_expiring_under_a_connected_client_closes_it_and_it_resyncs() {
     p.journal.expire_through(15);
     p.release_acks();
     p.run();
-    assert_eq!(p.server_close, Some(CloseReason::Expired { first_retained: 16 }));
+    assert_eq!(
+        p.server_close,
+        Some(CloseReason::Expired { first_retained: 16 })
+    );
     p.replica.hold_acks = false;
     p.reconnect();
     p.run();
     p.assert_open();
-    assert_eq!(p.welcome(1), full_sync(20, FullSyncReason::Expired { first_retained: 16 }));
+    assert_eq!(
+        p.welcome(1),
+        full_sync(20, FullSyncReason::Expired { first_retained: 16 })
+    );
     assert_eq!(p.replica.tree, p.journal.tree_at(20));
 }
 
@@ -786,7 +1044,11 @@ fn changes_racing_the_manifest_walk_are_streamed_after_it() {
     p.run();
     p.assert_open();
     assert_eq!(p.welcome(0), full_sync(5, FullSyncReason::NewClient));
-    assert_eq!(p.replica.applied, [6, 7, 8], "what the walk raced with is replayed after it");
+    assert_eq!(
+        p.replica.applied,
+        [6, 7, 8],
+        "what the walk raced with is replayed after it"
+    );
     assert_eq!(p.replica.tree, p.journal.tree_at(8));
 }
 
@@ -799,7 +1061,11 @@ fn the_server_tells_the_driver_which_seqs_a_client_still_needs() {
     p.replica.hold_acks = true;
     p.append(5);
     p.run();
-    assert_eq!(p.server.retention_floor(), Some(6), "nothing new acknowledged");
+    assert_eq!(
+        p.server.retention_floor(),
+        Some(6),
+        "nothing new acknowledged"
+    );
     p.release_acks();
     p.run();
     assert_eq!(p.server.retention_floor(), Some(11));
@@ -828,8 +1094,14 @@ fn replica_converges_through_random_appends_compactions_crashes_and_latency() {
     let (mut resumes, mut full_syncs, mut expired_closes, mut gaps) = (0, 0, 0, 0);
     for seed in 1..=40u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        let server = ServerConfig { max_batch: 1 + rng.below(8) as usize, ..Default::default() };
-        let client = ClientConfig { window: 1 + rng.below(16) as u32, ..Default::default() };
+        let server = ServerConfig {
+            max_batch: 1 + rng.below(8) as usize,
+            ..Default::default()
+        };
+        let client = ClientConfig {
+            window: 1 + rng.below(16) as u32,
+            ..Default::default()
+        };
         let mut p = Pair::with(ClientState::default(), server, client);
         p.latency = Duration::from_millis(rng.below(5));
         for _ in 0..80 {
@@ -863,7 +1135,10 @@ fn replica_converges_through_random_appends_compactions_crashes_and_latency() {
             }
             p.run();
             for closed in [&p.server_close, &p.client_close].into_iter().flatten() {
-                assert!(matches!(closed, CloseReason::Expired { .. }), "seed {seed}: unexpected close: {closed}");
+                assert!(
+                    matches!(closed, CloseReason::Expired { .. }),
+                    "seed {seed}: unexpected close: {closed}"
+                );
                 expired_closes += 1;
             }
             if p.server_close.is_some() {
@@ -877,17 +1152,30 @@ fn replica_converges_through_random_appends_compactions_crashes_and_latency() {
         p.assert_open();
         let last = p.journal.last_seq;
         assert_eq!(p.replica.durable.last_applied, Some(last), "seed {seed}");
-        assert_eq!(p.replica.tree, p.journal.tree_at(last), "seed {seed}: the replica diverged");
+        assert_eq!(
+            p.replica.tree,
+            p.journal.tree_at(last),
+            "seed {seed}: the replica diverged"
+        );
         assert!(p.max_unacked <= p.server.window(), "seed {seed}");
         for sent in &p.server_sent {
             match sent.iter().find(|m| matches!(m, Msg::Welcome { .. })) {
-                Some(Msg::Welcome { start: Start::Resume { .. }, .. }) => resumes += 1,
-                Some(Msg::Welcome { start: Start::FullSync { .. }, .. }) => full_syncs += 1,
+                Some(Msg::Welcome {
+                    start: Start::Resume { .. },
+                    ..
+                }) => resumes += 1,
+                Some(Msg::Welcome {
+                    start: Start::FullSync { .. },
+                    ..
+                }) => full_syncs += 1,
                 _ => {}
             }
             for m in sent {
                 if let Msg::Entries { from_seq, entries } = m {
-                    gaps += entries.windows(2).filter(|w| w[1].seq > w[0].seq + 1).count();
+                    gaps += entries
+                        .windows(2)
+                        .filter(|w| w[1].seq > w[0].seq + 1)
+                        .count();
                     gaps += usize::from(entries[0].seq > *from_seq);
                 }
             }
@@ -906,7 +1194,12 @@ fn frame(msg: &Msg) -> Vec<u8> {
 }
 
 fn hello(volume_id: Option<VolumeId>, last_applied: Option<u64>) -> Msg {
-    Msg::Hello { volume_id, last_applied, window: 16, agent: "test".into() }
+    Msg::Hello {
+        volume_id,
+        last_applied,
+        window: 16,
+        agent: "test".into(),
+    }
 }
 
 /// Feeds `input` (then the end of the stream if `finish`) to a fresh server over a journal
@@ -919,10 +1212,15 @@ fn server_closes_on(input: &[Vec<u8>], finish: bool) -> CloseReason {
     for bytes in input {
         s.handle_stream_data(now, bytes);
         for n in 0.. {
-            assert!(n < MAX_OUTPUTS_PER_STEP, "the server keeps producing outputs: a livelock");
+            assert!(
+                n < MAX_OUTPUTS_PER_STEP,
+                "the server keeps producing outputs: a livelock"
+            );
             let Some(o) = s.poll_output() else { break };
             match o {
-                ServerOutput::ReadJournal { from, max } => s.handle_journal(now, journal.read_from(from, max)),
+                ServerOutput::ReadJournal { from, max } => {
+                    s.handle_journal(now, journal.read_from(from, max))
+                }
                 ServerOutput::StartManifest { .. } => {
                     s.handle_manifest_begin(now, journal.last_seq);
                     s.handle_manifest_end(now);
@@ -978,7 +1276,10 @@ fn an_oversized_length_prefix_closes_before_anything_is_allocated() {
     let mut f = vec![0xff, 0xff, 0xff, 0xff];
     f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     let r = server_closes_on(&[f], false);
-    assert!(violation_text(&r).contains("over this stream's limit"), "{r}");
+    assert!(
+        violation_text(&r).contains("over this stream's limit"),
+        "{r}"
+    );
     assert_eq!(r.code(), 2);
 
     let mut d = FrameDecoder::new(MAX_CONTROL_BODY);
@@ -1017,16 +1318,28 @@ fn a_stream_ending_inside_a_frame_is_truncated() {
 
 #[test]
 fn a_server_message_from_a_client_is_a_violation() {
-    let entries = Msg::Entries { from_seq: 1, entries: vec![entry(1)] };
+    let entries = Msg::Entries {
+        from_seq: 1,
+        entries: vec![entry(1)],
+    };
     let r = server_closes_on(&[frame(&entries)], false);
     assert_eq!(violation_text(&r), "Entries is a server message");
 }
 
 #[test]
 fn a_fetch_on_the_control_stream_is_a_violation() {
-    let fetch = Msg::Fetch { req_id: 1, path: "a".into(), offset: 0, len: 1, ino: None };
+    let fetch = Msg::Fetch {
+        req_id: 1,
+        path: "a".into(),
+        offset: 0,
+        len: 1,
+        ino: None,
+    };
     let r = server_closes_on(&[frame(&hello(None, None)), frame(&fetch)], false);
-    assert!(violation_text(&r).contains("belongs on a fetch stream"), "{r}");
+    assert!(
+        violation_text(&r).contains("belongs on a fetch stream"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -1040,15 +1353,32 @@ fn hello_twice_is_a_violation() {
 fn an_ack_before_hello_or_beyond_what_was_sent_is_a_violation() {
     let r = server_closes_on(&[frame(&Msg::Ack { applied_seq: 1 })], false);
     assert!(violation_text(&r).contains("waiting for Hello"), "{r}");
-    let r = server_closes_on(&[frame(&hello(Some(VOLUME), Some(5))), frame(&Msg::Ack { applied_seq: 11 })], false);
+    let r = server_closes_on(
+        &[
+            frame(&hello(Some(VOLUME), Some(5))),
+            frame(&Msg::Ack { applied_seq: 11 }),
+        ],
+        false,
+    );
     assert!(violation_text(&r).contains("outside [5, 10]"), "{r}");
-    let r = server_closes_on(&[frame(&hello(Some(VOLUME), Some(5))), frame(&Msg::Ack { applied_seq: 4 })], false);
+    let r = server_closes_on(
+        &[
+            frame(&hello(Some(VOLUME), Some(5))),
+            frame(&Msg::Ack { applied_seq: 4 }),
+        ],
+        false,
+    );
     assert!(violation_text(&r).contains("outside [5, 10]"), "{r}");
 }
 
 #[test]
 fn a_window_of_zero_is_a_violation() {
-    let h = Msg::Hello { volume_id: None, last_applied: None, window: 0, agent: String::new() };
+    let h = Msg::Hello {
+        volume_id: None,
+        last_applied: None,
+        window: 0,
+        agent: String::new(),
+    };
     let r = server_closes_on(&[frame(&h)], false);
     assert!(violation_text(&r).contains("window of 0"), "{r}");
 }
@@ -1058,7 +1388,10 @@ fn a_window_of_zero_is_a_violation() {
 fn client_after(state: ClientState, msgs: &[Msg]) -> Vec<ClientOutput> {
     let now = Instant::now();
     let mut c = ClientSession::new(state, now);
-    assert!(matches!(c.poll_output(), Some(ClientOutput::Send(Msg::Hello { .. }))));
+    assert!(matches!(
+        c.poll_output(),
+        Some(ClientOutput::Send(Msg::Hello { .. }))
+    ));
     for m in msgs {
         c.handle_stream_data(now, &frame(m));
     }
@@ -1073,22 +1406,35 @@ fn client_violation(state: ClientState, msgs: &[Msg]) -> String {
 }
 
 fn resumed(last: u64) -> (ClientState, Msg) {
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(last) };
-    let welcome = Msg::Welcome { volume_id: VOLUME, start: Start::Resume { from_seq: last + 1 }, agent: "s".into() };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(last),
+    };
+    let welcome = Msg::Welcome {
+        volume_id: VOLUME,
+        start: Start::Resume { from_seq: last + 1 },
+        agent: "s".into(),
+    };
     (state, welcome)
 }
 
 #[test]
 fn a_gap_between_batches_is_a_violation() {
     let (state, welcome) = resumed(4);
-    let gap = Msg::Entries { from_seq: 6, entries: vec![entry(6)] };
+    let gap = Msg::Entries {
+        from_seq: 6,
+        entries: vec![entry(6)],
+    };
     assert!(client_violation(state, &[welcome, gap]).contains("a gap or a repeat"));
 }
 
 #[test]
 fn a_repeated_batch_is_a_violation() {
     let (state, welcome) = resumed(4);
-    let batch = Msg::Entries { from_seq: 5, entries: vec![entry(5), entry(6)] };
+    let batch = Msg::Entries {
+        from_seq: 5,
+        entries: vec![entry(5), entry(6)],
+    };
     let v = client_violation(state, &[welcome, batch.clone(), batch]);
     assert!(v.contains("a gap or a repeat"), "{v}");
 }
@@ -1096,44 +1442,84 @@ fn a_repeated_batch_is_a_violation() {
 #[test]
 fn a_bad_batch_applies_nothing() {
     let (state, welcome) = resumed(4);
-    let batch = Msg::Entries { from_seq: 5, entries: vec![entry(5), entry(7), entry(6)] };
+    let batch = Msg::Entries {
+        from_seq: 5,
+        entries: vec![entry(5), entry(7), entry(6)],
+    };
     let out = client_after(state, &[welcome, batch]);
-    assert!(!out.iter().any(|o| matches!(o, ClientOutput::Apply(_))), "{out:?}");
+    assert!(
+        !out.iter().any(|o| matches!(o, ClientOutput::Apply(_))),
+        "{out:?}"
+    );
     assert!(matches!(out.last(), Some(ClientOutput::Close(_))));
 }
 
 #[test]
 fn a_resume_the_client_did_not_ask_for_is_a_violation() {
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(4) };
-    let wrong_seq = Msg::Welcome { volume_id: VOLUME, start: Start::Resume { from_seq: 3 }, agent: String::new() };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(4),
+    };
+    let wrong_seq = Msg::Welcome {
+        volume_id: VOLUME,
+        start: Start::Resume { from_seq: 3 },
+        agent: String::new(),
+    };
     assert!(client_violation(state, &[wrong_seq]).contains("Welcome resumes"));
-    let wrong_volume = Msg::Welcome { volume_id: [1; 16], start: Start::Resume { from_seq: 5 }, agent: String::new() };
+    let wrong_volume = Msg::Welcome {
+        volume_id: [1; 16],
+        start: Start::Resume { from_seq: 5 },
+        agent: String::new(),
+    };
     assert!(client_violation(state, &[wrong_volume]).contains("Welcome resumes"));
 }
 
 #[test]
 fn welcome_twice_is_a_violation() {
     let (state, welcome) = resumed(4);
-    assert_eq!(client_violation(state, &[welcome.clone(), welcome]), "Welcome while streaming the journal");
+    assert_eq!(
+        client_violation(state, &[welcome.clone(), welcome]),
+        "Welcome while streaming the journal"
+    );
 }
 
 #[test]
 fn a_heartbeat_that_disagrees_with_the_stream_is_a_violation() {
     let (state, welcome) = resumed(4);
-    let hb = Msg::Heartbeat { sent_through: 7, journal_last: 9 };
+    let hb = Msg::Heartbeat {
+        sent_through: 7,
+        journal_last: 9,
+    };
     assert!(client_violation(state, &[welcome, hb]).contains("Heartbeat says 7"));
 }
 
 #[test]
 fn a_path_escaping_the_root_from_the_server_is_a_violation() {
     let (state, welcome) = resumed(4);
-    let evil = JournalEntry { seq: 5, op: Op::Unlink { path: "a/../../etc/passwd".into() } };
-    let v = client_violation(state, &[welcome, Msg::Entries { from_seq: 5, entries: vec![evil] }]);
+    let evil = JournalEntry {
+        seq: 5,
+        op: Op::Unlink {
+            path: "a/../../etc/passwd".into(),
+        },
+    };
+    let v = client_violation(
+        state,
+        &[
+            welcome,
+            Msg::Entries {
+                from_seq: 5,
+                entries: vec![evil],
+            },
+        ],
+    );
     assert!(v.contains("'..' component"), "{v}");
 
     let full = Msg::Welcome {
         volume_id: VOLUME,
-        start: Start::FullSync { manifest_seq: 0, why: FullSyncReason::NewClient },
+        start: Start::FullSync {
+            manifest_seq: 0,
+            why: FullSyncReason::NewClient,
+        },
         agent: String::new(),
     };
     let evil = ManifestEntry {
@@ -1143,15 +1529,38 @@ fn a_path_escaping_the_root_from_the_server_is_a_violation() {
         link_group: None,
         data: None,
     };
-    let v = client_violation(ClientState::default(), &[full, Msg::Manifest { entries: vec![evil] }]);
+    let v = client_violation(
+        ClientState::default(),
+        &[
+            full,
+            Msg::Manifest {
+                entries: vec![evil],
+            },
+        ],
+    );
     assert!(v.contains("absolute"), "{v}");
 }
 
 #[test]
 fn a_symlink_target_may_be_absolute() {
     let (state, welcome) = resumed(4);
-    let link = JournalEntry { seq: 5, op: Op::Symlink { path: "l".into(), target: "/etc/passwd".into() } };
-    let out = client_after(state, &[welcome, Msg::Entries { from_seq: 5, entries: vec![link.clone()] }]);
+    let link = JournalEntry {
+        seq: 5,
+        op: Op::Symlink {
+            path: "l".into(),
+            target: "/etc/passwd".into(),
+        },
+    };
+    let out = client_after(
+        state,
+        &[
+            welcome,
+            Msg::Entries {
+                from_seq: 5,
+                entries: vec![link.clone()],
+            },
+        ],
+    );
     assert_eq!(out[0], ClientOutput::Apply(link));
 }
 
@@ -1159,22 +1568,52 @@ fn a_symlink_target_may_be_absolute() {
 fn more_entries_than_the_window_is_a_violation() {
     let (state, welcome) = resumed(0);
     let now = Instant::now();
-    let config = ClientConfig { window: 2, ..Default::default() };
+    let config = ClientConfig {
+        window: 2,
+        ..Default::default()
+    };
     let mut c = ClientSession::with_config(state, now, config);
     c.handle_stream_data(now, &frame(&welcome));
-    c.handle_stream_data(now, &frame(&Msg::Entries { from_seq: 1, entries: vec![entry(1), entry(2)] }));
-    c.handle_stream_data(now, &frame(&Msg::Entries { from_seq: 3, entries: vec![entry(3)] }));
+    c.handle_stream_data(
+        now,
+        &frame(&Msg::Entries {
+            from_seq: 1,
+            entries: vec![entry(1), entry(2)],
+        }),
+    );
+    c.handle_stream_data(
+        now,
+        &frame(&Msg::Entries {
+            from_seq: 3,
+            entries: vec![entry(3)],
+        }),
+    );
     match std::iter::from_fn(|| c.poll_output()).last() {
-        Some(ClientOutput::Close(r)) => assert!(violation_text(&r).contains("over the window of 2"), "{r}"),
+        Some(ClientOutput::Close(r)) => {
+            assert!(violation_text(&r).contains("over the window of 2"), "{r}")
+        }
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn refuse_closes_the_client_with_the_servers_text() {
-    let out = client_after(ClientState::default(), &[Msg::Refuse { reason: "shutting down".into() }]);
-    assert_eq!(out, [ClientOutput::Close(CloseReason::Refused { reason: "shutting down".into() })]);
-    assert_eq!(CloseReason::Refused { reason: "x".into() }.to_string(), "the server refused service: x");
+    let out = client_after(
+        ClientState::default(),
+        &[Msg::Refuse {
+            reason: "shutting down".into(),
+        }],
+    );
+    assert_eq!(
+        out,
+        [ClientOutput::Close(CloseReason::Refused {
+            reason: "shutting down".into()
+        })]
+    );
+    assert_eq!(
+        CloseReason::Refused { reason: "x".into() }.to_string(),
+        "the server refused service: x"
+    );
 }
 
 #[test]
@@ -1182,13 +1621,26 @@ fn a_journal_failure_refuses_the_client_with_the_reason() {
     let now = Instant::now();
     let mut s = ServerSession::new(VOLUME, now);
     s.handle_stream_data(now, &frame(&hello(Some(VOLUME), Some(1))));
-    assert!(matches!(s.poll_output(), Some(ServerOutput::ReadJournal { from: 2, .. })));
-    s.handle_journal(now, JournalRead::Failed { reason: "disk on fire".into() });
+    assert!(matches!(
+        s.poll_output(),
+        Some(ServerOutput::ReadJournal { from: 2, .. })
+    ));
+    s.handle_journal(
+        now,
+        JournalRead::Failed {
+            reason: "disk on fire".into(),
+        },
+    );
     match s.poll_output() {
-        Some(ServerOutput::Send(Msg::Refuse { reason })) => assert!(reason.contains("disk on fire")),
+        Some(ServerOutput::Send(Msg::Refuse { reason })) => {
+            assert!(reason.contains("disk on fire"))
+        }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(s.poll_output(), Some(ServerOutput::Close(CloseReason::Internal { .. }))));
+    assert!(matches!(
+        s.poll_output(),
+        Some(ServerOutput::Close(CloseReason::Internal { .. }))
+    ));
 }
 
 // ---- framing --------------------------------------------------------------------------
@@ -1204,21 +1656,28 @@ fn samples() -> Vec<Msg> {
             start: full_sync(9, FullSyncReason::Expired { first_retained: 3 }),
             agent: "imezzo 0.1.0".into(),
         },
-        Msg::Refuse { reason: "no".into() },
+        Msg::Refuse {
+            reason: "no".into(),
+        },
         Msg::Entries {
             from_seq: 1,
             entries: vec![
                 entry(1),
                 JournalEntry {
                     seq: 2,
-                    op: Op::Rename { path: "a".into(), new_path: "b/c".into(), exchange: true, noreplace: false },
+                    op: Op::Rename {
+                        path: "a".into(),
+                        new_path: "b/c".into(),
+                        exchange: true,
+                        noreplace: false,
+                    },
                 },
             ],
         },
         Msg::Manifest {
             entries: vec![ManifestEntry {
                 path: "d/l".into(),
-                attrs: FileAttrs {
+                attrs: Attrs {
                     symlink_target: Some(b"../t".to_vec()),
                     xattrs: vec![(b"user.a".to_vec(), b"v".to_vec())],
                     ..a.clone()
@@ -1238,14 +1697,39 @@ fn samples() -> Vec<Msg> {
             }],
         },
         Msg::ManifestEnd { seq: 9 },
-        Msg::Heartbeat { sent_through: 9, journal_last: 12 },
-        Msg::Fetch { req_id: 1, path: "d/f".into(), offset: 4096, len: 1 << 20, ino: None },
-        Msg::FetchAttrs { req_id: 2, paths: vec!["".into(), "d".into()] },
-        Msg::Data { req_id: 1, offset: 4096, bytes: vec![1, 2, 3] },
-        Msg::DataEnd { req_id: 1, file_size: 4099 },
-        Msg::Attrs { req_id: 2, attrs: vec![Some(a), None] },
+        Msg::Heartbeat {
+            sent_through: 9,
+            journal_last: 12,
+        },
+        Msg::Fetch {
+            req_id: 1,
+            path: "d/f".into(),
+            offset: 4096,
+            len: 1 << 20,
+            ino: None,
+        },
+        Msg::FetchAttrs {
+            req_id: 2,
+            paths: vec!["".into(), "d".into()],
+        },
+        Msg::Data {
+            req_id: 1,
+            offset: 4096,
+            bytes: vec![1, 2, 3],
+        },
+        Msg::DataEnd {
+            req_id: 1,
+            file_size: 4099,
+        },
+        Msg::Attrs {
+            req_id: 2,
+            attrs: vec![Some(a), None],
+        },
         Msg::Gone { req_id: 3 },
-        Msg::Unreadable { req_id: 4, reason: "EIO".into() },
+        Msg::Unreadable {
+            req_id: 4,
+            reason: "EIO".into(),
+        },
     ]
 }
 
@@ -1282,7 +1766,10 @@ fn frames_split_at_every_byte_still_decode() {
 #[test]
 fn version_3_wire_bytes_are_frozen() {
     let hello = hex::encode(frame(&hello(Some(VOLUME), Some(42))));
-    let entries = hex::encode(frame(&Msg::Entries { from_seq: 1, entries: vec![entry(1)] }));
+    let entries = hex::encode(frame(&Msg::Entries {
+        from_seq: 1,
+        entries: vec![entry(1)],
+    }));
     let manifest = hex::encode(frame(&Msg::Manifest {
         entries: vec![ManifestEntry {
             path: "d/f".into(),
@@ -1358,22 +1845,37 @@ fn large_entries_are_split_into_frames_under_the_control_limit() {
     let mut s = ServerSession::new(VOLUME, now);
     s.handle_stream_data(
         now,
-        &frame(&Msg::Hello { volume_id: Some(VOLUME), last_applied: Some(0), window: 4096, agent: String::new() }),
+        &frame(&Msg::Hello {
+            volume_id: Some(VOLUME),
+            last_applied: Some(0),
+            window: 4096,
+            agent: String::new(),
+        }),
     );
     let long = |i: u64| RelPath(format!("{i:04}/{}", "x".repeat(4000)).into_bytes());
     let entries: Vec<JournalEntry> = (1..=1000)
         .map(|seq| JournalEntry {
             seq,
-            op: Op::Rename { path: long(seq), new_path: long(seq + 1), exchange: false, noreplace: false },
+            op: Op::Rename {
+                path: long(seq),
+                new_path: long(seq + 1),
+                exchange: false,
+                noreplace: false,
+            },
         })
         .collect();
-    assert!(matches!(s.poll_output(), Some(ServerOutput::ReadJournal { from: 1, max: 1024 })));
+    assert!(matches!(
+        s.poll_output(),
+        Some(ServerOutput::ReadJournal { from: 1, max: 1024 })
+    ));
     s.handle_journal(now, JournalRead::Entries(entries));
     let mut frames = 0;
     let mut next = 1;
     while let Some(o) = s.poll_output() {
         if let ServerOutput::Send(m @ Msg::Entries { .. }) = o {
-            let Msg::Entries { from_seq, entries } = &m else { unreachable!() };
+            let Msg::Entries { from_seq, entries } = &m else {
+                unreachable!()
+            };
             assert_eq!(*from_seq, next);
             next = entries.last().unwrap().seq + 1;
             assert!(encode(&m).unwrap().len() - HEADER_LEN <= MAX_CONTROL_BODY);
@@ -1389,10 +1891,15 @@ fn a_manifest_entry_with_huge_xattrs_travels_without_them() {
     let now = Instant::now();
     let mut s = ServerSession::new(VOLUME, now);
     s.handle_stream_data(now, &frame(&hello(None, None)));
-    assert_eq!(s.poll_output(), Some(ServerOutput::StartManifest { inline_data: true }));
+    assert_eq!(
+        s.poll_output(),
+        Some(ServerOutput::StartManifest { inline_data: true })
+    );
     s.handle_manifest_begin(now, 0);
     let mut big = attrs(FileKind::Regular, 1);
-    big.xattrs = (0..8).map(|i| (format!("user.{i}").into_bytes(), vec![0u8; 64 << 10])).collect();
+    big.xattrs = (0..8)
+        .map(|i| (format!("user.{i}").into_bytes(), vec![0u8; 64 << 10]))
+        .collect();
     let small = ManifestEntry {
         path: "s".into(),
         attrs: attrs(FileKind::Regular, 1),
@@ -1400,7 +1907,13 @@ fn a_manifest_entry_with_huge_xattrs_travels_without_them() {
         link_group: None,
         data: Some(vec![1]),
     };
-    let big = ManifestEntry { path: "b".into(), attrs: big, xattrs_omitted: false, link_group: None, data: None };
+    let big = ManifestEntry {
+        path: "b".into(),
+        attrs: big,
+        xattrs_omitted: false,
+        link_group: None,
+        data: None,
+    };
     s.handle_manifest_entries(now, vec![big, small.clone()]);
     s.handle_manifest_end(now);
     let sent: Vec<ManifestEntry> = std::iter::from_fn(|| s.poll_output())
@@ -1428,13 +1941,33 @@ fn fetch_events(ex: &mut FetchExchange, msgs: &[Msg]) -> Result<Vec<FetchEvent>,
 #[test]
 fn a_data_answer_with_a_hole_is_accepted_in_order() {
     let (mut ex, req) = FetchExchange::data(5, "f".into(), 0, 10_000, None);
-    assert_eq!(req, Msg::Fetch { req_id: 5, path: "f".into(), offset: 0, len: 10_000, ino: None });
+    assert_eq!(
+        req,
+        Msg::Fetch {
+            req_id: 5,
+            path: "f".into(),
+            offset: 0,
+            len: 10_000,
+            ino: None
+        }
+    );
     let events = fetch_events(
         &mut ex,
         &[
-            Msg::Data { req_id: 5, offset: 0, bytes: vec![1; 4096] },
-            Msg::Data { req_id: 5, offset: 8192, bytes: vec![2; 100] },
-            Msg::DataEnd { req_id: 5, file_size: 8292 },
+            Msg::Data {
+                req_id: 5,
+                offset: 0,
+                bytes: vec![1; 4096],
+            },
+            Msg::Data {
+                req_id: 5,
+                offset: 8192,
+                bytes: vec![2; 100],
+            },
+            Msg::DataEnd {
+                req_id: 5,
+                file_size: 8292,
+            },
         ],
     )
     .unwrap();
@@ -1450,16 +1983,38 @@ fn overlapping_or_out_of_range_data_is_a_violation() {
     let r = fetch_events(
         &mut ex,
         &[
-            Msg::Data { req_id: 5, offset: 150, bytes: vec![0; 20] },
-            Msg::Data { req_id: 5, offset: 160, bytes: vec![0; 5] },
+            Msg::Data {
+                req_id: 5,
+                offset: 150,
+                bytes: vec![0; 20],
+            },
+            Msg::Data {
+                req_id: 5,
+                offset: 160,
+                bytes: vec![0; 5],
+            },
         ],
     );
     assert!(violation_text(&r.unwrap_err()).contains("outside the unanswered part [170, 200)"));
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100, None);
-    let r = fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 190, bytes: vec![0; 20] }]);
+    let r = fetch_events(
+        &mut ex,
+        &[Msg::Data {
+            req_id: 5,
+            offset: 190,
+            bytes: vec![0; 20],
+        }],
+    );
     assert!(r.is_err());
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 100, 100, None);
-    let r = fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 50, bytes: vec![0; 20] }]);
+    let r = fetch_events(
+        &mut ex,
+        &[Msg::Data {
+            req_id: 5,
+            offset: 50,
+            bytes: vec![0; 20],
+        }],
+    );
     assert!(r.is_err());
 }
 
@@ -1467,15 +2022,30 @@ fn overlapping_or_out_of_range_data_is_a_violation() {
 fn an_answer_for_another_request_is_a_violation() {
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
     let r = fetch_events(&mut ex, &[Msg::Gone { req_id: 6 }]);
-    assert!(violation_text(&r.unwrap_err()).contains("Gone for request 6 on the stream of request 5"));
+    assert!(
+        violation_text(&r.unwrap_err()).contains("Gone for request 6 on the stream of request 5")
+    );
 }
 
 #[test]
 fn gone_after_some_data_is_a_violation_and_before_it_is_an_answer() {
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
-    assert_eq!(fetch_events(&mut ex, &[Msg::Gone { req_id: 5 }]).unwrap(), [FetchEvent::Gone]);
+    assert_eq!(
+        fetch_events(&mut ex, &[Msg::Gone { req_id: 5 }]).unwrap(),
+        [FetchEvent::Gone]
+    );
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
-    let r = fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 0, bytes: vec![1] }, Msg::Gone { req_id: 5 }]);
+    let r = fetch_events(
+        &mut ex,
+        &[
+            Msg::Data {
+                req_id: 5,
+                offset: 0,
+                bytes: vec![1],
+            },
+            Msg::Gone { req_id: 5 },
+        ],
+    );
     assert!(r.is_err());
 }
 
@@ -1484,7 +2054,17 @@ fn data_past_the_reported_file_size_is_a_violation() {
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 100, None);
     let r = fetch_events(
         &mut ex,
-        &[Msg::Data { req_id: 5, offset: 0, bytes: vec![1; 50] }, Msg::DataEnd { req_id: 5, file_size: 20 }],
+        &[
+            Msg::Data {
+                req_id: 5,
+                offset: 0,
+                bytes: vec![1; 50],
+            },
+            Msg::DataEnd {
+                req_id: 5,
+                file_size: 20,
+            },
+        ],
     );
     assert!(violation_text(&r.unwrap_err()).contains("file size 20"));
 }
@@ -1492,36 +2072,74 @@ fn data_past_the_reported_file_size_is_a_violation() {
 #[test]
 fn a_fetch_stream_ending_before_the_answer_is_a_violation() {
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 100, None);
-    fetch_events(&mut ex, &[Msg::Data { req_id: 5, offset: 0, bytes: vec![1; 50] }]).unwrap();
-    assert!(violation_text(&ex.handle_stream_finished().unwrap_err()).contains("before the answer was complete"));
+    fetch_events(
+        &mut ex,
+        &[Msg::Data {
+            req_id: 5,
+            offset: 0,
+            bytes: vec![1; 50],
+        }],
+    )
+    .unwrap();
+    assert!(violation_text(&ex.handle_stream_finished().unwrap_err())
+        .contains("before the answer was complete"));
 }
 
 #[test]
 fn anything_after_a_complete_answer_is_a_violation() {
     let (mut ex, _) = FetchExchange::attrs(2, vec!["a".into()]);
-    let r = fetch_events(&mut ex, &[Msg::Attrs { req_id: 2, attrs: vec![None] }, Msg::Gone { req_id: 2 }]);
+    let r = fetch_events(
+        &mut ex,
+        &[
+            Msg::Attrs {
+                req_id: 2,
+                attrs: vec![None],
+            },
+            Msg::Gone { req_id: 2 },
+        ],
+    );
     assert!(violation_text(&r.unwrap_err()).contains("after the answer was complete"));
 }
 
 #[test]
 fn attrs_must_answer_every_path() {
     let (mut ex, _) = FetchExchange::attrs(2, vec!["a".into(), "b".into()]);
-    let r = fetch_events(&mut ex, &[Msg::Attrs { req_id: 2, attrs: vec![None] }]);
+    let r = fetch_events(
+        &mut ex,
+        &[Msg::Attrs {
+            req_id: 2,
+            attrs: vec![None],
+        }],
+    );
     assert!(violation_text(&r.unwrap_err()).contains("1 answers for 2 paths"));
 }
 
 #[test]
 fn the_server_reads_one_checked_request_per_fetch_stream() {
     let mut r = FetchRequestReader::new();
-    let req = Msg::Fetch { req_id: 1, path: "d/f".into(), offset: 10, len: 20, ino: Some(77) };
+    let req = Msg::Fetch {
+        req_id: 1,
+        path: "d/f".into(),
+        offset: 10,
+        len: 20,
+        ino: Some(77),
+    };
     let f = frame(&req);
     assert_eq!(r.handle_stream_data(&f[..3]).unwrap(), None);
     assert_eq!(
         r.handle_stream_data(&f[3..]).unwrap(),
-        Some(FetchRequest::Data { req_id: 1, path: "d/f".into(), offset: 10, len: 20, ino: Some(77) })
+        Some(FetchRequest::Data {
+            req_id: 1,
+            path: "d/f".into(),
+            offset: 10,
+            len: 20,
+            ino: Some(77)
+        })
     );
     r.handle_stream_finished().unwrap();
-    assert!(violation_text(&r.handle_stream_data(&f).unwrap_err()).contains("one request per stream"));
+    assert!(
+        violation_text(&r.handle_stream_data(&f).unwrap_err()).contains("one request per stream")
+    );
 
     let mut r = FetchRequestReader::new();
     let two: Vec<u8> = [frame(&req), frame(&req)].concat();
@@ -1540,53 +2158,83 @@ fn a_fetch_request_escaping_the_root_is_a_violation() {
         ("a/./b", "'.' component"),
     ] {
         let mut r = FetchRequestReader::new();
-        let req = Msg::FetchAttrs { req_id: 1, paths: vec!["ok".into(), path.into()] };
+        let req = Msg::FetchAttrs {
+            req_id: 1,
+            paths: vec!["ok".into(), path.into()],
+        };
         let err = r.handle_stream_data(&frame(&req)).unwrap_err();
         assert!(violation_text(&err).contains(problem), "{path}: {err}");
     }
     let mut r = FetchRequestReader::new();
-    let nul = Msg::Fetch { req_id: 1, path: RelPath(b"a\0b".to_vec()), offset: 0, len: 1, ino: None };
+    let nul = Msg::Fetch {
+        req_id: 1,
+        path: RelPath(b"a\0b".to_vec()),
+        offset: 0,
+        len: 1,
+        ino: None,
+    };
     assert!(violation_text(&r.handle_stream_data(&frame(&nul)).unwrap_err()).contains("NUL"));
     let mut r = FetchRequestReader::new();
-    let wrap = Msg::Fetch { req_id: 1, path: "a".into(), offset: u64::MAX, len: 2, ino: None };
+    let wrap = Msg::Fetch {
+        req_id: 1,
+        path: "a".into(),
+        offset: u64::MAX,
+        len: 2,
+        ino: None,
+    };
     assert!(r.handle_stream_data(&frame(&wrap)).is_err());
     let mut r = FetchRequestReader::new();
-    let none = Msg::FetchAttrs { req_id: 1, paths: Vec::new() };
+    let none = Msg::FetchAttrs {
+        req_id: 1,
+        paths: Vec::new(),
+    };
     assert!(r.handle_stream_data(&frame(&none)).is_err());
 }
 
 #[test]
 fn control_messages_on_a_fetch_stream_are_violations() {
     let mut r = FetchRequestReader::new();
-    let err = r.handle_stream_data(&frame(&Msg::Ack { applied_seq: 1 })).unwrap_err();
+    let err = r
+        .handle_stream_data(&frame(&Msg::Ack { applied_seq: 1 }))
+        .unwrap_err();
     assert!(violation_text(&err).contains("belongs on the control stream"));
     let (mut ex, _) = FetchExchange::data(5, "f".into(), 0, 10, None);
-    let err = ex.handle_stream_data(&frame(&Msg::Heartbeat { sent_through: 0, journal_last: 0 })).unwrap_err();
+    let err = ex
+        .handle_stream_data(&frame(&Msg::Heartbeat {
+            sent_through: 0,
+            journal_last: 0,
+        }))
+        .unwrap_err();
     assert!(violation_text(&err).contains("belongs on the control stream"));
-}
-
-#[test]
-fn wire_attrs_convert_to_and_from_the_replayers() {
-    let a = FileAttrs {
-        symlink_target: Some(b"t".to_vec()),
-        xattrs: vec![(b"user.x".to_vec(), b"1".to_vec())],
-        ..attrs(FileKind::Symlink, 1)
-    };
-    let r: crate::replay::Attrs = a.clone().into();
-    assert_eq!(r.kind, crate::replay::FileKind::Symlink);
-    assert_eq!(FileAttrs::from(r), a);
 }
 
 #[test]
 fn close_codes_are_distinct() {
     let all = [
-        CloseReason::Shutdown { side: Side::Client, detail: String::new() },
-        CloseReason::VersionMismatch { local: Side::Server, ours: 1, theirs: 2 },
-        CloseReason::Violation { peer: Side::Client, detail: String::new() },
-        CloseReason::Refused { reason: String::new() },
-        CloseReason::Timeout { what: String::new() },
+        CloseReason::Shutdown {
+            side: Side::Client,
+            detail: String::new(),
+        },
+        CloseReason::VersionMismatch {
+            local: Side::Server,
+            ours: 1,
+            theirs: 2,
+        },
+        CloseReason::Violation {
+            peer: Side::Client,
+            detail: String::new(),
+        },
+        CloseReason::Refused {
+            reason: String::new(),
+        },
+        CloseReason::Timeout {
+            what: String::new(),
+        },
         CloseReason::Expired { first_retained: 1 },
-        CloseReason::Internal { side: Side::Server, detail: String::new() },
+        CloseReason::Internal {
+            side: Side::Server,
+            detail: String::new(),
+        },
     ];
     let codes: std::collections::BTreeSet<u32> = all.iter().map(CloseReason::code).collect();
     assert_eq!(codes.len(), all.len());
@@ -1596,17 +2244,40 @@ fn close_codes_are_distinct() {
 fn seqs_at_the_end_of_the_seq_space_do_not_overflow() {
     let full = Msg::Welcome {
         volume_id: VOLUME,
-        start: Start::FullSync { manifest_seq: u64::MAX, why: FullSyncReason::NewClient },
+        start: Start::FullSync {
+            manifest_seq: u64::MAX,
+            why: FullSyncReason::NewClient,
+        },
         agent: String::new(),
     };
     let out = client_after(
         ClientState::default(),
-        &[full, Msg::ManifestEnd { seq: u64::MAX }, Msg::Entries { from_seq: 0, entries: vec![entry(0)] }],
+        &[
+            full,
+            Msg::ManifestEnd { seq: u64::MAX },
+            Msg::Entries {
+                from_seq: 0,
+                entries: vec![entry(0)],
+            },
+        ],
     );
-    assert!(matches!(out.last(), Some(ClientOutput::Close(CloseReason::Violation { .. }))), "{out:?}");
+    assert!(
+        matches!(
+            out.last(),
+            Some(ClientOutput::Close(CloseReason::Violation { .. }))
+        ),
+        "{out:?}"
+    );
 
-    let state = ClientState { volume_id: Some(VOLUME), last_applied: Some(u64::MAX) };
-    let resume = Msg::Welcome { volume_id: VOLUME, start: Start::Resume { from_seq: 0 }, agent: String::new() };
+    let state = ClientState {
+        volume_id: Some(VOLUME),
+        last_applied: Some(u64::MAX),
+    };
+    let resume = Msg::Welcome {
+        volume_id: VOLUME,
+        start: Start::Resume { from_seq: 0 },
+        agent: String::new(),
+    };
     assert!(client_violation(state, &[resume]).contains("Welcome resumes"));
 
     let r = server_closes_on(&[frame(&hello(Some(VOLUME), Some(u64::MAX)))], false);
@@ -1620,14 +2291,27 @@ fn frames_built_behind_a_header_lead_match_a_plain_archive_of_the_message() {
         let mut plain = (body.len() as u32).to_le_bytes().to_vec();
         plain.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         plain.extend_from_slice(&body);
-        assert_eq!(encode_bytes(&m).unwrap().as_ref(), plain.as_slice(), "{}", m.name());
+        assert_eq!(
+            encode_bytes(&m).unwrap().as_ref(),
+            plain.as_slice(),
+            "{}",
+            m.name()
+        );
     }
 }
 
 #[test]
-fn a_frame_fed_one_byte_at_a_time_after_a_whole_one_decodes_in_order_and_a_bad_version_stops_after_them() {
-    let first = Msg::Data { req_id: 1, offset: 0, bytes: vec![9; 70_000] };
-    let second = Msg::DataEnd { req_id: 1, file_size: 70_000 };
+fn a_frame_fed_one_byte_at_a_time_after_a_whole_one_decodes_in_order_and_a_bad_version_stops_after_them(
+) {
+    let first = Msg::Data {
+        req_id: 1,
+        offset: 0,
+        bytes: vec![9; 70_000],
+    };
+    let second = Msg::DataEnd {
+        req_id: 1,
+        file_size: 70_000,
+    };
     let mut bad = frame(&Msg::Gone { req_id: 2 });
     bad[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
     let mut d = FrameDecoder::new(MAX_DATA_BODY);

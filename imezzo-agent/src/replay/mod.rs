@@ -112,9 +112,11 @@
 //! every name change bumps. Owner and times of a new object come from the master because
 //! the journal records neither (InterMezzo: replay restores the recorded owner and times).
 
+mod attributes;
+mod data;
 mod marks;
+mod namespace;
 mod source;
-mod sys;
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -122,8 +124,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 pub use marks::{InodeId, Mark, MarkStore, MarkStoreError, Recovered};
-pub use source::{replaced, Attrs, DataSource, DirSource, FileKind};
-use sys::{errno, is_kind, Loc};
+pub use source::{replaced, DataSource, DirSource};
+
+use crate::attrs::{Attrs, FileKind};
+use crate::beneath::{self, errno, is_kind, sys, xattr_is_local, Loc, Tree};
 
 use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 
@@ -170,7 +174,11 @@ pub enum ReplayError {
     #[error("reading {path:?} from the master failed: {source}; nothing was changed, apply the operation again once the master answers")]
     Source { path: String, source: io::Error },
     #[error("{op} {path:?} failed in the replica: {source}; check the replica's file system (space, permissions), then apply the operation again or resync the path")]
-    Io { op: &'static str, path: String, source: io::Error },
+    Io {
+        op: &'static str,
+        path: String,
+        source: io::Error,
+    },
     #[error("making the replica {} durable failed: {source}; do not acknowledge anything applied since the last sync, check the replica's disk (dmesg), then restart the client", root.display())]
     Sync { root: PathBuf, source: io::Error },
     #[error("recording replay's sequence marks failed ({0}); nothing more was changed in the replica, apply the operation again once the state dir is usable")]
@@ -184,23 +192,38 @@ trait Ctx<T> {
 
 impl<T> Ctx<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: &RelPath) -> Result<T, ReplayError> {
-        self.map_err(|source| ReplayError::Io { op, path: path.display().into_owned(), source })
+        self.map_err(|source| ReplayError::Io {
+            op,
+            path: path.display().into_owned(),
+            source,
+        })
     }
 }
 
 fn refuse_escape(path: &RelPath) -> ReplayError {
-    log::warn!("replay: refused path {:?}: it leads outside the root", path.display());
-    ReplayError::EscapesRoot { path: path.display().into_owned() }
+    log::warn!(
+        "replay: refused path {:?}: it leads outside the root",
+        path.display()
+    );
+    ReplayError::EscapesRoot {
+        path: path.display().into_owned(),
+    }
 }
 
 fn refuse_bad(path: &RelPath, why: &'static str) -> ReplayError {
     log::warn!("replay: refused path {:?}: {why}", path.display());
-    ReplayError::BadPath { path: path.display().into_owned(), why }
+    ReplayError::BadPath {
+        path: path.display().into_owned(),
+        why,
+    }
 }
 
 fn bad_op(path: &RelPath, why: &'static str) -> ReplayError {
     log::warn!("replay: refused operation on {:?}: {why}", path.display());
-    ReplayError::BadOp { path: path.display().into_owned(), why }
+    ReplayError::BadOp {
+        path: path.display().into_owned(),
+        why,
+    }
 }
 
 /// Checks a path from the wire against the rules in the module doc. `""` is the root.
@@ -234,7 +257,10 @@ pub(crate) fn check_rel_path(path: &RelPath) -> Result<(), ReplayError> {
             return Err(refuse_bad(path, "a component is longer than 255 bytes"));
         }
         if c.starts_with(TEMP_PREFIX) {
-            return Err(refuse_bad(path, "it uses the prefix .imezzo-tmp., reserved for replay's temporary files"));
+            return Err(refuse_bad(
+                path,
+                "it uses the prefix .imezzo-tmp., reserved for replay's temporary files",
+            ));
         }
     }
     Ok(())
@@ -297,7 +323,12 @@ impl<'a> Temp<'a> {
     fn new(dir: BorrowedFd<'a>, is_dir: bool) -> Temp<'a> {
         let mut name = TEMP_PREFIX.to_vec();
         name.extend_from_slice(sys::random_hex().as_bytes());
-        Temp { dir, name: CString::new(name).expect("hex has no NUL"), is_dir, armed: true }
+        Temp {
+            dir,
+            name: CString::new(name).expect("hex has no NUL"),
+            is_dir,
+            armed: true,
+        }
     }
 
     fn loc(&self) -> Loc {
@@ -369,18 +400,24 @@ impl Make {
             Make::Dir { .. } => is_kind(st, libc::S_IFDIR),
             Make::Node { mode, rdev } => {
                 let fmt = mode & libc::S_IFMT;
-                is_kind(st, fmt) && (!matches!(fmt, libc::S_IFCHR | libc::S_IFBLK) || st.st_rdev == *rdev)
+                is_kind(st, fmt)
+                    && (!matches!(fmt, libc::S_IFCHR | libc::S_IFBLK) || st.st_rdev == *rdev)
             }
-            Make::Symlink { target } => is_kind(st, libc::S_IFLNK) && loc.readlink()? == target.to_bytes(),
+            Make::Symlink { target } => {
+                is_kind(st, libc::S_IFLNK) && loc.readlink()? == target.to_bytes()
+            }
         })
     }
 
     fn create_at(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         match self {
-            Make::Regular { mode } => {
-                sys::openat(dir, name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW, mode & 0o7777)
-                    .map(drop)
-            }
+            Make::Regular { mode } => sys::openat(
+                dir,
+                name,
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                mode & 0o7777,
+            )
+            .map(drop),
             Make::Dir { mode } => sys::mkdirat(dir, name, mode & 0o7777),
             Make::Node { mode, rdev } => sys::mknodat(dir, name, *mode, *rdev),
             Make::Symlink { target } => sys::symlinkat(target, dir, name),
@@ -389,7 +426,9 @@ impl Make {
 
     fn mode(&self) -> Option<u32> {
         match self {
-            Make::Regular { mode } | Make::Dir { mode } | Make::Node { mode, .. } => Some(mode & 0o7777),
+            Make::Regular { mode } | Make::Dir { mode } | Make::Node { mode, .. } => {
+                Some(mode & 0o7777)
+            }
             Make::Symlink { .. } => None,
         }
     }
@@ -418,23 +457,19 @@ fn op_name(op: &Op) -> &'static str {
 fn xattr_name(path: &RelPath, name: &RelPath) -> Result<CString, ReplayError> {
     let b = name.as_bytes();
     if b.is_empty() || b.len() > 255 {
-        return Err(bad_op(path, "the xattr name is empty or longer than 255 bytes"));
+        return Err(bad_op(
+            path,
+            "the xattr name is empty or longer than 255 bytes",
+        ));
     }
     CString::new(b).map_err(|_| bad_op(path, "the xattr name contains a NUL byte"))
-}
-
-/// Xattrs a replica keeps as its own when converging an object's xattrs on the master's.
-fn xattr_is_local(name: &[u8]) -> bool {
-    // The SELinux label is the replica host's policy, not the master's.
-    name == b"security.selinux"
 }
 
 /// Replays journal operations beneath one replica root. See the module doc.
 #[derive(Debug)]
 pub struct Replayer {
     /// `O_PATH | O_DIRECTORY`: every lookup starts here.
-    root: OwnedFd,
-    root_path: PathBuf,
+    root: Tree,
     root_id: InodeId,
     volume: u64,
     marks: MarkStore,
@@ -447,24 +482,42 @@ impl Replayer {
     /// Opens the replica root (which must exist) and removes the temporaries a crash may
     /// have left: one walk of the tree's directories.
     pub fn open(root: &Path) -> Result<Replayer, ReplayError> {
-        let fd = sys::open(root, libc::O_PATH | libc::O_DIRECTORY)
-            .map_err(|source| ReplayError::OpenRoot { root: root.to_path_buf(), source })?;
+        let tree = Tree::open(root).map_err(|source| ReplayError::OpenRoot {
+            root: root.to_path_buf(),
+            source,
+        })?;
         // Probe openat2 now rather than fail every operation later.
-        match sys::openat2(fd.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, sys::RESOLVE_STRICT) {
+        match tree.open_at(b"", libc::O_PATH | libc::O_DIRECTORY) {
             Ok(_) => {}
             Err(e) if errno(&e) == libc::ENOSYS => return Err(ReplayError::NoOpenat2),
-            Err(source) => return Err(ReplayError::OpenRoot { root: root.to_path_buf(), source }),
+            Err(source) => {
+                return Err(ReplayError::OpenRoot {
+                    root: root.to_path_buf(),
+                    source,
+                })
+            }
         }
-        let root_st =
-            sys::fstat(fd.as_fd()).map_err(|source| ReplayError::OpenRoot { root: root.to_path_buf(), source })?;
+        let root_st = sys::fstat(tree.fd()).map_err(|source| ReplayError::OpenRoot {
+            root: root.to_path_buf(),
+            source,
+        })?;
         let root_id = InodeId::of(&root_st);
         let mut marks = MarkStore::in_memory();
         marks.bind_root(root_id)?;
-        let mut r = Replayer { root: fd, root_path: root.to_path_buf(), root_id, volume: 0, marks, swept: Vec::new() };
+        let mut r = Replayer {
+            root: tree,
+            root_id,
+            volume: 0,
+            marks,
+            swept: Vec::new(),
+        };
         let (n, swept) = r.sweep()?;
         r.swept = swept;
         if n > 0 {
-            log::info!("replay: removed {n} temporaries left by an interrupted replay in {}", root.display());
+            log::info!(
+                "replay: removed {n} temporaries left by an interrupted replay in {}",
+                root.display()
+            );
         }
         Ok(r)
     }
@@ -508,7 +561,7 @@ impl Replayer {
 
     /// The replica root this replayer was opened on.
     pub fn root(&self) -> &Path {
-        &self.root_path
+        self.root.path()
     }
 
     /// Applies one operation without sequence marks: idempotent by presence only.
@@ -519,7 +572,11 @@ impl Replayer {
     /// Applies one journal entry, recording and honouring sequence marks, so replaying a
     /// batch again after a crash converges (see the module doc). Apply entries in
     /// sequence order.
-    pub fn apply_entry(&mut self, entry: &JournalEntry, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
+    pub fn apply_entry(
+        &mut self,
+        entry: &JournalEntry,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
         self.apply_inner(&entry.op, Some(entry.seq), data)
     }
 
@@ -527,9 +584,13 @@ impl Replayer {
     /// (one call per batch however many files it touched), then one commit of the sequence
     /// marks (M3). Acknowledge a seq only after this returns `Ok`.
     pub fn sync(&mut self) -> Result<(), ReplayError> {
-        let err = |source| ReplayError::Sync { root: self.root_path.clone(), source };
+        let err = |source| ReplayError::Sync {
+            root: self.root.path().to_path_buf(),
+            source,
+        };
         // syncfs refuses O_PATH descriptors: open the root for reading just for this.
-        let fd = sys::openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(err)?;
+        let fd = sys::openat(self.root.fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(err)?;
         sys::syncfs(fd.as_fd()).map_err(err)?;
         // M3: the tree first. A store committed before it could describe placements that a
         // power cut then takes back from the tree.
@@ -555,12 +616,25 @@ impl Replayer {
         // descriptors.
         let mut queue: Vec<Vec<u8>> = vec![Vec::new()];
         while let Some(rel) = queue.pop() {
-            let c = if rel.is_empty() { c".".to_owned() } else { sys::cstring(&rel).ctx("sweep", &root)? };
-            let dir = match sys::openat2(self.root.as_fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY, sys::RESOLVE_STRICT)
-            {
+            let c = if rel.is_empty() {
+                c".".to_owned()
+            } else {
+                sys::cstring(&rel).ctx("sweep", &root)?
+            };
+            let dir = match sys::openat2(
+                self.root.fd(),
+                &c,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                sys::RESOLVE_STRICT,
+            ) {
                 Ok(fd) => fd,
                 // Gone, replaced, or too deep to name: nothing of ours to find there.
-                Err(e) if matches!(errno(&e), libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG) => {
+                Err(e)
+                    if matches!(
+                        errno(&e),
+                        libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG
+                    ) =>
+                {
                     continue
                 }
                 Err(e) => return Err(e).ctx("sweep", &RelPath(rel)),
@@ -568,7 +642,8 @@ impl Replayer {
             for (name, is_dir) in sys::read_dir(dir.as_fd()).ctx("sweep", &RelPath(rel.clone()))? {
                 if name.starts_with(TEMP_PREFIX) {
                     let c = sys::cstring(&name).ctx("sweep", &root)?;
-                    remove_tree(dir.as_fd(), &c, &mut freed).ctx("sweep", &RelPath(rel.clone()))?;
+                    beneath::remove_tree(dir.as_fd(), &c, &mut |st| freed.push(InodeId::of(st)))
+                        .ctx("sweep", &RelPath(rel.clone()))?;
                     removed += 1;
                 } else if is_dir {
                     let mut sub = rel.clone();
@@ -583,18 +658,27 @@ impl Replayer {
         Ok((removed, freed))
     }
 
-    fn apply_inner(&mut self, op: &Op, seq: Option<u64>, data: &mut dyn DataSource) -> Result<Applied, ReplayError> {
+    fn apply_inner(
+        &mut self,
+        op: &Op,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
         let r = match op {
             Op::Create { path, mode } => self.make(path, Make::Regular { mode: *mode }, seq, data),
             Op::Mkdir { path, mode } => self.make(path, Make::Dir { mode: *mode }, seq, data),
             Op::Mknod { path, mode, rdev } => {
                 let make = match mode & libc::S_IFMT {
                     0 | libc::S_IFREG => Make::Regular { mode: *mode },
-                    libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK => {
-                        Make::Node { mode: *mode, rdev: *rdev }
-                    }
+                    libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK => Make::Node {
+                        mode: *mode,
+                        rdev: *rdev,
+                    },
                     _ => {
-                        return Err(bad_op(path, "mknod of a type that is not a fifo, socket, device or regular file"))
+                        return Err(bad_op(
+                            path,
+                            "mknod of a type that is not a fifo, socket, device or regular file",
+                        ))
                     }
                 };
                 self.make(path, make, seq, data)
@@ -602,9 +686,13 @@ impl Replayer {
             Op::Symlink { path, target } => {
                 let t = target.as_bytes();
                 if t.is_empty() || t.contains(&0) {
-                    return Err(bad_op(path, "the symlink target is empty or contains a NUL byte"));
+                    return Err(bad_op(
+                        path,
+                        "the symlink target is empty or contains a NUL byte",
+                    ));
                 }
-                let target = CString::new(t).map_err(|_| bad_op(path, "the symlink target contains a NUL byte"))?;
+                let target = CString::new(t)
+                    .map_err(|_| bad_op(path, "the symlink target contains a NUL byte"))?;
                 self.make(path, Make::Symlink { target }, seq, data)
             }
             Op::Link { path, new_path } => self.link(path, new_path, seq, data),
@@ -612,12 +700,28 @@ impl Replayer {
             Op::Rmdir { path } => self.remove(path, true, seq, data),
             // RENAME_NOREPLACE is not passed on: the master's rename succeeded, so the
             // destination was free there, and whatever the replica has in its place is stale.
-            Op::Rename { path, new_path, exchange, noreplace: _ } => self.rename(path, new_path, *exchange, seq, data),
-            Op::Write { path, offset, len, ino, .. } => self.write(path, *offset, *len, *ino, seq, data),
+            Op::Rename {
+                path,
+                new_path,
+                exchange,
+                noreplace: _,
+            } => self.rename(path, new_path, *exchange, seq, data),
+            Op::Write {
+                path,
+                offset,
+                len,
+                ino,
+                ..
+            } => self.write(path, *offset, *len, *ino, seq, data),
             Op::Truncate { path, size } => self.truncate(path, *size, seq, data),
-            Op::Setattr { path, mode, uid, gid, atime, mtime } => {
-                self.setattr(path, *mode, *uid, *gid, *atime, *mtime, seq, data)
-            }
+            Op::Setattr {
+                path,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            } => self.setattr(path, *mode, *uid, *gid, *atime, *mtime, seq, data),
             Op::Setxattr { path, name } => self.setxattr(path, name, seq, data),
             Op::Removexattr { path, name } => self.removexattr(path, name, seq, data),
             Op::Rescan { path, .. } => {
@@ -635,10 +739,24 @@ impl Replayer {
     // ---- lookups -------------------------------------------------------------------
 
     /// Opens the directory `parent` beneath the root for the operation `seq`.
-    fn open_dir(&self, path: &RelPath, parent: &RelPath, seq: Option<u64>) -> Result<Lookup<OwnedFd>, ReplayError> {
+    fn open_dir(
+        &self,
+        path: &RelPath,
+        parent: &RelPath,
+        seq: Option<u64>,
+    ) -> Result<Lookup<OwnedFd>, ReplayError> {
         let open = |dir: BorrowedFd<'_>, rel: &[u8]| -> Result<Option<OwnedFd>, ReplayError> {
-            let c = if rel.is_empty() { c".".to_owned() } else { sys::cstring(rel).ctx("resolve", path)? };
-            match sys::openat2(dir, &c, libc::O_PATH | libc::O_DIRECTORY, sys::RESOLVE_STRICT) {
+            let c = if rel.is_empty() {
+                c".".to_owned()
+            } else {
+                sys::cstring(rel).ctx("resolve", path)?
+            };
+            match sys::openat2(
+                dir,
+                &c,
+                libc::O_PATH | libc::O_DIRECTORY,
+                sys::RESOLVE_STRICT,
+            ) {
                 Ok(fd) => Ok(Some(fd)),
                 Err(e) => match errno(&e) {
                     libc::ENOENT | libc::ENOTDIR => Ok(None),
@@ -650,16 +768,21 @@ impl Replayer {
                 },
             }
         };
-        let (Some(s), true, false) = (seq, self.may_meet_later(seq), parent.as_bytes().is_empty()) else {
-            return Ok(open(self.root.as_fd(), parent.as_bytes())?.map_or(Lookup::Missing, Lookup::Found));
+        let (Some(s), true, false) = (seq, self.may_meet_later(seq), parent.as_bytes().is_empty())
+        else {
+            return Ok(
+                open(self.root.fd(), parent.as_bytes())?.map_or(Lookup::Missing, Lookup::Found)
+            );
         };
         // Replaying again after a crash, a directory on the way may be a later one of the
         // same name (`rename x z; mkdir x`): an operation from before would then land in
         // the wrong directory. So walk one component at a time and check each mark.
         let mut dir: Option<OwnedFd> = None;
         for comp in parent.as_bytes().split(|&c| c == b'/') {
-            let at = dir.as_ref().map_or(self.root.as_fd(), |d| d.as_fd());
-            let Some(next) = open(at, comp)? else { return Ok(Lookup::Missing) };
+            let at = dir.as_ref().map_or(self.root.fd(), |d| d.as_fd());
+            let Some(next) = open(at, comp)? else {
+                return Ok(Lookup::Missing);
+            };
             let st = sys::fstat(next.as_fd()).ctx("resolve", path)?;
             if self.mark(&st).is_some_and(|m| m.seq > s) {
                 return Ok(Lookup::Stale);
@@ -670,7 +793,12 @@ impl Replayer {
     }
 
     /// The entry `path` names, which must not be the root.
-    fn entry(&self, path: &RelPath, op: &'static str, seq: Option<u64>) -> Result<Lookup<Entry>, ReplayError> {
+    fn entry(
+        &self,
+        path: &RelPath,
+        op: &'static str,
+        seq: Option<u64>,
+    ) -> Result<Lookup<Entry>, ReplayError> {
         let Some((parent_rel, name)) = split(path)? else {
             return Err(bad_op(
                 path,
@@ -681,7 +809,11 @@ impl Replayer {
             ));
         };
         Ok(match self.open_dir(path, &parent_rel, seq)? {
-            Lookup::Found(parent) => Lookup::Found(Entry { parent, parent_rel, name }),
+            Lookup::Found(parent) => Lookup::Found(Entry {
+                parent,
+                parent_rel,
+                name,
+            }),
             Lookup::Missing => Lookup::Missing,
             Lookup::Stale => Lookup::Stale,
         })
@@ -692,7 +824,11 @@ impl Replayer {
         match split(path)? {
             None => Ok(Lookup::Found(Target::Root)),
             Some((parent_rel, name)) => Ok(match self.open_dir(path, &parent_rel, seq)? {
-                Lookup::Found(parent) => Lookup::Found(Target::Entry(Entry { parent, parent_rel, name })),
+                Lookup::Found(parent) => Lookup::Found(Target::Entry(Entry {
+                    parent,
+                    parent_rel,
+                    name,
+                })),
                 Lookup::Missing => Lookup::Missing,
                 Lookup::Stale => Lookup::Stale,
             }),
@@ -701,13 +837,20 @@ impl Replayer {
 
     fn target_loc(&self, t: &Target) -> Loc {
         match t {
-            Target::Root => Loc::dir(self.root.as_fd()),
+            Target::Root => Loc::dir(self.root.fd()),
             Target::Entry(e) => e.loc(),
         }
     }
 
-    fn master(&self, path: &RelPath, data: &mut dyn DataSource) -> Result<Option<Attrs>, ReplayError> {
-        data.attrs(path).map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })
+    fn master(
+        &self,
+        path: &RelPath,
+        data: &mut dyn DataSource,
+    ) -> Result<Option<Attrs>, ReplayError> {
+        data.attrs(path).map_err(|source| ReplayError::Source {
+            path: path.display().into_owned(),
+            source,
+        })
     }
 
     /// What to answer when the replica lacks what an operation on `path` needs.
@@ -722,7 +865,9 @@ impl Replayer {
 
     /// The mark of the object `st`, if an operation of this volume placed it.
     fn mark(&self, st: &libc::stat) -> Option<Mark> {
-        self.marks.get(InodeId::of(st)).filter(|m| m.volume == self.volume)
+        self.marks
+            .get(InodeId::of(st))
+            .filter(|m| m.volume == self.volume)
     }
 
     /// Some object may carry a mark above `seq` (M7): when not, no lookup can find a later
@@ -744,7 +889,11 @@ impl Replayer {
     /// The mark operation `seq` gives what it places at its `path`, or (`to_new_path`) what
     /// it sends to its `new_path`.
     fn mark_for(&self, seq: u64, to_new_path: bool) -> Mark {
-        Mark { volume: self.volume, seq, to_new_path }
+        Mark {
+            volume: self.volume,
+            seq,
+            to_new_path,
+        }
     }
 
     /// Records `mark` for the object `id` *before* the change that places it (M1); `None`
@@ -804,7 +953,11 @@ impl Replayer {
                 // A namespace this file system or host does not allow (e.g. user.* on a
                 // symlink, security.* without the LSM): one attribute must not stall replay.
                 Err(e) if matches!(errno(&e), libc::ENOTSUP | libc::EPERM | libc::EACCES) => {
-                    log::warn!("replay: cannot set xattr {} on {:?}: {e}", String::from_utf8_lossy(name), loc.name())
+                    log::warn!(
+                        "replay: cannot set xattr {} on {:?}: {e}",
+                        String::from_utf8_lossy(name),
+                        loc.name()
+                    )
                 }
                 Err(e) => return Err(e),
             }
@@ -825,672 +978,27 @@ impl Replayer {
         match data.attrs(rel) {
             Ok(Some(a)) if a.kind == FileKind::Directory => {
                 if let Err(e) = Loc::dir(dir).set_times(Some(a.atime), Some(a.mtime)) {
-                    log::warn!("replay: cannot restore the times of directory {:?}: {e}", rel.display());
+                    log::warn!(
+                        "replay: cannot restore the times of directory {:?}: {e}",
+                        rel.display()
+                    );
                 }
             }
             Ok(_) => {}
             // The next change in this directory restores them again: not worth failing an
             // operation that is already done.
-            Err(e) => log::warn!("replay: cannot read the master's times of {:?}: {e}", rel.display()),
+            Err(e) => log::warn!(
+                "replay: cannot read the master's times of {:?}: {e}",
+                rel.display()
+            ),
         }
     }
-
-    // ---- namespace operations ------------------------------------------------------
-
-    fn make(
-        &mut self,
-        path: &RelPath,
-        what: Make,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        let op = what.op_name();
-        let e = match self.entry(path, op, seq)? {
-            Lookup::Found(e) => e,
-            Lookup::Missing => return self.missing(path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let loc = e.loc();
-        let old = loc.stat().ctx(op, path)?;
-        if let Some(st) = &old {
-            if self.placed_since(st, seq) {
-                return Ok(Applied::AlreadyApplied);
-            }
-            if what.matches(st, &loc).ctx(op, path)? {
-                // What this op made, or an earlier object it now stands for: either way,
-                // from here on it is this op's.
-                if let Some(s) = seq {
-                    self.marks.set(InodeId::of(st), self.mark_for(s, false))?;
-                }
-                return Ok(Applied::AlreadyApplied);
-            }
-            // A rename cannot put a directory over a file, nor anything over a directory
-            // that may hold files: the replica has diverged.
-            if is_kind(st, libc::S_IFDIR) || matches!(what, Make::Dir { .. }) {
-                return Ok(Applied::NeedsResync { path: path.clone() });
-            }
-            // Otherwise a stale non-directory is replaced, atomically, below.
-        }
-        let master = self.master(path, data)?.filter(|a| a.kind == what.kind());
-        let tmp = Temp::new(e.parent.as_fd(), matches!(what, Make::Dir { .. }));
-        what.create_at(e.parent.as_fd(), &tmp.name).ctx(op, path)?;
-        let tloc = tmp.loc();
-        match &master {
-            Some(a) => self.apply_attrs(&tloc, a, false).ctx(op, path)?,
-            // Gone at the master already (a later op removes or renames it): at least undo
-            // our umask. Owner and times follow when a later op places it.
-            None => {
-                if let Some(mode) = what.mode() {
-                    tloc.chmod(mode).ctx(op, path)?;
-                }
-            }
-        }
-        let Some(tst) = tloc.stat().ctx(op, path)? else {
-            return Err(io::Error::from_raw_os_error(libc::ENOENT)).ctx(op, path);
-        };
-        let tid = InodeId::of(&tst);
-        self.mark_ahead(tid, seq.map(|s| self.mark_for(s, false)))?;
-        if let Err(err) = tmp.rename_to(&e.name) {
-            // The temporary is gone, and its inode with it.
-            self.marks.remove(tid);
-            return Err(err).ctx(op, path);
-        }
-        if let Some(st) = &old {
-            self.forget_if_freed(st);
-        }
-        self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
-        Ok(Applied::Changed)
-    }
-
-    fn remove(
-        &mut self,
-        path: &RelPath,
-        dir: bool,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        let op = if dir { "rmdir" } else { "unlink" };
-        // A missing parent: the name is absent, which is what the op wants.
-        let Lookup::Found(e) = self.entry(path, op, seq)? else { return Ok(Applied::AlreadyApplied) };
-        let loc = e.loc();
-        let Some(st) = loc.stat().ctx(op, path)? else { return Ok(Applied::AlreadyApplied) };
-        if self.placed_after(&st, seq) {
-            return Ok(Applied::AlreadyApplied);
-        }
-        if is_kind(&st, libc::S_IFDIR) != dir {
-            return Ok(Applied::NeedsResync { path: path.clone() });
-        }
-        match sys::unlinkat(e.parent.as_fd(), &e.name, dir) {
-            Ok(()) => {}
-            Err(err) if errno(&err) == libc::ENOENT => return Ok(Applied::AlreadyApplied),
-            // The master's directory was empty when removed; the replica's is not.
-            Err(err) if matches!(errno(&err), libc::ENOTEMPTY | libc::EEXIST) => {
-                return Ok(Applied::NeedsResync { path: path.clone() })
-            }
-            Err(err) => return Err(err).ctx(op, path),
-        }
-        self.forget_if_freed(&st);
-        self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
-        Ok(Applied::Changed)
-    }
-
-    fn rename(
-        &mut self,
-        path: &RelPath,
-        new_path: &RelPath,
-        exchange: bool,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "rename";
-        // Both paths are checked before anything is touched.
-        split(new_path)?;
-        let from = self.entry(path, OP, seq)?;
-        let to = self.entry(new_path, OP, seq)?;
-        if matches!(from, Lookup::Stale) {
-            return Ok(Applied::AlreadyApplied);
-        }
-        let (from, to_stale) = (found(from), matches!(to, Lookup::Stale));
-        let to = found(to);
-        let src = match &from {
-            Some(e) => e.loc().stat().ctx(OP, path)?,
-            None => None,
-        };
-        let dst = match &to {
-            Some(e) => e.loc().stat().ctx(OP, new_path)?,
-            None => None,
-        };
-        if to_stale {
-            // The destination's directory came after this op, so the op was applied.
-            if !exchange {
-                self.remove_resurrected(from.as_ref(), src.as_ref(), seq, path, data);
-            }
-            return Ok(Applied::AlreadyApplied);
-        }
-        if let (Some(s), Some(m)) = (seq, src.as_ref().and_then(|st| self.mark(st))) {
-            // At the source: a later op's object, or this op's come from `new_path` (an
-            // exchange done). This op's own mark sending it to `new_path` means the mark was
-            // written and the rename never ran (M2): go on.
-            if m.seq > s || (m.seq == s && !m.to_new_path) {
-                return Ok(Applied::AlreadyApplied);
-            }
-        }
-        if let (Some(s), Some(m)) = (seq, dst.as_ref().and_then(|st| self.mark(st))) {
-            // At the destination: a later op's object, or the one this op sent there. This
-            // op's mark sending it to `path` is an exchange that never ran (M2): go on.
-            if m.seq > s || (m.seq == s && m.to_new_path) {
-                if !exchange {
-                    self.remove_resurrected(from.as_ref(), src.as_ref(), seq, path, data);
-                }
-                return Ok(Applied::AlreadyApplied);
-            }
-        }
-        let (Some(f), Some(t), Some(src_st)) = (&from, &to, &src) else {
-            // No source. Unless an exchange, a destination means the rename is done.
-            if !exchange && dst.is_some() {
-                return Ok(Applied::AlreadyApplied);
-            }
-            return self.missing(new_path, data);
-        };
-        if exchange && dst.is_none() {
-            return self.missing(new_path, data);
-        }
-        // M1: the moved objects' marks before the move.
-        let mut ahead = Vec::new();
-        if let Some(s) = seq {
-            let id = InodeId::of(src_st);
-            ahead.push((id, self.mark_ahead(id, Some(self.mark_for(s, true)))?));
-            if let (true, Some(d)) = (exchange, &dst) {
-                let id = InodeId::of(d);
-                match self.mark_ahead(id, Some(self.mark_for(s, false))) {
-                    Ok(prev) => ahead.push((id, prev)),
-                    Err(e) => {
-                        self.unmark_all(ahead);
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
-        if let Err(e) = sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags) {
-            self.unmark_all(ahead);
-            // A directory over a file, anything over a non-empty directory: diverged.
-            if matches!(errno(&e), libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR) {
-                return Ok(Applied::NeedsResync { path: new_path.clone() });
-            }
-            return Err(e).ctx(OP, path);
-        }
-        if let (false, Some(d)) = (exchange, &dst) {
-            // Renaming a name onto another name of the same inode changes nothing.
-            if InodeId::of(d) != InodeId::of(src_st) {
-                self.forget_if_freed(d);
-            }
-        }
-        // Owner, mode and times of the moved object(s) converge on the master's (the object
-        // may have been created with ones the master no longer had).
-        let moved = if exchange { vec![(t, new_path), (f, path)] } else { vec![(t, new_path)] };
-        for (e, p) in moved {
-            let loc = e.loc();
-            let st = loc.stat().ctx(OP, p)?;
-            if let (Some(st), Some(a)) = (st, self.master(p, data)?) {
-                if FileKind::from_mode(st.st_mode) == Some(a.kind) {
-                    self.apply_attrs(&loc, &a, true).ctx(OP, p)?;
-                }
-            }
-        }
-        self.restore_dir_times(f.parent.as_fd(), &f.parent_rel, data);
-        if t.parent_rel != f.parent_rel {
-            self.restore_dir_times(t.parent.as_fd(), &t.parent_rel, data);
-        }
-        Ok(Applied::Changed)
-    }
-
-    /// After a rename found already done, an object at its source with an older mark can
-    /// only have been re-created by replaying the ops before it again (every op that
-    /// places an object marks it, and marks only grow): remove it, with whatever replay
-    /// put inside. An unmarked object is never touched.
-    fn remove_resurrected(
-        &mut self,
-        from: Option<&Entry>,
-        src: Option<&libc::stat>,
-        seq: Option<u64>,
-        path: &RelPath,
-        data: &mut dyn DataSource,
-    ) {
-        let (Some(f), Some(st), Some(s)) = (from, src, seq) else { return };
-        if self.mark(st).is_none_or(|m| m.seq >= s) {
-            return;
-        }
-        let mut freed = Vec::new();
-        match remove_tree(f.parent.as_fd(), &f.name, &mut freed) {
-            Ok(()) => log::debug!("replay: removed {:?}, re-created by replaying again", path.display()),
-            Err(e) => log::warn!("replay: cannot remove {:?}, re-created by replaying again: {e}", path.display()),
-        }
-        for id in freed {
-            self.marks.remove(id);
-        }
-        self.restore_dir_times(f.parent.as_fd(), &f.parent_rel, data);
-    }
-
-    fn unmark_all(&mut self, ahead: Vec<(InodeId, Option<Mark>)>) {
-        for (id, prev) in ahead.into_iter().rev() {
-            self.unmark(id, prev);
-        }
-    }
-
-    fn link(
-        &mut self,
-        path: &RelPath,
-        new_path: &RelPath,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "link";
-        split(new_path)?;
-        let from = match self.entry(path, OP, seq)? {
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-            l => found(l),
-        };
-        let to = match self.entry(new_path, OP, seq)? {
-            Lookup::Found(e) => e,
-            Lookup::Missing => return self.missing(new_path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let src = match &from {
-            Some(e) => e.loc().stat().ctx(OP, path)?,
-            None => None,
-        };
-        let tloc = to.loc();
-        let dst = tloc.stat().ctx(OP, new_path)?;
-        if let Some(d) = &dst {
-            if src.is_some_and(|s| InodeId::of(&s) == InodeId::of(d)) {
-                // Linked already. The inode becomes this op's unless a later op placed it.
-                if let (Some(s), false) = (seq, self.placed_since(d, seq)) {
-                    self.marks.set(InodeId::of(d), self.mark_for(s, true))?;
-                }
-                return Ok(Applied::AlreadyApplied);
-            }
-            if self.placed_since(d, seq) {
-                return Ok(Applied::AlreadyApplied);
-            }
-            if is_kind(d, libc::S_IFDIR) {
-                return Ok(Applied::NeedsResync { path: new_path.clone() });
-            }
-        }
-        let (Some(f), Some(s)) = (&from, &src) else { return self.missing(new_path, data) };
-        if self.placed_after(s, seq) {
-            // The source is a later object than the one this op linked.
-            return Ok(Applied::AlreadyApplied);
-        }
-        if is_kind(s, libc::S_IFDIR) {
-            return Ok(Applied::NeedsResync { path: new_path.clone() });
-        }
-        // M1: the inode's mark before its new name. A link not done is recognised by inode.
-        let id = InodeId::of(s);
-        let ahead = match seq {
-            Some(q) => Some(self.mark_ahead(id, Some(self.mark_for(q, true)))?),
-            None => None,
-        };
-        let linked = if dst.is_none() {
-            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &to.name)
-        } else {
-            // Replace the stale object atomically: link under a temporary name, rename over.
-            let tmp = Temp::new(to.parent.as_fd(), false);
-            sys::linkat(f.parent.as_fd(), &f.name, to.parent.as_fd(), &tmp.name).and_then(|()| tmp.rename_to(&to.name))
-        };
-        if let Err(e) = linked {
-            if let Some(prev) = ahead {
-                self.unmark(id, prev);
-            }
-            return Err(e).ctx(OP, new_path);
-        }
-        if let Some(d) = &dst {
-            self.forget_if_freed(d);
-        }
-        if let Some(a) = self.master(new_path, data)? {
-            if FileKind::from_mode(s.st_mode) == Some(a.kind) {
-                self.apply_attrs(&tloc, &a, false).ctx(OP, new_path)?;
-            }
-        }
-        self.restore_dir_times(to.parent.as_fd(), &to.parent_rel, data);
-        Ok(Applied::Changed)
-    }
-
-    // ---- data operations -----------------------------------------------------------
-
-    fn write(
-        &mut self,
-        path: &RelPath,
-        offset: u64,
-        len: u64,
-        ino: Option<u64>,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "write";
-        let e = match self.entry(path, OP, seq)? {
-            Lookup::Found(e) => e,
-            Lookup::Missing => return self.missing(path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let master = match self.master(path, data)? {
-            Some(a) if a.kind == FileKind::Regular => a,
-            // The master's file is gone or replaced: a later op accounts for it, and the
-            // bytes written then cannot be read any more.
-            _ => return Ok(Applied::Obsolete),
-        };
-        let loc = e.loc();
-        let st = loc.stat().ctx(OP, path)?;
-        if let Some(st) = &st {
-            if self.placed_after(st, seq) {
-                return Ok(Applied::AlreadyApplied);
-            }
-            if !is_kind(st, libc::S_IFREG) {
-                return Ok(Applied::NeedsResync { path: path.clone() });
-            }
-        }
-        let end = offset.saturating_add(len).min(master.size);
-        if ino.is_some() && end <= offset {
-            // Nothing to read, but the size and times below must be those of the object
-            // written to, not of another one that took its name since.
-            data.read_range(path, offset, 0, ino)
-                .map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })?;
-        }
-        // A file still empty (just created) has no old content a reader could lose, so it
-        // is filled in place: one inode and one rename less per new file.
-        let whole = offset == 0 && len >= master.size && st.is_none_or(|s| s.st_nlink == 1 && s.st_size > 0);
-        if whole {
-            self.rewrite(&e, st.as_ref(), Written { path, ino }, end, &master, data)?;
-            return Ok(Applied::Changed);
-        }
-        if st.is_none() {
-            // Only part of a file we do not have: the rest must come from a resync.
-            return Ok(Applied::NeedsResync { path: path.clone() });
-        }
-        let fd = sys::openat(
-            e.parent.as_fd(),
-            &e.name,
-            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
-            0,
-        )
-        .ctx(OP, path)?;
-        let st = sys::fstat(fd.as_fd()).ctx(OP, path)?;
-        if !is_kind(&st, libc::S_IFREG) {
-            return Ok(Applied::NeedsResync { path: path.clone() });
-        }
-        self.copy_range(fd.as_fd(), st.st_size as u64, Written { path, ino }, offset, end, data)?;
-        if sys::fstat(fd.as_fd()).ctx(OP, path)?.st_size as u64 != master.size {
-            sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
-        }
-        loc.set_times(Some(master.atime), Some(master.mtime)).ctx(OP, path)?;
-        Ok(Applied::Changed)
-    }
-
-    /// Builds the whole file under a temporary name and renames it over the old one.
-    fn rewrite(
-        &mut self,
-        e: &Entry,
-        old: Option<&libc::stat>,
-        written: Written<'_>,
-        end: u64,
-        master: &Attrs,
-        data: &mut dyn DataSource,
-    ) -> Result<(), ReplayError> {
-        const OP: &str = "write";
-        let path = written.path;
-        // The mark says which op placed this name's object; the new inode stands for the
-        // same object, so it carries the mark over (whatever its volume).
-        let carried = old.and_then(|st| self.marks.get(InodeId::of(st)));
-        let tmp = Temp::new(e.parent.as_fd(), false);
-        let fd = sys::openat(
-            e.parent.as_fd(),
-            &tmp.name,
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
-            0o600,
-        )
-        .ctx(OP, path)?;
-        self.copy_range(fd.as_fd(), 0, written, 0, end, data)?;
-        sys::ftruncate(fd.as_fd(), master.size).ctx(OP, path)?;
-        let tid = InodeId::of(&sys::fstat(fd.as_fd()).ctx(OP, path)?);
-        drop(fd);
-        let tloc = tmp.loc();
-        self.apply_attrs(&tloc, master, false).ctx(OP, path)?;
-        // M1, and M6: a file that had no mark gets none, not a stale one.
-        self.mark_ahead(tid, carried)?;
-        if let Err(err) = tmp.rename_to(&e.name) {
-            self.marks.remove(tid);
-            return Err(err).ctx(OP, path);
-        }
-        if let Some(st) = old {
-            self.forget_if_freed(st);
-        }
-        self.restore_dir_times(e.parent.as_fd(), &e.parent_rel, data);
-        Ok(())
-    }
-
-    /// Copies the master's bytes `[start, end)` into `fd`, whose size is `eof`, leaving
-    /// zero-filled blocks as holes: skipped at or past EOF, punched inside existing data.
-    fn copy_range(
-        &self,
-        fd: BorrowedFd<'_>,
-        mut eof: u64,
-        written: Written<'_>,
-        start: u64,
-        end: u64,
-        data: &mut dyn DataSource,
-    ) -> Result<(), ReplayError> {
-        const OP: &str = "write";
-        let Written { path, ino } = written;
-        let mut pos = start;
-        while pos < end {
-            let want = (end - pos).min(CHUNK);
-            let mut buf = data
-                .read_range(path, pos, want, ino)
-                .map_err(|source| ReplayError::Source { path: path.display().into_owned(), source })?;
-            buf.truncate(want as usize);
-            let mut i = 0usize;
-            while i < buf.len() {
-                // A run of blocks (aligned on file offsets) that are all zero, or all not.
-                let run = i;
-                let mut zero = None;
-                while i < buf.len() {
-                    let abs = pos + i as u64;
-                    let next = (abs / BLOCK + 1) * BLOCK;
-                    let seg_end = buf.len().min(i + (next - abs) as usize);
-                    let z = buf[i..seg_end].iter().all(|&b| b == 0);
-                    if *zero.get_or_insert(z) != z {
-                        break;
-                    }
-                    i = seg_end;
-                }
-                let abs = pos + run as u64;
-                let n = (i - run) as u64;
-                if zero == Some(false) {
-                    sys::pwrite_all(fd, &buf[run..i], abs).ctx(OP, path)?;
-                    eof = eof.max(abs + n);
-                } else if abs < eof {
-                    // Zeroes over existing data: punch, or write them where holes are not
-                    // supported. Past EOF nothing is written; the final size makes the hole.
-                    let m = n.min(eof - abs);
-                    if !sys::punch_hole(fd, abs, m).ctx(OP, path)? {
-                        sys::pwrite_all(fd, &buf[run..run + m as usize], abs).ctx(OP, path)?;
-                    }
-                }
-            }
-            pos += buf.len() as u64;
-            if (buf.len() as u64) < want {
-                break; // the master's file ends here
-            }
-        }
-        Ok(())
-    }
-
-    fn truncate(
-        &mut self,
-        path: &RelPath,
-        size: u64,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "truncate";
-        let e = match self.entry(path, OP, seq)? {
-            Lookup::Found(e) => e,
-            Lookup::Missing => return self.missing(path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let loc = e.loc();
-        let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
-        if self.placed_after(&st, seq) {
-            return Ok(Applied::AlreadyApplied);
-        }
-        if !is_kind(&st, libc::S_IFREG) {
-            return Ok(Applied::NeedsResync { path: path.clone() });
-        }
-        let fd = sys::openat(
-            e.parent.as_fd(),
-            &e.name,
-            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
-            0,
-        )
-        .ctx(OP, path)?;
-        sys::ftruncate(fd.as_fd(), size).ctx(OP, path)?;
-        if let Some(a) = self.master(path, data)? {
-            if a.kind == FileKind::Regular {
-                loc.set_times(Some(a.atime), Some(a.mtime)).ctx(OP, path)?;
-            }
-        }
-        Ok(Applied::Changed)
-    }
-
-    // ---- attribute operations --------------------------------------------------------
-
-    #[expect(clippy::too_many_arguments, reason = "one argument per field of Op::Setattr")]
-    fn setattr(
-        &mut self,
-        path: &RelPath,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        atime: Option<Timestamp>,
-        mtime: Option<Timestamp>,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "setattr";
-        let t = match self.target(path, seq)? {
-            Lookup::Found(t) => t,
-            Lookup::Missing => return self.missing(path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let loc = self.target_loc(&t);
-        let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
-        if self.placed_after(&st, seq) {
-            return Ok(Applied::AlreadyApplied);
-        }
-        // Owner first: chown clears set-user-ID and set-group-ID bits the mode may set.
-        if uid.is_some() || gid.is_some() {
-            loc.chown(uid, gid).ctx(OP, path)?;
-        }
-        if let Some(m) = mode {
-            loc.chmod(m).ctx(OP, path)?;
-        }
-        if atime.is_some() || mtime.is_some() {
-            loc.set_times(atime, mtime).ctx(OP, path)?;
-        }
-        Ok(Applied::Changed)
-    }
-
-    fn setxattr(
-        &mut self,
-        path: &RelPath,
-        name: &RelPath,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "setxattr";
-        let cname = xattr_name(path, name)?;
-        let t = match self.target(path, seq)? {
-            Lookup::Found(t) => t,
-            Lookup::Missing => return self.missing(path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let Some(master) = self.master(path, data)? else { return Ok(Applied::Obsolete) };
-        let loc = self.target_loc(&t);
-        let Some(st) = loc.stat().ctx(OP, path)? else { return Ok(Applied::NeedsResync { path: path.clone() }) };
-        if self.placed_after(&st, seq) {
-            return Ok(Applied::AlreadyApplied);
-        }
-        match master.xattrs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
-            Some((_, value)) => {
-                if loc.get_xattr(&cname).ctx(OP, path)?.as_deref() == Some(value.as_slice()) {
-                    return Ok(Applied::AlreadyApplied);
-                }
-                loc.set_xattr(&cname, value).ctx(OP, path)?;
-            }
-            // Removed at the master since: the replica follows the current state.
-            None => {
-                if !loc.remove_xattr(&cname).ctx(OP, path)? {
-                    return Ok(Applied::AlreadyApplied);
-                }
-            }
-        }
-        Ok(Applied::Changed)
-    }
-
-    fn removexattr(
-        &mut self,
-        path: &RelPath,
-        name: &RelPath,
-        seq: Option<u64>,
-        data: &mut dyn DataSource,
-    ) -> Result<Applied, ReplayError> {
-        const OP: &str = "removexattr";
-        let cname = xattr_name(path, name)?;
-        let t = match self.target(path, seq)? {
-            Lookup::Found(t) => t,
-            Lookup::Missing => return self.missing(path, data),
-            Lookup::Stale => return Ok(Applied::AlreadyApplied),
-        };
-        let loc = self.target_loc(&t);
-        let Some(st) = loc.stat().ctx(OP, path)? else { return self.missing(path, data) };
-        if self.placed_after(&st, seq) {
-            return Ok(Applied::AlreadyApplied);
-        }
-        Ok(if loc.remove_xattr(&cname).ctx(OP, path)? { Applied::Changed } else { Applied::AlreadyApplied })
-    }
-}
-
-/// Removes `name` in `dir` and, for a directory, everything beneath it, never following a
-/// symlink; adds to `freed` each object whose last name it removed.
-fn remove_tree(dir: BorrowedFd<'_>, name: &CStr, freed: &mut Vec<InodeId>) -> io::Result<()> {
-    let Some(st) = Loc::entry(dir, name).stat()? else { return Ok(()) };
-    if !is_kind(&st, libc::S_IFDIR) {
-        ignore_enoent(sys::unlinkat(dir, name, false))?;
-        if st.st_nlink <= 1 {
-            freed.push(InodeId::of(&st));
-        }
-        return Ok(());
-    }
-    let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-    for (child, _) in sys::read_dir(sub.as_fd())? {
-        remove_tree(sub.as_fd(), &sys::cstring(&child)?, freed)?;
-    }
-    ignore_enoent(sys::unlinkat(dir, name, true))?;
-    freed.push(InodeId::of(&st));
-    Ok(())
 }
 
 fn found<T>(l: Lookup<T>) -> Option<T> {
     match l {
         Lookup::Found(t) => Some(t),
         Lookup::Missing | Lookup::Stale => None,
-    }
-}
-
-fn ignore_enoent(r: io::Result<()>) -> io::Result<()> {
-    match r {
-        Err(e) if errno(&e) == libc::ENOENT => Ok(()),
-        r => r,
     }
 }
 
@@ -1528,8 +1036,14 @@ mod tests {
             assert!(refused(p), "{p:?} should be refused");
         }
         assert!(check_rel_path(&RelPath(b"a\0b".to_vec())).is_err());
-        assert!(matches!(check_rel_path(&RelPath::from("a/../../x")), Err(ReplayError::EscapesRoot { .. })));
-        assert!(matches!(check_rel_path(&RelPath::from("a//b")), Err(ReplayError::BadPath { .. })));
+        assert!(matches!(
+            check_rel_path(&RelPath::from("a/../../x")),
+            Err(ReplayError::EscapesRoot { .. })
+        ));
+        assert!(matches!(
+            check_rel_path(&RelPath::from("a//b")),
+            Err(ReplayError::BadPath { .. })
+        ));
     }
 
     #[test]
@@ -1538,7 +1052,10 @@ mod tests {
             assert!(!refused(p), "{p:?} should pass");
         }
         let (parent, name) = split(&RelPath::from("a/b/c")).unwrap().unwrap();
-        assert_eq!((parent.as_bytes(), name.to_bytes()), (&b"a/b"[..], &b"c"[..]));
+        assert_eq!(
+            (parent.as_bytes(), name.to_bytes()),
+            (&b"a/b"[..], &b"c"[..])
+        );
         let (parent, name) = split(&RelPath::from("c")).unwrap().unwrap();
         assert_eq!((parent.as_bytes(), name.to_bytes()), (&b""[..], &b"c"[..]));
         assert!(split(&RelPath::from("")).unwrap().is_none());

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::export::Export;
-use crate::inode_table::{ChangedSince, Kind};
+use crate::capture::inode_table::{ChangedSince, Kind};
 use crate::op::{Op, RelPath};
 
 /// The mark's file name inside the state dir.

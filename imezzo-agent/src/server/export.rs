@@ -8,143 +8,45 @@
 //! names objects by their real place in the tree), so nothing legitimate is refused.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::sync::Arc;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
+use crate::attrs::{Attrs, FileKind};
+use crate::beneath::{cstring, is_absent, sys, Loc, Tree};
 use crate::op::RelPath;
-use crate::protocol::{FileAttrs, ManifestEntry, INLINE_DATA_MAX};
-use crate::replay::{Attrs, TEMP_PREFIX};
-
-/// `struct open_how` of linux/openat2.h (libc's is `non_exhaustive` and cannot be built).
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-/// Stay beneath the directory, follow no symlink at all, no /proc magic links.
-pub(crate) const RESOLVE_STRICT: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-
-/// openat2(2) of `path` beneath `dir` under [`RESOLVE_STRICT`].
-pub(crate) fn openat2_strict(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let how = OpenHow { flags: (flags | libc::O_CLOEXEC) as u64, mode: 0, resolve: RESOLVE_STRICT };
-    // EAGAIN: a concurrent rename raced the walk; openat2(2) asks callers to retry.
-    for _ in 0..16 {
-        // SAFETY: `how` is a valid open_how of the size passed; `path` is NUL-terminated.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                size_of::<OpenHow>(),
-            )
-        };
-        if r >= 0 {
-            // SAFETY: the kernel just returned this fd.
-            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(e);
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EAGAIN))
-}
-
-pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// Errors that mean "nothing of the tree is there" for a lookup from the wire.
-pub(crate) fn is_absent(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV))
-}
-
-/// Splits `a/b/c` into (`a/b`, `c`); `None` for the root.
-pub(crate) fn split_parent(path: &RelPath) -> Option<(&[u8], &[u8])> {
-    let b = path.as_bytes();
-    if b.is_empty() {
-        return None;
-    }
-    Some(match b.iter().rposition(|&c| c == b'/') {
-        Some(i) => (&b[..i], &b[i + 1..]),
-        None => (&b[..0], b),
-    })
-}
-
-/// A path naming `name` inside the directory `dir` holds, through /proc: the kernel
-/// resolves `/proc/self/fd/N` to that very directory, so nothing is looked up again from `/`.
-pub(crate) fn fd_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
-    let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
-    if !name.is_empty() {
-        p.push(b'/');
-        p.extend_from_slice(name);
-    }
-    PathBuf::from(OsStr::from_bytes(&p))
-}
+use crate::protocol::{ManifestEntry, INLINE_DATA_MAX};
+use crate::replay::TEMP_PREFIX;
 
 /// The exported tree, held open.
 #[derive(Debug)]
 pub(crate) struct Export {
-    root: PathBuf,
-    /// `O_PATH | O_DIRECTORY` on the root: every lookup from the wire starts here.
-    fd: OwnedFd,
+    tree: Tree,
 }
 
 impl Export {
     pub fn open(root: &Path) -> io::Result<Export> {
-        let c = cstring(root.as_os_str().as_bytes())?;
-        // SAFETY: NUL-terminated path.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd from the kernel.
-        Ok(Export { root: root.to_path_buf(), fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Export {
+            tree: Tree::open(root)?,
+        })
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        self.tree.path()
     }
 
     /// Opens the regular file at `path` for reading; `Ok(None)` when nothing, or something
     /// other than a regular file, is there now (the client is told `Gone`).
     pub fn open_regular(&self, path: &RelPath) -> io::Result<Option<File>> {
-        Ok(self.open_regular_meta(path)?.map(|(file, _)| file))
-    }
-
-    /// [`open_regular`](Self::open_regular), with the opened file's metadata.
-    fn open_regular_meta(&self, path: &RelPath) -> io::Result<Option<(File, std::fs::Metadata)>> {
-        if path.as_bytes().is_empty() {
-            return Ok(None);
-        }
-        let c = cstring(path.as_bytes())?;
-        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-        // Reading must not change the master's atime; O_NOATIME needs CAP_FOWNER or
-        // ownership, so fall back on a plain open where it is refused.
-        let fd = match openat2_strict(self.fd.as_fd(), &c, flags | libc::O_NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => openat2_strict(self.fd.as_fd(), &c, flags),
-            r => r,
-        };
-        let fd = match fd {
-            Ok(fd) => fd,
-            Err(e) if is_absent(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let file = File::from(fd);
-        let meta = file.metadata()?;
-        if !meta.file_type().is_file() {
-            return Ok(None);
-        }
-        Ok(Some((file, meta)))
+        Ok(self
+            .tree
+            .open_regular(path.as_bytes())?
+            .map(|(file, _)| file))
     }
 
     /// The whole content of the regular file at `path`, if it is still the inode `ino` and
@@ -152,7 +54,9 @@ impl Export {
     /// (the client then fetches it). Meant for small files: everything is read at once.
     fn read_whole(&self, path: &RelPath, ino: u64, size: u64) -> Option<Vec<u8>> {
         let read = (|| -> io::Result<Option<Vec<u8>>> {
-            let Some((file, meta)) = self.open_regular_meta(path)? else { return Ok(None) };
+            let Some((file, meta)) = self.tree.open_regular(path.as_bytes())? else {
+                return Ok(None);
+            };
             if meta.ino() != ino || meta.len() != size {
                 return Ok(None);
             }
@@ -164,7 +68,10 @@ impl Export {
         match read {
             Ok(data) => data,
             Err(e) => {
-                log::debug!("manifest: {:?} will be fetched, reading it inline failed: {e}", path.display());
+                log::debug!(
+                    "manifest: {:?} will be fetched, reading it inline failed: {e}",
+                    path.display()
+                );
                 None
             }
         }
@@ -173,17 +80,7 @@ impl Export {
     /// The current attributes of `path`, without following its final component;
     /// `Ok(None)` when nothing is there (or its parent is not a directory of the tree).
     pub fn attrs(&self, path: &RelPath) -> io::Result<Option<Attrs>> {
-        let Some((parent, name)) = split_parent(path) else { return Attrs::read(&self.root) };
-        let c = cstring(if parent.is_empty() { b"." } else { parent })?;
-        let dir = match openat2_strict(self.fd.as_fd(), &c, libc::O_PATH | libc::O_DIRECTORY) {
-            Ok(fd) => fd,
-            Err(e) if is_absent(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        match Attrs::read(&fd_path(dir.as_fd(), name)) {
-            Err(e) if is_absent(&e) => Ok(None),
-            r => r,
-        }
+        self.tree.attrs(path)
     }
 
     /// Walks the tree in pre-order (the root `""` first, every directory before what it
@@ -199,37 +96,44 @@ impl Export {
         chunk: WalkChunk,
         sink: &mut dyn FnMut(Vec<ManifestEntry>) -> bool,
     ) -> io::Result<WalkStats> {
-        let root_meta = std::fs::symlink_metadata(&self.root)?;
+        let (root_attrs, root_st) =
+            self.tree
+                .attrs_with_stat(&RelPath::default())?
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the exported directory disappeared",
+                    )
+                })?;
         let mut stats = WalkStats::default();
         let mut groups: HashMap<(u64, u64), u64> = HashMap::new();
         let mut batch = Vec::with_capacity(chunk.entries);
         let mut batch_data = 0usize;
-        let root_attrs = Attrs::read(&self.root)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the exported directory disappeared"))?;
         batch.push(ManifestEntry {
             path: RelPath::default(),
-            attrs: FileAttrs::from(root_attrs),
+            attrs: root_attrs,
             xattrs_omitted: false,
             link_group: None,
             data: None,
         });
         let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
         while let Some(dir_rel) = stack.pop() {
-            let dir_path = self.root.join(OsStr::from_bytes(&dir_rel));
-            let listing = match std::fs::read_dir(&dir_path) {
-                Ok(l) => l,
-                // Removed or replaced while we walked: the journal accounts for it.
-                Err(e) if is_absent(&e) => continue,
-                Err(e) => return Err(io::Error::new(e.kind(), format!("listing {}: {e}", dir_path.display()))),
+            let shown = || self.root().join(OsStr::from_bytes(&dir_rel));
+            // Removed or replaced (by a symlink too) while we walked: the journal accounts for it.
+            let Some(dir) = self.tree.open_dir_with(&dir_rel, libc::O_RDONLY)? else {
+                continue;
             };
-            for item in listing {
-                let item = match item {
-                    Ok(i) => i,
-                    Err(e) if is_absent(&e) => break,
-                    Err(e) => return Err(io::Error::new(e.kind(), format!("listing {}: {e}", dir_path.display()))),
-                };
-                let name = item.file_name();
-                let name = name.as_bytes();
+            let listing = match sys::read_dir(dir.as_fd()) {
+                Ok(l) => l,
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("listing {}: {e}", shown().display()),
+                    ))
+                }
+            };
+            for (name, _) in listing {
                 if name.starts_with(TEMP_PREFIX) {
                     continue;
                 }
@@ -237,15 +141,20 @@ impl Export {
                 if !rel.is_empty() {
                     rel.push(b'/');
                 }
-                rel.extend_from_slice(name);
-                let path = item.path();
-                let (attrs, st) = match Attrs::read_with_stat(&path) {
+                rel.extend_from_slice(&name);
+                let path = || self.root().join(OsStr::from_bytes(&rel));
+                let (attrs, st) = match Loc::entry(dir.as_fd(), &cstring(&name)?).attrs() {
                     Ok(Some(a)) => a,
                     Ok(None) => continue,
                     Err(e) if is_absent(&e) => continue,
-                    Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("{}: {e}", path().display()),
+                        ))
+                    }
                 };
-                let regular = attrs.kind == crate::replay::FileKind::Regular;
+                let regular = attrs.kind == FileKind::Regular;
                 // (group, whether this is the group's first name)
                 let link_group = if regular && st.st_nlink > 1 {
                     let next = groups.len() as u64 + 1;
@@ -272,27 +181,30 @@ impl Export {
                     stats.inline_files += 1;
                     batch_data += d.len();
                 }
-                let is_dir = attrs.kind == crate::replay::FileKind::Directory;
+                let is_dir = attrs.kind == FileKind::Directory;
                 batch.push(ManifestEntry {
                     path: wire_path,
-                    attrs: FileAttrs::from(attrs),
+                    attrs,
                     xattrs_omitted: false,
                     link_group: link_group.map(|(group, _)| group),
                     data,
                 });
                 if is_dir {
-                    if st.st_dev == root_meta.dev() {
+                    if st.st_dev == root_st.st_dev {
                         stack.push(rel);
                     } else {
                         log::warn!(
                             "{} is another file system mounted inside the export: its contents are not replicated",
-                            path.display()
+                            path().display()
                         );
                     }
                 }
                 if batch.len() >= chunk.entries || batch_data >= chunk.data {
                     batch_data = 0;
-                    if !sink(std::mem::replace(&mut batch, Vec::with_capacity(chunk.entries))) {
+                    if !sink(std::mem::replace(
+                        &mut batch,
+                        Vec::with_capacity(chunk.entries),
+                    )) {
                         return Ok(stats);
                     }
                 }
@@ -339,16 +251,27 @@ pub(crate) struct DataReader {
 
 impl DataReader {
     pub(crate) fn new(file: Arc<File>) -> DataReader {
-        DataReader { file, segment: None }
+        DataReader {
+            file,
+            segment: None,
+        }
     }
 
     /// The data at or after `pos` and before `end`, in chunks of at most `max` bytes, about
     /// `budget` bytes in all; each chunk stops at a hole. Empty when nothing is left.
-    pub(crate) fn next_chunks(&mut self, mut pos: u64, end: u64, max: usize, budget: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    pub(crate) fn next_chunks(
+        &mut self,
+        mut pos: u64,
+        end: u64,
+        max: usize,
+        budget: usize,
+    ) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         let mut taken = 0usize;
         while pos < end && taken < budget {
-            let Some((seg_start, seg_end)) = self.segment_at(pos, end)? else { break };
+            let Some((seg_start, seg_end)) = self.segment_at(pos, end)? else {
+                break;
+            };
             pos = pos.max(seg_start);
             let stop = end.min(seg_end).min(pos + max as u64);
             let buf = self.read_at(pos, stop)?;
@@ -400,7 +323,11 @@ impl DataReader {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { u64::MAX } else { (hole as u64).max(data + 1) };
+        let hole = if hole < 0 {
+            u64::MAX
+        } else {
+            (hole as u64).max(data + 1)
+        };
         self.segment = Some((data, hole));
         Ok(self.segment)
     }
@@ -412,7 +339,12 @@ impl DataReader {
         while got < buf.len() {
             // SAFETY: `buf[got..]` is writable for its length.
             let n = unsafe {
-                libc::pread(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, (from + got as u64) as libc::off_t)
+                libc::pread(
+                    fd,
+                    buf[got..].as_mut_ptr().cast(),
+                    buf.len() - got,
+                    (from + got as u64) as libc::off_t,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -453,19 +385,43 @@ mod tests {
             assert_eq!(got, vec![(0, 4096), (20 << 20, 4096)]);
             assert!(chunks[1].1.iter().all(|&b| b == 2));
         }
-        assert!(r.next_chunks((20 << 20) + 4096, 40 << 20, 1 << 20, 4 << 20).unwrap().is_empty(), "a trailing hole has no data");
+        assert!(
+            r.next_chunks((20 << 20) + 4096, 40 << 20, 1 << 20, 4 << 20)
+                .unwrap()
+                .is_empty(),
+            "a trailing hole has no data"
+        );
         // A short range is read whole, zeros of its holes included.
         let mut r = DataReader::new(Arc::new(File::open(&path).unwrap()));
         let short = r.next_chunks(0, 8192, 1 << 20, 4 << 20).unwrap();
-        assert_eq!(short.iter().map(|(at, b)| (*at, b.len())).collect::<Vec<_>>(), vec![(0, 8192)]);
+        assert_eq!(
+            short
+                .iter()
+                .map(|(at, b)| (*at, b.len()))
+                .collect::<Vec<_>>(),
+            vec![(0, 8192)]
+        );
         assert!(short[0].1[4096..].iter().all(|&b| b == 0));
 
         let dense = dir.path().join("dense");
         std::fs::write(&dense, vec![7u8; (3 << 20) + 10]).unwrap();
         let mut r = DataReader::new(Arc::new(File::open(&dense).unwrap()));
         let first = r.next_chunks(0, (3 << 20) + 10, 1 << 20, 2 << 20).unwrap();
-        assert_eq!(first.iter().map(|(at, b)| (*at, b.len())).collect::<Vec<_>>(), vec![(0, 1 << 20), (1 << 20, 1 << 20)]);
-        let rest = r.next_chunks(2 << 20, (3 << 20) + 10, 1 << 20, 2 << 20).unwrap();
-        assert_eq!(rest.iter().map(|(at, b)| (*at, b.len())).collect::<Vec<_>>(), vec![(2 << 20, 1 << 20), (3 << 20, 10)]);
+        assert_eq!(
+            first
+                .iter()
+                .map(|(at, b)| (*at, b.len()))
+                .collect::<Vec<_>>(),
+            vec![(0, 1 << 20), (1 << 20, 1 << 20)]
+        );
+        let rest = r
+            .next_chunks(2 << 20, (3 << 20) + 10, 1 << 20, 2 << 20)
+            .unwrap();
+        assert_eq!(
+            rest.iter()
+                .map(|(at, b)| (*at, b.len()))
+                .collect::<Vec<_>>(),
+            vec![(2 << 20, 1 << 20), (3 << 20, 10)]
+        );
     }
 }

@@ -399,7 +399,7 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
     });
     println!("imezzo demo: client replicating into {} (tmpfs)", dirs.replica.display());
 
-    let interrupted = crate::cli_server::terminated();
+    let interrupted = crate::cli::server::terminated();
     tokio::pin!(interrupted);
     let sync_deadline = tokio::time::sleep(Duration::from_secs(120));
     tokio::pin!(sync_deadline);

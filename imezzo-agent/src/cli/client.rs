@@ -74,6 +74,6 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     .resolve()?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    rt.block_on(client::run(&opts, Arc::new(print_event), crate::cli_server::terminated()))?;
+    rt.block_on(client::run(&opts, Arc::new(print_event), crate::cli::server::terminated()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -21,12 +21,18 @@ use std::{
 
 use imezzo_common::{kind, DevIno, FdEvent, PathEvent, FMODE_CREATED, UTIME_OMIT};
 
-use crate::{
-    extents::Extents,
-    inode_table::{components, join, ChangedSince, InodeTable, Kind},
-    op::{JournalEntry, Op, RelPath, Timestamp, WriteSource},
-    probes::{ProbeConfig, ProbeError, Probes},
-};
+pub mod extents;
+pub mod inode_table;
+pub mod kernel_btf;
+pub mod probes;
+pub mod syscalls;
+
+use crate::attrs::FileKind;
+use crate::beneath::{sys, Tree};
+use crate::op::{JournalEntry, Op, RelPath, Timestamp, WriteSource};
+use extents::Extents;
+use inode_table::{components, join, ChangedSince, InodeTable, Kind};
+use probes::{ProbeConfig, ProbeError, Probes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -942,44 +948,42 @@ impl Capture {
         let mut seen: std::collections::HashMap<u64, RelPath> = std::collections::HashMap::new();
         let mut stack = vec![path.clone()];
         let mut objects = 0;
+        let tree = Tree::open(&self.root).ok()?;
         while let Some(rel) = stack.pop() {
             objects += 1;
             if objects > MAX_OBJECTS {
                 return None;
             }
-            let abs = self.abs(&rel);
-            let meta = match fs::symlink_metadata(&abs) {
-                Ok(m) => m,
-                // Gone again already: its removal follows in the journal.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(_) => return None,
-            };
-            if meta.is_file() && meta.nlink() > 1 {
-                // Another name of this file: inside this subtree, or elsewhere in the tree.
-                let under = |p: &RelPath| p == path || p.0.starts_with(&[path.0.as_slice(), b"/"].concat());
-                let elsewhere = self.table.path_of(meta.ino()).filter(|p| !under(p));
-                if let Some(first) = seen.get(&meta.ino()).cloned().or(elsewhere) {
-                    ops.push(Op::Link { path: first, new_path: rel });
-                    continue;
-                }
-                seen.insert(meta.ino(), rel.clone());
-            }
-            let attrs = match crate::replay::Attrs::read(&abs) {
+            let (attrs, st) = match tree.attrs_with_stat(&rel) {
                 Ok(Some(a)) => a,
+                // Gone again already: its removal follows in the journal.
                 Ok(None) => continue,
                 Err(_) => return None,
             };
+            let is_dir = attrs.kind == FileKind::Directory;
+            if !is_dir && st.st_nlink > 1 {
+                // Another name of this object (of any type but a directory): inside this
+                // subtree, or elsewhere in the tree.
+                let under = |p: &RelPath| p == path || p.0.starts_with(&[path.0.as_slice(), b"/"].concat());
+                let elsewhere = self.table.path_of(st.st_ino).filter(|p| !under(p));
+                if let Some(first) = seen.get(&st.st_ino).cloned().or(elsewhere) {
+                    ops.push(Op::Link { path: first, new_path: rel });
+                    continue;
+                }
+                seen.insert(st.st_ino, rel.clone());
+            }
             let mut made = attrs.recreate_ops(&rel)?;
             for op in &mut made {
                 if let Op::Write { ino, .. } = op {
-                    *ino = Some(meta.ino());
+                    *ino = Some(st.st_ino);
                 }
             }
             ops.extend(made);
-            if meta.is_dir() && meta.dev() == self.dev {
+            if is_dir && st.st_dev == self.dev {
                 dirs.push(attrs.setattr_op(&rel));
+                let dir = tree.open_dir_with(rel.as_bytes(), libc::O_RDONLY).ok()??;
                 let mut names: Vec<Vec<u8>> =
-                    fs::read_dir(&abs).ok()?.flatten().map(|e| e.file_name().as_bytes().to_vec()).collect();
+                    sys::read_dir(std::os::fd::AsFd::as_fd(&dir)).ok()?.into_iter().map(|(name, _)| name).collect();
                 // Reverse order on the stack: children come out in name order.
                 names.sort_unstable_by(|a, b| b.cmp(a));
                 for name in names {

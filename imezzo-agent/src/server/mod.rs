@@ -27,10 +27,10 @@ mod export;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,12 +42,10 @@ use crate::identity::{Identity, IdentityError, NodeId};
 use crate::journal::{Journal, JournalError};
 use crate::op::{Op, RelPath};
 use crate::protocol::{
-    self, CloseReason, FetchRequest, FetchRequestReader, FileAttrs, JournalRead, ManifestEntry, Msg, ServerOutput,
-    ServerSession, Start, VolumeId, DATA_CHUNK,
+    self, CloseReason, FetchRequest, FetchRequestReader, JournalRead, ManifestEntry, Msg,
+    ServerOutput, ServerSession, Start, VolumeId, DATA_CHUNK,
 };
 use crate::transport::{self, TransportError};
-
-pub(crate) use export::{cstring, fd_path, is_absent, openat2_strict, split_parent};
 
 /// How often the journal's size is checked against the retention bound.
 const COMPACT_CHECK: Duration = Duration::from_secs(1);
@@ -56,7 +54,10 @@ const COMPACT_CHECK: Duration = Duration::from_secs(1);
 const SUPERSEDE_EVERY: Duration = Duration::from_secs(600);
 /// Most manifest entries, and inline data bytes, per chunk handed from the walk to the
 /// session.
-const MANIFEST_CHUNK: export::WalkChunk = export::WalkChunk { entries: 256, data: 512 << 10 };
+const MANIFEST_CHUNK: export::WalkChunk = export::WalkChunk {
+    entries: 256,
+    data: 512 << 10,
+};
 /// Most bytes taken from a stream per read.
 const READ_CHUNK: usize = 64 << 10;
 /// File bytes read per hand-off to the blocking pool when answering a fetch.
@@ -73,9 +74,15 @@ pub enum ServerError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("cannot start capturing changes under {}: {error}", export.display())]
-    Capture { export: PathBuf, error: CaptureError },
+    Capture {
+        export: PathBuf,
+        error: CaptureError,
+    },
     #[error("cannot open the exported directory {}: {error}; give an existing directory to --export", path.display())]
-    Export { path: PathBuf, error: std::io::Error },
+    Export {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(
@@ -86,7 +93,10 @@ pub enum ServerError {
     #[error("the capture thread stopped unexpectedly ({0}); this is a bug: restart the server, and please report it")]
     CaptureThread(String),
     #[error("cannot use {}: {error}; check the permissions and free space of the state dir", path.display())]
-    Mark { path: PathBuf, error: std::io::Error },
+    Mark {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// A running server: capture is journalling and the endpoint is bound.
@@ -115,12 +125,18 @@ impl Server {
         let state = opts.state.clone();
         let journal_existed = catchup::journal_exists(&opts.state);
         let journal = Arc::new(blocking(move || Journal::open(&state)).await??);
-        let export_root = std::fs::canonicalize(&opts.export)
-            .map_err(|error| ServerError::Export { path: opts.export.clone(), error })?;
-        let export = Arc::new(
-            export::Export::open(&export_root)
-                .map_err(|error| ServerError::Export { path: export_root.clone(), error })?,
-        );
+        let export_root =
+            std::fs::canonicalize(&opts.export).map_err(|error| ServerError::Export {
+                path: opts.export.clone(),
+                error,
+            })?;
+        let export =
+            Arc::new(
+                export::Export::open(&export_root).map_err(|error| ServerError::Export {
+                    path: export_root.clone(),
+                    error,
+                })?,
+            );
         let (appended_tx, appended) = watch::channel(journal.last_seq());
         let capture = CaptureThread::start(
             export_root.clone(),
@@ -132,7 +148,12 @@ impl Server {
         )
         .await?;
         let endpoint = transport::server_endpoint(&identity, opts.listen, opts.allow.clone())?;
-        let local_addr = endpoint.local_addr().map_err(|error| TransportError::Bind { addr: opts.listen, error })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|error| TransportError::Bind {
+                addr: opts.listen,
+                error,
+            })?;
         let volume = protocol::volume_id(journal.volume_id());
         log::info!(
             "journal {} (volume {}) at seq {}, retaining {} bytes",
@@ -145,7 +166,12 @@ impl Server {
             endpoint,
             local_addr,
             id: identity.id,
-            shared: Arc::new(Shared { journal, export, volume, appended }),
+            shared: Arc::new(Shared {
+                journal,
+                export,
+                volume,
+                appended,
+            }),
             retain_bytes: opts.retain_bytes,
             capture,
         })
@@ -193,7 +219,8 @@ impl Server {
             }
         };
         compactor.abort();
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"the server is shutting down");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"the server is shutting down");
         sessions.shutdown().await;
         let capture = std::mem::replace(&mut self.capture, CaptureThread::stopped());
         let stats = blocking(move || capture.stop()).await.unwrap_or_default();
@@ -210,8 +237,12 @@ impl Server {
 }
 
 /// Runs blocking work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ServerError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ServerError::CaptureThread(format!("a blocking task failed: {e}")))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::CaptureThread(format!("a blocking task failed: {e}")))
 }
 
 /// The capture loop on its own OS thread: it polls the ring buffer every 2 ms and must not
@@ -305,7 +336,11 @@ impl CaptureThread {
                 cap.stats()
             })
             .map_err(|e| ServerError::CaptureThread(format!("cannot start it: {e}")))?;
-        let mut this = CaptureThread { stop, thread: Some(thread), failed };
+        let mut this = CaptureThread {
+            stop,
+            thread: Some(thread),
+            failed,
+        };
         match ready_rx.await {
             Ok(Ok(())) => Ok(this),
             Ok(Err(error)) => {
@@ -314,13 +349,19 @@ impl CaptureThread {
             }
             Err(_) => {
                 this.join();
-                Err(ServerError::CaptureThread("it panicked while starting".into()))
+                Err(ServerError::CaptureThread(
+                    "it panicked while starting".into(),
+                ))
             }
         }
     }
 
     fn stopped() -> CaptureThread {
-        CaptureThread { stop: Arc::new(AtomicBool::new(true)), thread: None, failed: watch::channel(None).1 }
+        CaptureThread {
+            stop: Arc::new(AtomicBool::new(true)),
+            thread: None,
+            failed: watch::channel(None).1,
+        }
     }
 
     /// Stops capture (it journals what the kernel already delivered) and waits for it.
@@ -330,7 +371,10 @@ impl CaptureThread {
 
     fn join(&mut self) -> CaptureStats {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -401,7 +445,9 @@ fn close(conn: &quinn::Connection, id: NodeId, reason: &CloseReason) {
         text.truncate(cut);
     }
     match reason {
-        CloseReason::Violation { .. } | CloseReason::Internal { .. } | CloseReason::VersionMismatch { .. } => {
+        CloseReason::Violation { .. }
+        | CloseReason::Internal { .. }
+        | CloseReason::VersionMismatch { .. } => {
             log::warn!("closing the connection of client {id}: {reason}")
         }
         _ => log::debug!("closing the connection of client {id}: {reason}"),
@@ -422,7 +468,9 @@ fn start_walk(shared: Arc<Shared>, inline_data: bool) -> mpsc::Receiver<WalkEven
     tokio::task::spawn_blocking(move || {
         let walked = shared
             .export
-            .walk(inline_data, MANIFEST_CHUNK, &mut |entries| tx.blocking_send(WalkEvent::Entries(entries)).is_ok());
+            .walk(inline_data, MANIFEST_CHUNK, &mut |entries| {
+                tx.blocking_send(WalkEvent::Entries(entries)).is_ok()
+            });
         let _ = tx.blocking_send(match walked {
             Ok(stats) => WalkEvent::End(stats),
             Err(e) => WalkEvent::Failed(format!("{} ({e})", shared.export.root().display())),
@@ -433,18 +481,25 @@ fn start_walk(shared: Arc<Shared>, inline_data: bool) -> mpsc::Receiver<WalkEven
 
 /// Runs the control stream of one client; returns why it ended, for the log.
 async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> String {
-    let (mut send, mut recv) = match tokio::time::timeout(CONTROL_STREAM_WAIT, conn.accept_bi()).await {
-        Err(_) => {
-            let reason = CloseReason::Timeout { what: "the client opened no control stream".into() };
-            close(conn, id, &reason);
-            return reason.to_string();
-        }
-        Ok(Err(e)) => return format!("connection lost before its control stream ({e})"),
-        Ok(Ok(streams)) => streams,
-    };
+    let (mut send, mut recv) =
+        match tokio::time::timeout(CONTROL_STREAM_WAIT, conn.accept_bi()).await {
+            Err(_) => {
+                let reason = CloseReason::Timeout {
+                    what: "the client opened no control stream".into(),
+                };
+                close(conn, id, &reason);
+                return reason.to_string();
+            }
+            Ok(Err(e)) => return format!("connection lost before its control stream ({e})"),
+            Ok(Ok(streams)) => streams,
+        };
     // Fetch streams come after the control stream (the client fetches only once welcomed),
     // so the first stream accepted above is the control stream.
-    let fetches = AbortOnDrop(tokio::spawn(serve_fetches(conn.clone(), shared.clone(), id)));
+    let fetches = AbortOnDrop(tokio::spawn(serve_fetches(
+        conn.clone(),
+        shared.clone(),
+        id,
+    )));
     let mut session = ServerSession::new(shared.volume, Instant::now());
     let mut appended = shared.appended.clone();
     let mut appended_open = true;
@@ -460,7 +515,10 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                     let frame = match protocol::encode_bytes(&msg) {
                         Ok(frame) => frame,
                         Err(e) => {
-                            let reason = CloseReason::Internal { side: protocol::Side::Server, detail: e.to_string() };
+                            let reason = CloseReason::Internal {
+                                side: protocol::Side::Server,
+                                detail: e.to_string(),
+                            };
                             close(conn, id, &reason);
                             return reason.to_string();
                         }
@@ -471,8 +529,9 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                 }
                 ServerOutput::ReadJournal { from, max } => {
                     let journal = shared.journal.clone();
-                    read_job =
-                        Some(tokio::task::spawn_blocking(move || JournalRead::from(journal.read_from(from, max))));
+                    read_job = Some(tokio::task::spawn_blocking(move || {
+                        journal_read(journal.read_from(from, max))
+                    }));
                 }
                 ServerOutput::StartManifest { inline_data } => {
                     // The seq before the walk: whatever the walk races with is journalled
@@ -550,7 +609,9 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
 }
 
 fn sleep_until(deadline: Option<tokio::time::Instant>) -> tokio::time::Sleep {
-    tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)))
+    tokio::time::sleep_until(
+        deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+    )
 }
 
 fn describe_close(e: &quinn::ConnectionError) -> String {
@@ -571,8 +632,14 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
 
 fn log_sent(id: NodeId, msg: &Msg) {
     match msg {
-        Msg::Welcome { start: Start::Resume { from_seq }, .. } => log::info!("client {id}: resuming at seq {from_seq}"),
-        Msg::Welcome { start: Start::FullSync { manifest_seq, why }, .. } => {
+        Msg::Welcome {
+            start: Start::Resume { from_seq },
+            ..
+        } => log::info!("client {id}: resuming at seq {from_seq}"),
+        Msg::Welcome {
+            start: Start::FullSync { manifest_seq, why },
+            ..
+        } => {
             log::info!("client {id}: full sync at seq {manifest_seq}: {why}")
         }
         Msg::Refuse { reason } => log::warn!("client {id}: refused: {reason}"),
@@ -623,10 +690,16 @@ async fn serve_fetch(
         }
     };
     let answered = match request {
-        FetchRequest::Data { req_id, path, offset, len, ino } => {
-            answer_data(&mut send, &shared, req_id, path, offset, len, ino).await
+        FetchRequest::Data {
+            req_id,
+            path,
+            offset,
+            len,
+            ino,
+        } => answer_data(&mut send, &shared, req_id, path, offset, len, ino).await,
+        FetchRequest::Attrs { req_id, paths } => {
+            answer_attrs(&mut send, &shared, req_id, paths).await
         }
-        FetchRequest::Attrs { req_id, paths } => answer_attrs(&mut send, &shared, req_id, paths).await,
     };
     if answered {
         let _ = send.finish();
@@ -658,7 +731,9 @@ async fn answer_data(
     // One blocking call opens the file and reads the first batch: a small file costs one
     // hand-off to the blocking pool, not one per step.
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let Some(file) = s.export.open_regular(&p)? else { return Ok(None) };
+        let Some(file) = s.export.open_regular(&p)? else {
+            return Ok(None);
+        };
         let meta = file.metadata()?;
         // Another file under this name now: the bytes asked for went with their file.
         if ino.is_some_and(|i| i != meta.ino()) {
@@ -671,7 +746,10 @@ async fn answer_data(
         Ok(Some((reader, size, end, first)))
     })
     .await;
-    let unreadable = |e: &dyn std::fmt::Display| Msg::Unreadable { req_id, reason: e.to_string() };
+    let unreadable = |e: &dyn std::fmt::Display| Msg::Unreadable {
+        req_id,
+        reason: e.to_string(),
+    };
     let (mut reader, size, end, mut chunks) = match opened {
         Ok(Ok(Some(opened))) => opened,
         Ok(Ok(None)) => return write_msg(send, &Msg::Gone { req_id }).await,
@@ -684,7 +762,16 @@ async fn answer_data(
     while let Some(&(last_at, ref last)) = chunks.last() {
         let pos = last_at + last.len() as u64;
         for (at, bytes) in chunks {
-            if !write_msg(send, &Msg::Data { req_id, offset: at, bytes }).await {
+            if !write_msg(
+                send,
+                &Msg::Data {
+                    req_id,
+                    offset: at,
+                    bytes,
+                },
+            )
+            .await
+            {
                 return false;
             }
         }
@@ -710,15 +797,31 @@ async fn answer_data(
     }
     // The size the range was cut at: bytes past it, if the file grew meanwhile, come with the
     // journal entry of the write that grew it.
-    write_msg(send, &Msg::DataEnd { req_id, file_size: size }).await
+    write_msg(
+        send,
+        &Msg::DataEnd {
+            req_id,
+            file_size: size,
+        },
+    )
+    .await
 }
 
-async fn answer_attrs(send: &mut quinn::SendStream, shared: &Arc<Shared>, req_id: u64, paths: Vec<RelPath>) -> bool {
+async fn answer_attrs(
+    send: &mut quinn::SendStream,
+    shared: &Arc<Shared>,
+    req_id: u64,
+    paths: Vec<RelPath>,
+) -> bool {
     let s = shared.clone();
     let read = tokio::task::spawn_blocking(move || {
         paths
             .iter()
-            .map(|p| s.export.attrs(p).map(|a| a.map(FileAttrs::from)).map_err(|e| format!("{:?}: {e}", p.display())))
+            .map(|p| {
+                s.export
+                    .attrs(p)
+                    .map_err(|e| format!("{:?}: {e}", p.display()))
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .await;
@@ -728,7 +831,26 @@ async fn answer_attrs(send: &mut quinn::SendStream, shared: &Arc<Shared>, req_id
             log::warn!("cannot read attributes for a client: {reason}");
             Msg::Unreadable { req_id, reason }
         }
-        Err(e) => Msg::Unreadable { req_id, reason: e.to_string() },
+        Err(e) => Msg::Unreadable {
+            req_id,
+            reason: e.to_string(),
+        },
     };
     write_msg(send, &msg).await
+}
+
+/// The journal's answer to a read, in the protocol's own terms (the session does not know
+/// the store).
+fn journal_read(r: crate::journal::Result<crate::journal::ReadFrom>) -> JournalRead {
+    use crate::journal::{JournalError, ReadFrom};
+    match r {
+        Ok(ReadFrom::Entries(v)) => JournalRead::Entries(v),
+        Ok(ReadFrom::Expired { first_retained }) => JournalRead::Expired { first_retained },
+        Err(JournalError::AheadOfJournal { last_seq, .. }) => {
+            JournalRead::AheadOfJournal { last_seq }
+        }
+        Err(e) => JournalRead::Failed {
+            reason: e.to_string(),
+        },
+    }
 }

@@ -19,7 +19,7 @@ use aya::{
 };
 use imezzo_common::{Filter, OpenRun, DROPS_RINGBUF_FULL, PATH_CAP};
 
-use crate::{kernel_btf, syscalls};
+use super::{kernel_btf, syscalls};
 
 /// The probe object, built by build.rs from imezzo-ebpf.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imezzo"));

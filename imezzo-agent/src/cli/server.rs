@@ -56,7 +56,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let server = Server::start(&opts).await?;
         eprintln!("imezzo: server ready: listening on {} as {}", server.local_addr(), server.node_id());
-        server.run(crate::cli_server::terminated()).await?;
+        server.run(crate::cli::server::terminated()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

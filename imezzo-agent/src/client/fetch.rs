@@ -1,0 +1,240 @@
+//! Fetch streams: the master's current bytes and attributes, asked on the worker's behalf.
+
+use super::*;
+
+/// Requests to the server over fetch streams, usable from blocking threads.
+#[derive(Clone)]
+pub(crate) struct Fetcher {
+    pub(super) conn: quinn::Connection,
+    pub(super) rt: Handle,
+    pub(super) next_id: Arc<AtomicU64>,
+    /// Set by the first fetch that finds the connection gone.
+    pub(super) lost: Arc<Mutex<Option<String>>>,
+}
+
+/// Why a fetch produced no answer.
+#[derive(Debug)]
+pub(crate) enum FetchFail {
+    /// The connection is gone; the session reconnects.
+    Lost(String),
+    /// The server could not read it.
+    Unreadable(String),
+    /// Writing what arrived failed here.
+    Local(io::Error),
+}
+
+/// How a data fetch ended.
+pub(crate) enum DataEnd {
+    Done { file_size: u64 },
+    Gone,
+}
+
+impl Fetcher {
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.rt
+    }
+
+    pub(crate) fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn lose(&self, why: String) -> FetchFail {
+        let mut l = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        l.get_or_insert(why.clone());
+        FetchFail::Lost(why)
+    }
+
+    /// One exchange on a new stream: the request, then every checked event of the answer.
+    pub(super) async fn exchange(
+        &self,
+        mut ex: FetchExchange,
+        request: Msg,
+        on_event: &mut (dyn FnMut(FetchEvent) -> Result<(), FetchFail> + Send),
+    ) -> Result<(), FetchFail> {
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| self.lose(format!("connection lost ({e})")))?;
+        let frame = protocol::encode(&request)
+            .map_err(|e| FetchFail::Local(io::Error::other(e.to_string())))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| self.lose(format!("connection lost ({e})")))?;
+        let _ = send.finish();
+        loop {
+            match recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    let events = ex
+                        .handle_stream_data(&chunk.bytes)
+                        .map_err(|r| self.violation(r))?;
+                    for e in events {
+                        on_event(e)?;
+                    }
+                }
+                Ok(None) => return ex.handle_stream_finished().map_err(|r| self.violation(r)),
+                Err(e) => return Err(self.lose(format!("a fetch stream failed ({e})"))),
+            }
+        }
+    }
+
+    /// A server that broke the protocol on a fetch stream loses its connection.
+    pub(super) fn violation(&self, reason: CloseReason) -> FetchFail {
+        let text = reason.to_string();
+        log::warn!("{text}");
+        self.conn
+            .close(quinn::VarInt::from_u32(reason.code()), text.as_bytes());
+        self.lose(text)
+    }
+
+    /// The master's current bytes `[offset, offset + len)` of `path`, handed to `sink` as
+    /// `(offset, bytes)` in increasing order; ranges not handed over are holes.
+    pub(crate) async fn data(
+        &self,
+        path: RelPath,
+        offset: u64,
+        len: u64,
+        ino: Option<u64>,
+        sink: &mut (dyn FnMut(u64, Vec<u8>) -> io::Result<()> + Send),
+    ) -> Result<DataEnd, FetchFail> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (ex, request) = FetchExchange::data(id, path, offset, len, ino);
+        let mut end = None;
+        self.exchange(ex, request, &mut |event| {
+            match event {
+                FetchEvent::Data { offset, bytes } => {
+                    sink(offset, bytes).map_err(FetchFail::Local)?
+                }
+                FetchEvent::End { file_size } => end = Some(DataEnd::Done { file_size }),
+                FetchEvent::Gone => end = Some(DataEnd::Gone),
+                FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
+                FetchEvent::Attrs(_) => {}
+            }
+            Ok(())
+        })
+        .await?;
+        end.ok_or_else(|| FetchFail::Unreadable("the answer ended without DataEnd".into()))
+    }
+
+    /// The master's current attributes of `paths`.
+    pub(crate) async fn attrs(&self, paths: Vec<RelPath>) -> Result<Vec<Option<Attrs>>, FetchFail> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (ex, request) = FetchExchange::attrs(id, paths);
+        let mut answer = None;
+        self.exchange(ex, request, &mut |event| {
+            match event {
+                FetchEvent::Attrs(a) => answer = Some(a),
+                FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
+                _ => {}
+            }
+            Ok(())
+        })
+        .await?;
+        answer.ok_or_else(|| FetchFail::Unreadable("the answer ended without Attrs".into()))
+    }
+}
+
+/// Replay's [`DataSource`] over the connection: each call a blocking fetch.
+pub(super) struct NetSource<'a> {
+    pub(super) fetcher: &'a Fetcher,
+    /// Answers fetched ahead for the current batch ([`Worker::prefetch`]).
+    pub(super) cache: &'a HashMap<RelPath, Option<Attrs>>,
+    /// Contents fetched ahead ([`Worker::prefetch_data`]).
+    pub(super) data: &'a DataCache,
+    /// Paths the master had nothing at when replay asked: what replay could not take
+    /// from them is fetched later from wherever they went (see [`Pending`]).
+    pub(super) absent: Vec<RelPath>,
+}
+
+impl<'a> NetSource<'a> {
+    pub(super) fn new(fetcher: &'a Fetcher) -> NetSource<'a> {
+        static NO_CACHE: std::sync::OnceLock<HashMap<RelPath, Option<Attrs>>> =
+            std::sync::OnceLock::new();
+        static NO_DATA: std::sync::OnceLock<DataCache> = std::sync::OnceLock::new();
+        NetSource {
+            fetcher,
+            cache: NO_CACHE.get_or_init(HashMap::new),
+            data: NO_DATA.get_or_init(HashMap::new),
+            absent: Vec::new(),
+        }
+    }
+}
+
+pub(super) fn fail_to_io(f: FetchFail) -> io::Error {
+    match f {
+        FetchFail::Lost(why) => io::Error::new(io::ErrorKind::ConnectionAborted, why),
+        FetchFail::Unreadable(why) => io::Error::other(format!("the server cannot read it: {why}")),
+        FetchFail::Local(e) => e,
+    }
+}
+
+impl DataSource for NetSource<'_> {
+    fn read_range(
+        &mut self,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+        ino: Option<u64>,
+    ) -> io::Result<Vec<u8>> {
+        if let Some(content) = ino.and_then(|i| self.data.get(&(path.clone(), i))) {
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(content.len());
+            let end = usize::try_from(offset.saturating_add(len))
+                .unwrap_or(usize::MAX)
+                .min(content.len());
+            return Ok(content[start..end].to_vec());
+        }
+        let mut buf = Vec::new();
+        let end = self.fetcher.rt.block_on(self.fetcher.data(
+            path.clone(),
+            offset,
+            len,
+            ino,
+            &mut |at, bytes| {
+                // Holes between chunks read as zeros; replay turns zero blocks back into holes.
+                let rel = usize::try_from(at - offset)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+                buf.resize(rel, 0);
+                buf.extend_from_slice(&bytes);
+                Ok(())
+            },
+        ));
+        match end.map_err(fail_to_io)? {
+            DataEnd::Done { file_size } => {
+                let want = offset
+                    .saturating_add(len)
+                    .min(file_size)
+                    .saturating_sub(offset);
+                buf.resize(
+                    usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?,
+                    0,
+                );
+                Ok(buf)
+            }
+            // Another file there now: replay leaves the path to be fetched again from
+            // wherever the written file went.
+            DataEnd::Gone if ino.is_some() => Err(crate::replay::replaced(path)),
+            // Nothing there now: a later entry (unlink, rename) accounts for it.
+            DataEnd::Gone => Ok(Vec::new()),
+        }
+    }
+
+    fn attrs(&mut self, path: &RelPath) -> io::Result<Option<Attrs>> {
+        let attrs = match self.cache.get(path) {
+            Some(a) => a.clone(),
+            None => {
+                let mut answer = self
+                    .fetcher
+                    .rt
+                    .block_on(self.fetcher.attrs(vec![path.clone()]))
+                    .map_err(fail_to_io)?;
+                answer.pop().flatten().map(Attrs::from)
+            }
+        };
+        if attrs.is_none() {
+            self.absent.push(path.clone());
+        }
+        Ok(attrs)
+    }
+}

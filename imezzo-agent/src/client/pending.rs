@@ -1,0 +1,324 @@
+//! Paths whose bytes replay could not take from the master at their entry (see [`Pending`]).
+
+use super::*;
+
+/// Paths whose replay could not take what it needed from the master, because the master had
+/// already moved past them: a write to a file renamed since (`write tmp; rename tmp f`, or
+/// any change followed by a rename of a parent directory), read when only the new name
+/// exists. Replay reports those operations `Obsolete`, expecting a later entry to account
+/// for them; a later rename moves the object but carries no data. So the driver keeps the
+/// paths, follows them through the renames, links and removals that come after, and once
+/// every entry received is durable and the stream has been idle for [`REPAIR_IDLE`] (so no
+/// entry still to come moves these names) fetches whatever the master has there, whole.
+/// Under changes that never pause, the repair waits for the first pause: fetching earlier
+/// would put the master's current content under names later entries still move.
+/// `true` marks a path where the replica was found to differ (`NeedsResync`): a directory
+/// there needs a full resync, its content being unknown.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    pub(super) paths: std::collections::BTreeMap<Vec<u8>, bool>,
+    /// Consecutive repairs at which the master had nothing at a path; past
+    /// [`PENDING_MISSES`] it is dropped (nothing at that name needs fetching).
+    pub(super) misses: HashMap<Vec<u8>, u32>,
+    /// Changed since last saved.
+    pub(super) changed: bool,
+}
+
+impl Pending {
+    pub(super) fn load(file: &Path) -> Pending {
+        let mut p = Pending::default();
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return p;
+        };
+        for line in text.lines() {
+            let (flag, hex_path) = line.split_at(line.len().min(1));
+            if let Ok(path) = hex::decode(hex_path.trim()) {
+                p.paths.insert(path, flag == "d");
+            }
+        }
+        p
+    }
+
+    /// Saves the set durably when it changed (removes the file when empty).
+    pub(super) fn save(&mut self, file: &Path) -> Result<(), ClientError> {
+        if !self.changed {
+            return Ok(());
+        }
+        let err = |action, error| ClientError::State {
+            action,
+            path: file.to_path_buf(),
+            error,
+        };
+        if self.paths.is_empty() {
+            match std::fs::remove_file(file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err("remove", e)),
+            }
+        } else {
+            let mut text = String::new();
+            for (path, diverged) in &self.paths {
+                text.push(if *diverged { 'd' } else { 'p' });
+                text.push_str(&hex::encode(path));
+                text.push('\n');
+            }
+            let tmp = file.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(|e| err("write", e))?;
+            f.write_all(text.as_bytes()).map_err(|e| err("write", e))?;
+            f.sync_all().map_err(|e| err("fsync", e))?;
+            std::fs::rename(&tmp, file).map_err(|e| err("replace", e))?;
+        }
+        let dir = file.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err("fsync the directory of", e))?;
+        self.changed = false;
+        Ok(())
+    }
+
+    pub(super) fn clear(&mut self) {
+        if !self.paths.is_empty() {
+            self.changed = true;
+        }
+        self.paths.clear();
+        self.misses.clear();
+    }
+
+    pub(super) fn insert(&mut self, path: Vec<u8>, diverged: bool) {
+        let e = self.paths.entry(path).or_insert(false);
+        *e |= diverged;
+        self.changed = true;
+    }
+
+    pub(super) fn remove(&mut self, path: &[u8]) {
+        self.misses.remove(path);
+        if self.paths.remove(path).is_some() {
+            self.changed = true;
+        }
+    }
+
+    /// The master had nothing at `path` at a repair.
+    pub(super) fn missed(&mut self, path: &[u8]) {
+        let n = self.misses.entry(path.to_vec()).or_insert(0);
+        *n += 1;
+        if *n >= PENDING_MISSES {
+            self.remove(path);
+        }
+    }
+
+    /// The path an `Obsolete` op could not finish.
+    pub(super) fn mark_op(&mut self, op: &Op) {
+        match op {
+            Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rescan { .. } => {}
+            Op::Rename {
+                path,
+                new_path,
+                exchange,
+                ..
+            } => {
+                self.insert(new_path.0.clone(), false);
+                if *exchange {
+                    self.insert(path.0.clone(), false);
+                }
+            }
+            Op::Link { new_path, .. } => self.insert(new_path.0.clone(), false),
+            other => self.insert(other.path().0.clone(), false),
+        }
+    }
+
+    /// A path where replay found the replica diverged. Within a pending subtree this is
+    /// expected (the objects there were never placed) and fetching them is enough.
+    pub(super) fn mark_diverged(&mut self, path: &RelPath) {
+        let covered = self.covers(path.as_bytes());
+        self.insert(path.0.clone(), !covered);
+    }
+
+    /// Whether `path` or one of its ancestors is pending.
+    pub(super) fn covers(&self, path: &[u8]) -> bool {
+        let mut p = path;
+        loop {
+            if self.paths.contains_key(p) {
+                return true;
+            }
+            match p.iter().rposition(|&b| b == b'/') {
+                Some(i) => p = &p[..i],
+                None => return false,
+            }
+        }
+    }
+
+    /// Takes out `prefix` and every pending path beneath it, as (suffix, flag).
+    pub(super) fn take_subtree(&mut self, prefix: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        let mut out = Vec::new();
+        self.misses.remove(prefix);
+        if let Some(d) = self.paths.remove(prefix) {
+            out.push((Vec::new(), d));
+        }
+        let mut lo = prefix.to_vec();
+        lo.push(b'/');
+        let mut hi = prefix.to_vec();
+        hi.push(b'/' + 1);
+        let keys: Vec<Vec<u8>> = self.paths.range(lo..hi).map(|(k, _)| k.clone()).collect();
+        for k in keys {
+            self.misses.remove(&k);
+            if let Some(d) = self.paths.remove(&k) {
+                out.push((k[prefix.len()..].to_vec(), d));
+            }
+        }
+        if !out.is_empty() {
+            self.changed = true;
+        }
+        out
+    }
+
+    pub(super) fn put_subtree(&mut self, prefix: &[u8], items: Vec<(Vec<u8>, bool)>) {
+        for (suffix, d) in items {
+            let mut p = prefix.to_vec();
+            p.extend_from_slice(&suffix);
+            self.insert(p, d);
+        }
+    }
+
+    /// Follows a namespace entry: pending paths move with renames, are copied by links and
+    /// dropped with removals.
+    pub(super) fn follow(&mut self, op: &Op) {
+        if self.paths.is_empty() {
+            return;
+        }
+        match op {
+            Op::Rename {
+                path,
+                new_path,
+                exchange: false,
+                ..
+            } => {
+                // Whatever was at the destination is replaced.
+                self.take_subtree(new_path.as_bytes());
+                let moved = self.take_subtree(path.as_bytes());
+                self.put_subtree(new_path.as_bytes(), moved);
+            }
+            Op::Rename {
+                path,
+                new_path,
+                exchange: true,
+                ..
+            } => {
+                let a = self.take_subtree(path.as_bytes());
+                let b = self.take_subtree(new_path.as_bytes());
+                self.put_subtree(new_path.as_bytes(), a);
+                self.put_subtree(path.as_bytes(), b);
+            }
+            Op::Link { path, new_path } => {
+                if let Some(&d) = self.paths.get(path.as_bytes()) {
+                    self.insert(new_path.0.clone(), d);
+                }
+            }
+            Op::Unlink { path } => self.remove(path.as_bytes()),
+            Op::Rmdir { path } => {
+                self.take_subtree(path.as_bytes());
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn rename(from: &str, to: &str, exchange: bool) -> Op {
+        Op::Rename {
+            path: from.into(),
+            new_path: to.into(),
+            exchange,
+            noreplace: false,
+        }
+    }
+
+    pub(super) fn paths(p: &Pending) -> Vec<String> {
+        p.paths
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    }
+
+    #[test]
+    pub(super) fn a_pending_path_follows_renames_of_itself_and_of_its_parents() {
+        let mut p = Pending::default();
+        p.mark_op(&Op::Write {
+            path: "d/tmp".into(),
+            offset: 0,
+            len: 3,
+            source: None,
+            mode: None,
+            ino: None,
+        });
+        p.follow(&rename("d/tmp", "d/file", false));
+        assert_eq!(paths(&p), ["d/file"]);
+        p.follow(&rename("d", "e", false));
+        assert_eq!(paths(&p), ["e/file"]);
+        // A sibling whose name shares the prefix is not beneath it.
+        p.insert(b"e-x".to_vec(), false);
+        p.follow(&rename("e", "f", false));
+        assert_eq!(paths(&p), ["e-x", "f/file"]);
+    }
+
+    #[test]
+    pub(super) fn an_exchange_swaps_pending_subtrees() {
+        let mut p = Pending::default();
+        p.insert(b"a/x".to_vec(), false);
+        p.insert(b"b".to_vec(), true);
+        p.follow(&rename("a", "b", true));
+        assert_eq!(paths(&p), ["a", "b/x"]);
+        assert_eq!(
+            p.paths.get(b"a".as_slice()),
+            Some(&true),
+            "the flag travels with its object"
+        );
+    }
+
+    #[test]
+    pub(super) fn removals_drop_pending_paths_and_a_rename_over_a_name_drops_what_was_there() {
+        let mut p = Pending::default();
+        for path in ["d/a", "d/b/c", "f", "g", "h"] {
+            p.insert(path.as_bytes().to_vec(), false);
+        }
+        p.follow(&Op::Rmdir { path: "d".into() });
+        p.follow(&Op::Unlink { path: "f".into() });
+        assert_eq!(paths(&p), ["g", "h"]);
+        p.follow(&rename("g", "h", false));
+        assert_eq!(paths(&p), ["h"]);
+        p.follow(&Op::Link {
+            path: "h".into(),
+            new_path: "k".into(),
+        });
+        assert_eq!(paths(&p), ["h", "k"]);
+    }
+
+    #[test]
+    pub(super) fn a_path_absent_at_every_repair_is_eventually_dropped() {
+        let mut p = Pending::default();
+        p.insert(b"gone".to_vec(), false);
+        for _ in 1..PENDING_MISSES {
+            p.missed(b"gone");
+        }
+        assert_eq!(paths(&p), ["gone"]);
+        p.missed(b"gone");
+        assert!(p.paths.is_empty());
+    }
+
+    #[test]
+    pub(super) fn the_pending_set_survives_save_and_load_and_an_empty_set_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(PENDING_FILE);
+        let mut p = Pending::default();
+        p.insert(b"a/b".to_vec(), false);
+        p.insert(vec![b'n', 0xff, b'/', b'x'], true);
+        p.save(&file).unwrap();
+        let back = Pending::load(&file);
+        assert_eq!(back.paths, p.paths);
+        p.clear();
+        p.save(&file).unwrap();
+        assert!(!file.exists());
+    }
+}

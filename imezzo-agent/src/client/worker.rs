@@ -1,0 +1,563 @@
+//! The worker thread: owns the [`Replayer`] and the full sync, and carries out the
+//! session's actions in order.
+
+use super::*;
+
+pub(super) struct WorkerHandle {
+    pub(super) tx: mpsc::Sender<Work>,
+    pub(super) thread: std::thread::JoinHandle<Replayer>,
+}
+
+impl WorkerHandle {
+    pub(super) fn start(
+        ctx: &SessionCtx<'_>,
+        replayer: Replayer,
+        volume: VolumeId,
+        fetcher: Fetcher,
+        reports: mpsc::UnboundedSender<Report>,
+    ) -> Result<WorkerHandle, ClientError> {
+        let (tx, rx) = mpsc::channel(WORK_QUEUE);
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&volume[..8]);
+        let worker = Worker {
+            replayer: replayer.with_volume(u64::from_be_bytes(v)),
+            fetcher,
+            root: ctx.root.to_path_buf(),
+            state_file: ctx.state_file.clone(),
+            events: ctx.events.clone(),
+            reports,
+            full: None,
+            finished_full: None,
+            needs_resync: None,
+            pending: Pending::load(&ctx.state_dir.join(PENDING_FILE)),
+            pending_file: ctx.state_dir.join(PENDING_FILE),
+            cache: HashMap::new(),
+            data: HashMap::new(),
+            prefetched: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("imezzo-replay".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| ClientError::Worker(format!("cannot start it: {e}")))?;
+        Ok(WorkerHandle { tx, thread })
+    }
+}
+
+/// Why the worker stops.
+pub(super) enum Stop {
+    Lost(String),
+    Fatal(ClientError),
+}
+
+pub(super) struct Worker {
+    pub(super) replayer: Replayer,
+    pub(super) fetcher: Fetcher,
+    pub(super) root: PathBuf,
+    pub(super) state_file: StateFile,
+    pub(super) events: EventSink,
+    pub(super) reports: mpsc::UnboundedSender<Report>,
+    pub(super) full: Option<full_sync::FullSync>,
+    /// A full sync finished, not yet reported (it is with the next persist).
+    pub(super) finished_full: Option<FullSyncStats>,
+    pub(super) needs_resync: Option<String>,
+    pub(super) pending: Pending,
+    pub(super) pending_file: PathBuf,
+    /// The master's attributes fetched ahead for the next `prefetched` entries.
+    pub(super) cache: HashMap<RelPath, Option<Attrs>>,
+    /// Whole contents of small files those entries write, by (path, inode), fetched
+    /// ahead at once instead of one round trip per entry.
+    pub(super) data: DataCache,
+    pub(super) prefetched: usize,
+}
+
+/// Contents fetched ahead: (path, inode written to) -> the file's bytes from offset 0.
+pub(super) type DataCache = HashMap<(RelPath, u64), Vec<u8>>;
+
+impl Worker {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Replayer {
+        let _ = self.reports.send(Report::Pending(self.pending.paths.len()));
+        let mut queue: VecDeque<Work> = VecDeque::new();
+        loop {
+            let work = match queue.pop_front() {
+                Some(w) => w,
+                None => match rx.blocking_recv() {
+                    Some(w) => w,
+                    None => break,
+                },
+            };
+            if matches!(work, Work::Apply(_)) && self.prefetched == 0 {
+                if let Err(stop) = self.prefetch(&work, &mut queue, &mut rx) {
+                    self.stop(stop);
+                    break;
+                }
+            }
+            let done = match work {
+                Work::BeginFullSync {
+                    volume_id,
+                    manifest_seq,
+                } => self.begin_full_sync(volume_id, manifest_seq),
+                Work::Manifest { entries, _queued } => match self.full.as_mut() {
+                    Some(full) => entries.into_iter().try_for_each(|e| full.apply(e)),
+                    None => Err(Stop::Fatal(ClientError::Worker(
+                        "a manifest entry outside a full sync".into(),
+                    ))),
+                },
+                Work::ManifestComplete { seq } => self.complete_full_sync(seq),
+                Work::Apply(entry) => self.apply(entry),
+                Work::Persist { volume_id, seq } => {
+                    // A later durable point already queued covers this one: one sync for
+                    // both (the session acknowledges the later seq, which implies this one).
+                    while queue.len() < PREFETCH_ENTRIES {
+                        match rx.try_recv() {
+                            Ok(w) => queue.push_back(w),
+                            Err(_) => break,
+                        }
+                    }
+                    if queue.iter().any(|w| matches!(w, Work::Persist { .. })) {
+                        Ok(())
+                    } else {
+                        self.persist(volume_id, seq)
+                    }
+                }
+                Work::Repair => self.repair_and_sync(),
+            };
+            if let Err(stop) = done {
+                self.stop(stop);
+                break;
+            }
+        }
+        self.replayer
+    }
+
+    pub(super) fn stop(&self, stop: Stop) {
+        let _ = self.reports.send(match stop {
+            Stop::Lost(why) => Report::Lost(why),
+            Stop::Fatal(e) => Report::Fatal(e),
+        });
+    }
+
+    /// Asks the master, in one round trip, for the attributes of every path the entries
+    /// already queued will ask about (the entry, its parent, a rename's other side), instead
+    /// of one round trip per question. Reading them now rather than entry by entry is
+    /// equally "the master's current state": every entry of the batch happened before now,
+    /// and a change after now has an entry of its own, replayed later.
+    pub(super) fn prefetch(
+        &mut self,
+        first: &Work,
+        queue: &mut VecDeque<Work>,
+        rx: &mut mpsc::Receiver<Work>,
+    ) -> Result<(), Stop> {
+        while queue.len() < PREFETCH_ENTRIES {
+            match rx.try_recv() {
+                Ok(w) => queue.push_back(w),
+                Err(_) => break,
+            }
+        }
+        let mut paths: Vec<RelPath> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut entries = 0;
+        for work in std::iter::once(first).chain(queue.iter()) {
+            let Work::Apply(entry) = work else { break };
+            entries += 1;
+            let mut add = |p: &RelPath| {
+                for q in [Some(p.clone()), parent_of(p)].into_iter().flatten() {
+                    if seen.insert(q.clone()) {
+                        paths.push(q);
+                    }
+                }
+            };
+            add(entry.op.path());
+            if let Op::Rename { new_path, .. } | Op::Link { new_path, .. } = &entry.op {
+                add(new_path);
+            }
+        }
+        self.cache.clear();
+        for chunk in paths.chunks(protocol::MAX_ATTRS_PATHS) {
+            match self.fetcher.rt.block_on(self.fetcher.attrs(chunk.to_vec())) {
+                Ok(answer) => {
+                    for (p, a) in chunk.iter().zip(answer) {
+                        self.cache.insert(p.clone(), a.map(Attrs::from));
+                    }
+                }
+                Err(FetchFail::Lost(why)) => return Err(Stop::Lost(why)),
+                // Replay asks again, path by path, and reports what fails.
+                Err(_) => {}
+            }
+        }
+        self.prefetch_data(std::iter::once(first).chain(queue.iter()).take(entries))?;
+        self.prefetched = entries;
+        Ok(())
+    }
+
+    /// Fetches, concurrently, the whole content of every small regular file the queued
+    /// writes take bytes from (by the inode each names), so a burst of small files costs a
+    /// few round trips, not one per file. What does not arrive is fetched by replay itself.
+    pub(super) fn prefetch_data<'w>(
+        &mut self,
+        work: impl Iterator<Item = &'w Work>,
+    ) -> Result<(), Stop> {
+        self.data.clear();
+        let mut wanted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for w in work {
+            let Work::Apply(entry) = w else { continue };
+            let Op::Write {
+                path,
+                ino: Some(ino),
+                ..
+            } = &entry.op
+            else {
+                continue;
+            };
+            let Some(Some(a)) = self.cache.get(path) else {
+                continue;
+            };
+            if a.kind == FileKind::Regular
+                && a.size <= PREFETCH_DATA_MAX
+                && seen.insert((path.clone(), *ino))
+            {
+                wanted.push((path.clone(), *ino, a.size));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let fetcher = self.fetcher.clone();
+        let fetched = self.fetcher.rt.block_on(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_DATA_CONCURRENCY));
+            let mut jobs = tokio::task::JoinSet::new();
+            for (path, ino, size) in wanted {
+                let (fetcher, permits) = (fetcher.clone(), permits.clone());
+                jobs.spawn(async move {
+                    let _permit = permits.acquire_owned().await.ok()?;
+                    let mut buf = Vec::new();
+                    let end = fetcher
+                        .data(path.clone(), 0, size, Some(ino), &mut |at, bytes| {
+                            // Holes between chunks read as zeros.
+                            buf.resize(at as usize, 0);
+                            buf.extend_from_slice(&bytes);
+                            Ok(())
+                        })
+                        .await
+                        .ok()?;
+                    match end {
+                        DataEnd::Done { file_size } => {
+                            buf.resize(size.min(file_size) as usize, 0);
+                            Some((path, ino, buf))
+                        }
+                        DataEnd::Gone => None,
+                    }
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(done) = jobs.join_next().await {
+                if let Ok(Some(item)) = done {
+                    out.push(item);
+                }
+            }
+            out
+        });
+        if let Some(why) = self.fetcher.lost() {
+            return Err(Stop::Lost(why));
+        }
+        for (path, ino, bytes) in fetched {
+            self.data.insert((path, ino), bytes);
+        }
+        Ok(())
+    }
+
+    pub(super) fn begin_full_sync(
+        &mut self,
+        volume_id: VolumeId,
+        manifest_seq: u64,
+    ) -> Result<(), Stop> {
+        // Until the manifest is whole the replica is no state of the volume: a crash now
+        // must restart the full sync, not resume.
+        self.state_file
+            .store(&ClientState {
+                volume_id: Some(volume_id),
+                last_applied: None,
+            })
+            .map_err(Stop::Fatal)?;
+        let full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq)
+            .map_err(|error| {
+                Stop::Fatal(ClientError::Root {
+                    path: self.root.clone(),
+                    error,
+                })
+            })?;
+        self.full = Some(full);
+        self.needs_resync = None;
+        self.pending.clear();
+        Ok(())
+    }
+
+    pub(super) fn complete_full_sync(&mut self, seq: u64) -> Result<(), Stop> {
+        let Some(full) = self.full.take() else {
+            return Err(Stop::Fatal(ClientError::Worker(
+                "a manifest end outside a full sync".into(),
+            )));
+        };
+        let stats = full.finish(seq)?;
+        self.finished_full = Some(stats);
+        Ok(())
+    }
+
+    pub(super) fn apply(&mut self, entry: JournalEntry) -> Result<(), Stop> {
+        let mut attempt = 0;
+        let cache = std::mem::take(&mut self.cache);
+        let data = std::mem::take(&mut self.data);
+        self.prefetched = self.prefetched.saturating_sub(1);
+        let (result, absent) = loop {
+            let mut source = NetSource {
+                fetcher: &self.fetcher,
+                cache: &cache,
+                data: &data,
+                absent: Vec::new(),
+            };
+            let result = self.replayer.apply_entry(&entry, &mut source);
+            // A fetch that found the connection gone: the entry is not applied, and nothing
+            // after it may be acknowledged. It is replayed after the reconnect.
+            if let Some(why) = self.fetcher.lost() {
+                return Err(Stop::Lost(why));
+            }
+            match result {
+                // A full disk or a busy state dir may recover: pause, then try again.
+                Err(ReplayError::Io { .. } | ReplayError::Marks(_)) if attempt < LOCAL_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                }
+                result => break (result, source.absent),
+            }
+        };
+        if self.prefetched > 0 {
+            self.cache = cache;
+            self.data = data;
+        }
+        // Names the op itself leaves (the destination of a rename or link) are marked after
+        // the pending set follows the op; the others before.
+        let moves = matches!(entry.op, Op::Rename { .. } | Op::Link { .. });
+        let rescan = matches!(entry.op, Op::Rescan { .. });
+        match &result {
+            Ok(Applied::Obsolete) | Err(ReplayError::Source { .. }) if !moves => {
+                self.pending.mark_op(&entry.op)
+            }
+            Ok(Applied::NeedsResync { path }) if !moves && !rescan => {
+                self.pending.mark_diverged(path)
+            }
+            _ => {}
+        }
+        self.pending.follow(&entry.op);
+        // Asked after the op, by names valid after it: whatever the master no longer had (a
+        // parent whose times were to be restored, a renamed file's data) is fetched from its
+        // current name once the stream is idle.
+        for p in absent {
+            self.pending.insert(p.0, false);
+        }
+        match result {
+            Ok(Applied::NeedsResync { path }) if rescan => {
+                let reason = match &entry.op {
+                    Op::Rescan { reason, .. } => reason.as_str(),
+                    _ => "",
+                };
+                self.needs_resync.get_or_insert(format!(
+                    "the server lost track of changes under {:?} ({reason})",
+                    path.display()
+                ));
+            }
+            Ok(Applied::NeedsResync { path }) if moves => self.pending.mark_diverged(&path),
+            Ok(Applied::Obsolete) | Err(ReplayError::Source { .. }) if moves => {
+                self.pending.mark_op(&entry.op)
+            }
+            Ok(_) => {}
+            // The master could not be read (it said so); the path is fetched again later.
+            Err(ReplayError::Source { .. }) => {}
+            // Refused and logged by the replayer; nothing was changed.
+            Err(
+                ReplayError::EscapesRoot { .. }
+                | ReplayError::BadPath { .. }
+                | ReplayError::BadOp { .. },
+            ) => {}
+            // The state dir or the replica root is unusable: nothing can be made durable.
+            Err(
+                e @ (ReplayError::OpenRoot { .. } | ReplayError::NoOpenat2 | ReplayError::Marks(_)),
+            ) => return Err(Stop::Fatal(e.into())),
+            Err(e) => {
+                self.needs_resync
+                    .get_or_insert(format!("seq {} could not be replayed ({e})", entry.seq));
+            }
+        }
+        (self.events)(ClientEvent::Applied {
+            seq: entry.seq,
+            op: entry.op,
+            at: Instant::now(),
+        });
+        Ok(())
+    }
+
+    pub(super) fn persist(&mut self, volume_id: VolumeId, seq: u64) -> Result<(), Stop> {
+        // Replica first, then its marks (inside `sync`), then what is still pending, then the
+        // record of what is applied: a crash between any two leaves a state that replays
+        // correctly (pending paths are fetched from the master's current state, so one
+        // saved ahead of its entry is merely fetched twice).
+        self.replayer.sync().map_err(|e| Stop::Fatal(e.into()))?;
+        self.pending.save(&self.pending_file).map_err(Stop::Fatal)?;
+        self.state_file
+            .store(&ClientState {
+                volume_id: Some(volume_id),
+                last_applied: Some(seq),
+            })
+            .map_err(Stop::Fatal)?;
+        let pending = self.pending.paths.len();
+        let _ = self.reports.send(Report::Persisted {
+            seq,
+            full_sync: self.finished_full.take(),
+            pending,
+        });
+        if let Some(why) = self.needs_resync.take() {
+            let _ = self.reports.send(Report::Resync(why));
+        }
+        Ok(())
+    }
+}
+
+impl Worker {
+    /// A repair, made durable (the replica, then the pending set; the applied seq does not
+    /// move).
+    pub(super) fn repair_and_sync(&mut self) -> Result<(), Stop> {
+        self.repair()?;
+        self.replayer.sync().map_err(|e| Stop::Fatal(e.into()))?;
+        self.pending.save(&self.pending_file).map_err(Stop::Fatal)?;
+        let _ = self.reports.send(Report::Pending(self.pending.paths.len()));
+        if let Some(why) = self.needs_resync.take() {
+            let _ = self.reports.send(Report::Resync(why));
+        }
+        Ok(())
+    }
+
+    /// Fetches every pending path the master has now, whole, from its current state: the
+    /// data and attributes replay could not take when the master had already moved on.
+    pub(super) fn repair(&mut self) -> Result<(), Stop> {
+        if self.pending.paths.is_empty() {
+            return Ok(());
+        }
+        if self.pending.paths.len() > PENDING_MAX {
+            self.pending.clear();
+            self.needs_resync
+                .get_or_insert(format!("over {PENDING_MAX} paths to fetch again"));
+            return Ok(());
+        }
+        let paths: Vec<(Vec<u8>, bool)> = self
+            .pending
+            .paths
+            .iter()
+            .map(|(p, d)| (p.clone(), *d))
+            .collect();
+        let mut dirs = Vec::new();
+        for chunk in paths.chunks(protocol::MAX_ATTRS_PATHS) {
+            let ask = chunk.iter().map(|(p, _)| RelPath(p.clone())).collect();
+            let answer = match self.fetcher.rt.block_on(self.fetcher.attrs(ask)) {
+                Ok(a) => a,
+                Err(FetchFail::Lost(why)) => return Err(Stop::Lost(why)),
+                Err(e) => {
+                    log::warn!(
+                        "cannot read the master's attributes of paths to fetch again: {e:?}"
+                    );
+                    continue;
+                }
+            };
+            for ((path, diverged), attrs) in chunk.iter().zip(answer) {
+                // Absent at the master: a later entry renames or removes it; keep it a while.
+                let Some(attrs) = attrs else {
+                    self.pending.missed(path);
+                    continue;
+                };
+                let rel = RelPath(path.clone());
+                match self.repair_one(&rel, &attrs, *diverged) {
+                    Ok(true) => {
+                        self.pending.remove(path);
+                        if attrs.kind == FileKind::Directory {
+                            dirs.push((rel, attrs));
+                        }
+                    }
+                    Ok(false) => {
+                        self.pending.remove(path);
+                        self.needs_resync.get_or_insert(format!(
+                            "the replica's {:?} differs from the server's in a way one path cannot repair",
+                            rel.display()
+                        ));
+                    }
+                    Err(e @ ReplayError::Source { .. }) => {
+                        if let Some(why) = self.fetcher.lost() {
+                            return Err(Stop::Lost(why));
+                        }
+                        log::warn!("cannot fetch {:?} again yet: {e}", rel.display());
+                        self.pending.missed(path);
+                    }
+                    Err(e) => {
+                        if let Some(why) = self.fetcher.lost() {
+                            return Err(Stop::Lost(why));
+                        }
+                        self.pending.remove(path);
+                        self.needs_resync.get_or_insert(format!(
+                            "fetching {:?} again failed ({e})",
+                            rel.display()
+                        ));
+                    }
+                }
+            }
+        }
+        // Directories last, deepest first: what was placed inside them moved their times.
+        for (path, a) in dirs.into_iter().rev() {
+            let op = a.setattr_op(&path);
+            if let Err(e) = self.replayer.apply(&op, &mut NetSource::new(&self.fetcher)) {
+                log::warn!("cannot set the attributes of {:?}: {e}", path.display());
+            }
+        }
+        if let Some(why) = self.fetcher.lost() {
+            return Err(Stop::Lost(why));
+        }
+        Ok(())
+    }
+
+    /// Makes `path` what the master has now (`attrs`); false when that takes a full resync
+    /// (a type the replica cannot change in place, or a directory of unknown content).
+    pub(super) fn repair_one(
+        &mut self,
+        path: &RelPath,
+        a: &Attrs,
+        diverged: bool,
+    ) -> Result<bool, ReplayError> {
+        use FileKind as K;
+        if a.kind == K::Directory && diverged {
+            return Ok(false);
+        }
+        let Some(ops) = a.recreate_ops(path) else {
+            return Ok(false);
+        };
+        for op in ops {
+            match self
+                .replayer
+                .apply(&op, &mut NetSource::new(&self.fetcher))?
+            {
+                Applied::NeedsResync { .. } => return Ok(false),
+                Applied::Changed | Applied::AlreadyApplied | Applied::Obsolete => {}
+            }
+        }
+        log::debug!(
+            "fetched {:?} again from the master's current state",
+            path.display()
+        );
+        Ok(true)
+    }
+}
+
+pub(super) fn parent_of(p: &RelPath) -> Option<RelPath> {
+    let b = p.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
+    Some(RelPath(
+        b[..b.iter().rposition(|&c| c == b'/').unwrap_or(0)].to_vec(),
+    ))
+}

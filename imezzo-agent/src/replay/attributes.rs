@@ -1,0 +1,119 @@
+//! Replay of attributes: owner, mode, times and xattrs.
+
+use super::*;
+
+impl Replayer {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one argument per field of Op::Setattr"
+    )]
+    pub(super) fn setattr(
+        &mut self,
+        path: &RelPath,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Timestamp>,
+        mtime: Option<Timestamp>,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "setattr";
+        let t = match self.target(path, seq)? {
+            Lookup::Found(t) => t,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let loc = self.target_loc(&t);
+        let Some(st) = loc.stat().ctx(OP, path)? else {
+            return self.missing(path, data);
+        };
+        if self.placed_after(&st, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        // Owner first: chown clears set-user-ID and set-group-ID bits the mode may set.
+        if uid.is_some() || gid.is_some() {
+            loc.chown(uid, gid).ctx(OP, path)?;
+        }
+        if let Some(m) = mode {
+            loc.chmod(m).ctx(OP, path)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            loc.set_times(atime, mtime).ctx(OP, path)?;
+        }
+        Ok(Applied::Changed)
+    }
+
+    pub(super) fn setxattr(
+        &mut self,
+        path: &RelPath,
+        name: &RelPath,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "setxattr";
+        let cname = xattr_name(path, name)?;
+        let t = match self.target(path, seq)? {
+            Lookup::Found(t) => t,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let Some(master) = self.master(path, data)? else {
+            return Ok(Applied::Obsolete);
+        };
+        let loc = self.target_loc(&t);
+        let Some(st) = loc.stat().ctx(OP, path)? else {
+            return Ok(Applied::NeedsResync { path: path.clone() });
+        };
+        if self.placed_after(&st, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        match master
+            .xattrs
+            .iter()
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
+        {
+            Some((_, value)) => {
+                if loc.get_xattr(&cname).ctx(OP, path)?.as_deref() == Some(value.as_slice()) {
+                    return Ok(Applied::AlreadyApplied);
+                }
+                loc.set_xattr(&cname, value).ctx(OP, path)?;
+            }
+            // Removed at the master since: the replica follows the current state.
+            None => {
+                if !loc.remove_xattr(&cname).ctx(OP, path)? {
+                    return Ok(Applied::AlreadyApplied);
+                }
+            }
+        }
+        Ok(Applied::Changed)
+    }
+
+    pub(super) fn removexattr(
+        &mut self,
+        path: &RelPath,
+        name: &RelPath,
+        seq: Option<u64>,
+        data: &mut dyn DataSource,
+    ) -> Result<Applied, ReplayError> {
+        const OP: &str = "removexattr";
+        let cname = xattr_name(path, name)?;
+        let t = match self.target(path, seq)? {
+            Lookup::Found(t) => t,
+            Lookup::Missing => return self.missing(path, data),
+            Lookup::Stale => return Ok(Applied::AlreadyApplied),
+        };
+        let loc = self.target_loc(&t);
+        let Some(st) = loc.stat().ctx(OP, path)? else {
+            return self.missing(path, data);
+        };
+        if self.placed_after(&st, seq) {
+            return Ok(Applied::AlreadyApplied);
+        }
+        Ok(if loc.remove_xattr(&cname).ctx(OP, path)? {
+            Applied::Changed
+        } else {
+            Applied::AlreadyApplied
+        })
+    }
+}
