@@ -130,6 +130,14 @@ pub struct KernelOffsets {
     pub inode_mode: u32,
     pub inode_size: u32,
     pub sb_dev: u32,
+    /// `super_block.s_magic`, to tell a btrfs inode.
+    pub sb_magic: u32,
+    /// btrfs only, zero elsewhere (see `BTRFS_SUPER_MAGIC`): `vfs_inode` and `root` in
+    /// `struct btrfs_inode`, `anon_dev` in `struct btrfs_root`. Zero `btrfs_root_anon_dev`
+    /// means the export is not on btrfs and the probes read `s_dev` alone.
+    pub btrfs_vfs_inode: u32,
+    pub btrfs_inode_root: u32,
+    pub btrfs_root_anon_dev: u32,
     pub fs_root: u32,
     pub fs_pwd: u32,
     pub path_dentry: u32,
@@ -143,12 +151,19 @@ pub struct KernelOffsets {
     pub regs_orig_ax: u32,
 }
 
+/// `s_magic` of a btrfs super block (and `f_type` of its `statfs`). A btrfs inode's device,
+/// as `stat(2)` reports it, is its subvolume's anonymous device (`root->anon_dev`), not the
+/// super block's `s_dev`: the probes report that one, so that the kernel's and `stat`'s
+/// devices agree on every file system.
+pub const BTRFS_SUPER_MAGIC: u64 = 0x9123_683e;
+
 /// What the agent tells the probes about the tree it watches, patched in as the global
 /// `FILTER` at load time.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Filter {
-    /// Kernel-encoded device of the exported root; events on other devices are dropped.
+    /// Kernel-encoded device of the exported root, as `stat(2)` reports it (on btrfs its
+    /// subvolume's, see `BTRFS_SUPER_MAGIC`); events on other devices are dropped.
     pub dev: u32,
     /// The agent's own process: its changes are never captured.
     pub agent_tgid: u32,

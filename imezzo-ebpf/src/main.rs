@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use imezzo_common::{
-    kind, DevIno, FdEvent, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
+    kind, DevIno, FdEvent, BTRFS_SUPER_MAGIC, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
     PATH_CAP, SYSCALL_SLOTS,
 };
 
@@ -167,9 +167,22 @@ fn fd_file(fd: u64) -> Result<*const u8, i64> {
     rd(table, (fd as u32).wrapping_mul(8))
 }
 
+/// The inode's device as `stat(2)` reports it, kernel-encoded: the super block's `s_dev`,
+/// except on btrfs (when the export is on btrfs), where each subvolume has its own
+/// anonymous device, `BTRFS_I(inode)->root->anon_dev`.
 #[inline(always)]
 fn inode_dev(inode: *const u8) -> Result<u32, i64> {
-        let sb: *const u8 = rd(inode, off!(inode_sb))?;
+    let sb: *const u8 = rd(inode, off!(inode_sb))?;
+    let anon_dev = off!(btrfs_root_anon_dev);
+    if anon_dev != 0 {
+        let magic: u64 = rd(sb, off!(sb_magic))?;
+        if magic == BTRFS_SUPER_MAGIC {
+            // container_of(inode, struct btrfs_inode, vfs_inode)->root->anon_dev
+            let bi = inode.wrapping_sub(off!(btrfs_vfs_inode) as usize);
+            let root: *const u8 = rd(bi, off!(btrfs_inode_root))?;
+            return rd(root, anon_dev);
+        }
+    }
     rd(sb, off!(sb_dev))
 }
 

@@ -3,7 +3,7 @@
 //! The tests drive the real `imezzo` binary, with its real probes, against
 //! real file systems mounted for each test:
 //!
-//! * [`Fs`] mounts a fresh tmpfs (or a loop-mounted ext4 image) under `/tmp`
+//! * [`Fs`] mounts a fresh tmpfs (or a loop-mounted ext4, btrfs or XFS image) under `/tmp`
 //!   and creates `root/` (the directory under capture) and `sibling/` (same
 //!   file system, outside the root) in it. Everything is unmounted and removed
 //!   on drop.
@@ -103,13 +103,18 @@ fn run_cmd(prog: &str, args: &[&OsStr]) {
 pub enum FsKind {
     Tmpfs,
     Ext4,
+    /// A loop-mounted btrfs image: `stat(2)`'s device is its subvolume's anonymous device,
+    /// not the super block's `s_dev`.
+    Btrfs,
+    /// A loop-mounted XFS image.
+    Xfs,
 }
 
 /// A freshly mounted file system private to one test.
 ///
 /// Layout: `<base>/mnt` is the mount point; inside it `root/` is the exported
 /// root and `sibling/` is a directory outside the root on the same device.
-/// An ext4 image lives at `<base>/disk.img`, outside the mount.
+/// An ext4, btrfs or XFS image lives at `<base>/disk.img`, outside the mount.
 pub struct Fs {
     pub kind: FsKind,
     pub base: PathBuf,
@@ -126,6 +131,14 @@ impl Fs {
 
     pub fn ext4(tag: &str) -> Fs {
         Fs::new(tag, FsKind::Ext4)
+    }
+
+    pub fn btrfs(tag: &str) -> Fs {
+        Fs::new(tag, FsKind::Btrfs)
+    }
+
+    pub fn xfs(tag: &str) -> Fs {
+        Fs::new(tag, FsKind::Xfs)
     }
 
     pub fn new(tag: &str, kind: FsKind) -> Fs {
@@ -170,15 +183,21 @@ impl Fs {
                     );
                 }
             }
-            FsKind::Ext4 => {
+            FsKind::Ext4 | FsKind::Btrfs | FsKind::Xfs => {
                 let img = fs.base.join("disk.img");
+                // The smallest images each mkfs accepts with its defaults, sparse in /tmp.
+                let (size, mkfs, force) = match kind {
+                    FsKind::Ext4 => ("64M", "mkfs.ext4", "-F"),
+                    FsKind::Btrfs => ("256M", "mkfs.btrfs", "-f"),
+                    _ => ("320M", "mkfs.xfs", "-f"),
+                };
                 run_cmd(
                     "truncate",
-                    &[OsStr::new("-s"), OsStr::new("64M"), img.as_os_str()],
+                    &[OsStr::new("-s"), OsStr::new(size), img.as_os_str()],
                 );
                 run_cmd(
-                    "mkfs.ext4",
-                    &[OsStr::new("-q"), OsStr::new("-F"), img.as_os_str()],
+                    mkfs,
+                    &[OsStr::new("-q"), OsStr::new(force), img.as_os_str()],
                 );
                 run_cmd(
                     "mount",

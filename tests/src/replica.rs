@@ -701,13 +701,18 @@ impl Replication {
 
     /// Both sides on file systems of `kind`.
     pub fn on(tag: &str, kind: FsKind) -> Replication {
+        Replication::between(tag, kind, kind)
+    }
+
+    /// The export on a file system of kind `export`, the replica on one of kind `replica`.
+    pub fn between(tag: &str, export: FsKind, replica: FsKind) -> Replication {
         Replication {
             client: None,
             server: None,
             server_node: Node::init(&format!("{tag}-srv")),
             client_node: Node::init(&format!("{tag}-cli")),
-            export: Fs::new(&format!("{tag}-export"), kind),
-            replica: Fs::new(&format!("{tag}-replica"), kind),
+            export: Fs::new(&format!("{tag}-export"), export),
+            replica: Fs::new(&format!("{tag}-replica"), replica),
         }
     }
 

@@ -21,6 +21,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "rsync",
     "lsyncd",
     "e2fsprogs",
+    "btrfs-progs",
+    "xfsprogs",
 ];
 
 /// bpf-linker 0.13 defaults to LLVM 23, which Debian lacks; rustc's own LLVM is 22.

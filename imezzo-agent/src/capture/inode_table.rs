@@ -167,7 +167,16 @@ pub struct InodeTable {
     extra: HashMap<Link, u64>,
     extra_of: HashMap<u64, Vec<Link>>,
     hasher: hashbrown::DefaultHashBuilder,
+    /// Stand-in numbers handed out so far to the roots of other devices (see `FOREIGN`).
+    foreign: u64,
 }
+
+/// Stand-in inode numbers (top two bits set, so no real inode and none of capture's
+/// placeholders) for a directory entry on another device than the root's: a mount point,
+/// or a nested btrfs subvolume. Its own inode number means nothing on the root's device
+/// and may well be one of ours (every btrfs subvolume's root directory is inode 256, an
+/// ext4 root is inode 2), so it is known by name only, and nothing beneath it is walked.
+pub const FOREIGN: u64 = 3 << 62;
 
 /// Splits a relative path into normal components, resolving `.` and `..` lexically.
 /// `None` when `..` climbs above the root.
@@ -262,7 +271,19 @@ impl InodeTable {
                 let Ok(meta) = entry.metadata() else { continue };
                 let name = entry.file_name();
                 let kind = Kind::of(meta.file_type());
-                self.link(ino, name.as_encoded_bytes(), meta.ino(), kind);
+                let number = if meta.dev() == dev {
+                    meta.ino()
+                } else {
+                    log::info!(
+                        "{}: another file system or btrfs subvolume (device {}:{}), not captured",
+                        entry.path().display(),
+                        libc::major(meta.dev()),
+                        libc::minor(meta.dev())
+                    );
+                    self.foreign += 1;
+                    FOREIGN | self.foreign
+                };
+                self.link(ino, name.as_encoded_bytes(), number, kind);
                 if let Some((since, changed)) = noting.as_mut() {
                     if since.covers(kind, &meta) {
                         changed.push(Changed { parent: ino, name: name.as_encoded_bytes().into(), kind });
@@ -286,6 +307,7 @@ impl InodeTable {
             extra: HashMap::new(),
             extra_of: HashMap::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
+            foreign: 0,
         };
         t.nodes.insert(Node { ino: root, parent: 0, name: Name::new(b""), kind: Kind::Dir });
         t

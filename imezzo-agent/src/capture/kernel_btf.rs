@@ -88,6 +88,11 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         inode_mode: f("inode", "i_mode")?,
         inode_size: f("inode", "i_size")?,
         sb_dev: f("super_block", "s_dev")?,
+        sb_magic: f("super_block", "s_magic")?,
+        // Filled by `add_btrfs` when the export is on btrfs.
+        btrfs_vfs_inode: 0,
+        btrfs_inode_root: 0,
+        btrfs_root_anon_dev: 0,
         fs_root: f("fs_struct", "root")?,
         fs_pwd: f("fs_struct", "pwd")?,
         path_dentry: f("path", "dentry")?,
@@ -102,6 +107,29 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
     })
 }
 
+/// Adds the offsets the probes need to report a btrfs inode's device as `stat(2)` does (its
+/// subvolume's anonymous device rather than the super block's `s_dev`).
+pub fn add_btrfs(offsets: &mut KernelOffsets) -> Result<(), BtfError> {
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Parse(e.to_string()))?;
+    // btrfs built as a module keeps its types in split BTF next to vmlinux's.
+    let module = Path::new("/sys/kernel/btf/btrfs");
+    let module_btf = if module.exists() {
+        Some(Btf::from_split_file(module, &btf).map_err(|e| BtfError::Parse(e.to_string()))?)
+    } else {
+        None
+    };
+    let btf = module_btf.as_ref().unwrap_or(&btf);
+    let f = |s, m| field_offset(btf, s, m);
+    offsets.btrfs_vfs_inode = f("btrfs_inode", "vfs_inode")?;
+    offsets.btrfs_inode_root = f("btrfs_inode", "root")?;
+    offsets.btrfs_root_anon_dev = f("btrfs_root", "anon_dev")?;
+    if offsets.btrfs_root_anon_dev == 0 {
+        // Zero tells the probes "not btrfs"; anon_dev is never the first field.
+        return Err(BtfError::Field("btrfs_root", "anon_dev"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +142,16 @@ mod tests {
         assert_eq!(o.regs_di, 14 * 8);
         assert!(o.file_inode > 0 && o.inode_ino > 0 && o.task_files > 0);
         assert_ne!(o.fs_root, o.fs_pwd);
+    }
+
+    #[test]
+    fn btrfs_offsets_are_found_when_btrfs_is_in_the_kernel() {
+        let in_kernel = std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| s.contains("\tbtrfs"));
+        if !in_kernel {
+            return;
+        }
+        let mut o = kernel_offsets().expect("this machine has BTF");
+        add_btrfs(&mut o).expect("btrfs types in the kernel's BTF");
+        assert!(o.btrfs_vfs_inode > o.btrfs_inode_root && o.btrfs_root_anon_dev > 0);
     }
 }

@@ -127,6 +127,15 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
     (major << 20) | minor
 }
 
+/// Whether `path` lies on btrfs, whose `stat(2)` device is a per-subvolume anonymous
+/// device rather than the super block's (see `imezzo_common::BTRFS_SUPER_MAGIC`).
+fn is_btrfs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a valid C string and a zeroed statfs for the kernel to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as u64 == imezzo_common::BTRFS_SUPER_MAGIC }
+}
+
 fn stat_time(sec: i64, nsec: i64) -> Timestamp {
     Timestamp { sec, nsec: nsec as u32 }
 }
@@ -203,6 +212,7 @@ impl Capture {
         let probes = Probes::load(&ProbeConfig {
             root: &root,
             kernel_dev: kdev,
+            btrfs: is_btrfs(&root),
             ring_bytes: cfg.ring_bytes,
             instance: &instance,
         })?;

@@ -48,8 +48,11 @@ pub enum ProbeError {
 pub struct ProbeConfig<'a> {
     /// Canonical absolute path of the exported root.
     pub root: &'a Path,
-    /// Kernel-encoded device of the root.
+    /// Kernel-encoded device of the root, as `stat(2)` reports it.
     pub kernel_dev: u32,
+    /// The root is on btrfs: the probes then report a btrfs inode's subvolume device, as
+    /// `stat(2)` does, instead of the super block's `s_dev`.
+    pub btrfs: bool,
     pub ring_bytes: u32,
     /// Name of the pin directory under [`BPFFS_DIR`].
     pub instance: &'a str,
@@ -81,7 +84,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl Probes {
     pub fn load(cfg: &ProbeConfig) -> Result<Probes, ProbeError> {
-        let offsets = kernel_btf::kernel_offsets()?;
+        let mut offsets = kernel_btf::kernel_offsets()?;
+        if cfg.btrfs {
+            kernel_btf::add_btrfs(&mut offsets)?;
+        }
         let root_bytes = cfg.root.as_os_str().as_encoded_bytes();
         if root_bytes.len() >= PATH_CAP {
             return Err(ProbeError::RootTooLong(cfg.root.to_path_buf()));
