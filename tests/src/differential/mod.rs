@@ -237,6 +237,10 @@ impl Config {
         if let Some(v) = var("IMEZZO_WORKERS") {
             self.workers = v.trim().parse().unwrap_or_else(|e| panic!("IMEZZO_WORKERS={v:?}: {e}"));
         }
+        if let Some(v) = var("IMEZZO_CONVERGE_SECS") {
+            let secs: u64 = v.trim().parse().unwrap_or_else(|e| panic!("IMEZZO_CONVERGE_SECS={v:?}: {e}"));
+            self.converge = Duration::from_secs(secs);
+        }
         if let Some(v) = var("IMEZZO_SHRINK") {
             self.shrink = v.trim() != "0";
         }
@@ -315,7 +319,12 @@ pub fn worker_main(args: &[String]) -> i32 {
         }
     };
     unsafe { libc::umask(0o022) };
-    let env = Env { root, sibling, worker: id };
+    // Paths are given relative to the export root, as most programs do: the probes copy at
+    // most 256 bytes of a path argument, so absolute paths under a long mount point would
+    // turn every 255-byte name into a rescan.
+    std::env::set_current_dir(&root).unwrap_or_else(|e| panic!("worker: chdir {root:?}: {e}"));
+    let sibling = relative_to(&sibling, &root);
+    let env = Env { root: PathBuf::from("."), sibling, worker: id };
     let logc = crate::cstr(&log);
     let fd = unsafe {
         libc::open(logc.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC, 0o644)
@@ -338,6 +347,20 @@ pub fn worker_main(args: &[String]) -> i32 {
     }
     unsafe { libc::close(fd) };
     0
+}
+
+/// `to` as a path relative to `from` (both absolute, sharing a prefix), e.g. `../sibling`.
+fn relative_to(to: &Path, from: &Path) -> PathBuf {
+    let (t, f): (Vec<_>, Vec<_>) = (to.components().collect(), from.components().collect());
+    let common = t.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    out
 }
 
 /// Operations from a file of op lines (log lines too: what follows a tab is ignored; blank
@@ -589,6 +612,13 @@ impl Run<'_> {
     }
 
     fn report(&self, headline: &str, schedule: &[Planned], verify_out: &str) -> String {
+        if let Some(sv) = &self.rep.server {
+            let _ = std::fs::write(self.logs.join("server.log"), sv.context());
+        }
+        if let Some(c) = &self.rep.client {
+            let _ = std::fs::write(self.logs.join("client.log"), c.context());
+        }
+        let _ = std::fs::write(self.logs.join("verify.txt"), verify_out);
         let mut s = String::new();
         let cfg = self.cfg;
         let _ = writeln!(

@@ -350,13 +350,19 @@ pub fn generate(seed: u64, worker: u32, count: usize) -> Vec<Op> {
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
             .wrapping_add(u64::from(worker).wrapping_mul(0x2545_f491_4f6c_dd1d) + 1)),
         long: long_name(),
+        mid: long_name()[..120].to_string(),
     };
     (0..count).map(|_| g.op()).collect()
 }
 
 struct Gen {
     rng: Rng,
+    /// NAME_MAX bytes: as a leaf at the top only, the path argument stays within the 256
+    /// bytes the probes copy; deeper it makes the server rescan (by design), which the
+    /// generator keeps rare so that rescans do not hide the other divergences.
     long: String,
+    /// 120 bytes: long names in directories too.
+    mid: String,
 }
 
 impl Gen {
@@ -371,18 +377,19 @@ impl Gen {
     /// A leaf name: any of the namespace.
     fn name(&mut self) -> String {
         match self.rng.below(100) {
-            0..=4 => self.long.clone(),
-            5..=24 => self.pick(&SHORT_NAMES[..2]).to_string(),
+            0..=2 => self.long.clone(),
+            5..=7 => self.mid.clone(),
+            8..=24 => self.pick(&SHORT_NAMES[..2]).to_string(),
             _ => self.pick(&SHORT_NAMES[2..]).to_string(),
         }
     }
 
     /// A directory component: mostly `a` or `b`, so that directories exist to go into.
     fn dir_name(&mut self) -> String {
-        if self.pct(85) {
-            self.pick(&SHORT_NAMES[..2]).to_string()
-        } else {
-            self.name()
+        match self.rng.below(100) {
+            0..=84 => self.pick(&SHORT_NAMES[..2]).to_string(),
+            85..=87 => self.mid.clone(),
+            _ => self.pick(&SHORT_NAMES[2..]).to_string(),
         }
     }
 
@@ -397,7 +404,11 @@ impl Gen {
     fn path(&mut self) -> String {
         let depth = self.depth();
         let mut v: Vec<String> = (1..depth).map(|_| self.dir_name()).collect();
-        v.push(self.name());
+        let mut leaf = self.name();
+        if depth > 1 && leaf.len() == 255 && self.pct(90) {
+            leaf = self.mid.clone();
+        }
+        v.push(leaf);
         v.join("/")
     }
 
@@ -719,7 +730,15 @@ fn write_all_at(fd: &Fd, buf: &[u8], off: u64) -> Result<(), i32> {
 impl Op {
     /// Performs the operation under `env`; Ok, or the errno of the call that failed.
     pub fn run(&self, env: &Env) -> Result<(), i32> {
-        let at = |p: &str| -> PathBuf { if p == "." { env.root.clone() } else { env.root.join(p) } };
+        let at = |p: &str| -> PathBuf {
+            if p == "." {
+                env.root.clone()
+            } else if env.root == Path::new(".") {
+                PathBuf::from(p)
+            } else {
+                env.root.join(p)
+            }
+        };
         match self {
             Op::Create { p, mode } => {
                 open(&at(p), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, *mode).map(|_| ())
