@@ -322,8 +322,9 @@ pub fn worker_main(args: &[String]) -> i32 {
     // Paths are given relative to the export root, as most programs do: the probes copy at
     // most 256 bytes of a path argument, so absolute paths under a long mount point would
     // turn every 255-byte name into a rescan.
+    // The sibling directory stays absolute: a relative `../sibling` path makes the server
+    // ask /proc about the worker, which fails (and rescans) once the worker has exited.
     std::env::set_current_dir(&root).unwrap_or_else(|e| panic!("worker: chdir {root:?}: {e}"));
-    let sibling = relative_to(&sibling, &root);
     let env = Env { root: PathBuf::from("."), sibling, worker: id };
     let logc = crate::cstr(&log);
     let fd = unsafe {
@@ -347,20 +348,6 @@ pub fn worker_main(args: &[String]) -> i32 {
     }
     unsafe { libc::close(fd) };
     0
-}
-
-/// `to` as a path relative to `from` (both absolute, sharing a prefix), e.g. `../sibling`.
-fn relative_to(to: &Path, from: &Path) -> PathBuf {
-    let (t, f): (Vec<_>, Vec<_>) = (to.components().collect(), from.components().collect());
-    let common = t.iter().zip(&f).take_while(|(a, b)| a == b).count();
-    let mut out = PathBuf::new();
-    for _ in common..f.len() {
-        out.push("..");
-    }
-    for c in &t[common..] {
-        out.push(c);
-    }
-    out
 }
 
 /// Operations from a file of op lines (log lines too: what follows a tab is ignored; blank
