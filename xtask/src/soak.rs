@@ -78,7 +78,15 @@ pub fn run(args: SoakArgs) -> Result<()> {
         };
         runs += 1;
         let out = Command::new(&tester)
-            .args(["run", "--seed", &seed.to_string(), "--fs", fs, "--faults", &args.faults])
+            .args([
+                "run",
+                "--seed",
+                &seed.to_string(),
+                "--fs",
+                fs,
+                "--faults",
+                &args.faults,
+            ])
             .args(["--ops", &args.ops.to_string()])
             .env("IMEZZO_BIN", &imezzo)
             .output()
@@ -117,7 +125,11 @@ pub fn run(args: SoakArgs) -> Result<()> {
         } else {
             format!(
                 ": {}",
-                failed.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ")
+                failed
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )
         }
     );

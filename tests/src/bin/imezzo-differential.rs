@@ -31,7 +31,11 @@ fn run(args: &[String]) -> i32 {
     let mut cfg = Config::new(0, FsKind::Tmpfs, &[], &me).with_env(true);
     let mut i = 0;
     while i < args.len() {
-        let val = || args.get(i + 1).cloned().unwrap_or_else(|| panic!("{} needs a value", args[i]));
+        let val = || {
+            args.get(i + 1)
+                .cloned()
+                .unwrap_or_else(|| panic!("{} needs a value", args[i]))
+        };
         match args[i].as_str() {
             "--seed" => cfg.seed = val().parse().expect("--seed"),
             "--fs" => cfg.fs = FsKind::parse(&val()).expect("--fs: tmpfs, ext4, xfs or btrfs"),

@@ -86,8 +86,13 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 5] =
-        [Fault::KillServer, Fault::KillClient, Fault::KillBoth, Fault::Cut, Fault::Full];
+    pub const ALL: [Fault; 5] = [
+        Fault::KillServer,
+        Fault::KillClient,
+        Fault::KillBoth,
+        Fault::Cut,
+        Fault::Full,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -110,12 +115,15 @@ impl Fault {
         }
         s.split(',')
             .map(|w| {
-                Fault::ALL.into_iter().find(|f| f.name() == w.trim()).ok_or_else(|| {
-                    format!(
-                        "unknown fault {w:?} (none, all, or a list of: {})",
-                        Fault::ALL.map(|f| f.name()).join(", ")
-                    )
-                })
+                Fault::ALL
+                    .into_iter()
+                    .find(|f| f.name() == w.trim())
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown fault {w:?} (none, all, or a list of: {})",
+                            Fault::ALL.map(|f| f.name()).join(", ")
+                        )
+                    })
             })
             .collect()
     }
@@ -124,7 +132,11 @@ impl Fault {
         if faults.is_empty() {
             "none".into()
         } else {
-            faults.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")
+            faults
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(",")
         }
     }
 }
@@ -148,7 +160,12 @@ impl std::fmt::Display for Planned {
             (Fault::Cut, false) => "cut(client stopped)".to_string(),
             (k, _) => k.name().to_string(),
         };
-        write!(f, "{what} at {:.2}s for {:.2}s", self.at.as_secs_f64(), self.hold.as_secs_f64())
+        write!(
+            f,
+            "{what} at {:.2}s for {:.2}s",
+            self.at.as_secs_f64(),
+            self.hold.as_secs_f64()
+        )
     }
 }
 
@@ -232,13 +249,22 @@ impl Config {
     pub fn with_env(mut self, all: bool) -> Config {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         if let Some(v) = var("IMEZZO_OPS") {
-            self.ops = v.trim().parse().unwrap_or_else(|e| panic!("IMEZZO_OPS={v:?}: {e}"));
+            self.ops = v
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("IMEZZO_OPS={v:?}: {e}"));
         }
         if let Some(v) = var("IMEZZO_WORKERS") {
-            self.workers = v.trim().parse().unwrap_or_else(|e| panic!("IMEZZO_WORKERS={v:?}: {e}"));
+            self.workers = v
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("IMEZZO_WORKERS={v:?}: {e}"));
         }
         if let Some(v) = var("IMEZZO_CONVERGE_SECS") {
-            let secs: u64 = v.trim().parse().unwrap_or_else(|e| panic!("IMEZZO_CONVERGE_SECS={v:?}: {e}"));
+            let secs: u64 = v
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("IMEZZO_CONVERGE_SECS={v:?}: {e}"));
             self.converge = Duration::from_secs(secs);
         }
         if let Some(v) = var("IMEZZO_SHRINK") {
@@ -246,14 +272,18 @@ impl Config {
         }
         if all {
             if let Some(v) = var("IMEZZO_SEED") {
-                self.seed = v.trim().parse().unwrap_or_else(|e| panic!("IMEZZO_SEED={v:?}: {e}"));
+                self.seed = v
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("IMEZZO_SEED={v:?}: {e}"));
             }
             if let Some(v) = var("IMEZZO_FS") {
                 self.fs = FsKind::parse(v.trim())
                     .unwrap_or_else(|| panic!("IMEZZO_FS={v:?}: tmpfs, ext4, xfs or btrfs"));
             }
             if let Some(v) = var("IMEZZO_FAULTS") {
-                self.faults = Fault::parse_list(&v).unwrap_or_else(|e| panic!("IMEZZO_FAULTS: {e}"));
+                self.faults =
+                    Fault::parse_list(&v).unwrap_or_else(|e| panic!("IMEZZO_FAULTS: {e}"));
             }
             if let Some(v) = var("IMEZZO_REPLAY") {
                 let list = read_ops(Path::new(v.trim()))
@@ -291,7 +321,10 @@ impl Config {
 // ---------------------------------------------------------------------------
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -309,7 +342,11 @@ pub fn worker_main(args: &[String]) -> i32 {
     let sibling = PathBuf::from(need(get("--sibling"), "--sibling"));
     let id: u32 = need(get("--id"), "--id").parse().expect("--id");
     let log = PathBuf::from(need(get("--log"), "--log"));
-    let pace = Duration::from_micros(get("--pace-us").map(|v| v.parse().expect("--pace-us")).unwrap_or(0));
+    let pace = Duration::from_micros(
+        get("--pace-us")
+            .map(|v| v.parse().expect("--pace-us"))
+            .unwrap_or(0),
+    );
     let list = match get("--replay") {
         Some(f) => read_ops(Path::new(&f)).unwrap_or_else(|e| panic!("worker: {f}: {e}")),
         None => {
@@ -325,12 +362,24 @@ pub fn worker_main(args: &[String]) -> i32 {
     // The sibling directory stays absolute: a relative `../sibling` path makes the server
     // ask /proc about the worker, which fails (and rescans) once the worker has exited.
     std::env::set_current_dir(&root).unwrap_or_else(|e| panic!("worker: chdir {root:?}: {e}"));
-    let env = Env { root: PathBuf::from("."), sibling, worker: id };
+    let env = Env {
+        root: PathBuf::from("."),
+        sibling,
+        worker: id,
+    };
     let logc = crate::cstr(&log);
     let fd = unsafe {
-        libc::open(logc.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC, 0o644)
+        libc::open(
+            logc.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC,
+            0o644,
+        )
     };
-    assert!(fd >= 0, "worker: cannot open {log:?}: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "worker: cannot open {log:?}: {}",
+        std::io::Error::last_os_error()
+    );
     for (i, op) in list.iter().enumerate() {
         let t = monotonic_ns();
         let r = op.run(&env);
@@ -399,7 +448,13 @@ pub fn merged_log(dir: &Path) -> Vec<Logged> {
                 .find_map(|w| w.strip_prefix('w'))
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            all.push(Logged { t, worker, op, ok: line.ends_with("= ok"), line: line.to_string() });
+            all.push(Logged {
+                t,
+                worker,
+                op,
+                ok: line.ends_with("= ok"),
+                line: line.to_string(),
+            });
         }
     }
     all.sort_by_key(|l| (l.t, l.worker));
@@ -433,7 +488,10 @@ static RUNS: AtomicU32 = AtomicU32::new(0);
 
 fn log_dir(seed: u64) -> PathBuf {
     let n = RUNS.fetch_add(1, Ordering::SeqCst);
-    let d = PathBuf::from(format!("/tmp/imezzo-differential-{seed}-{}-{n}", std::process::id()));
+    let d = PathBuf::from(format!(
+        "/tmp/imezzo-differential-{seed}-{}-{n}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {d:?}: {e}"));
     d
@@ -466,14 +524,25 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn note(&mut self, what: String) {
-        self.events.push(format!("{:7.2}s {what}", self.start.elapsed().as_secs_f64()));
+        self.events.push(format!(
+            "{:7.2}s {what}",
+            self.start.elapsed().as_secs_f64()
+        ));
     }
 
     fn agent_lines(&self) -> usize {
         self.earlier_server_lines
             + self.earlier_client_lines
-            + self.rep.server.as_ref().map_or(0, |s| s.agent.stderr().len())
-            + self.rep.client.as_ref().map_or(0, |c| c.agent.stderr().len())
+            + self
+                .rep
+                .server
+                .as_ref()
+                .map_or(0, |s| s.agent.stderr().len())
+            + self
+                .rep
+                .client
+                .as_ref()
+                .map_or(0, |c| c.agent.stderr().len())
     }
 
     fn kill_server(&mut self) {
@@ -534,7 +603,10 @@ impl Run<'_> {
                     sibling: self.rep.export.sibling.clone(),
                     worker: 99,
                 };
-                let fill = Op::Fill { p: name, mb: FULL_FILL_MIB };
+                let fill = Op::Fill {
+                    p: name,
+                    mb: FULL_FILL_MIB,
+                };
                 if let Err(e) = fill.run(&env) {
                     self.note(format!("{fill}: {}", ops::errno_name(e)));
                 }
@@ -560,7 +632,11 @@ impl Run<'_> {
         } else {
             self.cfg.workload().as_micros() as u64 / self.cfg.ops.max(1) as u64
         };
-        let n = if self.cfg.replay.is_some() { 1 } else { self.cfg.workers };
+        let n = if self.cfg.replay.is_some() {
+            1
+        } else {
+            self.cfg.workers
+        };
         (0..n)
             .map(|w| {
                 let mut cmd = Command::new(&self.cfg.worker_bin);
@@ -608,7 +684,8 @@ impl Run<'_> {
         let _ = std::fs::write(self.logs.join("verify.txt"), verify_out);
         let mut s = String::new();
         let cfg = self.cfg;
-        let _ = writeln!(
+        let _ =
+            writeln!(
             s,
             "DIFFERENTIAL FAILURE: {headline}\n  seed {} on {} ({} workers x {} ops{}), faults {}",
             cfg.seed,
@@ -619,17 +696,28 @@ impl Run<'_> {
             Fault::list_name(&cfg.faults)
         );
         let _ = writeln!(s, "  reproduce: {}", cfg.reproduce());
-        let _ = writeln!(s, "  fault schedule: {}", if schedule.is_empty() {
-            "none".to_string()
-        } else {
-            schedule.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
-        });
+        let _ = writeln!(
+            s,
+            "  fault schedule: {}",
+            if schedule.is_empty() {
+                "none".to_string()
+            } else {
+                schedule
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        );
         let _ = writeln!(s, "  events:");
         for e in &self.events {
             let _ = writeln!(s, "    {e}");
         }
         if !verify_out.is_empty() {
-            let _ = writeln!(s, "  imezzo verify export replica (first {VERIFY_LINES_IN_REPORT} lines):");
+            let _ = writeln!(
+                s,
+                "  imezzo verify export replica (first {VERIFY_LINES_IN_REPORT} lines):"
+            );
             s += &head(verify_out, VERIFY_LINES_IN_REPORT);
         }
         if let Some(sv) = &self.rep.server {
@@ -670,7 +758,11 @@ pub fn run(cfg: &Config) -> Result<Passed, Failure> {
     let loop_size = (cfg.fs != FsKind::Tmpfs).then_some(LOOP_IMAGE_BYTES);
     let full = cfg.faults.contains(&Fault::Full);
     let replica = if full {
-        Fs::new_sized(&format!("{tag}-replica"), FsKind::Tmpfs, Some(FULL_REPLICA_BYTES))
+        Fs::new_sized(
+            &format!("{tag}-replica"),
+            FsKind::Tmpfs,
+            Some(FULL_REPLICA_BYTES),
+        )
     } else {
         Fs::new_sized(&format!("{tag}-replica"), cfg.fs, loop_size)
     };
@@ -699,9 +791,20 @@ pub fn run(cfg: &Config) -> Result<Passed, Failure> {
         };
         let c = Client::spawn(&run.rep.client_node, addr, &id, &run.rep.replica.root);
         let c = run.rep.client.insert(c);
-        if c.agent.wait_stderr(|l| l.contains(INITIAL_SYNC_DONE), INITIAL_SYNC_TIMEOUT).is_none() {
-            let r = run.report("the client's initial sync of an empty export did not finish", &[], "");
-            return Err(Failure { diverged: false, report: r, log_dir: logs });
+        if c.agent
+            .wait_stderr(|l| l.contains(INITIAL_SYNC_DONE), INITIAL_SYNC_TIMEOUT)
+            .is_none()
+        {
+            let r = run.report(
+                "the client's initial sync of an empty export did not finish",
+                &[],
+                "",
+            );
+            return Err(Failure {
+                diverged: false,
+                report: r,
+                log_dir: logs,
+            });
         }
     }
     let plan = schedule(cfg.seed, &cfg.faults, cfg.workload());
@@ -722,18 +825,33 @@ pub fn run(cfg: &Config) -> Result<Passed, Failure> {
             match w.try_wait() {
                 Ok(Some(st)) if st.success() => break,
                 Ok(Some(st)) => {
-                    let err = std::fs::read_to_string(logs.join(format!("w{i}.stderr"))).unwrap_or_default();
+                    let err = std::fs::read_to_string(logs.join(format!("w{i}.stderr")))
+                        .unwrap_or_default();
                     let r = run.report(&format!("worker {i} failed ({st}): {err}"), &plan, "");
-                    return Err(Failure { diverged: false, report: r, log_dir: logs });
+                    return Err(Failure {
+                        diverged: false,
+                        report: r,
+                        log_dir: logs,
+                    });
                 }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     for w in workers.iter_mut() {
                         let _ = w.kill();
                         let _ = w.wait();
                     }
-                    let r = run.report(&format!("worker {i} still runs after {WORKER_TIMEOUT:?}"), &plan, "");
-                    return Err(Failure { diverged: false, report: r, log_dir: logs });
+                    let r = run.report(
+                        &format!("worker {i} still runs after {WORKER_TIMEOUT:?}"),
+                        &plan,
+                        "",
+                    );
+                    return Err(Failure {
+                        diverged: false,
+                        report: r,
+                        log_dir: logs,
+                    });
                 }
             }
         }
@@ -751,7 +869,11 @@ pub fn run(cfg: &Config) -> Result<Passed, Failure> {
             if let Some(st) = rep.client.as_mut().and_then(|c| c.agent.exited()) {
                 bad.push(format!("the client exited ({st})"));
             }
-            if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
+            if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(bad.join("; "))
+            }
         })
     };
     let log = merged_log(&logs);
@@ -764,7 +886,11 @@ pub fn run(cfg: &Config) -> Result<Passed, Failure> {
                 &plan,
                 &out,
             );
-            let mut f = Failure { diverged: true, report, log_dir: logs };
+            let mut f = Failure {
+                diverged: true,
+                report,
+                log_dir: logs,
+            };
             if cfg.shrink && cfg.replay.is_none() {
                 f.report += &shrink_report(cfg, &f.log_dir);
             }
@@ -784,7 +910,11 @@ pub fn run(cfg: &Config) -> Result<Passed, Failure> {
                     &plan,
                     "",
                 );
-                return Err(Failure { diverged: false, report: r, log_dir: logs });
+                return Err(Failure {
+                    diverged: false,
+                    report: r,
+                    log_dir: logs,
+                });
             }
             drop(run);
             if std::env::var_os("IMEZZO_KEEP_LOGS").is_none() {
@@ -822,7 +952,11 @@ fn diverges(base: &Config, list: &[Op]) -> bool {
 }
 
 /// Cuts `list` down (delta debugging: chunks, then single operations) while `still_fails`.
-pub fn minimize(list: Vec<Op>, budget: Duration, mut still_fails: impl FnMut(&[Op]) -> bool) -> Vec<Op> {
+pub fn minimize(
+    list: Vec<Op>,
+    budget: Duration,
+    mut still_fails: impl FnMut(&[Op]) -> bool,
+) -> Vec<Op> {
     let deadline = Instant::now() + budget;
     let mut cur = list;
     let mut chunks = 2usize;

@@ -60,41 +60,143 @@ pub enum NodeKind {
 /// targets and xattr values reproducible from the line alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Create { p: String, mode: u32 },
-    Write { p: String, how: WriteHow, off: u64, len: u64, seed: u64 },
-    Copy { src: String, dst: String, how: CopyHow, off_in: u64, off_out: u64, len: u64 },
+    Create {
+        p: String,
+        mode: u32,
+    },
+    Write {
+        p: String,
+        how: WriteHow,
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    Copy {
+        src: String,
+        dst: String,
+        how: CopyHow,
+        off_in: u64,
+        off_out: u64,
+        len: u64,
+    },
     /// mode: 0, or FALLOC_FL_KEEP_SIZE (1), PUNCH_HOLE|KEEP_SIZE (3), ZERO_RANGE (16).
-    Fallocate { p: String, mode: i32, off: u64, len: u64 },
-    Truncate { p: String, len: u64, fd: bool },
+    Fallocate {
+        p: String,
+        mode: i32,
+        off: u64,
+        len: u64,
+    },
+    Truncate {
+        p: String,
+        len: u64,
+        fd: bool,
+    },
     /// Stores through a shared mapping of an existing range, msync, munmap.
-    Mmap { p: String, off: u64, len: u64, seed: u64 },
+    Mmap {
+        p: String,
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
     /// One IORING_OP_WRITE forced to an io-wq worker thread.
-    IoUring { p: String, off: u64, len: u64, seed: u64 },
-    Mkdir { p: String, mode: u32 },
-    Mknod { p: String, kind: NodeKind, major: u32, minor: u32, mode: u32 },
-    Symlink { p: String, tlen: usize, seed: u64 },
+    IoUring {
+        p: String,
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    Mkdir {
+        p: String,
+        mode: u32,
+    },
+    Mknod {
+        p: String,
+        kind: NodeKind,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    },
+    Symlink {
+        p: String,
+        tlen: usize,
+        seed: u64,
+    },
     /// linkat without AT_SYMLINK_FOLLOW: works for every type but directories.
-    Link { old: String, new: String },
+    Link {
+        old: String,
+        new: String,
+    },
     /// O_TMPFILE in `dir` ("." is the root), `len` bytes written, then linkat to `p`.
-    Tmpfile { dir: String, p: String, len: u64, seed: u64 },
+    Tmpfile {
+        dir: String,
+        p: String,
+        len: u64,
+        seed: u64,
+    },
     /// renameat2 flags: 0, RENAME_NOREPLACE (1), RENAME_EXCHANGE (2), RENAME_WHITEOUT (4).
-    Rename { old: String, new: String, flags: u32 },
-    Unlink { p: String },
-    Rmdir { p: String },
+    Rename {
+        old: String,
+        new: String,
+        flags: u32,
+    },
+    Unlink {
+        p: String,
+    },
+    Rmdir {
+        p: String,
+    },
     /// rm -rf (never follows symlinks).
-    RmTree { p: String },
-    SetXattr { p: String, name: String, len: usize, seed: u64, nofollow: bool },
-    RemoveXattr { p: String, name: String, nofollow: bool },
-    Chmod { p: String, mode: u32 },
-    Chown { p: String, uid: u32, gid: u32, nofollow: bool },
+    RmTree {
+        p: String,
+    },
+    SetXattr {
+        p: String,
+        name: String,
+        len: usize,
+        seed: u64,
+        nofollow: bool,
+    },
+    RemoveXattr {
+        p: String,
+        name: String,
+        nofollow: bool,
+    },
+    Chmod {
+        p: String,
+        mode: u32,
+    },
+    Chown {
+        p: String,
+        uid: u32,
+        gid: u32,
+        nofollow: bool,
+    },
     /// Seconds of -1 mean UTIME_NOW, -2 UTIME_OMIT.
-    Utimes { p: String, asec: i64, ansec: i64, msec: i64, mnsec: i64, nofollow: bool },
+    Utimes {
+        p: String,
+        asec: i64,
+        ansec: i64,
+        msec: i64,
+        mnsec: i64,
+        nofollow: bool,
+    },
     /// A small tree built in the sibling directory (same file system), renamed to `p`.
-    MoveIn { p: String, n: u32, seed: u64 },
+    MoveIn {
+        p: String,
+        n: u32,
+        seed: u64,
+    },
     /// `p` renamed into the sibling directory; removed there unless `keep`.
-    MoveOut { p: String, seed: u64, keep: bool },
+    MoveOut {
+        p: String,
+        seed: u64,
+        keep: bool,
+    },
     /// `mb` MiB of real data written to `p` (the fault injector's fill of the replica).
-    Fill { p: String, mb: u64 },
+    Fill {
+        p: String,
+        mb: u64,
+    },
 }
 
 fn name_of(k: NodeKind) -> &'static str {
@@ -129,12 +231,25 @@ impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Op::Create { p, mode } => write!(f, "create p={p} mode={mode:o}"),
-            Op::Write { p, how, off, len, seed } => write!(
+            Op::Write {
+                p,
+                how,
+                off,
+                len,
+                seed,
+            } => write!(
                 f,
                 "write p={p} how={} off={off} len={len} seed={seed}",
                 write_how_name(*how)
             ),
-            Op::Copy { src, dst, how, off_in, off_out, len } => write!(
+            Op::Copy {
+                src,
+                dst,
+                how,
+                off_in,
+                off_out,
+                len,
+            } => write!(
                 f,
                 "copy src={src} dst={dst} how={} off_in={off_in} off_out={off_out} len={len}",
                 copy_how_name(*how)
@@ -150,7 +265,13 @@ impl fmt::Display for Op {
                 write!(f, "io_uring p={p} off={off} len={len} seed={seed}")
             }
             Op::Mkdir { p, mode } => write!(f, "mkdir p={p} mode={mode:o}"),
-            Op::Mknod { p, kind, major, minor, mode } => write!(
+            Op::Mknod {
+                p,
+                kind,
+                major,
+                minor,
+                mode,
+            } => write!(
                 f,
                 "mknod p={p} kind={} major={major} minor={minor} mode={mode:o}",
                 name_of(*kind)
@@ -174,19 +295,45 @@ impl fmt::Display for Op {
             Op::Unlink { p } => write!(f, "unlink p={p}"),
             Op::Rmdir { p } => write!(f, "rmdir p={p}"),
             Op::RmTree { p } => write!(f, "rmtree p={p}"),
-            Op::SetXattr { p, name, len, seed, nofollow } => write!(
+            Op::SetXattr {
+                p,
+                name,
+                len,
+                seed,
+                nofollow,
+            } => write!(
                 f,
                 "setxattr p={p} name={name} len={len} seed={seed} nofollow={}",
                 *nofollow as u8
             ),
             Op::RemoveXattr { p, name, nofollow } => {
-                write!(f, "removexattr p={p} name={name} nofollow={}", *nofollow as u8)
+                write!(
+                    f,
+                    "removexattr p={p} name={name} nofollow={}",
+                    *nofollow as u8
+                )
             }
             Op::Chmod { p, mode } => write!(f, "chmod p={p} mode={mode:o}"),
-            Op::Chown { p, uid, gid, nofollow } => {
-                write!(f, "chown p={p} uid={uid} gid={gid} nofollow={}", *nofollow as u8)
+            Op::Chown {
+                p,
+                uid,
+                gid,
+                nofollow,
+            } => {
+                write!(
+                    f,
+                    "chown p={p} uid={uid} gid={gid} nofollow={}",
+                    *nofollow as u8
+                )
             }
-            Op::Utimes { p, asec, ansec, msec, mnsec, nofollow } => write!(
+            Op::Utimes {
+                p,
+                asec,
+                ansec,
+                msec,
+                mnsec,
+                nofollow,
+            } => write!(
                 f,
                 "utimes p={p} atime={asec}.{ansec:09} mtime={msec}.{mnsec:09} nofollow={}",
                 *nofollow as u8
@@ -208,17 +355,25 @@ impl Op {
         let kind = words.next().ok_or("empty line")?;
         let mut kv = std::collections::HashMap::new();
         for w in words {
-            let (k, v) = w.split_once('=').ok_or_else(|| format!("not key=value: {w:?}"))?;
+            let (k, v) = w
+                .split_once('=')
+                .ok_or_else(|| format!("not key=value: {w:?}"))?;
             kv.insert(k, v);
         }
         let s = |k: &str| -> Result<String, String> {
-            kv.get(k).map(|v| v.to_string()).ok_or_else(|| format!("{kind}: missing {k}="))
+            kv.get(k)
+                .map(|v| v.to_string())
+                .ok_or_else(|| format!("{kind}: missing {k}="))
         };
         let n = |k: &str| -> Result<u64, String> {
-            s(k)?.parse::<u64>().map_err(|e| format!("{kind}: {k}: {e}"))
+            s(k)?
+                .parse::<u64>()
+                .map_err(|e| format!("{kind}: {k}: {e}"))
         };
         let i = |k: &str| -> Result<i64, String> {
-            s(k)?.parse::<i64>().map_err(|e| format!("{kind}: {k}: {e}"))
+            s(k)?
+                .parse::<i64>()
+                .map_err(|e| format!("{kind}: {k}: {e}"))
         };
         let o = |k: &str| -> Result<u32, String> {
             u32::from_str_radix(&s(k)?, 8).map_err(|e| format!("{kind}: {k}: {e}"))
@@ -226,14 +381,19 @@ impl Op {
         let b = |k: &str| -> Result<bool, String> { Ok(n(k)? != 0) };
         let time = |k: &str| -> Result<(i64, i64), String> {
             let v = s(k)?;
-            let (a, b) = v.split_once('.').ok_or_else(|| format!("{kind}: {k}: no '.'"))?;
+            let (a, b) = v
+                .split_once('.')
+                .ok_or_else(|| format!("{kind}: {k}: no '.'"))?;
             Ok((
                 a.parse().map_err(|e| format!("{k}: {e}"))?,
                 b.parse().map_err(|e| format!("{k}: {e}"))?,
             ))
         };
         Ok(match kind {
-            "create" => Op::Create { p: s("p")?, mode: o("mode")? },
+            "create" => Op::Create {
+                p: s("p")?,
+                mode: o("mode")?,
+            },
             "write" => Op::Write {
                 p: s("p")?,
                 how: match s("how")?.as_str() {
@@ -268,12 +428,27 @@ impl Op {
                 off: n("off")?,
                 len: n("len")?,
             },
-            "truncate" => Op::Truncate { p: s("p")?, len: n("len")?, fd: b("fd")? },
-            "mmap" => Op::Mmap { p: s("p")?, off: n("off")?, len: n("len")?, seed: n("seed")? },
-            "io_uring" => {
-                Op::IoUring { p: s("p")?, off: n("off")?, len: n("len")?, seed: n("seed")? }
-            }
-            "mkdir" => Op::Mkdir { p: s("p")?, mode: o("mode")? },
+            "truncate" => Op::Truncate {
+                p: s("p")?,
+                len: n("len")?,
+                fd: b("fd")?,
+            },
+            "mmap" => Op::Mmap {
+                p: s("p")?,
+                off: n("off")?,
+                len: n("len")?,
+                seed: n("seed")?,
+            },
+            "io_uring" => Op::IoUring {
+                p: s("p")?,
+                off: n("off")?,
+                len: n("len")?,
+                seed: n("seed")?,
+            },
+            "mkdir" => Op::Mkdir {
+                p: s("p")?,
+                mode: o("mode")?,
+            },
             "mknod" => Op::Mknod {
                 p: s("p")?,
                 kind: match s("kind")?.as_str() {
@@ -287,8 +462,15 @@ impl Op {
                 minor: n("minor")? as u32,
                 mode: o("mode")?,
             },
-            "symlink" => Op::Symlink { p: s("p")?, tlen: n("tlen")? as usize, seed: n("seed")? },
-            "link" => Op::Link { old: s("old")?, new: s("new")? },
+            "symlink" => Op::Symlink {
+                p: s("p")?,
+                tlen: n("tlen")? as usize,
+                seed: n("seed")?,
+            },
+            "link" => Op::Link {
+                old: s("old")?,
+                new: s("new")?,
+            },
             "tmpfile" => Op::Tmpfile {
                 dir: s("dir")?,
                 p: s("p")?,
@@ -316,10 +498,15 @@ impl Op {
                 seed: n("seed")?,
                 nofollow: b("nofollow")?,
             },
-            "removexattr" => {
-                Op::RemoveXattr { p: s("p")?, name: s("name")?, nofollow: b("nofollow")? }
-            }
-            "chmod" => Op::Chmod { p: s("p")?, mode: o("mode")? },
+            "removexattr" => Op::RemoveXattr {
+                p: s("p")?,
+                name: s("name")?,
+                nofollow: b("nofollow")?,
+            },
+            "chmod" => Op::Chmod {
+                p: s("p")?,
+                mode: o("mode")?,
+            },
             "chown" => Op::Chown {
                 p: s("p")?,
                 uid: n("uid")? as u32,
@@ -329,11 +516,29 @@ impl Op {
             "utimes" => {
                 let (asec, ansec) = time("atime")?;
                 let (msec, mnsec) = time("mtime")?;
-                Op::Utimes { p: s("p")?, asec, ansec, msec, mnsec, nofollow: b("nofollow")? }
+                Op::Utimes {
+                    p: s("p")?,
+                    asec,
+                    ansec,
+                    msec,
+                    mnsec,
+                    nofollow: b("nofollow")?,
+                }
             }
-            "movein" => Op::MoveIn { p: s("p")?, n: n("n")? as u32, seed: n("seed")? },
-            "moveout" => Op::MoveOut { p: s("p")?, seed: n("seed")?, keep: b("keep")? },
-            "fill" => Op::Fill { p: s("p")?, mb: n("mb")? },
+            "movein" => Op::MoveIn {
+                p: s("p")?,
+                n: n("n")? as u32,
+                seed: n("seed")?,
+            },
+            "moveout" => Op::MoveOut {
+                p: s("p")?,
+                seed: n("seed")?,
+                keep: b("keep")?,
+            },
+            "fill" => Op::Fill {
+                p: s("p")?,
+                mb: n("mb")?,
+            },
             k => return Err(format!("unknown operation {k:?}")),
         })
     }
@@ -463,7 +668,10 @@ impl Gen {
 
     fn op(&mut self) -> Op {
         match self.rng.below(100) {
-            0..=7 => Op::Create { p: self.path(), mode: 0o600 | self.rng.below(0o200) as u32 },
+            0..=7 => Op::Create {
+                p: self.path(),
+                mode: 0o600 | self.rng.below(0o200) as u32,
+            },
             8..=20 => Op::Write {
                 p: self.path(),
                 how: self.pick(&[
@@ -492,7 +700,11 @@ impl Gen {
                 off: self.off(),
                 len: self.len(),
             },
-            28..=30 => Op::Truncate { p: self.path(), len: self.off(), fd: self.pct(50) },
+            28..=30 => Op::Truncate {
+                p: self.path(),
+                len: self.off(),
+                fd: self.pct(50),
+            },
             31..=32 => Op::Mmap {
                 p: self.path(),
                 off: self.rng.below(64 << 10),
@@ -505,7 +717,10 @@ impl Gen {
                 len: 1 + self.rng.below(16 << 10),
                 seed: self.seed(),
             },
-            34..=42 => Op::Mkdir { p: self.dir_path(), mode: 0o700 | self.rng.below(0o100) as u32 },
+            34..=42 => Op::Mkdir {
+                p: self.dir_path(),
+                mode: 0o700 | self.rng.below(0o100) as u32,
+            },
             43..=46 => Op::Mknod {
                 p: self.path(),
                 kind: self.pick(&[NodeKind::Fifo, NodeKind::Sock, NodeKind::Chr, NodeKind::Blk]),
@@ -522,9 +737,16 @@ impl Gen {
                 },
                 seed: self.seed(),
             },
-            51..=54 => Op::Link { old: self.path(), new: self.path() },
+            51..=54 => Op::Link {
+                old: self.path(),
+                new: self.path(),
+            },
             55..=56 => Op::Tmpfile {
-                dir: if self.pct(50) { ".".into() } else { self.name() },
+                dir: if self.pct(50) {
+                    ".".into()
+                } else {
+                    self.name()
+                },
                 p: self.path(),
                 len: self.rng.below(8192),
                 seed: self.seed(),
@@ -553,20 +775,46 @@ impl Gen {
                 name: self.xattr_name(),
                 nofollow: self.pct(50),
             },
-            80..=83 => Op::Chmod { p: self.path(), mode: self.rng.below(0o10000) as u32 },
+            80..=83 => Op::Chmod {
+                p: self.path(),
+                mode: self.rng.below(0o10000) as u32,
+            },
             84..=87 => Op::Chown {
                 p: self.path(),
-                uid: if self.pct(30) { 0 } else { self.rng.below(1 << 31) as u32 },
-                gid: if self.pct(30) { 0 } else { self.rng.below(1 << 31) as u32 },
+                uid: if self.pct(30) {
+                    0
+                } else {
+                    self.rng.below(1 << 31) as u32
+                },
+                gid: if self.pct(30) {
+                    0
+                } else {
+                    self.rng.below(1 << 31) as u32
+                },
                 nofollow: self.pct(50),
             },
             88..=93 => {
                 let (asec, ansec) = self.time();
                 let (msec, mnsec) = self.time();
-                Op::Utimes { p: self.path(), asec, ansec, msec, mnsec, nofollow: self.pct(50) }
+                Op::Utimes {
+                    p: self.path(),
+                    asec,
+                    ansec,
+                    msec,
+                    mnsec,
+                    nofollow: self.pct(50),
+                }
             }
-            94..=96 => Op::MoveIn { p: self.dir_path(), n: 1 + self.rng.below(6) as u32, seed: self.seed() },
-            _ => Op::MoveOut { p: self.path(), seed: self.seed(), keep: self.pct(30) },
+            94..=96 => Op::MoveIn {
+                p: self.dir_path(),
+                n: 1 + self.rng.below(6) as u32,
+                seed: self.seed(),
+            },
+            _ => Op::MoveOut {
+                p: self.path(),
+                seed: self.seed(),
+                keep: self.pct(30),
+            },
         }
     }
 }
@@ -684,7 +932,9 @@ pub fn symlink_target(tlen: usize, seed: u64) -> Vec<u8> {
     if tlen == 1 && r.below(2) == 0 {
         return SHORT_NAMES[r.below(6) as usize].as_bytes().to_vec();
     }
-    let mut t: Vec<u8> = (0..tlen).map(|_| CHARS[r.below(CHARS.len() as u64) as usize]).collect();
+    let mut t: Vec<u8> = (0..tlen)
+        .map(|_| CHARS[r.below(CHARS.len() as u64) as usize])
+        .collect();
     if t[0] == b'/' {
         t[0] = b'x';
     }
@@ -699,15 +949,28 @@ pub fn symlink_target(tlen: usize, seed: u64) -> Vec<u8> {
 
 fn timespec(sec: i64, nsec: i64) -> libc::timespec {
     match sec {
-        -1 => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-        -2 => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        _ => libc::timespec { tv_sec: sec, tv_nsec: nsec },
+        -1 => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        -2 => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        _ => libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
     }
 }
 
 fn rm_rf(p: &Path) -> Result<(), i32> {
     let meta = std::fs::symlink_metadata(p).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-    let r = if meta.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+    let r = if meta.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
     r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
@@ -743,15 +1006,32 @@ impl Op {
             Op::Create { p, mode } => {
                 open(&at(p), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, *mode).map(|_| ())
             }
-            Op::Write { p, how, off, len, seed } => {
+            Op::Write {
+                p,
+                how,
+                off,
+                len,
+                seed,
+            } => {
                 let buf = data(*seed, *len as usize);
-                let flags = libc::O_WRONLY | libc::O_CREAT
-                    | if *how == WriteHow::Append { libc::O_APPEND } else { 0 };
+                let flags = libc::O_WRONLY
+                    | libc::O_CREAT
+                    | if *how == WriteHow::Append {
+                        libc::O_APPEND
+                    } else {
+                        0
+                    };
                 let f = open_reg(&at(p), flags)?;
                 let (a, b) = buf.split_at(buf.len() / 2);
                 let iov = [
-                    libc::iovec { iov_base: a.as_ptr() as *mut _, iov_len: a.len() },
-                    libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() },
+                    libc::iovec {
+                        iov_base: a.as_ptr() as *mut _,
+                        iov_len: a.len(),
+                    },
+                    libc::iovec {
+                        iov_base: b.as_ptr() as *mut _,
+                        iov_len: b.len(),
+                    },
                 ];
                 let r = unsafe {
                     match how {
@@ -762,7 +1042,8 @@ impl Op {
                             libc::write(f.0, buf.as_ptr() as *const _, buf.len()) as i64
                         }
                         WriteHow::Pwrite => {
-                            libc::pwrite(f.0, buf.as_ptr() as *const _, buf.len(), *off as i64) as i64
+                            libc::pwrite(f.0, buf.as_ptr() as *const _, buf.len(), *off as i64)
+                                as i64
                         }
                         WriteHow::Writev => {
                             libc::lseek(f.0, *off as i64, libc::SEEK_SET);
@@ -772,13 +1053,21 @@ impl Op {
                             libc::pwritev(f.0, iov.as_ptr(), 2, *off as i64) as i64
                         }
                         WriteHow::Pwritev2 => {
-                            libc::pwritev2(f.0, iov.as_ptr(), 2, *off as i64, libc::RWF_DSYNC) as i64
+                            libc::pwritev2(f.0, iov.as_ptr(), 2, *off as i64, libc::RWF_DSYNC)
+                                as i64
                         }
                     }
                 };
                 chk(r).map(|_| ())
             }
-            Op::Copy { src, dst, how, off_in, off_out, len } => {
+            Op::Copy {
+                src,
+                dst,
+                how,
+                off_in,
+                off_out,
+                len,
+            } => {
                 let s = open_reg(&at(src), libc::O_RDONLY)?;
                 let d = open_reg(&at(dst), libc::O_WRONLY | libc::O_CREAT)?;
                 let mut oi = *off_in as i64;
@@ -797,11 +1086,25 @@ impl Op {
                             let mut fds = [0i32; 2];
                             chk(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) as i64)?;
                             let (rp, wp) = (Fd(fds[0]), Fd(fds[1]));
-                            let n = libc::splice(s.0, &mut oi, wp.0, std::ptr::null_mut(), len.min(65536), 0);
+                            let n = libc::splice(
+                                s.0,
+                                &mut oi,
+                                wp.0,
+                                std::ptr::null_mut(),
+                                len.min(65536),
+                                0,
+                            );
                             if n <= 0 {
                                 n as i64
                             } else {
-                                libc::splice(rp.0, std::ptr::null_mut(), d.0, &mut oo, n as usize, 0) as i64
+                                libc::splice(
+                                    rp.0,
+                                    std::ptr::null_mut(),
+                                    d.0,
+                                    &mut oo,
+                                    n as usize,
+                                    0,
+                                ) as i64
                             }
                         }
                     }
@@ -810,7 +1113,8 @@ impl Op {
             }
             Op::Fallocate { p, mode, off, len } => {
                 let f = open_reg(&at(p), libc::O_WRONLY)?;
-                chk(unsafe { libc::fallocate(f.0, *mode, *off as i64, *len as i64) } as i64).map(|_| ())
+                chk(unsafe { libc::fallocate(f.0, *mode, *off as i64, *len as i64) } as i64)
+                    .map(|_| ())
             }
             Op::Truncate { p, len, fd } => {
                 if *fd {
@@ -872,7 +1176,13 @@ impl Op {
                 let cp = c(&at(p));
                 chk(unsafe { libc::mkdir(cp.as_ptr(), *mode) } as i64).map(|_| ())
             }
-            Op::Mknod { p, kind, major, minor, mode } => {
+            Op::Mknod {
+                p,
+                kind,
+                major,
+                minor,
+                mode,
+            } => {
                 let cp = c(&at(p));
                 let (t, dev) = match kind {
                     NodeKind::Fifo => (libc::S_IFIFO, 0),
@@ -880,7 +1190,8 @@ impl Op {
                     NodeKind::Chr => (libc::S_IFCHR, libc::makedev(*major, *minor)),
                     NodeKind::Blk => (libc::S_IFBLK, libc::makedev(*major, *minor)),
                 };
-                chk(unsafe { libc::mknod(cp.as_ptr(), t | (mode & 0o7777), dev) } as i64).map(|_| ())
+                chk(unsafe { libc::mknod(cp.as_ptr(), t | (mode & 0o7777), dev) } as i64)
+                    .map(|_| ())
             }
             Op::Symlink { p, tlen, seed } => {
                 let t = CString::new(symlink_target(*tlen, *seed)).unwrap();
@@ -889,8 +1200,9 @@ impl Op {
             }
             Op::Link { old, new } => {
                 let (o, n) = (c(&at(old)), c(&at(new)));
-                chk(unsafe { libc::linkat(libc::AT_FDCWD, o.as_ptr(), libc::AT_FDCWD, n.as_ptr(), 0) }
-                    as i64)
+                chk(unsafe {
+                    libc::linkat(libc::AT_FDCWD, o.as_ptr(), libc::AT_FDCWD, n.as_ptr(), 0)
+                } as i64)
                 .map(|_| ())
             }
             Op::Tmpfile { dir, p, len, seed } => {
@@ -899,7 +1211,13 @@ impl Op {
                 let n = c(&at(p));
                 let empty = CString::new("").unwrap();
                 chk(unsafe {
-                    libc::linkat(f.0, empty.as_ptr(), libc::AT_FDCWD, n.as_ptr(), libc::AT_EMPTY_PATH)
+                    libc::linkat(
+                        f.0,
+                        empty.as_ptr(),
+                        libc::AT_FDCWD,
+                        n.as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                    )
                 } as i64)
                 .map(|_| ())
             }
@@ -926,33 +1244,66 @@ impl Op {
                 chk(unsafe { libc::rmdir(cp.as_ptr()) } as i64).map(|_| ())
             }
             Op::RmTree { p } => rm_rf(&at(p)),
-            Op::SetXattr { p, name, len, seed, nofollow } => {
+            Op::SetXattr {
+                p,
+                name,
+                len,
+                seed,
+                nofollow,
+            } => {
                 let cp = c(&at(p));
                 let cn = CString::new(name.as_str()).unwrap();
                 let v = data(*seed, *len);
-                let f = if *nofollow { libc::lsetxattr } else { libc::setxattr };
-                chk(unsafe { f(cp.as_ptr(), cn.as_ptr(), v.as_ptr() as *const _, v.len(), 0) } as i64)
-                    .map(|_| ())
+                let f = if *nofollow {
+                    libc::lsetxattr
+                } else {
+                    libc::setxattr
+                };
+                chk(
+                    unsafe { f(cp.as_ptr(), cn.as_ptr(), v.as_ptr() as *const _, v.len(), 0) }
+                        as i64,
+                )
+                .map(|_| ())
             }
             Op::RemoveXattr { p, name, nofollow } => {
                 let cp = c(&at(p));
                 let cn = CString::new(name.as_str()).unwrap();
-                let f = if *nofollow { libc::lremovexattr } else { libc::removexattr };
+                let f = if *nofollow {
+                    libc::lremovexattr
+                } else {
+                    libc::removexattr
+                };
                 chk(unsafe { f(cp.as_ptr(), cn.as_ptr()) } as i64).map(|_| ())
             }
             Op::Chmod { p, mode } => {
                 let cp = c(&at(p));
                 chk(unsafe { libc::chmod(cp.as_ptr(), *mode) } as i64).map(|_| ())
             }
-            Op::Chown { p, uid, gid, nofollow } => {
+            Op::Chown {
+                p,
+                uid,
+                gid,
+                nofollow,
+            } => {
                 let cp = c(&at(p));
                 let f = if *nofollow { libc::lchown } else { libc::chown };
                 chk(unsafe { f(cp.as_ptr(), *uid, *gid) } as i64).map(|_| ())
             }
-            Op::Utimes { p, asec, ansec, msec, mnsec, nofollow } => {
+            Op::Utimes {
+                p,
+                asec,
+                ansec,
+                msec,
+                mnsec,
+                nofollow,
+            } => {
                 let cp = c(&at(p));
                 let ts = [timespec(*asec, *ansec), timespec(*msec, *mnsec)];
-                let fl = if *nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+                let fl = if *nofollow {
+                    libc::AT_SYMLINK_NOFOLLOW
+                } else {
+                    0
+                };
                 chk(unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), ts.as_ptr(), fl) } as i64)
                     .map(|_| ())
             }
@@ -998,18 +1349,32 @@ fn build_tree(top: &Path, n: u32, seed: u64) -> Result<(), i32> {
     mk(top, 0o755)?;
     mk(&top.join("sub"), 0o750)?;
     for i in 0..n {
-        let dir = if i % 2 == 0 { top.to_path_buf() } else { top.join("sub") };
+        let dir = if i % 2 == 0 {
+            top.to_path_buf()
+        } else {
+            top.join("sub")
+        };
         let f = dir.join(format!("f{i}"));
         let len = r.below(20_000) as usize;
-        std::fs::write(&f, data(r.next_u64(), len)).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        std::fs::write(&f, data(r.next_u64(), len))
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         let cf = c(&f);
         let name = CString::new("user.m").unwrap();
         let v = data(r.next_u64(), 10);
         unsafe {
-            libc::setxattr(cf.as_ptr(), name.as_ptr(), v.as_ptr() as *const _, v.len(), 0);
+            libc::setxattr(
+                cf.as_ptr(),
+                name.as_ptr(),
+                v.as_ptr() as *const _,
+                v.len(),
+                0,
+            );
             libc::chown(cf.as_ptr(), r.below(70000) as u32, r.below(70000) as u32);
             libc::chmod(cf.as_ptr(), 0o600 | r.below(0o200) as u32);
-            let ts = [timespec(0, libc::UTIME_OMIT), timespec(r.below(2_000_000_000) as i64, r.below(1_000_000_000) as i64)];
+            let ts = [
+                timespec(0, libc::UTIME_OMIT),
+                timespec(r.below(2_000_000_000) as i64, r.below(1_000_000_000) as i64),
+            ];
             libc::utimensat(libc::AT_FDCWD, cf.as_ptr(), ts.as_ptr(), 0);
         }
         match i % 4 {
@@ -1018,7 +1383,8 @@ fn build_tree(top: &Path, n: u32, seed: u64) -> Result<(), i32> {
                 unsafe { libc::link(cf.as_ptr(), l.as_ptr()) };
             }
             1 => {
-                let t = CString::new(symlink_target(1 + r.below(300) as usize, r.next_u64())).unwrap();
+                let t =
+                    CString::new(symlink_target(1 + r.below(300) as usize, r.next_u64())).unwrap();
                 let l = c(&dir.join(format!("s{i}")));
                 unsafe { libc::symlink(t.as_ptr(), l.as_ptr()) };
             }
@@ -1029,13 +1395,20 @@ fn build_tree(top: &Path, n: u32, seed: u64) -> Result<(), i32> {
             _ => {
                 let l = c(&dir.join(format!("c{i}")));
                 unsafe {
-                    libc::mknod(l.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(r.below(300) as u32, r.below(300) as u32))
+                    libc::mknod(
+                        l.as_ptr(),
+                        libc::S_IFCHR | 0o600,
+                        libc::makedev(r.below(300) as u32, r.below(300) as u32),
+                    )
                 };
             }
         }
     }
     let sub = c(&top.join("sub"));
-    let ts = [timespec(0, libc::UTIME_OMIT), timespec(r.below(2_000_000_000) as i64, 5)];
+    let ts = [
+        timespec(0, libc::UTIME_OMIT),
+        timespec(r.below(2_000_000_000) as i64, 5),
+    ];
     unsafe { libc::utimensat(libc::AT_FDCWD, sub.as_ptr(), ts.as_ptr(), 0) };
     Ok(())
 }
@@ -1050,7 +1423,11 @@ mod tests {
             for op in generate(7, w, 2000) {
                 let line = op.to_string();
                 assert!(!line.contains('\n'));
-                assert_eq!(Op::parse(&format!("{line}\t# w0 #1 = ok")).unwrap(), op, "{line}");
+                assert_eq!(
+                    Op::parse(&format!("{line}\t# w0 #1 = ok")).unwrap(),
+                    op,
+                    "{line}"
+                );
             }
         }
     }
