@@ -37,6 +37,9 @@ pub use serde_json::json;
 /// Servers, clients and trees for the replication tests.
 pub mod replica;
 
+/// The random differential tester: seeded concurrent workloads, faults, convergence check.
+pub mod differential;
+
 /// How long the agent may take to print `capture ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a journal op may take to show up after the syscall that caused it.
@@ -103,11 +106,27 @@ fn run_cmd(prog: &str, args: &[&OsStr]) {
 pub enum FsKind {
     Tmpfs,
     Ext4,
-    /// A loop-mounted btrfs image: `stat(2)`'s device is its subvolume's anonymous device,
-    /// not the super block's `s_dev`.
-    Btrfs,
-    /// A loop-mounted XFS image.
+    /// A loop-mounted XFS image (Debian xfsprogs).
     Xfs,
+    /// A loop-mounted btrfs image (Debian btrfs-progs).
+    Btrfs,
+}
+
+impl FsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Tmpfs => "tmpfs",
+            FsKind::Ext4 => "ext4",
+            FsKind::Xfs => "xfs",
+            FsKind::Btrfs => "btrfs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FsKind> {
+        [FsKind::Tmpfs, FsKind::Ext4, FsKind::Xfs, FsKind::Btrfs]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
 }
 
 /// A freshly mounted file system private to one test.
@@ -142,6 +161,13 @@ impl Fs {
     }
 
     pub fn new(tag: &str, kind: FsKind) -> Fs {
+        Fs::new_sized(tag, kind, None)
+    }
+
+    /// Like [`Fs::new`], with a size: a tmpfs mounted with `size=BYTES`, or a loop image of
+    /// that many bytes (sparse). Without a size: an unlimited tmpfs, a 64 MiB ext4 image, or
+    /// the smallest XFS (300 MiB) or btrfs (256 MiB) image the mkfs tools accept.
+    pub fn new_sized(tag: &str, kind: FsKind, size: Option<u64>) -> Fs {
         init_process();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let base = PathBuf::from(format!(
@@ -165,7 +191,10 @@ impl Fs {
                 let src = cstr("imezzo-test");
                 let target = cstr(&fs.mnt);
                 let fstype = cstr("tmpfs");
-                let data = cstr("mode=0755");
+                let data = cstr(match size {
+                    Some(bytes) => format!("mode=0755,size={bytes}"),
+                    None => "mode=0755".to_string(),
+                });
                 let r = unsafe {
                     libc::mount(
                         src.as_ptr(),
@@ -183,22 +212,32 @@ impl Fs {
                     );
                 }
             }
-            FsKind::Ext4 | FsKind::Btrfs | FsKind::Xfs => {
+            FsKind::Ext4 | FsKind::Xfs | FsKind::Btrfs => {
                 let img = fs.base.join("disk.img");
-                // The smallest images each mkfs accepts with its defaults, sparse in /tmp.
-                let (size, mkfs, force) = match kind {
-                    FsKind::Ext4 => ("64M", "mkfs.ext4", "-F"),
-                    FsKind::Btrfs => ("256M", "mkfs.btrfs", "-f"),
-                    _ => ("320M", "mkfs.xfs", "-f"),
+                let default = match kind {
+                    FsKind::Xfs => 300 << 20,
+                    FsKind::Btrfs => 256 << 20,
+                    _ => 64 << 20,
                 };
+                let bytes = size.unwrap_or(default).to_string();
                 run_cmd(
                     "truncate",
-                    &[OsStr::new("-s"), OsStr::new(size), img.as_os_str()],
+                    &[OsStr::new("-s"), OsStr::new(&bytes), img.as_os_str()],
                 );
-                run_cmd(
-                    mkfs,
-                    &[OsStr::new("-q"), OsStr::new(force), img.as_os_str()],
-                );
+                match kind {
+                    FsKind::Xfs => run_cmd(
+                        "mkfs.xfs",
+                        &[OsStr::new("-q"), OsStr::new("-f"), img.as_os_str()],
+                    ),
+                    FsKind::Btrfs => run_cmd(
+                        "mkfs.btrfs",
+                        &[OsStr::new("-q"), OsStr::new("-f"), img.as_os_str()],
+                    ),
+                    _ => run_cmd(
+                        "mkfs.ext4",
+                        &[OsStr::new("-q"), OsStr::new("-F"), img.as_os_str()],
+                    ),
+                }
                 run_cmd(
                     "mount",
                     &[

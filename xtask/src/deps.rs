@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use crate::{exec, workspace};
 
 /// Debian packages: LLVM 22 and its link dependencies for bpf-linker, bpftool to inspect loaded
-/// programs, and the peers and tools the tests and benchmarks drive.
+/// programs, and the peers and tools the tests and benchmarks drive (mkfs.ext4, mkfs.xfs and
+/// mkfs.btrfs for the loop-mounted exports of the tests).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,8 +22,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "rsync",
     "lsyncd",
     "e2fsprogs",
-    "btrfs-progs",
     "xfsprogs",
+    "btrfs-progs",
 ];
 
 /// bpf-linker 0.13 defaults to LLVM 23, which Debian lacks; rustc's own LLVM is 22.

@@ -6,6 +6,7 @@ mod build;
 mod deps;
 mod exec;
 mod run;
+mod soak;
 mod test;
 mod tmpfs;
 mod workspace;
@@ -34,6 +35,9 @@ enum Task {
     Run(run::RunArgs),
     /// Build, then run every test: the integration tests against the real kernel, and the unit tests.
     Test(test::TestArgs),
+    /// Run the differential tester on new seeds for N minutes (`--minutes N [--faults ...]`),
+    /// printing each failing seed and how to rerun it.
+    Soak(soak::SoakArgs),
     /// Benchmarks; each writes its section of docs/benchmarks.md.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Task::Build => build::run(),
         Task::Run(args) => run::run(args),
         Task::Test(args) => test::run(args),
+        Task::Soak(args) => soak::run(args),
         Task::Bench(bench) => bench::run(bench),
     };
     match result {
