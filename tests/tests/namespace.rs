@@ -12,6 +12,7 @@ use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::Duration;
 
 fn rel(s: &str) -> &Path {
     Path::new(s)
@@ -201,6 +202,24 @@ fn mknod_of_char_device_journals_rdev_as_stat_reports_it() {
     let st = sys::lstat(&fs.p("null")).unwrap();
     assert_eq!(st.st_rdev, libc::makedev(1, 3));
     cap.expect(&[json!({"op": "mknod", "path": "null", "mode": st.st_mode, "rdev": st.st_rdev})]);
+}
+
+#[test]
+fn mknod_whose_name_is_taken_by_a_directory_before_capture_looks_journals_the_device_it_made() {
+    // The agent stats a new name after the fact: by then a directory renamed over the same
+    // name must not lend the device its type, mode or device number.
+    let fs = Fs::tmpfs("mknod-replaced");
+    fs.dirs("d");
+    let mut cap = Capture::start(&fs.root);
+    let mode = libc::S_IFCHR | 0o640;
+    let rdev = libc::makedev(2379, 231086);
+    sys::mknod(&fs.p("e"), mode, rdev).unwrap();
+    sys::unlink(&fs.p("e")).unwrap();
+    sys::rename(&fs.p("d"), &fs.p("e")).unwrap();
+    let ops = cap.ops_until(|op| op["op"] == "rename", Duration::from_secs(10));
+    let mknod = ops.iter().find(|op| op["op"] == "mknod").unwrap_or_else(|| panic!("no mknod in {}", fmt_ops(&ops)));
+    assert_eq!(mknod["mode"], json!(mode), "{}", fmt_ops(&ops));
+    assert_eq!(mknod["rdev"], json!(rdev), "{}", fmt_ops(&ops));
 }
 
 // ---------------------------------------------------------------- symlink / link

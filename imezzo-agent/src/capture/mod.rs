@@ -687,6 +687,10 @@ impl Capture {
                     if ty == 0 || ty == libc::S_IFREG {
                         Op::Create { path, mode: meta.map(|m| m.mode() & 0o7777).unwrap_or(mode & 0o7777) }
                     } else {
+                        // The type always from the call; the rest from the object only if it
+                        // is one of that type (a fifo replaced by another fifo is harmless:
+                        // the events that replaced it follow).
+                        let meta = meta.filter(|m| m.mode() & libc::S_IFMT == ty);
                         Op::Mknod { path, mode: meta.map(|m| m.mode()).unwrap_or(mode), rdev: meta.map(|m| m.rdev()).unwrap_or(rdev) }
                     }
                 });
@@ -840,7 +844,12 @@ impl Capture {
                 let meta = fs::symlink_metadata(self.abs(&path)).ok();
                 let (ino, kind) = match (&meta, known_ino) {
                     (_, ino) if ino != 0 => (ino, known_kind),
-                    (Some(m), _) if m.dev() == self.dev => (m.ino(), Kind::of(m.file_type())),
+                    // What is there now is what the call made only if it is of the kind the
+                    // call makes: a name taken over since (a directory renamed over a device
+                    // just made) must not lend the new object its type, mode or inode.
+                    (Some(m), _) if m.dev() == self.dev && Kind::of(m.file_type()) == known_kind => {
+                        (m.ino(), known_kind)
+                    }
                     // Already gone (or replaced) by the time we look: the events that did it
                     // follow. Name it with a placeholder inode so they find it by path.
                     _ => (self.placeholder_ino(), known_kind),
