@@ -661,6 +661,188 @@ fn server_killed_and_restarted_resumes_the_client_without_a_full_resync() {
     r.assert_no_panic();
 }
 
+/// A dbench-like steady load in `dir` of the export until `stop`: small files created,
+/// appended to, renamed over each other and unlinked, so replay keeps fetching (and finds
+/// names the master already moved) when the connection dies under it.
+fn steady_load(
+    root: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut rng = Rng(7);
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let a = root.join(format!("c{}", rng.next_u64() % 8)).join(format!("f{}", rng.next_u64() % 64));
+            let b = root.join(format!("c{}", rng.next_u64() % 8)).join(format!("f{}", rng.next_u64() % 64));
+            match rng.next_u64() % 6 {
+                0 | 1 => {
+                    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&a).unwrap();
+                    f.write_all(&vec![b'a' + (n % 26) as u8; 1 + (rng.next_u64() % 20000) as usize]).unwrap();
+                }
+                2 => {
+                    let _ = std::fs::write(&a, format!("rewritten {n}\n"));
+                }
+                3 => {
+                    let _ = std::fs::rename(&a, &b);
+                }
+                4 => {
+                    let _ = std::fs::remove_file(&a);
+                }
+                _ => {
+                    let _ = std::fs::OpenOptions::new().write(true).open(&a).and_then(|f| f.set_len(rng.next_u64() % 4096));
+                }
+            }
+            n += 1;
+            if n % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        n
+    })
+}
+
+fn start_steady_load(r: &Replication) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<u64>) {
+    let root = r.e("load");
+    for c in 0..8 {
+        std::fs::create_dir_all(root.join(format!("c{c}"))).unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (stop.clone(), steady_load(root, stop))
+}
+
+fn no_bug_lines(c: &Client) {
+    let all = c.context();
+    assert!(
+        !all.contains("this is a bug"),
+        "the client logged \"this is a bug\"\n{all}"
+    );
+}
+
+/// Issue 9, finding 1: kill -9 of the server under a steady write load. The worker stopped
+/// by the lost connection had reported a durable point the session loop had not read yet;
+/// the loop took that report for the reason the worker stopped ("an unexpected report;
+/// this is a bug") and the client never converged.
+#[test]
+fn server_killed_under_a_steady_write_load_restarts_and_the_client_resumes_and_converges() {
+    let mut r = Replication::new("killserverload");
+    r.start_server(&[]);
+    r.start_client();
+    for round in 0..3 {
+        let (stop, load) = start_steady_load(&r);
+        std::thread::sleep(Duration::from_millis(1500));
+        r.server().kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        r.server().restart();
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ops = load.join().unwrap();
+        eprintln!("round {round}: {ops} operations of load");
+        r.assert_identical(CONVERGE_TIMEOUT, &format!("after kill -9 of the server under load (round {round})"));
+        let c = r.client();
+        assert!(c.agent.is_running(), "the client exited\n{}", c.context());
+        no_bug_lines(c);
+    }
+    // Not asserted here: no full resync. The restart catch-up counts directories changed
+    // within a fraction of a second of the crash as possibly unjournalled and has the client
+    // resync in full (catchup.rs), which a crash under load always hits (issue 9, finding 4,
+    // still open).
+    let c = r.client();
+    assert!(!c.agent.stderr_matching("resuming at seq").is_empty(), "no `resuming at seq` line\n{}", c.context());
+    r.assert_no_panic();
+}
+
+/// Issue 9, finding 3: compaction keeps the entries a connected client still needs (its
+/// session's retention floor). The client is paused (SIGSTOP) while the journal grows past
+/// `--retain-bytes`; once continued it resumes from the journal, without a full resync.
+#[test]
+fn a_paused_client_keeps_its_journal_entries_across_compaction_and_resumes_without_a_full_resync() {
+    let mut r = Replication::new("pausedclient");
+    r.start_server(&["--retain-bytes", "65536"]);
+    r.start_client();
+    r.export.dirs("x");
+    r.assert_identical(CONVERGE_TIMEOUT, "before the pause");
+    let pid = r.client().agent.pid;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut i = 0;
+    let mut held = false;
+    while i < 4000 && !held {
+        for _ in 0..100 {
+            r.export.put(&format!("x/f{i}"), format!("while the client is paused {i}\n").as_bytes());
+            i += 1;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        held = !r.server().agent.stderr_matching("keeping entries from seq").is_empty();
+    }
+    // A few compaction rounds with the journal above --retain-bytes.
+    std::thread::sleep(Duration::from_secs(4));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    r.assert_identical(CONVERGE_TIMEOUT, "after the paused client continued");
+    let c = r.client();
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "the paused client resynced in full ({i} files written while paused; the server {} it)\n{}",
+        if held { "said it kept entries for" } else { "never kept entries for" },
+        c.context()
+    );
+    assert!(held, "the server never logged that it kept entries for the client\n{}", r.context());
+    r.assert_no_panic();
+}
+
+/// Issue 9, finding 2: a full sync into a replica too small for it. The files that failed
+/// (ENOSPC) are not forgotten: no "initial sync done" or "in sync" while they are missing,
+/// a single "full" notice, and once the file system has room they are fetched one by one,
+/// without a second full sync, and the replica converges.
+#[test]
+#[ignore = "written for issue 9 finding 2, not yet run to green"]
+fn a_full_sync_into_a_full_replica_pauses_then_fetches_the_failed_files_when_room_returns() {
+    let mut r = Replication {
+        replica: Fs::new_sized("fullsync-replica", FsKind::Tmpfs, Some(16 << 20)),
+        ..Replication::new("fullsync")
+    };
+    r.export.dirs("big");
+    for i in 0..40 {
+        let data: Vec<u8> = (0..MIB).map(|b| (b as u8) ^ (i as u8)).collect();
+        r.export.put(&format!("big/f{i:02}"), &data);
+    }
+    r.start_server(&[]);
+    let (addr, id) = (r.server().addr, r.server().id.clone());
+    r.client = Some(Client::spawn(&r.client_node, addr, &id, &r.replica.root));
+    let c = r.client();
+    let line = c.agent.wait_stderr(|l| l.contains("full sync at seq"), INITIAL_SYNC_TIMEOUT);
+    assert!(
+        line.as_ref().is_some_and(|l| !l.contains(" 0 failed")),
+        "want a full sync with failures: {line:?}\n{}",
+        c.context()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(c.initial_syncs().is_empty(), "`initial sync done` with files missing\n{}", c.context());
+    assert!(c.agent.stderr_matching(IN_SYNC).is_empty(), "`in sync` with files missing\n{}", c.context());
+    let out = std::process::Command::new("mount")
+        .args(["-o", "remount,size=1g"])
+        .arg(&r.replica.mnt)
+        .output()
+        .expect("run mount");
+    assert!(out.status.success(), "remount: {}", String::from_utf8_lossy(&out.stderr));
+    r.assert_identical(CONVERGE_TIMEOUT, "after the replica got room");
+    let c = r.client();
+    c.wait_initial_sync(CONVERGE_TIMEOUT);
+    assert_eq!(
+        c.agent.stderr_matching("full sync at seq").len(),
+        1,
+        "a second full sync\n{}",
+        c.context()
+    );
+    assert_eq!(
+        c.agent.stderr_matching("file system is full").len(),
+        1,
+        "want the full replica said once\n{}",
+        c.context()
+    );
+    r.assert_no_panic();
+}
+
 #[test]
 fn files_changed_in_place_while_the_server_was_down_reach_the_client_without_a_full_resync() {
     let mut r = Replication::new("downedit");

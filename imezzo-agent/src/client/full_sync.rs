@@ -91,6 +91,8 @@ pub(crate) struct FullSync {
     fetches: Vec<FetchJob>,
     permits: Arc<Semaphore>,
     stats: FullSyncStats,
+    /// Paths that could not be placed: the worker keeps them pending, retried one by one.
+    failed_paths: Vec<Vec<u8>>,
     started: Instant,
 }
 
@@ -109,6 +111,7 @@ impl FullSync {
             fetches: Vec::new(),
             permits: Arc::new(Semaphore::new(FETCH_CONCURRENCY)),
             stats: FullSyncStats::default(),
+            failed_paths: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -142,7 +145,7 @@ impl FullSync {
                 "full sync: skipped {:?}: the prefix .imezzo-tmp. is reserved for replay",
                 path.display()
             );
-            self.stats.failed += 1;
+            self.failed(path.as_bytes());
             return Ok(());
         }
         self.names.insert(path.0.clone());
@@ -242,7 +245,7 @@ impl FullSync {
             Ok(())
         })();
         if let Err(e) = placed {
-            self.stats.failed += 1;
+            self.failed(path.as_bytes());
             log::warn!("full sync: cannot place {:?}: {e}", path.display());
         }
         Ok(())
@@ -355,14 +358,14 @@ impl FullSync {
                 Ok((_, Ok(Fetched::Gone))) => {}
                 Ok((_, Err(FetchFail::Lost(why)))) => return Err(Stop::Lost(why)),
                 Ok((path, Err(FetchFail::Unreadable(why)))) => {
-                    self.stats.failed += 1;
+                    self.failed(path.as_bytes());
                     log::warn!(
                         "full sync: the server cannot read {:?} ({why}); it is missing from the replica",
                         path.display()
                     );
                 }
                 Ok((path, Err(FetchFail::Local(e)))) => {
-                    self.stats.failed += 1;
+                    self.failed(path.as_bytes());
                     log::warn!(
                         "full sync: cannot write {:?} into the replica: {e}",
                         path.display()
@@ -378,8 +381,15 @@ impl FullSync {
         Ok(())
     }
 
+    /// One object that could not be placed (or removed): counted, and kept for a retry.
+    fn failed(&mut self, path: &[u8]) {
+        self.stats.failed += 1;
+        self.failed_paths.push(path.to_vec());
+    }
+
     /// The manifest is whole: finish fetches, link, sweep, then directory attributes.
-    pub fn finish(mut self, seq: u64) -> Result<FullSyncStats, Stop> {
+    /// Returns the stats and the paths that failed (to fetch again, one by one).
+    pub fn finish(mut self, seq: u64) -> Result<(FullSyncStats, Vec<Vec<u8>>), Stop> {
         if seq != self.manifest_seq {
             log::warn!(
                 "full sync: the manifest ended at seq {seq}, announced at {}",
@@ -392,7 +402,7 @@ impl FullSync {
         }
         for (path, first) in std::mem::take(&mut self.links) {
             if let Err(e) = self.link(&path, &first) {
-                self.stats.failed += 1;
+                self.failed(path.as_bytes());
                 log::warn!(
                     "full sync: cannot link {:?} to {:?}: {e}",
                     path.display(),
@@ -413,7 +423,7 @@ impl FullSync {
                 }
             })();
             if let Err(e) = done {
-                self.stats.failed += 1;
+                self.failed(path.as_bytes());
                 log::warn!(
                     "full sync: cannot set the attributes of directory {:?}: {e}",
                     path.display()
@@ -435,7 +445,7 @@ impl FullSync {
             s.failed,
             s.elapsed
         );
-        Ok(self.stats)
+        Ok((self.stats, self.failed_paths))
     }
 
     /// Makes `path` a hard link of `first` (fetched or kept by now).
@@ -480,7 +490,7 @@ impl FullSync {
                 Ok(Some(l)) => l,
                 Ok(None) => continue,
                 Err(e) => {
-                    self.stats.failed += 1;
+                    self.failed(&rel);
                     log::warn!("full sync: cannot list {:?}: {e}", shown().display());
                     continue;
                 }
@@ -502,7 +512,7 @@ impl FullSync {
                 match removed {
                     Ok(()) => self.stats.removed += 1,
                     Err(e) => {
-                        self.stats.failed += 1;
+                        self.failed(&child);
                         log::warn!(
                             "full sync: cannot remove {:?} (the server has no such object): {e}",
                             RelPath(child).display()

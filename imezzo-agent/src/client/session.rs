@@ -179,6 +179,8 @@ impl SessionCtx<'_> {
         let mut pending_paths = 0usize;
         let mut last_activity = Instant::now();
         let mut repair_asked = false;
+        // A full sync some of whose paths failed: "initial sync done" waits for their repair.
+        let mut initial_incomplete: Option<FullSyncStats> = None;
         loop {
             let mut held: Option<ClientOutput> = None;
             while let Some(out) = held.take().or_else(|| session.poll_output()) {
@@ -298,10 +300,29 @@ impl SessionCtx<'_> {
                         if let Some(stats) = stats {
                             full_sync_done = true;
                             streamed = true;
-                            (self.events)(ClientEvent::InitialSyncDone { seq, stats });
+                            if pending == 0 {
+                                (self.events)(ClientEvent::InitialSyncDone { seq, stats });
+                            } else {
+                                log::warn!(
+                                    "initial sync incomplete at seq {seq}: {pending} paths failed; fetching them again, one by one"
+                                );
+                                initial_incomplete = Some(stats);
+                            }
+                        } else if pending == 0 {
+                            if let Some(stats) = initial_incomplete.take() {
+                                (self.events)(ClientEvent::InitialSyncDone { seq, stats });
+                            }
                         }
                     }
-                    Some(Report::Pending(n)) => (pending_paths, last_activity, repair_asked) = (n, Instant::now(), false),
+                    Some(Report::Pending(n)) => {
+                        (pending_paths, last_activity, repair_asked) = (n, Instant::now(), false);
+                        if n == 0 {
+                            if let (Some(stats), Some(seq)) = (initial_incomplete, session.state().last_applied) {
+                                initial_incomplete = None;
+                                (self.events)(ClientEvent::InitialSyncDone { seq, stats });
+                            }
+                        }
+                    }
                     Some(other) => return report_outcome(other, streamed),
                     None => return Outcome::Fatal(ClientError::Worker("it exited".into())),
                 },
@@ -392,11 +413,16 @@ pub(super) async fn send_work(
     };
     tokio::select! {
         sent = w.tx.send(work) => if sent.is_err() {
-            // The worker stopped: its report says why.
-            return Err(match reports.recv().await {
-                Some(r) => report_outcome(r, streamed),
-                None => Outcome::Fatal(ClientError::Worker("it exited".into())),
-            });
+            // The worker stopped: its last report says why. Reports it sent before that
+            // (a durable point, a pending count) may still be queued unread: they are
+            // already recorded in the state dir, and this connection is over, so they are
+            // passed over, not taken for the reason.
+            while let Some(r) = reports.recv().await {
+                if !matches!(r, Report::Persisted { .. } | Report::Pending(_)) {
+                    return Err(report_outcome(r, streamed));
+                }
+            }
+            return Err(Outcome::Fatal(ClientError::Worker("it exited".into())));
         },
         () = shutdown.as_mut() => return Err(Outcome::Shutdown),
     }

@@ -34,6 +34,8 @@ impl WorkerHandle {
             cache: HashMap::new(),
             data: HashMap::new(),
             prefetched: 0,
+            retry: HashMap::new(),
+            disk_full: false,
         };
         let thread = std::thread::Builder::new()
             .name("imezzo-replay".into())
@@ -68,7 +70,33 @@ pub(super) struct Worker {
     /// ahead at once instead of one round trip per entry.
     pub(super) data: DataCache,
     pub(super) prefetched: usize,
+    /// Pending paths whose repair failed on the replica (or was refused): attempts so far
+    /// and when the next is due. Retried one by one, with backoff, never by a full resync.
+    pub(super) retry: HashMap<Vec<u8>, (u32, Instant)>,
+    /// The replica's file system was found full: said once, entries and repairs do not
+    /// wait on retries meanwhile, and the repair rounds poll until room returns.
+    pub(super) disk_full: bool,
 }
+
+/// Whether a replay error means the replica's file system has no room (or quota) left.
+pub(super) fn is_disk_full(e: &ReplayError) -> bool {
+    matches!(e, ReplayError::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+}
+
+/// Whether a pending path is one the master can be asked about: not one replay refused as
+/// malformed (absolute, a NUL, an empty, `.` or `..` component).
+fn askable(p: &[u8]) -> bool {
+    p.is_empty()
+        || (!p.contains(&0)
+            && p.split(|&c| c == b'/')
+                .all(|c| !c.is_empty() && c != b"." && c != b".."))
+}
+
+/// Longest wait between two attempts at one failed path.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// While the replica is full, the wait between two attempts.
+const FULL_POLL: Duration = Duration::from_secs(2);
 
 /// Contents fetched ahead: (path, inode written to) -> the file's bytes from offset 0.
 pub(super) type DataCache = HashMap<(RelPath, u64), Vec<u8>>;
@@ -298,7 +326,12 @@ impl Worker {
                 "a manifest end outside a full sync".into(),
             )));
         };
-        let stats = full.finish(seq)?;
+        let (stats, failed) = full.finish(seq)?;
+        // Made durable with the persist that acknowledges the manifest, before it: a client
+        // killed afterwards still fetches them again after its restart.
+        for path in failed {
+            self.pending.insert(path, false);
+        }
         self.finished_full = Some(stats);
         Ok(())
     }
@@ -323,7 +356,9 @@ impl Worker {
             }
             match result {
                 // A full disk or a busy state dir may recover: pause, then try again.
-                Err(ReplayError::Io { .. } | ReplayError::Marks(_)) if attempt < LOCAL_RETRIES => {
+                Err(ref e @ (ReplayError::Io { .. } | ReplayError::Marks(_)))
+                    if attempt < LOCAL_RETRIES && !(self.disk_full && is_disk_full(e)) =>
+                {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(200 << attempt));
                 }
@@ -372,19 +407,31 @@ impl Worker {
             Ok(_) => {}
             // The master could not be read (it said so); the path is fetched again later.
             Err(ReplayError::Source { .. }) => {}
-            // Refused and logged by the replayer; nothing was changed.
+            // Refused and logged by the replayer; nothing was changed. The replica is not the
+            // master's while it is refused: the path stays pending (and the client out of
+            // "in sync") until a repair succeeds.
             Err(
                 ReplayError::EscapesRoot { .. }
                 | ReplayError::BadPath { .. }
                 | ReplayError::BadOp { .. },
-            ) => {}
+            ) => self.pending.mark_op(&entry.op),
             // The state dir or the replica root is unusable: nothing can be made durable.
             Err(
                 e @ (ReplayError::OpenRoot { .. } | ReplayError::NoOpenat2 | ReplayError::Marks(_)),
             ) => return Err(Stop::Fatal(e.into())),
+            // Failed on the replica (no room, no permission...): the paths it touches are
+            // fetched again, one by one with backoff, from the master's current state; the
+            // entries after it go on.
             Err(e) => {
-                self.needs_resync
-                    .get_or_insert(format!("seq {} could not be replayed ({e})", entry.seq));
+                if is_disk_full(&e) {
+                    self.note_disk_full(&e);
+                } else {
+                    log::warn!("seq {}: {e}; the path is fetched again later", entry.seq);
+                }
+                self.pending.mark_op(&entry.op);
+                if let Op::Rename { path, .. } | Op::Link { path, .. } = &entry.op {
+                    self.pending.insert(path.0.clone(), false);
+                }
             }
         }
         (self.events)(ClientEvent::Applied {
@@ -447,12 +494,19 @@ impl Worker {
                 .get_or_insert(format!("over {PENDING_MAX} paths to fetch again"));
             return Ok(());
         }
+        let now = Instant::now();
+        self.retry.retain(|p, _| self.pending.paths.contains_key(p));
         let paths: Vec<(Vec<u8>, bool)> = self
             .pending
             .paths
             .iter()
+            .filter(|(p, _)| self.retry.get(*p).is_none_or(|(_, due)| *due <= now))
+            // A path replay refused as malformed stays pending (the replica is not the
+            // master's), but is never asked for.
+            .filter(|(p, _)| askable(p))
             .map(|(p, d)| (p.clone(), *d))
             .collect();
+        let mut full_now = false;
         let mut dirs = Vec::new();
         for chunk in paths.chunks(protocol::MAX_ATTRS_PATHS) {
             let ask = chunk.iter().map(|(p, _)| RelPath(p.clone())).collect();
@@ -473,9 +527,18 @@ impl Worker {
                     continue;
                 };
                 let rel = RelPath(path.clone());
+                if full_now {
+                    // Still full: the rest waits for the next round.
+                    continue;
+                }
                 match self.repair_one(&rel, &attrs, *diverged) {
                     Ok(true) => {
                         self.pending.remove(path);
+                        self.retry.remove(path);
+                        if self.disk_full {
+                            self.disk_full = false;
+                            log::info!("the replica has room again: resuming");
+                        }
                         if attrs.kind == FileKind::Directory {
                             dirs.push((rel, attrs));
                         }
@@ -494,15 +557,28 @@ impl Worker {
                         log::warn!("cannot fetch {:?} again yet: {e}", rel.display());
                         self.pending.missed(path);
                     }
+                    // Failed on the replica, or refused: kept, and tried again later (the
+                    // paths that did not fail are not held up, nor is the stream).
                     Err(e) => {
                         if let Some(why) = self.fetcher.lost() {
                             return Err(Stop::Lost(why));
                         }
-                        self.pending.remove(path);
-                        self.needs_resync.get_or_insert(format!(
-                            "fetching {:?} again failed ({e})",
-                            rel.display()
-                        ));
+                        let (n, _) = self.retry.get(path).copied().unwrap_or((0, now));
+                        let wait = if is_disk_full(&e) {
+                            full_now = true;
+                            self.note_disk_full(&e);
+                            FULL_POLL
+                        } else {
+                            if n == 0 || n.is_power_of_two() {
+                                log::warn!(
+                                    "cannot fetch {:?} again ({e}); attempt {}, retrying it later",
+                                    rel.display(),
+                                    n + 1
+                                );
+                            }
+                            (Duration::from_secs(1) * 2u32.saturating_pow(n.min(5))).min(RETRY_MAX)
+                        };
+                        self.retry.insert(path.clone(), (n + 1, Instant::now() + wait));
                     }
                 }
             }
@@ -518,6 +594,17 @@ impl Worker {
             return Err(Stop::Lost(why));
         }
         Ok(())
+    }
+
+    /// Says once that the replica is full; [`Worker::repair`] says when room returned.
+    pub(super) fn note_disk_full(&mut self, e: &ReplayError) {
+        if !self.disk_full {
+            self.disk_full = true;
+            log::warn!(
+                "the replica's file system is full ({e}): paused; what could not be written is \
+                 fetched again, by itself, once there is room (free space or raise the quota)"
+            );
+        }
     }
 
     /// Makes `path` what the master has now (`attrs`); false when that takes a full resync

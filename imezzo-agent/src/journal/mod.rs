@@ -334,36 +334,73 @@ impl Journal {
     }
 
     /// Drops superseded entries (S1 to S4), then the oldest entries while the retained size is
-    /// above `retain_bytes`, then `versions` records older than the retained journal; one
-    /// durable transaction. Never reorders entries or changes a seq (J4).
+    /// above `retain_bytes`, then `versions` records older than the retained journal. Never
+    /// reorders entries or changes a seq (J4). See [`Journal::compact_keeping`].
     pub fn compact(&self, retain_bytes: u64) -> Result<CompactReport> {
-        let path = &self.path;
-        let mut txn = self.db.begin_write().at(path)?;
-        txn.set_durability(Durability::Immediate);
-        let report = {
-            let mut meta = txn.open_table(META).at(path)?;
-            let mut entries = txn.open_table(ENTRIES).at(path)?;
-            let mut versions = txn.open_table(VERSIONS).at(path)?;
-            let old_first = need_u64(&meta, META_FIRST_SEQ, path)?;
-            let last = need_u64(&meta, META_LAST_SEQ, path)?;
-            let mut stored = need_u64(&meta, META_STORED_BYTES, path)?;
-            let mut report = CompactReport::default();
+        self.compact_keeping(retain_bytes, None)
+    }
 
+    /// [`Journal::compact`], keeping every entry from `keep_from` on (the lowest seq a
+    /// connected client still needs) even when the retained size is above `retain_bytes`.
+    ///
+    /// The supersession plan is made from a read snapshot, outside any write transaction, so
+    /// appends (the capture's commits) are never held up by the decoding of the whole
+    /// journal; the planned drops are then applied in write transactions of at most
+    /// [`COMPACT_CHUNK`] entries each. This is safe because an entry is dropped only for a
+    /// *later* retained entry that covers it: entries appended after the snapshot can only
+    /// add covers, never take one away (J4: nothing but compaction deletes, and compaction
+    /// runs one at a time).
+    pub fn compact_keeping(&self, retain_bytes: u64, keep_from: Option<u64>) -> Result<CompactReport> {
+        let path = &self.path;
+        let mut report = CompactReport::default();
+        let dropped = {
+            let txn = self.db.begin_read().at(path)?;
+            let entries = txn.open_table(ENTRIES).at(path)?;
             let mut planner = supersede::Planner::new();
             for item in entries.range::<u64>(..).at(path)? {
                 let (k, v) = item.at(path)?;
                 let entry = decode(path, k.value(), v.value())?;
                 planner.push(entry.seq, &entry.op);
             }
-            for seq in planner.finish() {
-                if let Some(v) = entries.remove(seq).at(path)? {
-                    stored = stored.saturating_sub(KEY_BYTES + v.value().len() as u64);
-                    report.superseded += 1;
+            planner.finish()
+        };
+        for chunk in dropped.chunks(COMPACT_CHUNK) {
+            let mut txn = self.db.begin_write().at(path)?;
+            txn.set_durability(Durability::Immediate);
+            {
+                let mut meta = txn.open_table(META).at(path)?;
+                let mut entries = txn.open_table(ENTRIES).at(path)?;
+                let mut stored = need_u64(&meta, META_STORED_BYTES, path)?;
+                for &seq in chunk {
+                    if let Some(v) = entries.remove(seq).at(path)? {
+                        stored = stored.saturating_sub(KEY_BYTES + v.value().len() as u64);
+                        report.superseded += 1;
+                    }
                 }
+                meta.insert(META_STORED_BYTES, stored.to_le_bytes().as_slice()).at(path)?;
             }
+            txn.commit().at(path)?;
+        }
+
+        let mut txn = self.db.begin_write().at(path)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut meta = txn.open_table(META).at(path)?;
+            let mut entries = txn.open_table(ENTRIES).at(path)?;
+            let mut versions = txn.open_table(VERSIONS).at(path)?;
+            let old_first = need_u64(&meta, META_FIRST_SEQ, path)?;
+            let last = need_u64(&meta, META_LAST_SEQ, path)?;
+            let mut stored = need_u64(&meta, META_STORED_BYTES, path)?;
 
             let mut first = old_first;
             while stored > retain_bytes {
+                // A connected client's resume point is kept (its session asks for it next).
+                let oldest = entries.first().at(path)?.map(|(k, _)| k.value());
+                if let (Some(oldest), Some(keep)) = (oldest, keep_from) {
+                    if oldest >= keep {
+                        break;
+                    }
+                }
                 let Some((k, v)) = entries.pop_first().at(path)? else {
                     // J6 says this cannot happen; an empty table holds nothing.
                     log::warn!("journal {}: stored size {stored} with no entries; resetting it", path.display());
@@ -374,6 +411,10 @@ impl Journal {
                 stored = stored.saturating_sub(KEY_BYTES + v.value().len() as u64);
                 first = first.max(k.value() + 1);
                 report.expired += 1;
+                if report.expired >= COMPACT_CHUNK as u64 {
+                    // Bounded: the rest waits for the next round.
+                    break;
+                }
             }
             if entries.is_empty().at(path)? {
                 first = last + 1;
@@ -390,9 +431,8 @@ impl Journal {
             meta.insert(META_STORED_BYTES, stored.to_le_bytes().as_slice()).at(path)?;
             report.first_seq = first;
             report.stored_bytes = stored;
-            report
-        };
-        if report.superseded + report.expired + report.versions_pruned == 0 && report.first_seq == self.first_seq() {
+        }
+        if report.expired + report.versions_pruned == 0 && report.first_seq == self.first_seq() {
             txn.abort().at(path)?;
         } else {
             txn.commit().at(path)?;
@@ -401,6 +441,9 @@ impl Journal {
         Ok(report)
     }
 }
+
+/// Most entries one compaction write transaction deletes: appends wait for at most that.
+pub const COMPACT_CHUNK: usize = 4096;
 
 fn builder() -> redb::Builder {
     let mut b = Database::builder();

@@ -52,6 +52,12 @@ const COMPACT_CHECK: Duration = Duration::from_secs(1);
 /// How often compaction runs for supersession alone, when retention does not force it: a
 /// compaction scans every retained entry.
 const SUPERSEDE_EVERY: Duration = Duration::from_secs(600);
+/// A disconnected client's retention floor is kept this long (it may be reconnecting).
+const FLOOR_GRACE: Duration = Duration::from_secs(600);
+/// Compaction keeps what clients need up to this many times `retain_bytes`.
+const FLOOR_HOLD_FACTOR: u64 = 4;
+/// While clients hold the journal above `retain_bytes`, compaction re-plans this often.
+const HELD_REPLAN: Duration = Duration::from_secs(10);
 /// Most manifest entries, and inline data bytes, per chunk handed from the walk to the
 /// session.
 const MANIFEST_CHUNK: export::WalkChunk = export::WalkChunk {
@@ -116,6 +122,34 @@ struct Shared {
     volume: VolumeId,
     /// The journal's last seq, published after each append.
     appended: watch::Receiver<u64>,
+    /// Per client, the lowest seq its session still needs (`ServerSession::retention_floor`)
+    /// and, once it disconnected, when: compaction keeps those entries (see [`compact_loop`]).
+    floors: std::sync::Mutex<std::collections::HashMap<NodeId, (u64, Option<Instant>)>>,
+}
+
+impl Shared {
+    fn set_floor(&self, id: NodeId, floor: Option<u64>) {
+        if let Some(f) = floor {
+            if let Ok(mut m) = self.floors.lock() {
+                m.insert(id, (f, None));
+            }
+        }
+    }
+
+    fn disconnected(&self, id: NodeId) {
+        if let Ok(mut m) = self.floors.lock() {
+            if let Some(e) = m.get_mut(&id) {
+                e.1 = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The lowest seq a connected (or lately connected) client still needs.
+    fn retention_floor(&self) -> Option<u64> {
+        let mut m = self.floors.lock().ok()?;
+        m.retain(|_, (_, gone)| gone.is_none_or(|t| t.elapsed() < FLOOR_GRACE));
+        m.values().map(|(f, _)| *f).min()
+    }
 }
 
 impl Server {
@@ -171,6 +205,7 @@ impl Server {
                 export,
                 volume,
                 appended,
+                floors: Default::default(),
             }),
             retain_bytes: opts.retain_bytes,
             capture,
@@ -196,7 +231,7 @@ impl Server {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         tokio::pin!(shutdown);
         let mut sessions = JoinSet::new();
-        let compactor = tokio::spawn(compact_loop(self.shared.journal.clone(), self.retain_bytes));
+        let compactor = tokio::spawn(compact_loop(self.shared.clone(), self.retain_bytes));
         let mut failed = self.capture.failed.clone();
         let result = loop {
             tokio::select! {
@@ -385,20 +420,57 @@ impl Drop for CaptureThread {
 }
 
 /// Bounds the journal: whenever its entries exceed `retain_bytes`, and every
-/// [`SUPERSEDE_EVERY`] for superseded entries alone.
-async fn compact_loop(journal: Arc<Journal>, retain_bytes: u64) {
+/// [`SUPERSEDE_EVERY`] for superseded entries alone. Entries a connected client (or one
+/// disconnected less than [`FLOOR_GRACE`] ago) still needs are kept, up to
+/// [`FLOOR_HOLD_FACTOR`] times `retain_bytes`: past that the slowest client is let go and
+/// resyncs in full when it comes back.
+async fn compact_loop(shared: Arc<Shared>, retain_bytes: u64) {
+    let journal = shared.journal.clone();
     let mut last_full = Instant::now();
+    let mut held_logged = false;
+    let mut last_held = Instant::now();
     loop {
         tokio::time::sleep(COMPACT_CHECK).await;
         let j = journal.clone();
         let due = last_full.elapsed() >= SUPERSEDE_EVERY;
+        let floor = shared.retention_floor();
+        // While a client holds the journal above `retain_bytes`, each round would plan the
+        // whole journal again for little: re-plan at most every HELD_REPLAN.
+        let held_recently = held_logged && last_held.elapsed() < HELD_REPLAN;
         let run = tokio::task::spawn_blocking(move || -> Result<Option<_>, JournalError> {
-            if j.stored_bytes()? > retain_bytes || due {
-                return j.compact(retain_bytes).map(Some);
+            let stored = j.stored_bytes()?;
+            let hold = retain_bytes.saturating_mul(FLOOR_HOLD_FACTOR);
+            if (stored > retain_bytes && !(held_recently && stored <= hold)) || due {
+                let keep = floor.filter(|_| stored <= hold);
+                return j.compact_keeping(retain_bytes, keep).map(|r| Some((r, stored, keep)));
             }
             Ok(None)
         })
         .await;
+        let run = match run {
+            Ok(Ok(Some((r, stored, keep)))) => {
+                if keep.is_some() && r.stored_bytes > retain_bytes {
+                    last_held = Instant::now();
+                    if !held_logged {
+                        log::info!(
+                            "journal above --retain-bytes ({} bytes of {retain_bytes}): keeping entries from seq {} for a connected client",
+                            r.stored_bytes,
+                            keep.unwrap_or_default()
+                        );
+                        held_logged = true;
+                    }
+                } else {
+                    held_logged = false;
+                }
+                if floor.is_some() && keep.is_none() {
+                    log::warn!(
+                        "journal at {stored} bytes, over {FLOOR_HOLD_FACTOR} times --retain-bytes: dropping entries a slow client still needs (it resyncs in full)"
+                    );
+                }
+                Ok(Ok(Some(r)))
+            }
+            other => other.map(|o| o.map(|o| o.map(|(r, _, _)| r))),
+        };
         match run {
             Ok(Ok(Some(r))) => {
                 last_full = Instant::now();
@@ -431,6 +503,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     log::info!("client {id} connected from {addr}");
     let outcome = control(&conn, id, &shared).await;
+    shared.disconnected(id);
     log::info!("client {id} disconnected: {outcome}");
 }
 
@@ -548,6 +621,7 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                 }
             }
         }
+        shared.set_floor(id, session.retention_floor());
         let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             biased;
