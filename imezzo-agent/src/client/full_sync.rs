@@ -75,6 +75,10 @@ pub(crate) struct FullSync {
     tree: Arc<Tree>,
     fetcher: Fetcher,
     manifest_seq: u64,
+    /// Paths whose local content is known to be behind the master's (replay's pending set):
+    /// fetched even when their size and mtime match, since an explicit utimes can make a
+    /// stale file look current.
+    stale: HashSet<Vec<u8>>,
     /// Every path the manifest named (the root excluded): what survives the final sweep.
     names: HashSet<Vec<u8>>,
     /// Directories in manifest order, for the attribute pass: (path, attrs, xattrs omitted).
@@ -97,11 +101,12 @@ pub(crate) struct FullSync {
 }
 
 impl FullSync {
-    pub fn new(root: &Path, fetcher: Fetcher, manifest_seq: u64) -> io::Result<FullSync> {
+    pub fn new(root: &Path, fetcher: Fetcher, manifest_seq: u64, stale: HashSet<Vec<u8>>) -> io::Result<FullSync> {
         Ok(FullSync {
             tree: Arc::new(Tree::open(root)?),
             fetcher,
             manifest_seq,
+            stale,
             names: HashSet::new(),
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
@@ -273,7 +278,7 @@ impl FullSync {
             }
             self.groups.insert(group, path.clone());
         }
-        if let Some(st) = existing {
+        if let Some(st) = existing.filter(|_| !self.stale.contains(path.as_bytes())) {
             let same = is_kind(&st, libc::S_IFREG)
                 && st.st_size as u64 == attrs.size
                 && st.st_mtime == attrs.mtime.sec

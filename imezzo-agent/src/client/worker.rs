@@ -307,7 +307,9 @@ impl Worker {
                 last_applied: None,
             })
             .map_err(Stop::Fatal)?;
-        let full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq)
+        // What replay still owes the replica must be fetched, not kept on size and mtime.
+        let stale = self.pending.paths.keys().cloned().collect();
+        let full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq, stale)
             .map_err(|error| {
                 Stop::Fatal(ClientError::Root {
                     path: self.root.clone(),
