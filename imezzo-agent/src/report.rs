@@ -156,7 +156,6 @@ impl Reporter {
 /// The process's reporter: writes through `log`, and a timer thread writes summaries within
 /// [`TICK`] of their interval's end.
 pub fn global() -> &'static Reporter {
-    static GLOBAL: OnceLock<Reporter> = OnceLock::new();
     let mut fresh = false;
     let r = GLOBAL.get_or_init(|| {
         fresh = true;
@@ -179,9 +178,13 @@ pub fn global() -> &'static Reporter {
     r
 }
 
+static GLOBAL: OnceLock<Reporter> = OnceLock::new();
+
 /// Writes every pending summary now; call before the process exits.
 pub fn flush() {
-    global().flush_at_end(true);
+    if let Some(r) = GLOBAL.get() {
+        r.flush_at_end(true);
+    }
 }
 
 /// Reports one occurrence of a kind of problem: `report!(Warn, "what is counted", "detail {}", x)`.
