@@ -81,7 +81,7 @@ impl Fetcher {
     /// A server that broke the protocol on a fetch stream loses its connection.
     pub(super) fn violation(&self, reason: CloseReason) -> FetchFail {
         let text = reason.to_string();
-        crate::report!(Warn, "client: fetch streams the server broke", "{text}");
+        log::warn!("{text}");
         self.conn
             .close(quinn::VarInt::from_u32(reason.code()), text.as_bytes());
         self.lose(text)

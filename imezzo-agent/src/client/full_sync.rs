@@ -243,7 +243,7 @@ impl FullSync {
         })();
         if let Err(e) = placed {
             self.stats.failed += 1;
-            crate::report!(Warn, "full sync: entries that could not be placed", "full sync: cannot place {:?}: {e}", path.display());
+            log::warn!("full sync: cannot place {:?}: {e}", path.display());
         }
         Ok(())
     }

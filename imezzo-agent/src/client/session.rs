@@ -361,7 +361,7 @@ impl SessionCtx<'_> {
         match reason {
             CloseReason::VersionMismatch { .. } => Outcome::Fatal(ClientError::Protocol(reason)),
             CloseReason::Violation { .. } | CloseReason::Internal { .. } => {
-                crate::report!(Warn, "client: connections closed for a fault", "{text}");
+                log::warn!("{text}");
                 Outcome::Lost {
                     reason: text,
                     streamed,

@@ -466,7 +466,7 @@ fn close(conn: &quinn::Connection, id: NodeId, reason: &CloseReason) {
         CloseReason::Violation { .. }
         | CloseReason::Internal { .. }
         | CloseReason::VersionMismatch { .. } => {
-            crate::report!(Warn, "server: connections closed for a fault", "closing the connection of client {id}: {reason}")
+            log::warn!("closing the connection of client {id}: {reason}")
         }
         _ => log::debug!("closing the connection of client {id}: {reason}"),
     }
