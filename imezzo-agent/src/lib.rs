@@ -10,6 +10,7 @@ pub mod journal;
 pub mod op;
 pub mod protocol;
 pub mod replay;
+pub mod report;
 pub mod server;
 pub mod transport;
 pub mod verify;

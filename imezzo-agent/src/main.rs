@@ -52,7 +52,10 @@ fn main() -> ExitCode {
         })
         .init();
     let cli = Cli::parse();
-    match run(cli) {
+    let result = run(cli);
+    // Counts of problems reported but not yet summarised.
+    imezzo_agent::report::flush();
+    match result {
         Ok(code) => code,
         Err(e) => {
             let mut msg = e.to_string();

@@ -48,6 +48,12 @@ pub const SEND_WINDOW: u64 = 64 << 20;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A peer that answers nothing for this long is gone; it also bounds a connection attempt.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a client may send the server on one stream before the server reads it: clients send
+/// only requests and acks (frames of at most 1 MiB), so the server's windows are small and a
+/// client's connection costs the server little however it behaves.
+pub const SERVER_STREAM_RECEIVE_WINDOW: u32 = 2 << 20;
+/// What a client may have in flight to the server over all streams of a connection.
+pub const SERVER_RECEIVE_WINDOW: u32 = 8 << 20;
 /// Streams a peer may have open at once: initial sync fetches many files in parallel, each on
 /// its own stream.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -110,6 +116,18 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 
 /// Flow control and liveness shared by both sides (see the constants for the reasons).
 fn transport_config() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport())
+}
+
+/// The server's: the shared settings with the small receive windows above.
+fn server_transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport();
+    t.stream_receive_window(quinn::VarInt::from_u32(SERVER_STREAM_RECEIVE_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(SERVER_RECEIVE_WINDOW));
+    Arc::new(t)
+}
+
+fn base_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
@@ -117,8 +135,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32))))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS));
-    Arc::new(t)
+        // No unidirectional streams in the protocol: a peer may open none.
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t
 }
 
 /// The node id of the peer at the other end of an established connection.
@@ -150,7 +169,7 @@ pub fn server_endpoint(
     tls.send_tls13_tickets = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport_config());
+    config.transport_config(server_transport_config());
     quinn::Endpoint::server(config, listen).map_err(|error| TransportError::Bind { addr: listen, error })
 }
 
@@ -445,7 +464,7 @@ impl ClientCertVerifier for AllowedClients {
         }
         // Logged before the client has proved it holds the key: the id is what it claims, and
         // that is what the operator needs to decide whether to --allow it.
-        log::warn!("refused client {id}: not in --allow (add `--allow {id}` to let it in)");
+        crate::report!(Warn, "server: clients refused for not being in --allow", "refused client {id}: not in --allow (add `--allow {id}` to let it in)");
         Err(refused(format!("node id {id} is not in this server's --allow list")))
     }
 

@@ -274,7 +274,7 @@ impl InodeTable {
                 let number = if meta.dev() == dev {
                     meta.ino()
                 } else {
-                    log::info!(
+                    crate::report!(Info, "capture: entries on another file system skipped", 
                         "{}: another file system or btrfs subvolume (device {}:{}), not captured",
                         entry.path().display(),
                         libc::major(meta.dev()),

@@ -434,11 +434,11 @@ impl Capture {
 
     /// Re-walks the whole tree and journals a rescan of the root.
     fn rescan(&mut self, reason: String, out: &mut Vec<Op>) {
-        log::warn!("{reason}: rescanning {}", self.root.display());
+        crate::report!(Warn, "capture: changes the probes could not resolve, tree rescanned", "{reason}: rescanning {}", self.root.display());
         self.flush(out);
         match InodeTable::build(&self.root) {
             Ok(t) => self.table = t,
-            Err(e) => log::error!("rescan of {} failed: {e}", self.root.display()),
+            Err(e) => crate::report!(Error, "capture: rescans that failed", "rescan of {} failed: {e}", self.root.display()),
         }
         self.pending = Extents::default();
         self.stats.rescans += 1;

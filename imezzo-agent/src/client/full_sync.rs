@@ -146,7 +146,7 @@ impl FullSync {
             .split(|&b| b == b'/')
             .any(|c| c.starts_with(TEMP_PREFIX))
         {
-            log::warn!(
+            crate::report!(Warn, "full sync: entries skipped (reserved prefix)", 
                 "full sync: skipped {:?}: the prefix .imezzo-tmp. is reserved for replay",
                 path.display()
             );
@@ -364,21 +364,21 @@ impl FullSync {
                 Ok((_, Err(FetchFail::Lost(why)))) => return Err(Stop::Lost(why)),
                 Ok((path, Err(FetchFail::Unreadable(why)))) => {
                     self.failed(path.as_bytes());
-                    log::warn!(
+                    crate::report!(Warn, "full sync: files the server could not read", 
                         "full sync: the server cannot read {:?} ({why}); it is missing from the replica",
                         path.display()
                     );
                 }
                 Ok((path, Err(FetchFail::Local(e)))) => {
                     self.failed(path.as_bytes());
-                    log::warn!(
+                    crate::report!(Warn, "full sync: files that could not be written", 
                         "full sync: cannot write {:?} into the replica: {e}",
                         path.display()
                     );
                 }
                 Err(e) => {
                     self.stats.failed += 1;
-                    log::warn!("full sync: a fetch task failed: {e}");
+                    crate::report!(Warn, "full sync: fetch tasks that failed", "full sync: a fetch task failed: {e}");
                 }
             }
         }
@@ -408,7 +408,7 @@ impl FullSync {
         for (path, first) in std::mem::take(&mut self.links) {
             if let Err(e) = self.link(&path, &first) {
                 self.failed(path.as_bytes());
-                log::warn!(
+                crate::report!(Warn, "full sync: hard links that could not be made", 
                     "full sync: cannot link {:?} to {:?}: {e}",
                     path.display(),
                     first.display()
@@ -429,7 +429,7 @@ impl FullSync {
             })();
             if let Err(e) = done {
                 self.failed(path.as_bytes());
-                log::warn!(
+                crate::report!(Warn, "full sync: directories whose attributes could not be set", 
                     "full sync: cannot set the attributes of directory {:?}: {e}",
                     path.display()
                 );
@@ -496,7 +496,7 @@ impl FullSync {
                 Ok(None) => continue,
                 Err(e) => {
                     self.failed(&rel);
-                    log::warn!("full sync: cannot list {:?}: {e}", shown().display());
+                    crate::report!(Warn, "full sync: directories that could not be listed", "full sync: cannot list {:?}: {e}", shown().display());
                     continue;
                 }
             };
@@ -518,7 +518,7 @@ impl FullSync {
                     Ok(()) => self.stats.removed += 1,
                     Err(e) => {
                         self.failed(&child);
-                        log::warn!(
+                        crate::report!(Warn, "full sync: objects that could not be removed", 
                             "full sync: cannot remove {:?} (the server has no such object): {e}",
                             RelPath(child).display()
                         );

@@ -516,7 +516,7 @@ impl Worker {
                 Ok(a) => a,
                 Err(FetchFail::Lost(why)) => return Err(Stop::Lost(why)),
                 Err(e) => {
-                    log::warn!(
+                    crate::report!(Warn, "client: attribute reads for paths to fetch again that failed", 
                         "cannot read the master's attributes of paths to fetch again: {e:?}"
                     );
                     continue;
@@ -556,7 +556,7 @@ impl Worker {
                         if let Some(why) = self.fetcher.lost() {
                             return Err(Stop::Lost(why));
                         }
-                        log::warn!("cannot fetch {:?} again yet: {e}", rel.display());
+                        crate::report!(Warn, "client: paths that could not be fetched again yet", "cannot fetch {:?} again yet: {e}", rel.display());
                         self.pending.missed(path);
                     }
                     // Failed on the replica, or refused: kept, and tried again later (the
@@ -589,7 +589,7 @@ impl Worker {
         for (path, a) in dirs.into_iter().rev() {
             let op = a.setattr_op(&path);
             if let Err(e) = self.replayer.apply(&op, &mut NetSource::new(&self.fetcher)) {
-                log::warn!("cannot set the attributes of {:?}: {e}", path.display());
+                crate::report!(Warn, "client: directories whose attributes could not be set", "cannot set the attributes of {:?}: {e}", path.display());
             }
         }
         if let Some(why) = self.fetcher.lost() {

@@ -15,6 +15,9 @@ pub const MAX_CONTROL_BODY: usize = 1 << 20;
 /// Largest body accepted from the server on a fetch stream (a `Data` chunk plus its
 /// envelope, or an `Attrs` answer with many xattrs).
 pub const MAX_DATA_BODY: usize = 16 << 20;
+/// Most bytes a [`FrameDecoder`] allocates for a body beyond the bytes it has received: the
+/// declared length alone reserves nothing more (a hostile header costs at most this).
+pub const BODY_AHEAD: usize = 64 << 10;
 /// Largest `bytes` of one `Data` frame.
 pub const DATA_CHUNK: usize = 1 << 20;
 /// Longest path accepted from the wire (Linux's PATH_MAX).
@@ -373,6 +376,11 @@ impl FrameDecoder {
                 }
                 Some((body, len)) => {
                     let take = (*len - body.len()).min(bytes.len());
+                    // Grown as bytes arrive, never more than BODY_AHEAD past them: a header
+                    // declaring 16 MiB costs nothing until 16 MiB have come.
+                    if body.capacity() < body.len() + take {
+                        body.reserve_exact((take + BODY_AHEAD).min(*len - body.len()));
+                    }
                     body.extend_from_slice(&bytes[..take]);
                     bytes = &bytes[take..];
                     if body.len() == *len {
@@ -407,7 +415,7 @@ impl FrameDecoder {
             });
             return;
         }
-        let body = rkyv::util::AlignedVec::<16>::with_capacity(len);
+        let body = rkyv::util::AlignedVec::<16>::with_capacity(len.min(BODY_AHEAD));
         if len == 0 {
             self.ready.push_back(body);
         } else {
@@ -434,6 +442,11 @@ impl FrameDecoder {
             }
             None => Ok(None),
         }
+    }
+
+    /// Bytes allocated for the body being gathered (at most [`BODY_AHEAD`] past what came).
+    pub fn body_capacity(&self) -> usize {
+        self.body.as_ref().map_or(0, |(b, _)| b.capacity())
     }
 
     /// Bytes received but not yet returned as a message.

@@ -2324,3 +2324,35 @@ fn a_frame_fed_one_byte_at_a_time_after_a_whole_one_decodes_in_order_and_a_bad_v
     assert!(matches!(d.next_msg(), Err(FrameError::Version { .. })));
     assert_eq!(d.buffered(), 0);
 }
+
+#[test]
+fn a_declared_length_allocates_nothing_ahead_of_the_bytes_beyond_a_small_bound() {
+    // A header declaring 16 MiB followed by 10 bytes: the buffer stays small.
+    let mut d = FrameDecoder::new(MAX_DATA_BODY);
+    let mut bytes = ((MAX_DATA_BODY) as u32).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&[7; 10]);
+    d.push(&bytes);
+    assert_eq!(d.next_msg().unwrap(), None);
+    assert!(d.body_capacity() <= BODY_AHEAD, "{} bytes allocated for 10 received", d.body_capacity());
+    // It grows with the bytes, never more than the bound past them.
+    let mut received = 10;
+    for chunk in [1usize, 1200, 70_000, 1 << 20, 3 << 20] {
+        d.push(&vec![7; chunk]);
+        received += chunk;
+        assert!(
+            d.body_capacity() <= received + BODY_AHEAD,
+            "{} bytes allocated for {received} received",
+            d.body_capacity()
+        );
+    }
+    // A real large frame still decodes when all of it comes, in odd pieces.
+    let msg = Msg::Data { req_id: 1, offset: 0, bytes: vec![9; DATA_CHUNK] };
+    let f = frame(&msg);
+    let mut d = FrameDecoder::new(MAX_DATA_BODY);
+    for piece in f.chunks(1000) {
+        d.push(piece);
+        assert!(d.body_capacity() <= d.buffered() + BODY_AHEAD);
+    }
+    assert_eq!(d.next_msg().unwrap(), Some(msg));
+}

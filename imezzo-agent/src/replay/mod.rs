@@ -731,7 +731,7 @@ impl Replayer {
         };
         match &r {
             Ok(a) => log::debug!("replay: {} {:?}: {a:?}", op_name(op), op.path().display()),
-            Err(e) => log::warn!("replay: {e}"),
+            Err(e) => crate::report!(Warn, "replay: operations that failed", "replay: {e}"),
         }
         r
     }

@@ -193,7 +193,7 @@ impl Export {
                     if st.st_dev == root_st.st_dev {
                         stack.push(rel);
                     } else {
-                        log::warn!(
+                        crate::report!(Warn, "server: mounts inside the export skipped", 
                             "{} is another file system mounted inside the export: its contents are not replicated",
                             path().display()
                         );

@@ -22,6 +22,7 @@
 //!
 //! A compaction task bounds the journal to `--retain-bytes`.
 
+mod admission;
 mod catchup;
 mod export;
 
@@ -125,6 +126,8 @@ struct Shared {
     /// Per client, the lowest seq its session still needs (`ServerSession::retention_floor`)
     /// and, once it disconnected, when: compaction keeps those entries (see [`compact_loop`]).
     floors: std::sync::Mutex<std::collections::HashMap<NodeId, (u64, Option<Instant>)>>,
+    /// Connections held, per node and in all (admission.rs).
+    admission: admission::Admission,
 }
 
 impl Shared {
@@ -206,6 +209,7 @@ impl Server {
                 volume,
                 appended,
                 floors: Default::default(),
+                admission: admission::Admission::default(),
             }),
             retain_bytes: opts.retain_bytes,
             capture,
@@ -245,6 +249,12 @@ impl Server {
                     }
                 }
                 incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) if sessions.len() >= admission::TOTAL + admission::HANDSHAKES => {
+                        crate::report!(Warn, "server: connection attempts refused (too many at once)",
+                            "refused a connection attempt from {}: {} connections and handshakes in progress",
+                            incoming.remote_address(), sessions.len());
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
                         sessions.spawn(serve_connection(incoming, self.shared.clone()));
                     }
@@ -499,12 +509,20 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         Ok(accepted) => accepted,
         // The verifier has already logged the refused id and what to do.
         Err(e @ TransportError::ClientNotAllowed { .. }) => return log::debug!("{e}"),
-        Err(e) => return log::warn!("{e}"),
+        Err(e) => return crate::report!(Warn, "server: connection attempts that failed", "{e}"),
     };
-    log::info!("client {id} connected from {addr}");
+    let _slot = match shared.admission.admit(id) {
+        Ok(slot) => slot,
+        Err(why) => {
+            crate::report!(Warn, "server: connections refused (too many per node or in all)", "refused a connection of client {id}: {why}");
+            let reason = CloseReason::Refused { reason: why };
+            return close(&conn, id, &reason);
+        }
+    };
+    crate::report!(Info, "server: client connections", "client {id} connected from {addr}");
     let outcome = control(&conn, id, &shared).await;
     shared.disconnected(id);
-    log::info!("client {id} disconnected: {outcome}");
+    crate::report!(Info, "server: client disconnections", "client {id} disconnected: {outcome}");
 }
 
 /// Closes the connection with the session's reason, and logs it when it is a fault.
@@ -709,14 +727,14 @@ fn log_sent(id: NodeId, msg: &Msg) {
         Msg::Welcome {
             start: Start::Resume { from_seq },
             ..
-        } => log::info!("client {id}: resuming at seq {from_seq}"),
+        } => crate::report!(Info, "server: clients resuming", "client {id}: resuming at seq {from_seq}"),
         Msg::Welcome {
             start: Start::FullSync { manifest_seq, why },
             ..
         } => {
-            log::info!("client {id}: full sync at seq {manifest_seq}: {why}")
+            crate::report!(Info, "server: clients sent a full sync", "client {id}: full sync at seq {manifest_seq}: {why}")
         }
-        Msg::Refuse { reason } => log::warn!("client {id}: refused: {reason}"),
+        Msg::Refuse { reason } => crate::report!(Warn, "server: clients refused", "client {id}: refused: {reason}"),
         _ => {}
     }
 }
@@ -785,7 +803,7 @@ async fn write_msg(send: &mut quinn::SendStream, msg: &Msg) -> bool {
     match protocol::encode_bytes(msg) {
         Ok(frame) => send.write_chunk(frame).await.is_ok(),
         Err(e) => {
-            log::error!("cannot encode a {} answer: {e}", msg.name());
+            crate::report!(Error, "server: answers that could not be encoded", "cannot encode a {} answer: {e}", msg.name());
             false
         }
     }
@@ -828,7 +846,7 @@ async fn answer_data(
         Ok(Ok(Some(opened))) => opened,
         Ok(Ok(None)) => return write_msg(send, &Msg::Gone { req_id }).await,
         Ok(Err(e)) => {
-            log::warn!("cannot read {:?} for a client: {e}", path.display());
+            crate::report!(Warn, "server: files a client asked for that could not be read", "cannot read {:?} for a client: {e}", path.display());
             return write_msg(send, &unreadable(&e)).await;
         }
         Err(e) => return write_msg(send, &unreadable(&e)).await,
@@ -863,7 +881,7 @@ async fn answer_data(
                 more
             }
             Ok((_, Err(e))) => {
-                log::warn!("cannot read {:?} for a client: {e}", path.display());
+                crate::report!(Warn, "server: files a client asked for that could not be read", "cannot read {:?} for a client: {e}", path.display());
                 return write_msg(send, &unreadable(&e)).await;
             }
             Err(e) => return write_msg(send, &unreadable(&e)).await,
@@ -902,7 +920,7 @@ async fn answer_attrs(
     let msg = match read {
         Ok(Ok(attrs)) => Msg::Attrs { req_id, attrs },
         Ok(Err(reason)) => {
-            log::warn!("cannot read attributes for a client: {reason}");
+            crate::report!(Warn, "server: attributes a client asked for that could not be read", "cannot read attributes for a client: {reason}");
             Msg::Unreadable { req_id, reason }
         }
         Err(e) => Msg::Unreadable {
