@@ -384,6 +384,12 @@ impl Capture {
             self.stats.events += 1;
             match event {
                 Some(Event::Path(ev)) => {
+                    // Causal order across CPUs: a writer that moved to another CPU between
+                    // its write and this call (a truncate, a rename) left its run open on the
+                    // first one, where this event's probe could not close it. Whatever the
+                    // runs hold now is journalled before the event (bytes written since are
+                    // read from the master's current state, so taking them early is harmless).
+                    self.poll_runs();
                     self.flush(out);
                     self.on_path(&ev, out);
                 }
