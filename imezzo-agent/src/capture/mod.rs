@@ -692,8 +692,32 @@ impl Capture {
                 });
             }
             88 | 266 => {
-                let target = RelPath(b.to_vec());
-                self.on_new(ev, Kind::Symlink, out, move |path, _| Op::Symlink { path, target });
+                // The probes copy at most PATH_CAP bytes of the target: a copy that fills the
+                // buffer may be cut, so the whole target is read from the master (never
+                // journal a shortened one; if it cannot be read, rescan).
+                let short = ev.truncated & 2 != 0 || b.len() + 1 >= imezzo_common::PATH_CAP;
+                let copied = RelPath(b.to_vec());
+                let root = self.root.clone();
+                let unread = std::cell::Cell::new(false);
+                self.on_new(ev, Kind::Symlink, out, |path, meta| {
+                    let target = if !short {
+                        copied
+                    } else {
+                        match meta.filter(|m| m.file_type().is_symlink()).and_then(|_| {
+                            fs::read_link(root.join(OsStr::from_bytes(&path.0))).ok()
+                        }) {
+                            Some(t) => RelPath(t.as_os_str().as_bytes().to_vec()),
+                            None => {
+                                unread.set(true);
+                                copied
+                            }
+                        }
+                    };
+                    Op::Symlink { path, target }
+                });
+                if unread.get() {
+                    self.rescan("a symlink target longer than the probes copy, gone before it could be read".into(), out);
+                }
             }
             87 | 84 | 263 => {
                 let dir = nr == 84 || (nr == 263 && args[2] & AT_REMOVEDIR != 0);
