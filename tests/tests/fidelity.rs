@@ -37,3 +37,23 @@ fn symlink_targets_of_255_to_4095_bytes_replicate_whole() {
     assert_eq!(got.as_os_str().len(), 4095);
     r.assert_no_panic();
 }
+
+#[test]
+fn a_full_sync_groups_hard_links_of_symlinks_devices_fifos_and_sockets() {
+    let mut r = Replication::new("fullgroups");
+    std::os::unix::fs::symlink("some/target", r.e("sym")).unwrap();
+    ok(sys::mknod(&r.e("chr"), libc::S_IFCHR | 0o640, libc::makedev(1, 3)));
+    ok(sys::mknod(&r.e("blk"), libc::S_IFBLK | 0o600, libc::makedev(7, 0)));
+    ok(sys::mknod(&r.e("fifo"), libc::S_IFIFO | 0o644, 0));
+    drop(std::os::unix::net::UnixListener::bind(r.e("sock")).unwrap());
+    r.export.dirs("d");
+    for name in ["sym", "chr", "blk", "fifo", "sock"] {
+        // link(2) does not follow a final symlink: the symlink itself gets a second name.
+        ok(sys::link(&r.e(name), &r.e(&format!("{name}-2"))));
+        ok(sys::link(&r.e(name), &r.e(&format!("d/{name}-3"))));
+    }
+    r.start_server(&[]);
+    r.start_client();
+    r.assert_identical(SETTLE, "hard links of non-regular objects after a full sync");
+    r.assert_no_panic();
+}

@@ -155,6 +155,17 @@ impl FullSync {
         {
             self.last_dir = None;
         }
+        // A second name of a non-regular object (symlink, device, fifo, socket) is linked to
+        // its first once the manifest ends, as regular files' are (see `regular`).
+        if let Some(group) = link_group.filter(|_| {
+            !matches!(attrs.kind, FileKind::Regular | FileKind::Directory)
+        }) {
+            if let Some(first) = self.groups.get(&group) {
+                self.links.push((path.clone(), first.clone()));
+                return Ok(());
+            }
+            self.groups.insert(group, path.clone());
+        }
         let placed = (|| -> io::Result<()> {
             let Some(dir) = self.parent_dir(parent)? else {
                 return Err(io::Error::other(
