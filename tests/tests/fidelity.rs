@@ -57,3 +57,19 @@ fn a_full_sync_groups_hard_links_of_symlinks_devices_fifos_and_sockets() {
     r.assert_identical(SETTLE, "hard links of non-regular objects after a full sync");
     r.assert_no_panic();
 }
+
+#[test]
+fn a_non_empty_directory_moved_out_of_the_export_leaves_the_replica() {
+    let mut r = Replication::started("moveout");
+    r.export.dirs("d/e/f");
+    r.export.put("d/a", b"a\n");
+    r.export.put("d/e/f/b", b"b\n");
+    r.export.dirs("keep");
+    r.assert_identical(SETTLE, "the tree before it moves out");
+    let out = r.export.s("moved-out");
+    ok(sys::rename(&r.e("d"), &out));
+    r.export.put("keep/after", b"after the move\n");
+    r.assert_identical(SETTLE, "a non-empty directory moved out");
+    assert!(!exists(&r.r("d")), "the moved-out tree is still on the replica");
+    r.assert_no_panic();
+}
