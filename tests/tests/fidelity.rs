@@ -73,3 +73,75 @@ fn a_non_empty_directory_moved_out_of_the_export_leaves_the_replica() {
     assert!(!exists(&r.r("d")), "the moved-out tree is still on the replica");
     r.assert_no_panic();
 }
+
+/// A POSIX access ACL as the kernel's xattr format: (tag, perm, id) entries after version 2.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn removing_an_acl_gives_the_replica_the_masters_mode_back() {
+    // What `setfacl -m u:1000:rwx` then `setfacl -b` do: set a full ACL (the group bits
+    // become the mask, rwx), then set the minimal one, which the kernel turns into a
+    // removal of the xattr and a mode change.
+    const USER_OBJ: u16 = 1;
+    const USER: u16 = 2;
+    const GROUP_OBJ: u16 = 4;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const NONE: u32 = u32::MAX;
+    let mut r = Replication::started("aclmode");
+    r.export.put("f", b"acl\n");
+    r.export.dirs("d");
+    ok(sys::chmod(&r.e("f"), 0o644));
+    ok(sys::chmod(&r.e("d"), 0o755));
+    let full = acl(&[
+        (USER_OBJ, 6, NONE),
+        (USER, 7, 1000),
+        (GROUP_OBJ, 4, NONE),
+        (MASK, 7, NONE),
+        (OTHER, 4, NONE),
+    ]);
+    for x in ["f", "d"] {
+        ok(sys::setxattr(&r.e(x), "system.posix_acl_access", &full, 0));
+    }
+    r.assert_identical(SETTLE, "files with an ACL");
+    for (x, perm) in [("f", 6), ("d", 7)] {
+        let minimal = acl(&[(USER_OBJ, perm, NONE), (GROUP_OBJ, 5, NONE), (OTHER, 5, NONE)]);
+        ok(sys::setxattr(&r.e(x), "system.posix_acl_access", &minimal, 0));
+    }
+    r.export.put("g", b"acl removed with removexattr\n");
+    ok(sys::setxattr(&r.e("g"), "system.posix_acl_access", &full, 0));
+    r.assert_identical(SETTLE, "an ACL on g");
+    ok(sys::removexattr(&r.e("g"), "system.posix_acl_access"));
+    r.assert_identical(SETTLE, "ACLs removed");
+    r.assert_no_panic();
+}
+
+#[test]
+fn removed_xattrs_of_files_directories_and_symlinks_leave_the_replica() {
+    let mut r = Replication::started("xattrgone");
+    r.export.put("f", b"f\n");
+    r.export.dirs("d");
+    std::os::unix::fs::symlink("f", r.e("l")).unwrap();
+    for x in ["f", "d"] {
+        ok(sys::setxattr(&r.e(x), "user.a", b"1", 0));
+        ok(sys::setxattr(&r.e(x), "user.b", b"2", 0));
+        ok(sys::setxattr(&r.e(x), "trusted.t", b"3", 0));
+    }
+    ok(sys::lsetxattr(&r.e("l"), "trusted.t", b"3", 0));
+    r.assert_identical(SETTLE, "xattrs set");
+    for x in ["f", "d"] {
+        ok(sys::removexattr(&r.e(x), "user.a"));
+        ok(sys::removexattr(&r.e(x), "trusted.t"));
+    }
+    ok(sys::lremovexattr(&r.e("l"), "trusted.t"));
+    r.assert_identical(SETTLE, "xattrs removed");
+    r.assert_no_panic();
+}
