@@ -74,6 +74,76 @@ fn a_non_empty_directory_moved_out_of_the_export_leaves_the_replica() {
     r.assert_no_panic();
 }
 
+fn rename2(r: &Replication, from: &str, to: &str, flags: u32) {
+    ok(sys::renameat2(
+        libc::AT_FDCWD,
+        &r.e(from),
+        libc::AT_FDCWD,
+        &r.e(to),
+        flags,
+    ));
+}
+
+#[test]
+fn rename_whiteout_leaves_the_whiteout_device_on_the_replica() {
+    let mut r = Replication::started("whiteout");
+    r.export.put("d", b"moved\n");
+    r.export.dirs("sub");
+    r.export.put("sub/x", b"x\n");
+    rename2(&r, "d", "f", libc::RENAME_WHITEOUT);
+    rename2(&r, "sub/x", "sub/y", libc::RENAME_WHITEOUT);
+    r.assert_identical(SETTLE, "RENAME_WHITEOUT");
+    let st = std::fs::symlink_metadata(r.r("d")).expect("no whiteout at d on the replica");
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(st.file_type().is_char_device() && st.rdev() == 0);
+    r.assert_no_panic();
+}
+
+#[test]
+fn attribute_changes_and_an_exchange_on_a_renamed_whiteout_reach_the_replica() {
+    // /tmp/ext/repro/05: a name capture had not learned (a whiteout, renamed) took chown,
+    // chmod and utimes, then was exchanged with a device node's second name.
+    let mut r = Replication::started("unknownname");
+    r.export.put("x", b"");
+    rename2(&r, "x", "y", libc::RENAME_WHITEOUT);
+    std::thread::sleep(Duration::from_millis(300));
+    ok(sys::rename(&r.e("x"), &r.e("z")));
+    std::thread::sleep(Duration::from_millis(300));
+    ok(sys::chown(&r.e("z"), 5, 5));
+    ok(sys::chmod(&r.e("z"), 0o600));
+    let t = sys::timespec(978_307_200, 123_456_789);
+    ok(sys::utimensat(libc::AT_FDCWD, Some(&r.e("z")), Some([t, t]), 0));
+    ok(sys::mknod(&r.e("c"), libc::S_IFCHR | 0o644, 0));
+    ok(sys::chmod(&r.e("c"), 0o444));
+    ok(sys::link(&r.e("c"), &r.e("l")));
+    rename2(&r, "l", "z", libc::RENAME_EXCHANGE);
+    ok(sys::chown(&r.e("z"), 726, 5602));
+    r.assert_identical(SETTLE, "changes on a renamed whiteout and an exchange with it");
+    r.assert_no_panic();
+}
+
+#[test]
+fn an_o_tmpfile_linked_in_then_renamed_over_an_existing_file_arrives_whole() {
+    let mut r = Replication::started("tmpfileover");
+    r.export.put("c", &[7u8; 100]);
+    r.assert_identical(SETTLE, "the file before it is replaced");
+    for i in 0..5 {
+        let fd = sys::open(&r.e(""), libc::O_TMPFILE | libc::O_RDWR, 0o640).unwrap();
+        ok(sys::write(&fd, &vec![b'a' + i as u8; 300 + i]));
+        ok(sys::linkat(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            Path::new(""),
+            libc::AT_FDCWD,
+            &r.e("d"),
+            libc::AT_EMPTY_PATH,
+        ));
+        drop(fd);
+        ok(sys::rename(&r.e("d"), &r.e("c")));
+    }
+    r.assert_identical(SETTLE, "an O_TMPFILE linked in and renamed over a file");
+    r.assert_no_panic();
+}
+
 /// A POSIX access ACL as the kernel's xattr format: (tag, perm, id) entries after version 2.
 fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
     let mut v = 2u32.to_le_bytes().to_vec();
@@ -121,6 +191,40 @@ fn removing_an_acl_gives_the_replica_the_masters_mode_back() {
     r.assert_identical(SETTLE, "an ACL on g");
     ok(sys::removexattr(&r.e("g"), "system.posix_acl_access"));
     r.assert_identical(SETTLE, "ACLs removed");
+    r.assert_no_panic();
+}
+
+#[test]
+fn a_change_through_a_hard_link_name_that_is_then_unlinked_reaches_the_surviving_name() {
+    use std::io::Write;
+    let mut r = Replication::started("linkgone");
+    for i in 0..10 {
+        r.export.put(&format!("x{i}"), b"x\n");
+        ok(sys::link(&r.e(&format!("x{i}")), &r.e(&format!("y{i}"))));
+        r.export.put(&format!("w{i}"), b"w\n");
+        ok(sys::link(&r.e(&format!("w{i}")), &r.e(&format!("v{i}"))));
+        r.export.put(&format!("m{i}"), b"m\n");
+        ok(sys::setxattr(&r.e(&format!("m{i}")), "user.gone", b"1", 0));
+        ok(sys::link(&r.e(&format!("m{i}")), &r.e(&format!("n{i}"))));
+    }
+    r.assert_identical(SETTLE, "hard links before the changes");
+    for i in 0..10 {
+        ok(sys::setxattr(&r.e(&format!("x{i}")), "user.a", b"1", 0));
+        ok(sys::chmod(&r.e(&format!("x{i}")), 0o600));
+        ok(sys::unlink(&r.e(&format!("x{i}"))));
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(r.e(&format!("w{i}")))
+            .unwrap();
+        f.write_all(b"more\n").unwrap();
+        drop(f);
+        ok(sys::unlink(&r.e(&format!("w{i}"))));
+        ok(sys::removexattr(&r.e(&format!("m{i}")), "user.gone"));
+        // Replaced by a rename rather than unlinked.
+        r.export.put("tmp", b"replacement\n");
+        ok(sys::rename(&r.e("tmp"), &r.e(&format!("m{i}"))));
+    }
+    r.assert_identical(SETTLE, "changes through names unlinked since");
     r.assert_no_panic();
 }
 
