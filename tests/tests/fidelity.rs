@@ -306,3 +306,30 @@ fn removed_xattrs_of_files_directories_and_symlinks_leave_the_replica() {
     r.assert_identical(SETTLE, "xattrs removed");
     r.assert_no_panic();
 }
+
+#[test]
+fn a_resync_fetches_files_the_replica_changed_since_its_last_full_sync_even_with_the_masters_size_and_mtime(
+) {
+    // Replay copies the master's times as it goes, so a file whose bytes came from another
+    // moment than its times (finding 11: concurrent writes and renames over the same names)
+    // has the master's size and mtime and other content; a full resync used to keep it by
+    // size and mtime. Here the replica's bytes are changed under the same size and mtime,
+    // then a path longer than the probes copy makes the server rescan and the client
+    // resync in full.
+    use std::os::unix::fs::MetadataExt;
+    let mut r = Replication::started("resynckeep");
+    r.export.put("a", &[b'm'; 5000]);
+    r.export.put("untouched", &[b'u'; 3000]);
+    r.assert_identical(SETTLE, "before the replica diverges");
+    let meta = std::fs::metadata(r.r("a")).unwrap();
+    std::fs::write(r.r("a"), [b'x'; 5000]).unwrap();
+    let t = sys::timespec(meta.mtime(), meta.mtime_nsec());
+    ok(sys::utimensat(libc::AT_FDCWD, Some(&r.r("a")), Some([t, t]), 0));
+    let long = "l".repeat(250);
+    r.export.put(&long, b"a name the probes cut\n");
+    r.assert_identical(SETTLE, "a resync after the replica's bytes changed");
+    let c = r.client();
+    let syncs = c.agent.stderr_matching("initial sync done").len();
+    assert!(syncs >= 2, "no full resync happened ({syncs} syncs)\n{}", c.context());
+    r.assert_no_panic();
+}

@@ -92,6 +92,14 @@ pub(crate) struct FullSync {
     permits: Arc<Semaphore>,
     stats: FullSyncStats,
     started: Instant,
+    /// Paths replay knew to differ from the master (the client's pending set): their size
+    /// and mtime may match while their bytes do not (replay copies the master's times), so
+    /// they are fetched, never kept.
+    refetch: HashSet<Vec<u8>>,
+    /// Keep only files the replica has not changed since this time (seconds, its ctime):
+    /// those replay touched since the last full sync may hold bytes of another moment than
+    /// their size and mtime say (replay copies the master's times as it goes).
+    untouched_since: Option<i64>,
 }
 
 impl FullSync {
@@ -108,9 +116,21 @@ impl FullSync {
             links: Vec::new(),
             fetches: Vec::new(),
             permits: Arc::new(Semaphore::new(FETCH_CONCURRENCY)),
+            refetch: HashSet::new(),
+            untouched_since: None,
             stats: FullSyncStats::default(),
             started: Instant::now(),
         })
+    }
+
+    /// Paths whose content must be fetched even when their size and mtime match.
+    pub fn refetch(&mut self, paths: impl IntoIterator<Item = Vec<u8>>) {
+        self.refetch.extend(paths);
+    }
+
+    /// Keeps (by size and mtime) only files whose ctime on the replica is before `sec`.
+    pub fn keep_only_untouched_since(&mut self, sec: i64) {
+        self.untouched_since = Some(sec);
     }
 
     /// Places one manifest entry (a regular file's data may still be arriving after).
@@ -281,7 +301,11 @@ impl FullSync {
             }
             self.groups.insert(group, path.clone());
         }
-        if let Some(st) = existing {
+        let trusted = |st: &libc::stat| {
+            !self.refetch.contains(path.as_bytes())
+                && self.untouched_since.is_none_or(|t| st.st_ctime < t)
+        };
+        if let Some(st) = existing.filter(trusted) {
             let same = is_kind(&st, libc::S_IFREG)
                 && st.st_size as u64 == attrs.size
                 && st.st_mtime == attrs.mtime.sec

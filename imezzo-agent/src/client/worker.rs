@@ -286,10 +286,25 @@ impl Worker {
                     error,
                 })
             })?;
+        let mut full = full;
+        // What replay left pending is fetched whole by this sync, never kept by its size and
+        // mtime: the pending set is cleared only because the sync covers it.
+        full.refetch(self.pending.paths.keys().cloned());
+        if let Some(t) = std::fs::read_to_string(self.stamp_file())
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+        {
+            full.keep_only_untouched_since(t);
+        }
         self.full = Some(full);
         self.needs_resync = None;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Where the time of the last completed full sync is kept (next to the pending set).
+    fn stamp_file(&self) -> PathBuf {
+        self.pending_file.with_file_name("full-sync.time")
     }
 
     pub(super) fn complete_full_sync(&mut self, seq: u64) -> Result<(), Stop> {
@@ -299,6 +314,14 @@ impl Worker {
             )));
         };
         let stats = full.finish(seq)?;
+        // When this replica was last whole: a later full sync keeps by size and mtime only
+        // files replay has not touched since (best effort: without it, every file may be kept).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(e) = std::fs::write(self.stamp_file(), format!("{now}\n")) {
+            log::warn!("cannot record the full sync's time: {e}");
+        }
         self.finished_full = Some(stats);
         Ok(())
     }
