@@ -1005,30 +1005,29 @@ impl Capture {
                     return;
                 };
                 let exchange = flags & RENAME_EXCHANGE != 0;
-                let from_known = self.table.lookup(&fr).is_some();
-                let to_known = self.table.lookup(&tr).is_some();
+                // Paths resolved after the fact can name one place for both ends (a parent
+                // renamed since): then the table is left as the plain rules leave it.
+                let distinct = fr != tr;
+                let from_known = !distinct || self.table.lookup(&fr).is_some();
+                let to_known = !distinct || self.table.lookup(&tr).is_some();
                 let (fname, tname) = (fr[fr.len() - 1], tr[tr.len() - 1]);
                 if exchange && from_known != to_known {
-                    // One side is a name capture never learned (so the replica may lack it
-                    // too): the known object moves over the other name as a plain rename,
-                    // and the unknown one is then described whole where it landed.
-                    let (known, unknown, (kp, kn), (up, un)) = if from_known {
-                        (&f, &t, (fp, fname), (tp, tname))
+                    // One side is a name capture never learned. The exchange is journalled as
+                    // it happened (a replica holding both names swaps them); in the table the
+                    // known object moves to the other name, and the unknown one is described
+                    // whole where it landed (kept as it is by a replica that has it).
+                    let (landed, (kp, kn), (up, un)) = if from_known {
+                        (f.clone(), (fp, fname), (tp, tname))
                     } else {
-                        (&t, &f, (tp, tname), (fp, fname))
+                        (t.clone(), (tp, tname), (fp, fname))
                     };
-                    let as_path = |parts: &Vec<Vec<u8>>| {
-                        let r: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
-                        join(&r)
-                    };
-                    let (known_path, unknown_path, landed) = (as_path(known), as_path(unknown), known.clone());
                     self.table.unlink(up, un);
                     self.table.rename((kp, kn), (up, un));
-                    out.push(Op::Rename { path: known_path, new_path: unknown_path, exchange: false, noreplace: false });
+                    out.push(Op::Rename { path: join(&fr), new_path: join(&tr), exchange: true, noreplace: false });
                     self.moved_in(landed, out);
                     return;
                 }
-                if !exchange && from_known && self.table.lookup(&fr) == self.table.lookup(&tr) {
+                if !exchange && distinct && from_known && self.table.lookup(&fr) == self.table.lookup(&tr) {
                     // The table holds both names for one inode, so rename(2) would have done
                     // nothing; if the old name no longer holds that inode on the master, the
                     // table had learned the destination from a later state (an object
