@@ -96,10 +96,10 @@ pub(crate) struct FullSync {
     /// and mtime may match while their bytes do not (replay copies the master's times), so
     /// they are fetched, never kept.
     refetch: HashSet<Vec<u8>>,
-    /// Keep only files the replica has not changed since this time (seconds, its ctime):
+    /// Keep only files the replica has not changed since this time (its ctime, s and ns):
     /// those replay touched since the last full sync may hold bytes of another moment than
     /// their size and mtime say (replay copies the master's times as it goes).
-    untouched_since: Option<i64>,
+    untouched_since: Option<(i64, i64)>,
 }
 
 impl FullSync {
@@ -128,9 +128,9 @@ impl FullSync {
         self.refetch.extend(paths);
     }
 
-    /// Keeps (by size and mtime) only files whose ctime on the replica is before `sec`.
-    pub fn keep_only_untouched_since(&mut self, sec: i64) {
-        self.untouched_since = Some(sec);
+    /// Keeps (by size and mtime) only files whose ctime on the replica is before `t`.
+    pub fn keep_only_untouched_since(&mut self, t: (i64, i64)) {
+        self.untouched_since = Some(t);
     }
 
     /// Places one manifest entry (a regular file's data may still be arriving after).
@@ -303,7 +303,9 @@ impl FullSync {
         }
         let trusted = |st: &libc::stat| {
             !self.refetch.contains(path.as_bytes())
-                && self.untouched_since.is_none_or(|t| st.st_ctime < t)
+                && self
+                    .untouched_since
+                    .is_none_or(|t| (st.st_ctime, st.st_ctime_nsec) < t)
         };
         if let Some(st) = existing.filter(trusted) {
             let same = is_kind(&st, libc::S_IFREG)

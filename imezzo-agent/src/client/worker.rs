@@ -290,11 +290,9 @@ impl Worker {
         // What replay left pending is fetched whole by this sync, never kept by its size and
         // mtime: the pending set is cleared only because the sync covers it.
         full.refetch(self.pending.paths.keys().cloned());
-        if let Some(t) = std::fs::read_to_string(self.stamp_file())
-            .ok()
-            .and_then(|t| t.trim().parse::<i64>().ok())
-        {
-            full.keep_only_untouched_since(t);
+        if let Ok(m) = std::fs::metadata(self.stamp_file()) {
+            use std::os::unix::fs::MetadataExt;
+            full.keep_only_untouched_since((m.ctime(), m.ctime_nsec()));
         }
         self.full = Some(full);
         self.needs_resync = None;
@@ -314,12 +312,12 @@ impl Worker {
             )));
         };
         let stats = full.finish(seq)?;
-        // When this replica was last whole: a later full sync keeps by size and mtime only
-        // files replay has not touched since (best effort: without it, every file may be kept).
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if let Err(e) = std::fs::write(self.stamp_file(), format!("{now}\n")) {
+        // When this replica was last whole, as the ctime of a file written now (the clock
+        // the replica's ctimes come from): a later full sync keeps by size and mtime only
+        // files replay has not touched since (best effort: without it, every file may be
+        // kept, as before).
+        let _ = std::fs::remove_file(self.stamp_file());
+        if let Err(e) = std::fs::write(self.stamp_file(), format!("{seq}\n")) {
             log::warn!("cannot record the full sync's time: {e}");
         }
         self.finished_full = Some(stats);
