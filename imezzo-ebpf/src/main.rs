@@ -72,6 +72,7 @@ mod nr {
     pub const PWRITEV: u64 = 296;
     pub const COPY_FILE_RANGE: u64 = 326;
     pub const PWRITEV2: u64 = 328;
+    pub const IO_SUBMIT: u64 = 209;
     pub const OPENAT2: u64 = 437;
 }
 const UTIMENSAT: u64 = 280;
@@ -221,10 +222,73 @@ pub fn imezzo_write(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Up to this many of an io_submit's control blocks are read (the dirty-inode safety net,
+/// which io_submit does not silence, covers the rest where it fires).
+const AIO_IOCBS: usize = 4;
+const IOCB_CMD_PWRITE: u16 = 1;
+const IOCB_CMD_PWRITEV: u16 = 8;
+
+/// io_submit(2): libaio writes. Each submitted write control block names its fd, offset and
+/// length; a vectored one only its iovec count, so its whole file is reported dirty. (A new
+/// file's buffered aio write on tmpfs marks no inode dirty: the safety net never sees it.)
+#[inline(always)]
+fn try_io_submit(regs: *const u8, ret: i64) -> Result<(), i64> {
+    let tgid = current_tgid();
+    if tgid == filt!(agent_tgid) {
+        return Ok(());
+    }
+    let iocbpp = arg(regs, 2)? as *const u64;
+    for i in 0..AIO_IOCBS {
+        if i as i64 >= ret {
+            break;
+        }
+        let iocb: u64 = unsafe { bpf_probe_read_user(iocbpp.wrapping_add(i)) }.map_err(|e| e as i64)?;
+        let base = iocb as *const u8;
+        let opcode: u16 = unsafe { bpf_probe_read_user(base.wrapping_add(16) as *const u16) }.map_err(|e| e as i64)?;
+        if opcode != IOCB_CMD_PWRITE && opcode != IOCB_CMD_PWRITEV {
+            continue;
+        }
+        let fd: u32 = unsafe { bpf_probe_read_user(base.wrapping_add(20) as *const u32) }.map_err(|e| e as i64)?;
+        let nbytes: u64 = unsafe { bpf_probe_read_user(base.wrapping_add(32) as *const u64) }.map_err(|e| e as i64)?;
+        let offset: u64 = unsafe { bpf_probe_read_user(base.wrapping_add(40) as *const u64) }.map_err(|e| e as i64)?;
+        let file = fd_file(fd as u64)?;
+        if file.is_null() {
+            continue;
+        }
+        let inode: *const u8 = rd(file, off!(file_inode))?;
+        let dev = inode_dev(inode)?;
+        if dev != filt!(dev) {
+            continue;
+        }
+        let ino: u64 = rd(inode, off!(inode_ino))?;
+        let (kind, a, b) = if opcode == IOCB_CMD_PWRITE { (kind::WRITE, offset, nbytes) } else { (kind::DIRTY, 0, 0) };
+        match EVENTS.reserve::<FdEvent>(0) {
+            Some(mut entry) => {
+                entry.write(FdEvent {
+                    kind,
+                    tgid,
+                    nr: nr::IO_SUBMIT as u32,
+                    cpu: 0,
+                    file: DevIno { dev, _pad: 0, ino },
+                    a,
+                    b,
+                    c: 0,
+                });
+                entry.submit(data_wakeup());
+            }
+            None => count_drop(),
+        }
+    }
+    Ok(())
+}
+
 fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let ret: i64 = ctx.arg(1);
     let regs: *const u8 = ctx.arg(0);
         let nr: u64 = ld(regs, off!(regs_orig_ax));
+    if nr == nr::IO_SUBMIT {
+        return try_io_submit(regs, ret);
+    }
     let fd_arg = match nr {
         nr::SPLICE | nr::COPY_FILE_RANGE => 2,
         _ => 0,

@@ -329,6 +329,11 @@ impl InodeTable {
         self.node(ino).is_some()
     }
 
+    /// Whether `ino` has more than one link in the table.
+    pub fn has_extra_links(&self, ino: u64) -> bool {
+        self.extra_of.contains_key(&ino)
+    }
+
     pub fn kind(&self, ino: u64) -> Option<Kind> {
         self.node(ino).map(|n| n.kind)
     }

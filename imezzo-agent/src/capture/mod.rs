@@ -102,8 +102,23 @@ pub struct Capture {
     last_emit: Instant,
     /// Inodes of the root's ancestors on its device: paths from them can lead inside.
     ancestors: std::collections::HashSet<u64>,
+    /// What was journalled under one name of an inode with several: should that name go
+    /// before a client replays those entries, it could no longer read them from the
+    /// master there, so the surviving name is described again (see `name_gone`).
+    touched: std::collections::HashMap<u64, Touched>,
     _lock: fs::File,
 }
+
+/// Changes journalled for an inode with several names (see `Capture::touched`).
+#[derive(Debug, Default)]
+struct Touched {
+    data: bool,
+    attrs: bool,
+    xattrs: Vec<Vec<u8>>,
+}
+
+/// Entries `Capture::touched` keeps at most (beyond, the oldest knowledge is dropped).
+const TOUCHED_MAX: usize = 65_536;
 
 /// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
 fn real_ino(ino: u64) -> Option<u64> {
@@ -258,6 +273,7 @@ impl Capture {
             changed,
             last_emit: Instant::now(),
             ancestors,
+            touched: Default::default(),
             _lock: lock,
         })
     }
@@ -454,6 +470,9 @@ impl Capture {
     fn flush(&mut self, out: &mut Vec<Op>) {
         for (ino, whole, ranges) in self.pending.take() {
             let Some(path) = self.table.path_of(ino) else { continue };
+            if self.table.has_extra_links(ino) {
+                self.note(ino, &Op::Truncate { path: RelPath::default(), size: 0 });
+            }
             if whole {
                 let len = fs::symlink_metadata(self.abs(&path)).map(|m| m.len()).unwrap_or(0);
                 out.push(Op::Write { path, offset: 0, len, source: Some(WriteSource::Mmap), mode: None, ino: real_ino(ino) });
@@ -469,6 +488,56 @@ impl Capture {
                     });
                 }
             }
+        }
+    }
+
+    /// Remembers what `op` changed when its inode has several names (see `touched`).
+    fn note(&mut self, ino: u64, op: &Op) {
+        if !self.table.has_extra_links(ino) {
+            return;
+        }
+        if self.touched.len() >= TOUCHED_MAX && !self.touched.contains_key(&ino) {
+            self.touched.clear();
+        }
+        let t = self.touched.entry(ino).or_default();
+        match op {
+            Op::Write { .. } | Op::Truncate { .. } => t.data = true,
+            Op::Setattr { .. } => t.attrs = true,
+            Op::Setxattr { name, .. } | Op::Removexattr { name, .. } => {
+                if !t.xattrs.contains(&name.0) {
+                    t.xattrs.push(name.0.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A name of `ino` went (unlink, or replaced by a rename): if changes were journalled
+    /// for it while it had several names and it keeps one, those changes are journalled
+    /// again under the name it keeps, from the master's current state.
+    fn name_gone(&mut self, ino: u64, out: &mut Vec<Op>) {
+        let Some(t) = self.touched.remove(&ino) else { return };
+        let Some(path) = self.table.path_of(ino) else { return };
+        let Some(meta) = fs::symlink_metadata(self.abs(&path)).ok().filter(|m| m.ino() == ino) else { return };
+        if self.table.has_extra_links(ino) {
+            // Still several names: whatever is described now may have to be again.
+            self.touched.insert(ino, Touched { data: t.data, attrs: t.attrs, xattrs: t.xattrs.clone() });
+        }
+        if t.data && meta.is_file() {
+            out.push(Op::Write { path: path.clone(), offset: 0, len: meta.len(), source: None, mode: None, ino: real_ino(ino) });
+        }
+        for name in t.xattrs {
+            out.push(Op::Setxattr { path: path.clone(), name: RelPath(name) });
+        }
+        if t.attrs || t.data {
+            out.push(Op::Setattr {
+                path,
+                mode: Some(meta.mode() & 0o7777),
+                uid: Some(meta.uid()),
+                gid: Some(meta.gid()),
+                atime: Some(stat_time(meta.atime(), meta.atime_nsec())),
+                mtime: Some(stat_time(meta.mtime(), meta.mtime_nsec())),
+            });
         }
     }
 
@@ -490,12 +559,14 @@ impl Capture {
             kind::DIRTY => self.pending.add_whole(ev.file.ino),
             kind::TRUNCATE => {
                 self.flush(out);
+                self.note(ev.file.ino, &Op::Truncate { path: RelPath::default(), size: 0 });
                 if let Some(path) = self.table.path_of(ev.file.ino) {
                     out.push(Op::Truncate { path, size: ev.a });
                 }
             }
             kind::FALLOCATE => {
                 self.flush(out);
+                self.note(ev.file.ino, &Op::Truncate { path: RelPath::default(), size: 0 });
                 if let Some(path) = self.table.path_of(ev.file.ino) {
                     out.push(Op::Write {
                         path,
@@ -702,8 +773,32 @@ impl Capture {
                 });
             }
             88 | 266 => {
-                let target = RelPath(b.to_vec());
-                self.on_new(ev, Kind::Symlink, out, move |path, _| Op::Symlink { path, target });
+                // The probes copy at most PATH_CAP bytes of the target: a copy that fills the
+                // buffer may be cut, so the whole target is read from the master (never
+                // journal a shortened one; if it cannot be read, rescan).
+                let short = ev.truncated & 2 != 0 || b.len() + 1 >= imezzo_common::PATH_CAP;
+                let copied = RelPath(b.to_vec());
+                let root = self.root.clone();
+                let unread = std::cell::Cell::new(false);
+                self.on_new(ev, Kind::Symlink, out, |path, meta| {
+                    let target = if !short {
+                        copied
+                    } else {
+                        match meta.filter(|m| m.file_type().is_symlink()).and_then(|_| {
+                            fs::read_link(root.join(OsStr::from_bytes(&path.0))).ok()
+                        }) {
+                            Some(t) => RelPath(t.as_os_str().as_bytes().to_vec()),
+                            None => {
+                                unread.set(true);
+                                copied
+                            }
+                        }
+                    };
+                    Op::Symlink { path, target }
+                });
+                if unread.get() {
+                    self.rescan("a symlink target longer than the probes copy, gone before it could be read".into(), out);
+                }
             }
             87 | 84 | 263 => {
                 let dir = nr == 84 || (nr == 263 && args[2] & AT_REMOVEDIR != 0);
@@ -711,10 +806,14 @@ impl Capture {
                     Located::Inside(parts) if !parts.is_empty() => {
                         let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
                         let path = join(&refs);
+                        let mut gone = None;
                         if let Some(parent) = self.table.lookup(&refs[..refs.len() - 1]) {
-                            self.table.unlink(parent, refs[refs.len() - 1]);
+                            gone = self.table.unlink(parent, refs[refs.len() - 1]);
                         }
                         out.push(if dir { Op::Rmdir { path } } else { Op::Unlink { path } });
+                        if let Some(ino) = gone {
+                            self.name_gone(ino, out);
+                        }
                     }
                     Located::Unknown(why) => self.rescan(why, out),
                     _ => {}
@@ -881,11 +980,22 @@ impl Capture {
         match self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), follow) {
             Located::Inside(parts) => {
                 let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
-                let Some(ino) = self.table.lookup(&refs) else { return };
+                let Some(ino) = self.table.lookup(&refs) else {
+                    // A name capture never learned (its creation was missed or journalled
+                    // under a name it had already left): the change is not dropped; the
+                    // object is described whole, as it is now, and learned.
+                    let known_parent = !refs.is_empty() && self.table.lookup(&refs[..refs.len() - 1]).is_some();
+                    if known_parent && fs::symlink_metadata(self.abs(&join(&refs))).is_ok_and(|m| m.dev() == self.dev) {
+                        self.moved_in(parts, out);
+                    }
+                    return;
+                };
                 // The object's current name: the one in the event may already be stale.
                 let path = self.table.path_of(ino).unwrap_or_else(|| join(&refs));
                 let meta = fs::symlink_metadata(self.abs(&path)).ok().filter(|m| m.ino() == ino);
-                out.push(make(path, meta.as_ref()));
+                let op = make(path, meta.as_ref());
+                self.note(ino, &op);
+                out.push(op);
             }
             Located::Unknown(why) => self.rescan(why, out),
             Located::Outside => {}
@@ -895,6 +1005,7 @@ impl Capture {
     fn on_rename(&mut self, ev: &PathEvent, a: &[u8], b: &[u8], flags: u64, out: &mut Vec<Op>) {
         const RENAME_NOREPLACE: u64 = 1;
         const RENAME_EXCHANGE: u64 = 2;
+        const RENAME_WHITEOUT: u64 = 4;
         let from = self.locate(ev.start_a, a, ev.tgid, dirfd_of(ev, false), false);
         let to = self.locate(ev.start_b, b, ev.tgid, dirfd_of(ev, true), false);
         match (from, to) {
@@ -909,10 +1020,51 @@ impl Capture {
                     return;
                 };
                 let exchange = flags & RENAME_EXCHANGE != 0;
+                // Paths resolved after the fact can name one place for both ends (a parent
+                // renamed since): then the table is left as the plain rules leave it.
+                let distinct = fr != tr;
+                let from_known = !distinct || self.table.lookup(&fr).is_some();
+                let to_known = !distinct || self.table.lookup(&tr).is_some();
+                let (fname, tname) = (fr[fr.len() - 1], tr[tr.len() - 1]);
+                if exchange && from_known != to_known {
+                    // One side is a name capture never learned. The exchange is journalled as
+                    // it happened (a replica holding both names swaps them); in the table the
+                    // known object moves to the other name, and the unknown one is described
+                    // whole where it landed (kept as it is by a replica that has it).
+                    let (landed, (kp, kn), (up, un)) = if from_known {
+                        (f.clone(), (fp, fname), (tp, tname))
+                    } else {
+                        (t.clone(), (tp, tname), (fp, fname))
+                    };
+                    self.table.unlink(up, un);
+                    self.table.rename((kp, kn), (up, un));
+                    out.push(Op::Rename { path: join(&fr), new_path: join(&tr), exchange: true, noreplace: false });
+                    self.moved_in(landed, out);
+                    return;
+                }
+                if !exchange && distinct && from_known && self.table.lookup(&fr) == self.table.lookup(&tr) {
+                    // The table holds both names for one inode, so rename(2) would have done
+                    // nothing; if the old name no longer holds that inode on the master, the
+                    // table had learned the destination from a later state (an object
+                    // described whole as it is now): the rename did move an object, and
+                    // what is left to say is that the old name went.
+                    let ino = self.table.lookup(&fr);
+                    let still = fs::symlink_metadata(self.abs(&join(&fr))).is_ok_and(|m| Some(m.ino()) == ino);
+                    if !still {
+                        self.table.unlink(fp, fname);
+                        out.push(Op::Unlink { path: join(&fr) });
+                        return;
+                    }
+                }
+                let replaced = if exchange { None } else { self.table.lookup(&tr).filter(|&i| Some(i) != self.table.lookup(&fr)) };
                 if exchange {
-                    self.table.exchange((fp, fr[fr.len() - 1]), (tp, tr[tr.len() - 1]));
+                    self.table.exchange((fp, fname), (tp, tname));
+                } else if from_known {
+                    self.table.rename((fp, fname), (tp, tname));
                 } else {
-                    self.table.rename((fp, fr[fr.len() - 1]), (tp, tr[tr.len() - 1]));
+                    // What was at the destination is replaced even though the source was
+                    // never learned.
+                    self.table.unlink(tp, tname);
                 }
                 out.push(Op::Rename {
                     path: join(&fr),
@@ -920,6 +1072,19 @@ impl Capture {
                     exchange,
                     noreplace: flags & RENAME_NOREPLACE != 0,
                 });
+                if let Some(ino) = replaced {
+                    self.name_gone(ino, out);
+                }
+                if !exchange && !from_known {
+                    // Describe the object whole at its new name: its creation was never
+                    // journalled (or journalled under a name it had left already).
+                    self.moved_in(t.clone(), out);
+                }
+                if flags & RENAME_WHITEOUT != 0 {
+                    // The whiteout (a character device 0:0) now at the old name is a new
+                    // object of its own.
+                    self.moved_in(f.clone(), out);
+                }
             }
             (Located::Inside(f), _) if !f.is_empty() => {
                 // Moved out of the root: gone, as far as the replica is concerned.
@@ -932,6 +1097,9 @@ impl Capture {
                     self.table.unlink(p, fr[fr.len() - 1]);
                 }
                 out.push(if dir { Op::Rmdir { path } } else { Op::Unlink { path } });
+                if flags & RENAME_WHITEOUT != 0 {
+                    self.moved_in(f.clone(), out);
+                }
             }
             (_, Located::Inside(t)) if !t.is_empty() => self.moved_in(t, out),
             _ => {}

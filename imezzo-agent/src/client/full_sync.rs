@@ -75,10 +75,6 @@ pub(crate) struct FullSync {
     tree: Arc<Tree>,
     fetcher: Fetcher,
     manifest_seq: u64,
-    /// Paths whose local content is known to be behind the master's (replay's pending set):
-    /// fetched even when their size and mtime match, since an explicit utimes can make a
-    /// stale file look current.
-    stale: HashSet<Vec<u8>>,
     /// Every path the manifest named (the root excluded): what survives the final sweep.
     names: HashSet<Vec<u8>>,
     /// Directories in manifest order, for the attribute pass: (path, attrs, xattrs omitted).
@@ -98,15 +94,22 @@ pub(crate) struct FullSync {
     /// Paths that could not be placed: the worker keeps them pending, retried one by one.
     failed_paths: Vec<Vec<u8>>,
     started: Instant,
+    /// Paths replay knew to differ from the master (the client's pending set): their size
+    /// and mtime may match while their bytes do not (replay copies the master's times), so
+    /// they are fetched, never kept.
+    refetch: HashSet<Vec<u8>>,
+    /// Keep only files the replica has not changed since this time (its ctime, s and ns):
+    /// those replay touched since the last full sync may hold bytes of another moment than
+    /// their size and mtime say (replay copies the master's times as it goes).
+    untouched_since: Option<(i64, i64)>,
 }
 
 impl FullSync {
-    pub fn new(root: &Path, fetcher: Fetcher, manifest_seq: u64, stale: HashSet<Vec<u8>>) -> io::Result<FullSync> {
+    pub fn new(root: &Path, fetcher: Fetcher, manifest_seq: u64) -> io::Result<FullSync> {
         Ok(FullSync {
             tree: Arc::new(Tree::open(root)?),
             fetcher,
             manifest_seq,
-            stale,
             names: HashSet::new(),
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
@@ -115,10 +118,22 @@ impl FullSync {
             links: Vec::new(),
             fetches: Vec::new(),
             permits: Arc::new(Semaphore::new(FETCH_CONCURRENCY)),
+            refetch: HashSet::new(),
+            untouched_since: None,
             stats: FullSyncStats::default(),
             failed_paths: Vec::new(),
             started: Instant::now(),
         })
+    }
+
+    /// Paths whose content must be fetched even when their size and mtime match.
+    pub fn refetch(&mut self, paths: impl IntoIterator<Item = Vec<u8>>) {
+        self.refetch.extend(paths);
+    }
+
+    /// Keeps (by size and mtime) only files whose ctime on the replica is before `t`.
+    pub fn keep_only_untouched_since(&mut self, t: (i64, i64)) {
+        self.untouched_since = Some(t);
     }
 
     /// Places one manifest entry (a regular file's data may still be arriving after).
@@ -162,6 +177,17 @@ impl FullSync {
             .is_some_and(|(cached, _)| is_self_or_beneath(cached, path.as_bytes()))
         {
             self.last_dir = None;
+        }
+        // A second name of a non-regular object (symlink, device, fifo, socket) is linked to
+        // its first once the manifest ends, as regular files' are (see `regular`).
+        if let Some(group) = link_group.filter(|_| {
+            !matches!(attrs.kind, FileKind::Regular | FileKind::Directory)
+        }) {
+            if let Some(first) = self.groups.get(&group) {
+                self.links.push((path.clone(), first.clone()));
+                return Ok(());
+            }
+            self.groups.insert(group, path.clone());
         }
         let placed = (|| -> io::Result<()> {
             let Some(dir) = self.parent_dir(parent)? else {
@@ -278,7 +304,13 @@ impl FullSync {
             }
             self.groups.insert(group, path.clone());
         }
-        if let Some(st) = existing.filter(|_| !self.stale.contains(path.as_bytes())) {
+        let trusted = |st: &libc::stat| {
+            !self.refetch.contains(path.as_bytes())
+                && self
+                    .untouched_since
+                    .is_none_or(|t| (st.st_ctime, st.st_ctime_nsec) < t)
+        };
+        if let Some(st) = existing.filter(trusted) {
             let same = is_kind(&st, libc::S_IFREG)
                 && st.st_size as u64 == attrs.size
                 && st.st_mtime == attrs.mtime.sec

@@ -307,19 +307,30 @@ impl Worker {
                 last_applied: None,
             })
             .map_err(Stop::Fatal)?;
-        // What replay still owes the replica must be fetched, not kept on size and mtime.
-        let stale = self.pending.paths.keys().cloned().collect();
-        let full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq, stale)
+        let full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq)
             .map_err(|error| {
                 Stop::Fatal(ClientError::Root {
                     path: self.root.clone(),
                     error,
                 })
             })?;
+        let mut full = full;
+        // What replay left pending is fetched whole by this sync, never kept by its size and
+        // mtime: the pending set is cleared only because the sync covers it.
+        full.refetch(self.pending.paths.keys().cloned());
+        if let Ok(m) = std::fs::metadata(self.stamp_file()) {
+            use std::os::unix::fs::MetadataExt;
+            full.keep_only_untouched_since((m.ctime(), m.ctime_nsec()));
+        }
         self.full = Some(full);
         self.needs_resync = None;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Where the time of the last completed full sync is kept (next to the pending set).
+    fn stamp_file(&self) -> PathBuf {
+        self.pending_file.with_file_name("full-sync.time")
     }
 
     pub(super) fn complete_full_sync(&mut self, seq: u64) -> Result<(), Stop> {
@@ -333,6 +344,14 @@ impl Worker {
         // killed afterwards still fetches them again after its restart.
         for path in failed {
             self.pending.insert(path, false);
+        }
+        // When this replica was last whole, as the ctime of a file written now (the clock
+        // the replica's ctimes come from): a later full sync keeps by size and mtime only
+        // files replay has not touched since (best effort: without it, every file may be
+        // kept, as before).
+        let _ = std::fs::remove_file(self.stamp_file());
+        if let Err(e) = std::fs::write(self.stamp_file(), format!("{seq}\n")) {
+            log::warn!("cannot record the full sync's time: {e}");
         }
         self.finished_full = Some(stats);
         Ok(())

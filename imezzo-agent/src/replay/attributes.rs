@@ -86,6 +86,10 @@ impl Replayer {
                 }
             }
         }
+        if is_access_acl(name) {
+            // The kernel keeps the group bits and the ACL mask in step: the mode follows.
+            loc.chmod(master.mode).ctx(OP, path)?;
+        }
         Ok(Applied::Changed)
     }
 
@@ -110,10 +114,27 @@ impl Replayer {
         if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
-        Ok(if loc.remove_xattr(&cname).ctx(OP, path)? {
+        let removed = loc.remove_xattr(&cname).ctx(OP, path)?;
+        if is_access_acl(name) {
+            // Removing an access ACL (`setfacl -b`) gives the file its mode back from the
+            // ACL's owner/group/other entries, a change no chmod of the master journalled:
+            // take the mode the master has now.
+            if let Some(m) = self.master(path, data)? {
+                if m.kind.type_bits() == st.st_mode & libc::S_IFMT {
+                    loc.chmod(m.mode).ctx(OP, path)?;
+                    return Ok(Applied::Changed);
+                }
+            }
+        }
+        Ok(if removed {
             Applied::Changed
         } else {
             Applied::AlreadyApplied
         })
     }
+}
+
+/// The xattr holding a POSIX access ACL, whose changes change the mode too.
+fn is_access_acl(name: &RelPath) -> bool {
+    name.as_bytes() == b"system.posix_acl_access"
 }

@@ -93,9 +93,20 @@ impl Replayer {
         match sys::unlinkat(e.parent.as_fd(), &e.name, dir) {
             Ok(()) => {}
             Err(err) if errno(&err) == libc::ENOENT => return Ok(Applied::AlreadyApplied),
-            // The master's directory was empty when removed; the replica's is not.
+            // The replica's directory is not empty: the master's was either removed empty
+            // (and the replica diverged) or moved out of the export whole, which capture
+            // journals as this rmdir. Either way nothing is at this name on the master after
+            // the op, and nothing beneath it can be named by a later entry (a tree moved
+            // back in arrives whole): the subtree goes.
             Err(err) if matches!(errno(&err), libc::ENOTEMPTY | libc::EEXIST) => {
-                return Ok(Applied::NeedsResync { path: path.clone() })
+                let mut freed = Vec::new();
+                beneath::remove_tree(e.parent.as_fd(), &e.name, &mut |st| {
+                    freed.push(InodeId::of(st))
+                })
+                .ctx(op, path)?;
+                for id in freed {
+                    self.marks.remove(id);
+                }
             }
             Err(err) => return Err(err).ctx(op, path),
         }

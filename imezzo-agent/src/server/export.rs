@@ -156,7 +156,9 @@ impl Export {
                 };
                 let regular = attrs.kind == FileKind::Regular;
                 // (group, whether this is the group's first name)
-                let link_group = if regular && st.st_nlink > 1 {
+                // Any object but a directory can have several names (hard links of
+                // symlinks, devices, fifos and sockets too): each group is one object.
+                let link_group = if attrs.kind != FileKind::Directory && st.st_nlink > 1 {
                     let next = groups.len() as u64 + 1;
                     let group = *groups.entry((st.st_dev, st.st_ino)).or_insert(next);
                     Some((group, group == next))
