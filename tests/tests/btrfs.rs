@@ -16,7 +16,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 fn ok<T>(r: sys::SysResult<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e:?}"))
@@ -58,17 +57,19 @@ fn creates_writes_and_attributes_are_journalled(fs: Fs) {
     assert_eq!(ok(sys::write(&f, b"more\n")), 5);
     ok(sys::ftruncate(&f, 2));
     drop(f);
-    // The two writes may be journalled as one extent (both runs are still open when the
-    // truncate is captured); what matters is every byte, then the truncate.
-    let (ops, truncate) = cap.ops_until_with(|op| op["op"] == "truncate", Duration::from_secs(10), "the truncate");
-    assert_eq!(normalize(&truncate), json!({"op": "truncate", "path": "a", "size": 2}));
+    // A writer that moves CPUs between its append and its ftruncate may have the append
+    // journalled after the truncate (harmless: replay reads the bytes from the master as it
+    // is then); what matters is the create first, every byte, and the truncate.
+    // The append's run may still be open when the marker's create is handled (an open is
+    // never preceded by the runs, as it may truncate): a second marker collects it.
+    let mut ops = cap.mark();
+    ops.extend(cap.mark());
     let ops: Vec<serde_json::Value> = ops.iter().map(normalize).collect();
     assert_eq!(ops[0], json!({"op": "create", "path": "a", "mode": perm(&fs.p("a"))}), "{}", fmt_ops(&ops));
     assert_eq!(write_extents(&ops, "a"), vec![(0, 8)], "{}", fmt_ops(&ops));
-    // `ops_until` stops at the truncate: everything before it is the create and the writes.
-    assert!(ops[1..].iter().all(|op| op["op"] == "write"), "{}", fmt_ops(&ops));
-    let extra = cap.mark();
-    assert!(extra.is_empty(), "journalled after the truncate: {}", fmt_ops(&extra));
+    let truncates: Vec<&serde_json::Value> = ops.iter().filter(|op| op["op"] == "truncate").collect();
+    assert_eq!(truncates, [&json!({"op": "truncate", "path": "a", "size": 2})], "{}", fmt_ops(&ops));
+    assert!(ops[1..].iter().all(|op| op["op"] == "write" || op["op"] == "truncate"), "{}", fmt_ops(&ops));
 
     let root = ok(sys::dir(&fs.root));
     drop(ok(sys::openat(

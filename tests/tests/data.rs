@@ -353,6 +353,28 @@ fn open_o_trunc_of_an_existing_file_journals_truncate_to_zero() {
 }
 
 #[test]
+fn a_rewrite_through_o_trunc_journals_the_truncate_before_the_bytes_written_after_it() {
+    // The agent handles the open's event after the write that follows it has begun a run:
+    // that run must not be journalled ahead of the truncate, which would cut it on replay.
+    let fs = Fs::tmpfs("o-trunc-rewrite");
+    fs.put("f", &[b'.'; 100]);
+    let mut cap = Capture::start(&fs.root);
+    for round in 0..20 {
+        let f = sys::open(&fs.p("f"), O_WRONLY | O_TRUNC, 0).unwrap();
+        sys::write(&f, &[b'x'; 300]).unwrap();
+        drop(f);
+        let ops = cap.mark();
+        let trunc = ops.iter().position(|op| op["op"] == "truncate");
+        let last_write = ops.iter().rposition(|op| op["op"] == "write");
+        assert!(
+            trunc.is_some() && last_write.is_some() && last_write > trunc,
+            "round {round}: the write must follow the truncate\n{}",
+            fmt_ops(&ops)
+        );
+    }
+}
+
+#[test]
 fn openat_o_creat_o_trunc_of_an_existing_file_journals_truncate_to_zero() {
     let fs = Fs::tmpfs("o-creat-trunc");
     fs.dirs("d");

@@ -120,6 +120,12 @@ struct Touched {
 /// Entries `Capture::touched` keeps at most (beyond, the oldest knowledge is dropped).
 const TOUCHED_MAX: usize = 65_536;
 
+/// Whether the syscall `nr` may truncate a file: truncate, ftruncate, and the opens
+/// (`O_TRUNC`, creat).
+fn truncates(nr: u32) -> bool {
+    matches!(nr, 76 | 77 | 2 | 85 | 257 | 437)
+}
+
 /// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
 fn real_ino(ino: u64) -> Option<u64> {
     (ino >> 63 == 0).then_some(ino)
@@ -401,11 +407,17 @@ impl Capture {
             match event {
                 Some(Event::Path(ev)) => {
                     // Causal order across CPUs: a writer that moved to another CPU between
-                    // its write and this call (a truncate, a rename) left its run open on the
-                    // first one, where this event's probe could not close it. Whatever the
-                    // runs hold now is journalled before the event (bytes written since are
-                    // read from the master's current state, so taking them early is harmless).
-                    self.poll_runs();
+                    // its write and this call (a rename, an unlink) left its run open on the
+                    // first one, where this event's probe could not close it, so whatever
+                    // the runs hold now is journalled before the event: replay takes a
+                    // write's bytes from the master's current state, so bytes written since
+                    // come early at no harm. Not before a truncate or an open, which may
+                    // truncate: bytes written after it (`open(O_TRUNC)` then `write`) would
+                    // then be cut by it on the replica. A write journalled after the truncate
+                    // it preceded is harmless the same way (its bytes are read at replay).
+                    if !truncates(ev.nr) {
+                        self.poll_runs();
+                    }
                     self.flush(out);
                     self.on_path(&ev, out);
                 }

@@ -332,7 +332,39 @@ fn monotonic_ns() -> u64 {
 /// `imezzo-differential worker --root R --sibling S --id N --log FILE
 /// (--seed N --ops N | --replay FILE) [--pace-us N]`: runs the operations and logs each one,
 /// `<op>\t# w<id> #<index> t=<CLOCK_MONOTONIC ns> = ok|ERRNO`. Exit 0 once all ran.
+/// A store through a shared mapping of a file another worker truncated meanwhile faults
+/// with SIGBUS. The worker survives it: the handler maps an anonymous page over the faulting
+/// one, the store lands there and is lost, as the truncate meant.
+extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGBUS; mmap is async-signal-safe.
+    unsafe {
+        let addr = (*info).si_addr() as usize & !4095;
+        let m = libc::mmap(
+            addr as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        );
+        if m == libc::MAP_FAILED {
+            libc::_exit(70);
+        }
+    }
+}
+
+fn survive_sigbus() {
+    // SAFETY: a plain sigaction with a handler of the SA_SIGINFO shape.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
+
 pub fn worker_main(args: &[String]) -> i32 {
+    survive_sigbus();
     let get = |k: &str| -> Option<String> {
         let i = args.iter().position(|a| a == k)?;
         args.get(i + 1).cloned()
