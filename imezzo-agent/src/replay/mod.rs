@@ -731,6 +731,16 @@ impl Replayer {
         };
         match &r {
             Ok(a) => log::debug!("replay: {} {:?}: {a:?}", op_name(op), op.path().display()),
+            // One kind per class of failure, so a summary line says which class it counts.
+            Err(e @ ReplayError::Source { .. }) => {
+                crate::report!(Warn, "replay: operations whose master state could not be read", "replay: {e}")
+            }
+            Err(e @ ReplayError::Io { .. }) => {
+                crate::report!(Warn, "replay: operations that failed on the replica", "replay: {e}")
+            }
+            Err(e @ (ReplayError::EscapesRoot { .. } | ReplayError::BadPath { .. } | ReplayError::BadOp { .. })) => {
+                crate::report!(Warn, "replay: operations refused", "replay: {e}")
+            }
             Err(e) => crate::report!(Warn, "replay: operations that failed", "replay: {e}"),
         }
         r
