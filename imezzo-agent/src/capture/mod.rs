@@ -117,13 +117,16 @@ struct Touched {
     xattrs: Vec<Vec<u8>>,
 }
 
-/// Entries `Capture::touched` keeps at most (beyond, the oldest knowledge is dropped).
+/// Entries `Capture::touched` keeps at most. Past it the map is cleared whole (not oldest
+/// first): what was noted for those inodes is forgotten, and a name of one of them unlinked
+/// later is not described again under its surviving names.
 const TOUCHED_MAX: usize = 65_536;
 
-/// Whether the syscall `nr` may truncate a file: truncate, ftruncate, and the opens
-/// (`O_TRUNC`, creat).
+/// Whether the path syscall `nr` may truncate a file: truncate (76) and the opens, open (2),
+/// creat (85), openat (257), openat2 (437), which may carry `O_TRUNC`. (ftruncate is a write
+/// event of its own, never a path event: see `syscalls::WRITE_FAMILY`.)
 fn truncates(nr: u32) -> bool {
-    matches!(nr, 76 | 77 | 2 | 85 | 257 | 437)
+    matches!(nr, 76 | 2 | 85 | 257 | 437)
 }
 
 /// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
