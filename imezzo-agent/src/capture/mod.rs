@@ -122,13 +122,6 @@ struct Touched {
 /// later is not described again under its surviving names.
 const TOUCHED_MAX: usize = 65_536;
 
-/// Whether the path syscall `nr` may truncate a file: truncate (76) and the opens, open (2),
-/// creat (85), openat (257), openat2 (437), which may carry `O_TRUNC`. (ftruncate is a write
-/// event of its own, never a path event: see `syscalls::WRITE_FAMILY`.)
-fn truncates(nr: u32) -> bool {
-    matches!(nr, 76 | 2 | 85 | 257 | 437)
-}
-
 /// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
 fn real_ino(ino: u64) -> Option<u64> {
     (ino >> 63 == 0).then_some(ino)
@@ -409,18 +402,6 @@ impl Capture {
             self.stats.events += 1;
             match event {
                 Some(Event::Path(ev)) => {
-                    // Causal order across CPUs: a writer that moved to another CPU between
-                    // its write and this call (a rename, an unlink) left its run open on the
-                    // first one, where this event's probe could not close it, so whatever
-                    // the runs hold now is journalled before the event: replay takes a
-                    // write's bytes from the master's current state, so bytes written since
-                    // come early at no harm. Not before a truncate or an open, which may
-                    // truncate: bytes written after it (`open(O_TRUNC)` then `write`) would
-                    // then be cut by it on the replica. A write journalled after the truncate
-                    // it preceded is harmless the same way (its bytes are read at replay).
-                    if !truncates(ev.nr) {
-                        self.poll_runs();
-                    }
                     self.flush(out);
                     self.on_path(&ev, out);
                 }
