@@ -724,9 +724,16 @@ fn rename_of_a_file_from_the_root_to_the_sibling_is_journalled() {
 /// as fast as the test can go. Every object is gone or renamed again before
 /// the agent reads its event, so the agent cannot rely on looking names up
 /// after the fact.
+///
+/// The namespace operations must come exactly in order. Each write must come
+/// once: under `d/f` between its create and its rename, or, when the writer
+/// moved to another CPU before the rename (its coalesced run is still held by
+/// the first CPU's probe), under `f<i>` after the rename. Journalling a write
+/// late is safe (replay fetches the master's current bytes); journalling it
+/// early is not, and is what this test refuses.
 fn rapid_sequences_journal_exactly(fs: Fs) {
     let mut cap = Capture::start(&fs.root);
-    let mut expected = Vec::new();
+    let mut namespace = Vec::new();
     for i in 0..100 {
         sys::mkdir(&fs.p("d"), 0o755).unwrap();
         let f = sys::open(&fs.p("d/f"), O_WRONLY | O_CREAT, 0o644).unwrap();
@@ -735,13 +742,52 @@ fn rapid_sequences_journal_exactly(fs: Fs) {
         let g = format!("f{i}");
         sys::rename(&fs.p("d/f"), &fs.p(&g)).unwrap();
         sys::rmdir(&fs.p("d")).unwrap();
-        expected.push(json!({"op": "mkdir", "path": "d", "mode": 0o755}));
-        expected.push(json!({"op": "create", "path": "d/f", "mode": perm(&fs.p(&g))}));
-        expected.push(json!({"op": "write", "path": "d/f", "offset": 0, "len": 3}));
-        expected.push(json!({"op": "rename", "path": "d/f", "new_path": g}));
-        expected.push(json!({"op": "rmdir", "path": "d"}));
+        namespace.push(json!({"op": "mkdir", "path": "d", "mode": 0o755}));
+        namespace.push(json!({"op": "create", "path": "d/f", "mode": perm(&fs.p(&g))}));
+        namespace.push(json!({"op": "rename", "path": "d/f", "new_path": g}));
+        namespace.push(json!({"op": "rmdir", "path": "d"}));
     }
-    cap.expect(&expected);
+    let got: Vec<serde_json::Value> = cap.mark().iter().map(normalize).collect();
+    let want: Vec<serde_json::Value> = namespace.iter().map(normalize).collect();
+    let fail = |why: String| -> ! {
+        panic!("{why}\n  namespace expected: {}\n  got: {}\n{}", fmt_ops(&want), fmt_ops(&got), cap.context())
+    };
+    let names: Vec<serde_json::Value> = got.iter().filter(|op| op["op"] != "write").cloned().collect();
+    if names != want {
+        fail("the namespace operations differ from the ones made, or come in another order".into());
+    }
+    // Walk the journal, tracking which iteration the namespace ops have reached.
+    let mut written = [false; 100];
+    let mut seen_ns = 0usize;
+    for op in &got {
+        if op["op"] != "write" {
+            seen_ns += 1;
+            continue;
+        }
+        if op["offset"] != 0 || op["len"] != 3 {
+            fail(format!("unexpected write {op}"));
+        }
+        let path = op["path"].as_str().unwrap_or_default();
+        let i = if path == "d/f" {
+            // Between create i (namespace index 4i+1) and rename i (4i+2).
+            if seen_ns % 4 != 2 {
+                fail(format!("write of d/f journalled outside a create..rename window: {op}"));
+            }
+            seen_ns / 4
+        } else {
+            let i: usize = path.strip_prefix('f').and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+            if i >= 100 || seen_ns < 4 * i + 3 {
+                fail(format!("write {op} journalled before the rename that named it"));
+            }
+            i
+        };
+        if std::mem::replace(&mut written[i], true) {
+            fail(format!("write of iteration {i} journalled twice"));
+        }
+    }
+    if let Some(i) = written.iter().position(|w| !w) {
+        fail(format!("the write of iteration {i} was never journalled"));
+    }
 }
 
 #[test]
