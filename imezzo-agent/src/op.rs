@@ -92,6 +92,10 @@ pub enum Op {
     /// Changes below `path` were lost or cannot be described op by op: the consumer must
     /// compare that subtree as a whole.
     Rescan { path: RelPath, reason: String },
+    /// The names directly in the directory `path` may differ from what the ops before
+    /// said (the server was down while they changed): the consumer must compare that
+    /// directory's children, and fetch whole any directory among them it does not have.
+    Relist { path: RelPath, reason: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -124,7 +128,8 @@ impl Op {
             | Op::Setattr { path, .. }
             | Op::Setxattr { path, .. }
             | Op::Removexattr { path, .. }
-            | Op::Rescan { path, .. } => path,
+            | Op::Rescan { path, .. }
+            | Op::Relist { path, .. } => path,
         }
     }
 }

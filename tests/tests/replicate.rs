@@ -743,12 +743,22 @@ fn server_killed_under_a_steady_write_load_restarts_and_the_client_resumes_and_c
         assert!(c.agent.is_running(), "the client exited\n{}", c.context());
         no_bug_lines(c);
     }
-    // Not asserted here: no full resync. The restart catch-up counts directories changed
-    // within a fraction of a second of the crash as possibly unjournalled and has the client
-    // resync in full (catchup.rs), which a crash under load always hits (issue 9, finding 4,
-    // still open).
+    // The restart catch-up counts directories changed within a fraction of a second of the
+    // crash as possibly unjournalled, which a crash under load always hits: the client
+    // compares those directories (relists), never its whole replica.
     let c = r.client();
     assert!(!c.agent.stderr_matching("resuming at seq").is_empty(), "no `resuming at seq` line\n{}", c.context());
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "a kill -9 of the server under load cost the client a full resync\n{}",
+        c.context()
+    );
+    assert!(
+        c.agent.stderr_matching("full sync at seq").iter().filter(|l| l.contains(" entries, ")).count() == 1,
+        "a second full sync\n{}",
+        c.context()
+    );
     r.assert_no_panic();
 }
 
@@ -899,6 +909,13 @@ fn files_changed_in_place_while_the_server_was_down_reach_the_client_without_a_f
 fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_identical() {
     let mut r = Replication::new("downnames");
     r.export.dirs("data/sub");
+    r.export.dirs("data/kept/inner");
+    r.export.put("data/kept/inner/x", b"untouched while down\n");
+    r.export.dirs("data/was-dir/inner");
+    r.export.put("data/was-dir/inner/y", b"removed while down\n");
+    r.export.dirs("gone/a/b");
+    r.export.put("gone/a/b/z", b"removed while down\n");
+    r.export.put("data/sub/deep", b"moves with its directory\n");
     for i in 0..50 {
         r.export
             .put(&format!("data/f{i}"), format!("file {i}\n").as_bytes());
@@ -915,16 +932,37 @@ fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_id
     ok(sys::rename(&r.e("data/sub"), &r.e("new/sub-moved")));
     ok(sys::unlink(&r.e("data/f5")));
     ok(sys::mkdir(&r.e("data/empty"), 0o750));
+    // A whole tree removed, a symlink made, a file replaced by a directory and a directory
+    // by a file, a directory's mode changed: names only its parent's listing tells.
+    std::fs::remove_dir_all(r.e("gone")).unwrap();
+    ok(sys::symlink("data/f6", &r.e("data/link")));
+    ok(sys::unlink(&r.e("data/f7")));
+    ok(sys::mkdir(&r.e("data/f7"), 0o700));
+    std::fs::remove_dir_all(r.e("data/was-dir")).unwrap();
+    r.export.put("data/was-dir", b"a file now\n");
+    ok(sys::chmod(&r.e("data/kept"), 0o711));
 
     r.server().restart();
     r.assert_identical(CONVERGE_TIMEOUT, "names changed while the server was down");
     let s = r.server();
     assert!(
         !s.agent
-            .stderr_matching("directories changed while the server was down")
+            .stderr_matching("changed while the server was down")
             .is_empty(),
         "the restarted server did not report the changed directories\n{}",
         s.context()
+    );
+    let c = r.client();
+    assert_eq!(
+        c.initial_syncs().len(),
+        1,
+        "names changed while the server was down cost the client a full resync\n{}",
+        c.context()
+    );
+    assert!(
+        c.agent.stderr_matching("full sync at seq").iter().filter(|l| l.contains(" entries, ")).count() == 1,
+        "a second full sync\n{}",
+        c.context()
     );
     r.assert_no_panic();
 }

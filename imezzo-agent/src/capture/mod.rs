@@ -775,7 +775,7 @@ impl Capture {
                 let short = ev.truncated & 2 != 0 || b.len() + 1 >= imezzo_common::PATH_CAP;
                 let copied = RelPath(b.to_vec());
                 let root = self.root.clone();
-                let unread = std::cell::Cell::new(false);
+                let unread = std::cell::Cell::new(None::<RelPath>);
                 self.on_new(ev, Kind::Symlink, out, |path, meta| {
                     let target = if !short {
                         copied
@@ -785,15 +785,22 @@ impl Capture {
                         }) {
                             Some(t) => RelPath(t.as_os_str().as_bytes().to_vec()),
                             None => {
-                                unread.set(true);
+                                unread.set(Some(path.clone()));
                                 copied
                             }
                         }
                     };
                     Op::Symlink { path, target }
                 });
-                if unread.get() {
-                    self.rescan("a symlink target longer than the probes copy, gone before it could be read".into(), out);
+                if let Some(path) = unread.take() {
+                    // Whatever is at that name now, its directory's listing says: clients
+                    // compare that directory, not the whole tree.
+                    let dir = path.as_bytes().iter().rposition(|&c| c == b'/').map_or(&[][..], |i| &path.as_bytes()[..i]);
+                    self.flush(out);
+                    self.stats.rescans += 1;
+                    crate::report!(Info, "capture: symlinks whose long target was gone before it could be read",
+                        "the target of symlink {:?} was longer than the probes copy and gone before it could be read: its directory is compared instead", path.display());
+                    out.push(Op::Relist { path: RelPath(dir.to_vec()), reason: "a symlink target longer than the probes copy, gone before it could be read".into() });
                 }
             }
             87 | 84 | 263 => {

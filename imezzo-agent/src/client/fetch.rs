@@ -108,7 +108,7 @@ impl Fetcher {
                 FetchEvent::End { file_size } => end = Some(DataEnd::Done { file_size }),
                 FetchEvent::Gone => end = Some(DataEnd::Gone),
                 FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
-                FetchEvent::Attrs(_) => {}
+                FetchEvent::Attrs(_) | FetchEvent::Listing(_) | FetchEvent::ListingEnd => {}
             }
             Ok(())
         })
@@ -132,6 +132,60 @@ impl Fetcher {
         .await?;
         answer.ok_or_else(|| FetchFail::Unreadable("the answer ended without Attrs".into()))
     }
+
+    /// Starts fetching the listing of the directory `path` (its children, or its whole
+    /// subtree when `recursive`): what arrives is handed over on the returned channel, in
+    /// order, ending with [`Listed::End`], [`Listed::Gone`] or [`Listed::Failed`]. The channel
+    /// is bounded, so a slow consumer stalls the stream rather than grow memory.
+    pub(crate) fn listing(&self, path: RelPath, recursive: bool) -> mpsc::Receiver<Listed> {
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = this.stream_listing(path, recursive, &tx).await {
+                let _ = tx.send(Listed::Failed(e)).await;
+            }
+        });
+        rx
+    }
+
+    async fn stream_listing(&self, path: RelPath, recursive: bool, tx: &mpsc::Sender<Listed>) -> Result<(), FetchFail> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (mut ex, request) = FetchExchange::listing(id, path, recursive);
+        let (mut send, mut recv) =
+            self.conn.open_bi().await.map_err(|e| self.lose(format!("connection lost ({e})")))?;
+        let frame = protocol::encode(&request).map_err(|e| FetchFail::Local(io::Error::other(e.to_string())))?;
+        send.write_all(&frame).await.map_err(|e| self.lose(format!("connection lost ({e})")))?;
+        let _ = send.finish();
+        loop {
+            match recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    for event in ex.handle_stream_data(&chunk.bytes).map_err(|r| self.violation(r))? {
+                        let item = match event {
+                            FetchEvent::Listing(entries) => Listed::Entries(entries),
+                            FetchEvent::ListingEnd => Listed::End,
+                            FetchEvent::Gone => Listed::Gone,
+                            FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
+                            _ => continue,
+                        };
+                        if tx.send(item).await.is_err() {
+                            // The worker gave up on it: so does the stream.
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(None) => return ex.handle_stream_finished().map_err(|r| self.violation(r)),
+                Err(e) => return Err(self.lose(format!("a fetch stream failed ({e})"))),
+            }
+        }
+    }
+}
+
+/// What a listing fetch hands over, in order.
+pub(crate) enum Listed {
+    Entries(Vec<crate::protocol::ManifestEntry>),
+    End,
+    Gone,
+    Failed(FetchFail),
 }
 
 /// Replay's [`DataSource`] over the connection: each call a blocking fetch.

@@ -102,14 +102,34 @@ pub(crate) struct FullSync {
     /// those replay touched since the last full sync may hold bytes of another moment than
     /// their size and mtime say (replay copies the master's times as it goes).
     untouched_since: Option<(i64, i64)>,
+    /// The directory this sync makes the master's: the root for a full sync, one
+    /// directory for a resync of what the server lost track of (see [`FullSync::scoped`]).
+    scope: Vec<u8>,
+    /// The whole subtree of `scope`, or only its children.
+    recursive: bool,
+    /// A full sync (from the session's manifest), not a resync of one directory.
+    whole: bool,
 }
 
 impl FullSync {
     pub fn new(root: &Path, fetcher: Fetcher, manifest_seq: u64) -> io::Result<FullSync> {
+        let mut sync = Self::scoped(root, fetcher, RelPath::default(), true)?;
+        sync.manifest_seq = manifest_seq;
+        sync.whole = true;
+        Ok(sync)
+    }
+
+    /// A sync of the directory `scope` only, from a listing of it: its whole subtree, or
+    /// (unless `recursive`) its children, whose own contents are left alone except for the
+    /// directories this sync had to create ([`FullSync::new_dirs`]).
+    pub fn scoped(root: &Path, fetcher: Fetcher, scope: RelPath, recursive: bool) -> io::Result<FullSync> {
         Ok(FullSync {
+            scope: scope.0,
+            recursive,
+            whole: false,
             tree: Arc::new(Tree::open(root)?),
             fetcher,
-            manifest_seq,
+            manifest_seq: 0,
             names: HashSet::new(),
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
@@ -134,6 +154,20 @@ impl FullSync {
     /// Keeps (by size and mtime) only files whose ctime on the replica is before `t`.
     pub fn keep_only_untouched_since(&mut self, t: (i64, i64)) {
         self.untouched_since = Some(t);
+    }
+
+    /// The directories this sync created or replaced, below its scope: a sync of the
+    /// children only leaves them empty, for a recursive sync of each.
+    pub fn new_dirs(&self) -> Vec<Vec<u8>> {
+        let mut dirs: Vec<Vec<u8>> = self.created_dirs.iter().filter(|d| **d != self.scope).cloned().collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// Gives up on a sync whose listing did not come whole: its fetches are awaited, and
+    /// nothing is swept (what the listing did not name may well exist at the master).
+    pub fn abandon(mut self) -> Result<(), Stop> {
+        self.reap(true)
     }
 
     /// Places one manifest entry (a regular file's data may still be arriving after).
@@ -427,7 +461,7 @@ impl FullSync {
     /// The manifest is whole: finish fetches, link, sweep, then directory attributes.
     /// Returns the stats and the paths that failed (to fetch again, one by one).
     pub fn finish(mut self, seq: u64) -> Result<(FullSyncStats, Vec<Vec<u8>>), Stop> {
-        if seq != self.manifest_seq {
+        if self.whole && seq != self.manifest_seq {
             log::warn!(
                 "full sync: the manifest ended at seq {seq}, announced at {}",
                 self.manifest_seq
@@ -469,8 +503,17 @@ impl FullSync {
         }
         self.stats.elapsed = self.started.elapsed();
         let s = &self.stats;
-        log::info!(
-            "full sync at seq {seq}: {} entries, {} files fetched ({} bytes), {} inline in the manifest ({} bytes), \
+        let what = if self.whole {
+            format!("full sync at seq {seq}")
+        } else {
+            format!("resync of {:?}{}", RelPath(self.scope.clone()).display(), if self.recursive { "" } else { " (its children)" })
+        };
+        // A full sync is news for the operator; a resync of one directory is counted by
+        // the worker, not logged one by one.
+        let level = if self.whole { log::Level::Info } else { log::Level::Debug };
+        log::log!(
+            level,
+            "{what}: {} entries, {} files fetched ({} bytes), {} inline in the manifest ({} bytes), \
              {} kept, {} removed, {} failed, in {:.1?}",
             s.entries,
             s.fetched_files,
@@ -513,7 +556,7 @@ impl FullSync {
     /// walk descends by descriptor and removes with [`beneath::remove_tree`]: a directory a
     /// local user swaps for a symlink meanwhile is neither entered nor followed.
     fn sweep(&mut self) {
-        let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut stack: Vec<Vec<u8>> = vec![self.scope.clone()];
         while let Some(rel) = stack.pop() {
             let shown = || RelPath(rel.clone());
             let listing = self
@@ -539,7 +582,7 @@ impl FullSync {
                 }
                 child.extend_from_slice(&name);
                 if self.names.contains(&child) {
-                    if is_dir {
+                    if is_dir && self.recursive {
                         stack.push(child);
                     }
                     continue;

@@ -109,7 +109,7 @@ impl Pending {
     /// The path an `Obsolete` op could not finish.
     pub(super) fn mark_op(&mut self, op: &Op) {
         match op {
-            Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rescan { .. } => {}
+            Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rescan { .. } | Op::Relist { .. } => {}
             Op::Rename {
                 path,
                 new_path,

@@ -393,7 +393,7 @@ impl Worker {
         // Names the op itself leaves (the destination of a rename or link) are marked after
         // the pending set follows the op; the others before.
         let moves = matches!(entry.op, Op::Rename { .. } | Op::Link { .. });
-        let rescan = matches!(entry.op, Op::Rescan { .. });
+        let rescan = matches!(entry.op, Op::Rescan { .. } | Op::Relist { .. });
         match &result {
             Ok(Applied::Obsolete) | Err(ReplayError::Source { .. }) if !moves => {
                 self.pending.mark_op(&entry.op)
@@ -411,15 +411,19 @@ impl Worker {
             self.pending.insert(p.0, false);
         }
         match result {
+            // The server lost track of what changed in (or, for a relist, directly in) a
+            // directory: that directory, not the whole replica, is compared with the
+            // master's listing, before the entries after this one.
             Ok(Applied::NeedsResync { path }) if rescan => {
+                let recursive = matches!(entry.op, Op::Rescan { .. });
                 let reason = match &entry.op {
-                    Op::Rescan { reason, .. } => reason.as_str(),
+                    Op::Rescan { reason, .. } | Op::Relist { reason, .. } => reason.as_str(),
                     _ => "",
                 };
-                self.needs_resync.get_or_insert(format!(
-                    "the server lost track of changes under {:?} ({reason})",
-                    path.display()
-                ));
+                crate::report!(Info, "client: directories compared with the master's (the server lost track of them)",
+                    "seq {}: comparing {:?}{} with the master's ({reason})",
+                    entry.seq, path.display(), if recursive { " and everything beneath it" } else { "" });
+                self.resync_dir(&path, recursive)?;
             }
             Ok(Applied::NeedsResync { path }) if moves => self.pending.mark_diverged(&path),
             Ok(Applied::Obsolete) | Err(ReplayError::Source { .. }) if moves => {
@@ -552,6 +556,19 @@ impl Worker {
                     // Still full: the rest waits for the next round.
                     continue;
                 }
+                // A directory whose content is unknown: compared with the master's, whole.
+                if attrs.kind == FileKind::Directory && *diverged {
+                    self.resync_dir(&rel, true)?;
+                    if self.pending.paths.contains_key(path) {
+                        // Failed again: retried with the same backoff as a file.
+                        let (n, _) = self.retry.get(path).copied().unwrap_or((0, now));
+                        let wait = (Duration::from_secs(1) * 2u32.saturating_pow(n.min(5))).min(RETRY_MAX);
+                        self.retry.insert(path.clone(), (n + 1, Instant::now() + wait));
+                    } else {
+                        self.retry.remove(path);
+                    }
+                    continue;
+                }
                 match self.repair_one(&rel, &attrs, *diverged) {
                     Ok(true) => {
                         self.pending.remove(path);
@@ -564,12 +581,13 @@ impl Worker {
                             dirs.push((rel, attrs));
                         }
                     }
+                    // Not repairable by itself (its type cannot change in place, a symlink
+                    // whose target was not read): its directory's children are compared
+                    // with the master's, which places it whatever it is.
                     Ok(false) => {
                         self.pending.remove(path);
-                        self.needs_resync.get_or_insert(format!(
-                            "the replica's {:?} differs from the server's in a way one path cannot repair",
-                            rel.display()
-                        ));
+                        let parent = parent_of(&rel).unwrap_or_default();
+                        self.resync_dir(&parent, false)?;
                     }
                     Err(e @ ReplayError::Source { .. }) => {
                         if let Some(why) = self.fetcher.lost() {
@@ -617,6 +635,74 @@ impl Worker {
         Ok(())
     }
 
+    /// Makes the directory `scope` the master's from a listing of it: its whole subtree, or
+    /// (unless `recursive`) its children, and then, whole, each child directory that had
+    /// to be created. Objects the listing does not name are removed; files whose size and
+    /// mtime match are kept unless they are pending; pending paths it covers are done with, unless they failed (those stay
+    /// pending, to be retried). Nothing at `scope` at the master: nothing to do (a later
+    /// entry accounts for it).
+    pub(super) fn resync_dir(&mut self, scope: &RelPath, recursive: bool) -> Result<(), Stop> {
+        let mut queue = vec![(scope.clone(), recursive)];
+        while let Some((scope, recursive)) = queue.pop() {
+            let covered: Vec<Vec<u8>> = self
+                .pending
+                .paths
+                .keys()
+                .filter(|p| covers(scope.as_bytes(), recursive, p))
+                .cloned()
+                .collect();
+            let mut sync = full_sync::FullSync::scoped(&self.root, self.fetcher.clone(), scope.clone(), recursive)
+                .map_err(|error| Stop::Fatal(ClientError::Root { path: self.root.clone(), error }))?;
+            // Unlike a full sync, the entries after this one are still replayed, and what
+            // replay left owing is the pending set: files are kept by size and mtime.
+            sync.refetch(covered.iter().cloned());
+            let mut listing = self.fetcher.listing(scope.clone(), recursive);
+            let complete = loop {
+                match listing.blocking_recv() {
+                    Some(Listed::Entries(entries)) => {
+                        for e in entries {
+                            sync.apply(e)?;
+                        }
+                    }
+                    Some(Listed::End) => break true,
+                    // No directory there now: the entries after this one account for it.
+                    Some(Listed::Gone) => break false,
+                    Some(Listed::Failed(FetchFail::Lost(why))) => return Err(Stop::Lost(why)),
+                    Some(Listed::Failed(e)) => {
+                        crate::report!(Warn, "client: directories that could not be compared with the master's yet",
+                            "cannot compare {:?} with the master's yet ({e:?}); retrying later", scope.display());
+                        // Kept pending (durably, with the next save) and retried by repair.
+                        self.pending.insert(scope.0.clone(), true);
+                        break false;
+                    }
+                    None => {
+                        return Err(Stop::Lost(self.fetcher.lost().unwrap_or_else(|| "a listing fetch stopped".into())))
+                    }
+                }
+            };
+            drop(listing);
+            if !complete {
+                sync.abandon()?;
+                continue;
+            }
+            let new_dirs = if recursive { Vec::new() } else { sync.new_dirs() };
+            let (_, failed) = sync.finish(0)?;
+            let failed_set: std::collections::HashSet<&Vec<u8>> = failed.iter().collect();
+            for p in &covered {
+                if !failed_set.contains(p) {
+                    self.pending.remove(p);
+                    self.retry.remove(p);
+                }
+            }
+            for p in failed {
+                // Retried by repair; a directory among them is compared whole again.
+                self.pending.insert(p, true);
+            }
+            queue.extend(new_dirs.into_iter().map(|d| (RelPath(d), true)));
+        }
+        Ok(())
+    }
+
     /// Says once that the replica is full; [`Worker::repair`] says when room returned.
     pub(super) fn note_disk_full(&mut self, e: &ReplayError) {
         if !self.disk_full {
@@ -658,6 +744,19 @@ impl Worker {
         );
         Ok(true)
     }
+}
+
+/// Whether a resync of `scope` (its subtree, or its children only) covers `path`.
+fn covers(scope: &[u8], recursive: bool, path: &[u8]) -> bool {
+    if path == scope {
+        return true;
+    }
+    let rest = if scope.is_empty() {
+        Some(path)
+    } else {
+        path.strip_prefix(scope).and_then(|r| r.strip_prefix(b"/"))
+    };
+    rest.is_some_and(|r| !r.is_empty() && (recursive || !r.contains(&b'/')))
 }
 
 pub(super) fn parent_of(p: &RelPath) -> Option<RelPath> {

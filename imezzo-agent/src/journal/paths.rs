@@ -20,7 +20,8 @@ pub(crate) fn changes(op: &Op) -> impl Iterator<Item = Change<'_>> {
         | Op::Symlink { path, .. }
         | Op::Unlink { path }
         | Op::Rmdir { path }
-        | Op::Rescan { path, .. } => (Change { path, renames: true }, None),
+        | Op::Rescan { path, .. }
+        | Op::Relist { path, .. } => (Change { path, renames: true }, None),
         // The existing name still refers to the same object (whose link count changed);
         // the new name now refers to it.
         Op::Link { path, new_path } => {
@@ -48,7 +49,8 @@ pub(crate) fn namespace_names(op: &Op) -> Option<(&RelPath, Option<&RelPath>)> {
         | Op::Symlink { path, .. }
         | Op::Unlink { path }
         | Op::Rmdir { path }
-        | Op::Rescan { path, .. } => Some((path, None)),
+        | Op::Rescan { path, .. }
+        | Op::Relist { path, .. } => Some((path, None)),
         Op::Link { path, new_path } | Op::Rename { path, new_path, .. } => Some((path, Some(new_path))),
         Op::Write { .. } | Op::Truncate { .. } | Op::Setattr { .. } | Op::Setxattr { .. } | Op::Removexattr { .. } => {
             None

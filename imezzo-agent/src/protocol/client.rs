@@ -10,7 +10,7 @@ use super::messages::{
     ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
 };
 use super::CloseReason;
-use crate::attrs::Attrs;
+use crate::attrs::{Attrs, FileKind};
 use crate::op::{JournalEntry, RelPath};
 
 /// What the client has durably: the volume its replica belongs to and the seq through
@@ -497,11 +497,16 @@ pub enum FetchEvent {
     Attrs(Vec<Option<Attrs>>),
     /// Nothing (or no regular file) is at the path now: a later entry accounts for it.
     Gone,
+    /// Entries of a listing, checked: the directory asked for first, then only objects
+    /// beneath it (its children only, unless the listing is recursive).
+    Listing(Vec<ManifestEntry>),
+    /// The listing is complete.
+    ListingEnd,
     /// The server could not read it; report and retry later.
     Unreadable { reason: String },
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Expect {
     /// `[start, end)` asked; `next`: where the next chunk may start.
     Data {
@@ -511,6 +516,12 @@ enum Expect {
     },
     Attrs {
         count: usize,
+    },
+    Listing {
+        scope: RelPath,
+        recursive: bool,
+        /// The directory itself came (it is the first entry).
+        started: bool,
     },
 }
 
@@ -570,6 +581,18 @@ impl FetchExchange {
         (ex, Msg::FetchAttrs { req_id, paths })
     }
 
+    /// A request for the directory `path` and its children (or, `recursive`, its whole
+    /// subtree) as manifest entries.
+    pub fn listing(req_id: u64, path: RelPath, recursive: bool) -> (FetchExchange, Msg) {
+        let ex = FetchExchange {
+            req_id,
+            expect: Expect::Listing { scope: path.clone(), recursive, started: false },
+            decoder: FrameDecoder::new(MAX_DATA_BODY),
+            done: false,
+        };
+        (ex, Msg::FetchListing { req_id, path, recursive })
+    }
+
     pub fn req_id(&self) -> u64 {
         self.req_id
     }
@@ -621,6 +644,8 @@ impl FetchExchange {
             | Msg::DataEnd { req_id, .. }
             | Msg::Attrs { req_id, .. }
             | Msg::Gone { req_id }
+            | Msg::Listing { req_id, .. }
+            | Msg::ListingEnd { req_id }
             | Msg::Unreadable { req_id, .. } => *req_id,
             other => {
                 let detail = if other.sender() == Side::Client {
@@ -681,6 +706,28 @@ impl FetchExchange {
                 self.done = true;
                 Ok(FetchEvent::Gone)
             }
+            (Expect::Listing { started: false, .. }, Msg::Gone { .. }) => {
+                self.done = true;
+                Ok(FetchEvent::Gone)
+            }
+            (Expect::Listing { scope, recursive, started }, Msg::Listing { entries, .. }) => {
+                for e in &entries {
+                    let problem = wire_path_problem(&e.path)
+                        .map(str::to_string)
+                        .or_else(|| inline_data_problem(e))
+                        .or_else(|| listing_problem(scope, *recursive, *started, e));
+                    if let Some(problem) = problem {
+                        let detail = format!("Listing entry {:?} {problem}", e.path.display());
+                        return Err(self.violation(detail));
+                    }
+                    *started = true;
+                }
+                Ok(FetchEvent::Listing(entries))
+            }
+            (Expect::Listing { started: true, .. }, Msg::ListingEnd { .. }) => {
+                self.done = true;
+                Ok(FetchEvent::ListingEnd)
+            }
             (_, Msg::Unreadable { reason, .. }) => {
                 self.done = true;
                 Ok(FetchEvent::Unreadable { reason })
@@ -694,5 +741,34 @@ impl FetchExchange {
             peer: Side::Server,
             detail: format!("on fetch stream {}: {detail}", self.req_id),
         }
+    }
+}
+
+/// Why a listing entry does not belong in the answer to a listing of `scope`: the first
+/// entry is the directory itself, every later one lies beneath it (directly, unless the
+/// listing is recursive).
+fn listing_problem(scope: &RelPath, recursive: bool, started: bool, e: &ManifestEntry) -> Option<String> {
+    let path = e.path.as_bytes();
+    if !started {
+        if path != scope.as_bytes() {
+            return Some("comes first, where the directory asked for belongs".into());
+        }
+        if e.attrs.kind != FileKind::Directory {
+            return Some(format!("is the listed directory, but a {:?}", e.attrs.kind));
+        }
+        return None;
+    }
+    let scope = scope.as_bytes();
+    let rest = if scope.is_empty() {
+        Some(path)
+    } else {
+        path.strip_prefix(scope).and_then(|r| r.strip_prefix(b"/"))
+    };
+    match rest {
+        None | Some([]) => Some("is not beneath the directory asked for".into()),
+        Some(r) if !recursive && r.contains(&b'/') => {
+            Some("is deeper than the children asked for".into())
+        }
+        Some(_) => None,
     }
 }

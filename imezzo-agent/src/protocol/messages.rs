@@ -6,7 +6,7 @@ use crate::attrs::{Attrs, FileKind};
 use crate::op::{JournalEntry, Op, RelPath};
 
 /// The protocol version this agent speaks; it travels in every frame header.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
 pub const HEADER_LEN: usize = 6;
 /// Largest body accepted on the control stream (both directions) and from a client on a
@@ -84,6 +84,14 @@ pub enum Msg {
         req_id: u64,
         paths: Vec<RelPath>,
     },
+    /// The directory `path` and what it holds, as manifest entries: its children only, or
+    /// (`recursive`) its whole subtree. Answered `Listing`* then `ListingEnd`, or `Gone`
+    /// (no directory there now) or `Unreadable`.
+    FetchListing {
+        req_id: u64,
+        path: RelPath,
+        recursive: bool,
+    },
     // Fetch streams, server to client.
     Data {
         req_id: u64,
@@ -99,6 +107,15 @@ pub enum Msg {
         attrs: Vec<Option<Attrs>>,
     },
     Gone {
+        req_id: u64,
+    },
+    /// Entries of a `FetchListing` answer, in walk order: the directory first, every
+    /// directory before what it holds.
+    Listing {
+        req_id: u64,
+        entries: Vec<ManifestEntry>,
+    },
+    ListingEnd {
         req_id: u64,
     },
     Unreadable {
@@ -218,6 +235,9 @@ impl Msg {
             Msg::DataEnd { .. } => "DataEnd",
             Msg::Attrs { .. } => "Attrs",
             Msg::Gone { .. } => "Gone",
+            Msg::FetchListing { .. } => "FetchListing",
+            Msg::Listing { .. } => "Listing",
+            Msg::ListingEnd { .. } => "ListingEnd",
             Msg::Unreadable { .. } => "Unreadable",
         }
     }
@@ -225,9 +245,11 @@ impl Msg {
     /// The side that may send this message.
     pub fn sender(&self) -> Side {
         match self {
-            Msg::Hello { .. } | Msg::Ack { .. } | Msg::Fetch { .. } | Msg::FetchAttrs { .. } => {
-                Side::Client
-            }
+            Msg::Hello { .. }
+            | Msg::Ack { .. }
+            | Msg::Fetch { .. }
+            | Msg::FetchAttrs { .. }
+            | Msg::FetchListing { .. } => Side::Client,
             _ => Side::Server,
         }
     }
@@ -241,6 +263,9 @@ impl Msg {
             | Msg::DataEnd { .. }
             | Msg::Attrs { .. }
             | Msg::Gone { .. }
+            | Msg::FetchListing { .. }
+            | Msg::Listing { .. }
+            | Msg::ListingEnd { .. }
             | Msg::Unreadable { .. } => StreamKind::Fetch,
             _ => StreamKind::Control,
         }
@@ -288,7 +313,7 @@ pub fn encode_bytes(msg: &Msg) -> Result<bytes::Bytes, EncodeError> {
     let hint = match msg {
         Msg::Data { bytes, .. } => bytes.len() + 64,
         Msg::Entries { entries, .. } => entries.len() * 160,
-        Msg::Manifest { entries } => entries.len() * 256,
+        Msg::Manifest { entries } | Msg::Listing { entries, .. } => entries.len() * 256,
         _ => 256,
     };
     let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(LEAD + hint);
@@ -520,7 +545,7 @@ pub(crate) fn entry_size_estimate(e: &JournalEntry) -> usize {
             path.0.len() + new_path.0.len()
         }
         Op::Setxattr { path, name } | Op::Removexattr { path, name } => path.0.len() + name.0.len(),
-        Op::Rescan { path, reason } => path.0.len() + reason.len(),
+        Op::Rescan { path, reason } | Op::Relist { path, reason } => path.0.len() + reason.len(),
         other => other.path().0.len(),
     };
     // Fixed part: the enum's widest variant (under 100 bytes) plus padding of each buffer.

@@ -569,12 +569,18 @@ pub enum FetchRequest {
     Data { req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64> },
     /// Answer with `Attrs`, one per path in order, or `Unreadable`.
     Attrs { req_id: u64, paths: Vec<RelPath> },
+    /// Answer with `Listing` chunks (the directory `path` first, then its children, or its
+    /// whole subtree when `recursive`, in walk order) then `ListingEnd`, or `Gone` when no
+    /// directory is there now, or `Unreadable`.
+    Listing { req_id: u64, path: RelPath, recursive: bool },
 }
 
 impl FetchRequest {
     pub fn req_id(&self) -> u64 {
         match self {
-            FetchRequest::Data { req_id, .. } | FetchRequest::Attrs { req_id, .. } => *req_id,
+            FetchRequest::Data { req_id, .. }
+            | FetchRequest::Attrs { req_id, .. }
+            | FetchRequest::Listing { req_id, .. } => *req_id,
         }
     }
 }
@@ -636,6 +642,10 @@ impl FetchRequestReader {
                     check_path(req_id, p)?;
                 }
                 FetchRequest::Attrs { req_id, paths }
+            }
+            Msg::FetchListing { req_id, path, recursive } => {
+                check_path(req_id, &path)?;
+                FetchRequest::Listing { req_id, path, recursive }
             }
             other => {
                 let detail = if other.sender() == Side::Server {

@@ -2356,3 +2356,66 @@ fn a_declared_length_allocates_nothing_ahead_of_the_bytes_beyond_a_small_bound()
     }
     assert_eq!(d.next_msg().unwrap(), Some(msg));
 }
+
+fn listed(path: &str, kind: FileKind) -> ManifestEntry {
+    ManifestEntry { path: path.into(), attrs: attrs(kind, 0), xattrs_omitted: false, link_group: None, data: None }
+}
+
+#[test]
+fn a_listing_is_the_directory_asked_for_then_what_lies_beneath_it() {
+    let (mut ex, req) = FetchExchange::listing(5, "d".into(), false);
+    assert_eq!(req, Msg::FetchListing { req_id: 5, path: "d".into(), recursive: false });
+    let entries = vec![listed("d", FileKind::Directory), listed("d/a", FileKind::Regular), listed("d/b", FileKind::Directory)];
+    let events = fetch_events(&mut ex, &[Msg::Listing { req_id: 5, entries: entries.clone() }, Msg::ListingEnd { req_id: 5 }]).unwrap();
+    assert_eq!(events, vec![FetchEvent::Listing(entries), FetchEvent::ListingEnd]);
+    assert!(ex.is_done());
+
+    // The root's listing holds top-level names; a recursive one anything beneath.
+    let (mut ex, _) = FetchExchange::listing(6, "".into(), true);
+    let entries = vec![listed("", FileKind::Directory), listed("x", FileKind::Directory), listed("x/y/z", FileKind::Regular)];
+    assert!(fetch_events(&mut ex, &[Msg::Listing { req_id: 6, entries }, Msg::ListingEnd { req_id: 6 }]).is_ok());
+
+    // No directory there: Gone, instead of any entry.
+    let (mut ex, _) = FetchExchange::listing(7, "gone".into(), true);
+    assert_eq!(fetch_events(&mut ex, &[Msg::Gone { req_id: 7 }]).unwrap(), vec![FetchEvent::Gone]);
+}
+
+#[test]
+fn a_listing_with_entries_outside_what_was_asked_is_a_violation() {
+    let bad = |recursive: bool, entries: Vec<ManifestEntry>, end: bool| {
+        let (mut ex, _) = FetchExchange::listing(9, "d".into(), recursive);
+        let mut msgs = vec![Msg::Listing { req_id: 9, entries }];
+        if end {
+            msgs.push(Msg::ListingEnd { req_id: 9 });
+        }
+        violation_text(&fetch_events(&mut ex, &msgs).unwrap_err())
+    };
+    let dir = || listed("d", FileKind::Directory);
+    assert!(bad(false, vec![listed("d/a", FileKind::Regular)], false).contains("comes first"));
+    assert!(bad(false, vec![listed("d", FileKind::Regular)], false).contains("is the listed directory, but a Regular"));
+    assert!(bad(false, vec![dir(), listed("e/a", FileKind::Regular)], false).contains("not beneath"));
+    assert!(bad(false, vec![dir(), listed("dd/a", FileKind::Regular)], false).contains("not beneath"));
+    assert!(bad(false, vec![dir(), listed("d", FileKind::Directory)], false).contains("not beneath"));
+    assert!(bad(false, vec![dir(), listed("d/a/b", FileKind::Regular)], false).contains("deeper than the children"));
+    assert!(bad(true, vec![dir(), listed("d/../x", FileKind::Regular)], false).contains("'..'"));
+    // ListingEnd before the directory itself came.
+    let (mut ex, _) = FetchExchange::listing(9, "d".into(), true);
+    assert!(violation_text(&fetch_events(&mut ex, &[Msg::ListingEnd { req_id: 9 }]).unwrap_err()).contains("does not answer"));
+    // Gone after entries.
+    let (mut ex, _) = FetchExchange::listing(9, "d".into(), true);
+    let r = fetch_events(&mut ex, &[Msg::Listing { req_id: 9, entries: vec![dir()] }, Msg::Gone { req_id: 9 }]);
+    assert!(violation_text(&r.unwrap_err()).contains("does not answer"));
+}
+
+#[test]
+fn the_server_reads_a_listing_request_and_refuses_a_bad_path() {
+    let mut r = FetchRequestReader::new();
+    let req = Msg::FetchListing { req_id: 3, path: "a/b".into(), recursive: true };
+    assert_eq!(
+        r.handle_stream_data(&frame(&req)).unwrap(),
+        Some(FetchRequest::Listing { req_id: 3, path: "a/b".into(), recursive: true })
+    );
+    let mut r = FetchRequestReader::new();
+    let req = Msg::FetchListing { req_id: 3, path: "/etc".into(), recursive: false };
+    assert!(violation_text(&r.handle_stream_data(&frame(&req)).unwrap_err()).contains("absolute"));
+}

@@ -450,6 +450,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Setxattr { .. } => "setxattr",
         Op::Removexattr { .. } => "removexattr",
         Op::Rescan { .. } => "rescan",
+        Op::Relist { .. } => "relist",
     }
 }
 
@@ -724,7 +725,7 @@ impl Replayer {
             } => self.setattr(path, *mode, *uid, *gid, *atime, *mtime, seq, data),
             Op::Setxattr { path, name } => self.setxattr(path, name, seq, data),
             Op::Removexattr { path, name } => self.removexattr(path, name, seq, data),
-            Op::Rescan { path, .. } => {
+            Op::Rescan { path, .. } | Op::Relist { path, .. } => {
                 check_rel_path(path)?;
                 Ok(Applied::NeedsResync { path: path.clone() })
             }

@@ -18,9 +18,12 @@
 //! - files, symlinks and devices changed in place: the operations that recreate each from
 //!   the master's current state ([`Attrs::recreate_ops`]), so a resuming client fetches
 //!   those files and nothing else;
-//! - any changed directory (names were added, removed or renamed, and the old names are
-//!   known nowhere but on the clients): one `rescan` of the root, which makes clients
-//!   compare their whole replica with the master's, fetching only what differs.
+//! - each changed directory (names were added, removed or renamed, and the old names are
+//!   known nowhere but on the clients): a `relist` of it, which makes clients compare that
+//!   directory's children with the master's listing, removing what the master no longer
+//!   has and fetching whole any directory they lack (one moved in, or made, while down).
+//!   Relists come first, parents before children, so the objects recreated after them
+//!   have their directories.
 //!
 //! The file is written without fsync: a kill -9 leaves it in the page cache, and a power
 //! cut that loses it leaves an older time, which only widens the catch-up. Its record names
@@ -154,15 +157,18 @@ pub fn ops(plan: Plan, changed: &[(RelPath, Kind)], export: &Export) -> (Vec<Op>
         Plan::Rescan(why) => return rescan(format!("changes while the server was down are unknown: {why}")),
         Plan::Since(_) => {}
     }
-    let dirs = changed.iter().filter(|(_, k)| *k == Kind::Dir).count();
-    if dirs > 0 {
-        return rescan(format!("{dirs} directories changed while the server was down"));
-    }
     if changed.len() > MAX_ONE_BY_ONE {
         return rescan(format!("{} objects changed while the server was down", changed.len()));
     }
-    let mut ops = Vec::new();
-    for (path, _) in changed {
+    let mut dirs: Vec<&RelPath> = changed.iter().filter(|(_, k)| *k == Kind::Dir).map(|(p, _)| p).collect();
+    // Parents first: a path sorts after every proper prefix of it ('/' sorts low).
+    dirs.sort_by(|a, b| a.as_bytes().split(|&c| c == b'/').cmp(b.as_bytes().split(|&c| c == b'/')));
+    let reason = "changed while the server was down";
+    let mut ops: Vec<Op> = dirs.iter().map(|p| Op::Relist { path: (*p).clone(), reason: reason.into() }).collect();
+    for (path, kind) in changed {
+        if *kind == Kind::Dir {
+            continue;
+        }
         match export.attrs(path) {
             Ok(Some(a)) => match a.recreate_ops(path) {
                 Some(more) => ops.extend(more),
@@ -173,7 +179,13 @@ pub fn ops(plan: Plan, changed: &[(RelPath, Kind)], export: &Export) -> (Vec<Op>
             Err(e) => return rescan(format!("cannot read {:?} ({e})", path.display())),
         }
     }
-    let line = (!changed.is_empty()).then(|| format!("{} files changed while the server was down", changed.len()));
+    let line = (!changed.is_empty()).then(|| {
+        format!(
+            "{} directories and {} other objects changed while the server was down",
+            dirs.len(),
+            changed.len() - dirs.len()
+        )
+    });
     (ops, line)
 }
 

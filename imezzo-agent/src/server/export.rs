@@ -96,27 +96,43 @@ impl Export {
         chunk: WalkChunk,
         sink: &mut dyn FnMut(Vec<ManifestEntry>) -> bool,
     ) -> io::Result<WalkStats> {
-        let (root_attrs, root_st) =
-            self.tree
-                .attrs_with_stat(&RelPath::default())?
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        "the exported directory disappeared",
-                    )
-                })?;
+        self.walk_from(&RelPath::default(), true, inline_data, chunk, sink)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the exported directory disappeared"))
+    }
+
+    /// [`Export::walk`] from the directory `scope` (its first entry), through its whole
+    /// subtree or, unless `recursive`, its children only. `Ok(None)` when no directory is at
+    /// `scope` now. Link groups are numbered within this walk only.
+    pub fn walk_from(
+        &self,
+        scope: &RelPath,
+        recursive: bool,
+        inline_data: bool,
+        chunk: WalkChunk,
+        sink: &mut dyn FnMut(Vec<ManifestEntry>) -> bool,
+    ) -> io::Result<Option<WalkStats>> {
+        let Some((root_attrs, _)) = self.tree.attrs_with_stat(scope)? else {
+            return Ok(None);
+        };
+        if root_attrs.kind != FileKind::Directory {
+            return Ok(None);
+        }
+        // Directories of another file system are listed, never entered.
+        let Some((_, root_st)) = self.tree.attrs_with_stat(&RelPath::default())? else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "the exported directory disappeared"));
+        };
         let mut stats = WalkStats::default();
         let mut groups: HashMap<(u64, u64), u64> = HashMap::new();
         let mut batch = Vec::with_capacity(chunk.entries);
         let mut batch_data = 0usize;
         batch.push(ManifestEntry {
-            path: RelPath::default(),
+            path: scope.clone(),
             attrs: root_attrs,
             xattrs_omitted: false,
             link_group: None,
             data: None,
         });
-        let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut stack: Vec<Vec<u8>> = vec![scope.0.clone()];
         while let Some(dir_rel) = stack.pop() {
             let shown = || self.root().join(OsStr::from_bytes(&dir_rel));
             // Removed or replaced (by a symlink too) while we walked: the journal accounts for it.
@@ -191,7 +207,7 @@ impl Export {
                     link_group: link_group.map(|(group, _)| group),
                     data,
                 });
-                if is_dir {
+                if is_dir && recursive {
                     if st.st_dev == root_st.st_dev {
                         stack.push(rel);
                     } else {
@@ -207,7 +223,7 @@ impl Export {
                         &mut batch,
                         Vec::with_capacity(chunk.entries),
                     )) {
-                        return Ok(stats);
+                        return Ok(Some(stats));
                     }
                 }
             }
@@ -215,7 +231,7 @@ impl Export {
         if !batch.is_empty() {
             sink(batch);
         }
-        Ok(stats)
+        Ok(Some(stats))
     }
 }
 

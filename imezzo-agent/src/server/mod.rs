@@ -792,6 +792,9 @@ async fn serve_fetch(
         FetchRequest::Attrs { req_id, paths } => {
             answer_attrs(&mut send, &shared, req_id, paths).await
         }
+        FetchRequest::Listing { req_id, path, recursive } => {
+            answer_listing(&mut send, &shared, req_id, path, recursive).await
+        }
     };
     if answered {
         let _ = send.finish();
@@ -927,6 +930,42 @@ async fn answer_attrs(
             req_id,
             reason: e.to_string(),
         },
+    };
+    write_msg(send, &msg).await
+}
+
+/// A directory's listing (or subtree) as manifest entries, walked on a blocking thread
+/// through a bounded channel as the full sync's manifest is, so a slow client stalls the
+/// walk rather than grow the server.
+async fn answer_listing(
+    send: &mut quinn::SendStream,
+    shared: &Arc<Shared>,
+    req_id: u64,
+    path: RelPath,
+    recursive: bool,
+) -> bool {
+    let (tx, mut rx) = mpsc::channel(4);
+    let s = shared.clone();
+    let p = path.clone();
+    let walk = tokio::task::spawn_blocking(move || {
+        s.export.walk_from(&p, recursive, true, MANIFEST_CHUNK, &mut |entries| {
+            tx.blocking_send(entries).is_ok()
+        })
+    });
+    while let Some(entries) = rx.recv().await {
+        if !write_msg(send, &Msg::Listing { req_id, entries }).await {
+            // The client went away: the walk stops at its next chunk (the channel closed).
+            return false;
+        }
+    }
+    let msg = match walk.await {
+        Ok(Ok(Some(_))) => Msg::ListingEnd { req_id },
+        Ok(Ok(None)) => Msg::Gone { req_id },
+        Ok(Err(e)) => {
+            crate::report!(Warn, "server: directories a client asked for that could not be listed", "cannot list {:?} for a client: {e}", path.display());
+            Msg::Unreadable { req_id, reason: e.to_string() }
+        }
+        Err(e) => Msg::Unreadable { req_id, reason: e.to_string() },
     };
     write_msg(send, &msg).await
 }
