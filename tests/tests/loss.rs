@@ -102,3 +102,25 @@ fn ring_overflow_while_the_agent_is_stopped_reports_loss_and_journals_a_rescan()
         cap.context()
     );
 }
+
+/// A path longer than the probes copy cannot be followed op by op: the agent rescans the
+/// deepest directory the copied part names, not the whole tree.
+#[test]
+fn a_path_longer_than_the_probes_copy_rescans_the_deepest_directory_it_names_not_the_root() {
+    let fs = Fs::tmpfs("longpath");
+    let deep: String = (0..5).map(|i| format!("{}{i}", "d".repeat(60))).collect::<Vec<_>>().join("/");
+    fs.dirs(&deep);
+    fs.dirs("elsewhere");
+    let mut cap = Capture::start(&fs.root);
+    fs.put(&format!("{deep}/f"), b"x");
+    let (_, rescan) = cap.ops_until_with(|o| o["op"] == "rescan", Duration::from_secs(10), "a rescan op");
+    let path = rescan["path"].as_str().unwrap_or_default().to_string();
+    assert!(
+        !path.is_empty() && deep.starts_with(&path) && path.len() < deep.len(),
+        "want a rescan of a directory on the way to {deep:?}, got {rescan}\n{}",
+        cap.context()
+    );
+    // Changes elsewhere are still journalled op by op afterwards.
+    fs.put("elsewhere/g", b"y");
+    cap.ops_until_with(|o| o["op"] == "create" && o["path"] == "elsewhere/g", Duration::from_secs(10), "the create of elsewhere/g");
+}

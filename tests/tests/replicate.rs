@@ -2075,14 +2075,17 @@ fn generated_tree_extracted_twice_verifies_identical() {
 }
 
 /// A write replay could not take (its file was renamed before the client read it) leaves the
-/// replica's copy behind the master's until the repair fetches it. A full resync that starts
-/// first (a rescan in the journal) must fetch that file, not keep it because an explicit
-/// utimes gave it the replica's size and mtime.
+/// replica's copy behind the master's until the repair fetches it. A compare of the tree that
+/// starts first (a rescan in the journal) must fetch that file, not keep it because an
+/// explicit utimes gave it the replica's size and mtime.
 #[test]
-fn a_full_resync_fetches_a_file_replay_still_owes_even_when_size_and_mtime_match() {
-    let mut r = Replication::started("stalekept");
+fn a_rescan_fetches_a_file_replay_still_owes_even_when_size_and_mtime_match() {
+    let mut r = Replication::new("stalekept");
+    r.start_server(&["--ring-bytes", "16384"]);
+    r.start_client();
     let old = vec![b'x'; 8192];
     r.export.put("f", &old);
+    r.export.put("burst", b"");
     r.assert_identical(CONVERGE_TIMEOUT, "before the pause");
     let st = sys::lstat(&r.export.p("f")).unwrap();
     let pid = r.client().agent.pid;
@@ -2097,11 +2100,27 @@ fn a_full_resync_fetches_a_file_replay_still_owes_even_when_size_and_mtime_match
     std::fs::rename(r.export.p("f"), r.export.p("g")).unwrap();
     let mtime = sys::timespec(st.st_mtime, st.st_mtime_nsec);
     sys::utimensat(libc::AT_FDCWD, Some(&r.export.p("g")), Some([mtime, mtime]), 0).unwrap();
-    // A path longer than the probes copy makes the server journal a rescan: a full resync.
-    let long: String = (0..6).map(|i| format!("{}{i}/", "d".repeat(60))).collect();
-    std::fs::create_dir_all(r.export.p(&long)).unwrap();
+    // Events lost while the server is stopped (its ring buffer overflows) make it journal
+    // a rescan of the root.
+    let spid = r.server().agent.pid;
+    unsafe { libc::kill(spid, libc::SIGSTOP) };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(r.export.p("burst")).unwrap();
+        for i in 0..4000u64 {
+            f.write_all_at(&[b'b'; 512], i * 8192).unwrap();
+        }
+    }
+    unsafe { libc::kill(spid, libc::SIGCONT) };
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    r.assert_identical(CONVERGE_TIMEOUT, "after the full resync");
+    r.assert_identical(CONVERGE_TIMEOUT, "after the rescan");
     assert_eq!(std::fs::read(r.replica.p("g")).unwrap(), vec![b'y'; 8192]);
+    assert!(
+        !r.server().agent.stderr_matching("lost").is_empty(),
+        "the server lost no events: this test did not test a rescan\n{}",
+        r.server().context()
+    );
+    let c = r.client();
+    assert_eq!(c.initial_syncs().len(), 1, "the rescan cost a full resync\n{}", c.context());
     r.assert_no_panic();
 }

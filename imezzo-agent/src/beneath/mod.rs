@@ -38,6 +38,18 @@ pub use sys::{cstring, errno, is_kind, RESOLVE_STRICT};
 use crate::attrs::Attrs;
 use crate::op::RelPath;
 
+/// Names starting with this are imezzo's temporary files (replay's and the full sync's,
+/// on a replica); they are reserved: never exported, never replicated, swept after a crash.
+pub const TEMP_PREFIX: &[u8] = b".imezzo-tmp.";
+
+/// A fresh temporary name: [`TEMP_PREFIX`] and 64 random bits, so nobody can take it ahead
+/// (creations with it use `O_EXCL` or fail on an existing name anyway).
+pub fn temp_name() -> CString {
+    let mut name = TEMP_PREFIX.to_vec();
+    name.extend_from_slice(sys::random_hex().as_bytes());
+    CString::new(name).unwrap_or_default()
+}
+
 /// Errors that mean "nothing of the tree is there" for a lookup: the name is absent, a
 /// component is not a directory, or a symlink (refused, not followed) is in the way.
 pub fn is_absent(e: &io::Error) -> bool {

@@ -450,6 +450,94 @@ impl Capture {
         }
     }
 
+    /// A path cut at the probes' copy names something beneath the directory its copied
+    /// part names up to its last `/`: that directory (the deepest one the table knows on
+    /// the way) is rescanned, not the whole tree. Two cut paths (a rename) rescan their
+    /// deepest common directory. A copied part that leads outside the root, where the root
+    /// is not beneath it either, is not ours (a `..` in the uncopied rest could still climb
+    /// back in; no program is known to write such paths).
+    fn rescan_cut(&mut self, ev: &PathEvent, out: &mut Vec<Op>) {
+        let reason = format!("a path longer than the probes copy ({} bytes)", imezzo_common::PATH_CAP);
+        let mut scopes: Vec<Vec<Vec<u8>>> = Vec::new();
+        let paths = [
+            (1u32, ev.start_a, &ev.path_a[..ev.len_a as usize], false),
+            (2u32, ev.start_b, &ev.path_b[..ev.len_b as usize], true),
+        ];
+        for (bit, start, bytes, second) in paths {
+            // (Bit 2 of a symlink call is its target, which is content, not a path.)
+            if ev.truncated & bit == 0 || (bit == 2 && matches!(ev.nr, 88 | 266)) {
+                continue;
+            }
+            let prefix = match bytes.iter().rposition(|&c| c == b'/') {
+                Some(0) => &bytes[..1],
+                Some(i) => &bytes[..i],
+                None => &b"."[..],
+            };
+            match self.locate(start, prefix, ev.tgid, dirfd_of(ev, second), false) {
+                Located::Inside(parts) => match self.deepest_known_dir(parts) {
+                    Some(parts) => scopes.push(parts),
+                    None => return self.rescan(reason, out),
+                },
+                Located::Outside => {
+                    let root = self.root.as_os_str().as_bytes();
+                    let abs = prefix.starts_with(b"/").then_some(prefix);
+                    if abs.is_none_or(|p| root.starts_with(p)) {
+                        return self.rescan(reason, out);
+                    }
+                }
+                Located::Unknown(_) => return self.rescan(reason, out),
+            }
+        }
+        let Some(first) = scopes.first().cloned() else { return };
+        let common = scopes.iter().fold(first, |acc, p| {
+            acc.iter().zip(p).take_while(|(a, b)| a == b).map(|(a, _)| a.clone()).collect()
+        });
+        self.rescan_dir(common, reason, out);
+    }
+
+    /// The longest prefix of `parts` that the table knows as directories all the way, or
+    /// `None` when one of them is known as something else (a symlink may lead anywhere).
+    fn deepest_known_dir(&self, parts: Vec<Vec<u8>>) -> Option<Vec<Vec<u8>>> {
+        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let mut known = 0;
+        for i in 1..=refs.len() {
+            match self.table.lookup(&refs[..i]) {
+                None => break,
+                Some(ino) if self.table.kind(ino) == Some(Kind::Dir) => known = i,
+                Some(_) => return None,
+            }
+        }
+        Some(parts[..known].to_vec())
+    }
+
+    /// Re-walks the directory `parts` (the root when empty) and journals a rescan of it.
+    fn rescan_dir(&mut self, parts: Vec<Vec<u8>>, reason: String, out: &mut Vec<Op>) {
+        if parts.is_empty() {
+            return self.rescan(reason, out);
+        }
+        let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let path = join(&refs);
+        let Some(parent) = self.table.lookup(&refs[..refs.len() - 1]) else {
+            return self.rescan(reason, out);
+        };
+        crate::report!(Info, "capture: changes the probes could not resolve, directory rescanned", "{reason}: rescanning {:?}", path.display());
+        self.flush(out);
+        let name = refs[refs.len() - 1];
+        self.table.unlink(parent, name);
+        let abs = self.abs(&path);
+        if let Ok(meta) = fs::symlink_metadata(&abs) {
+            let kind = Kind::of(meta.file_type());
+            self.table.link(parent, name, meta.ino(), kind);
+            if kind == Kind::Dir {
+                if let Err(e) = self.table.walk(&abs, meta.ino(), self.dev) {
+                    crate::report!(Error, "capture: rescans that failed", "rescan of {} failed: {e}", abs.display());
+                }
+            }
+        }
+        self.stats.rescans += 1;
+        out.push(Op::Rescan { path, reason });
+    }
+
     /// Re-walks the whole tree and journals a rescan of the root.
     fn rescan(&mut self, reason: String, out: &mut Vec<Op>) {
         crate::report!(Warn, "capture: changes the probes could not resolve, tree rescanned", "{reason}: rescanning {}", self.root.display());
@@ -733,7 +821,7 @@ impl Capture {
 
     fn on_path(&mut self, ev: &PathEvent, out: &mut Vec<Op>) {
         if ev.truncated & 1 != 0 || ev.truncated & 2 != 0 && !matches!(ev.nr, 88 | 266) {
-            self.rescan(format!("a path longer than the probes copy ({} bytes)", imezzo_common::PATH_CAP), out);
+            self.rescan_cut(ev, out);
             return;
         }
         let a = &ev.path_a[..ev.len_a as usize];

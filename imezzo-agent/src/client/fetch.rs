@@ -108,7 +108,7 @@ impl Fetcher {
                 FetchEvent::End { file_size } => end = Some(DataEnd::Done { file_size }),
                 FetchEvent::Gone => end = Some(DataEnd::Gone),
                 FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
-                FetchEvent::Attrs(_) | FetchEvent::Listing(_) | FetchEvent::ListingEnd => {}
+                FetchEvent::Attrs(_) | FetchEvent::Listing(_) | FetchEvent::ListingEnd { .. } => {}
             }
             Ok(())
         })
@@ -162,7 +162,7 @@ impl Fetcher {
                     for event in ex.handle_stream_data(&chunk.bytes).map_err(|r| self.violation(r))? {
                         let item = match event {
                             FetchEvent::Listing(entries) => Listed::Entries(entries),
-                            FetchEvent::ListingEnd => Listed::End,
+                            FetchEvent::ListingEnd { seq } => Listed::End { seq },
                             FetchEvent::Gone => Listed::Gone,
                             FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
                             _ => continue,
@@ -183,7 +183,8 @@ impl Fetcher {
 /// What a listing fetch hands over, in order.
 pub(crate) enum Listed {
     Entries(Vec<crate::protocol::ManifestEntry>),
-    End,
+    /// Complete; the listing shows the tree as of journal seq `seq` or later.
+    End { seq: u64 },
     Gone,
     Failed(FetchFail),
 }

@@ -24,7 +24,6 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -164,6 +163,18 @@ impl FullSync {
         dirs
     }
 
+    /// Every path the listing named (the scope included), but the names of hard-link
+    /// groups that had no other name in the listing: their other names lie outside it, and
+    /// whether the replica's object is linked to them is not known here.
+    pub fn names_seen_whole(&self) -> Vec<Vec<u8>> {
+        let linked: HashSet<&RelPath> = self.links.iter().map(|(_, first)| first).collect();
+        let lone: HashSet<&[u8]> =
+            self.groups.values().filter(|first| !linked.contains(first)).map(|p| p.as_bytes()).collect();
+        let mut names: Vec<Vec<u8>> = self.names.iter().filter(|n| !lone.contains(&n[..])).cloned().collect();
+        names.push(self.scope.clone());
+        names
+    }
+
     /// Gives up on a sync whose listing did not come whole: its fetches are awaited, and
     /// nothing is swept (what the listing did not name may well exist at the master).
     pub fn abandon(mut self) -> Result<(), Stop> {
@@ -282,7 +293,7 @@ impl FullSync {
                     if same {
                         Loc::entry(dir.as_fd(), &name).set_attrs(&attrs)?;
                     } else {
-                        let tmp = temp_name();
+                        let tmp = beneath::temp_name();
                         sys::symlinkat(&cstring(&target)?, dir.as_fd(), &tmp)?;
                         place(dir.as_fd(), &tmp, &name, &attrs)?;
                     }
@@ -301,7 +312,7 @@ impl FullSync {
                     if same {
                         Loc::entry(dir.as_fd(), &name).set_attrs(&attrs)?;
                     } else {
-                        let tmp = temp_name();
+                        let tmp = beneath::temp_name();
                         sys::mknodat(dir.as_fd(), &tmp, bits | attrs.mode, attrs.rdev)?;
                         place(dir.as_fd(), &tmp, &name, &attrs)?;
                     }
@@ -353,6 +364,44 @@ impl FullSync {
                 let attrs = self.full_xattrs(path, attrs, xattrs_omitted)?;
                 Loc::entry(dir.as_fd(), &name).set_attrs(&attrs)?;
                 self.stats.kept_files += 1;
+                return Ok(());
+            }
+        }
+        // A resync of one directory sees only the names of a hard-link group inside it:
+        // the replica's object, when it has other names too, is brought up to date in
+        // place, so the names outside the listing stay linked to it.
+        if !self.whole && link_group.is_some() {
+            if existing.is_some_and(|st| is_kind(&st, libc::S_IFREG) && st.st_nlink > 1) {
+                let fd = sys::openat(dir.as_fd(), &name, libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?;
+                let file = File::from(fd);
+                let size = match data {
+                    Some(d) => {
+                        file.write_all_at(&d, 0)?;
+                        d.len() as u64
+                    }
+                    None => {
+                        let end = self.fetcher.runtime().block_on(self.fetcher.data(
+                            path.clone(),
+                            0,
+                            u64::MAX,
+                            None,
+                            &mut |at, chunk| file.write_all_at(&chunk, at),
+                        ));
+                        match end {
+                            Ok(DataEnd::Done { file_size }) => file_size,
+                            // Gone since the walk: a later entry accounts for it.
+                            Ok(DataEnd::Gone) => return Ok(()),
+                            Err(FetchFail::Lost(why)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+                            Err(FetchFail::Unreadable(why)) => return Err(io::Error::other(format!("the server cannot read it: {why}"))),
+                            Err(FetchFail::Local(e)) => return Err(e),
+                        }
+                    }
+                };
+                file.set_len(size)?;
+                let attrs = self.full_xattrs(path, attrs, xattrs_omitted)?;
+                set_attrs_fd(file.as_fd(), &attrs)?;
+                self.stats.fetched_files += 1;
+                self.stats.fetched_bytes += size;
                 return Ok(());
             }
         }
@@ -547,7 +596,7 @@ impl FullSync {
                 return Ok(());
             }
         }
-        let tmp = temp_name();
+        let tmp = beneath::temp_name();
         sys::linkat(fdir.as_fd(), &fname, pdir.as_fd(), &tmp)?;
         replace(pdir.as_fd(), &tmp, &pname)
     }
@@ -670,7 +719,7 @@ fn write_inline(
 
 /// A new, empty temporary file in `dir`, owner-only until it is given its attributes.
 fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(CString, File)> {
-    let tmp = temp_name();
+    let tmp = beneath::temp_name();
     let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW;
     let fd = sys::openat(dir, &tmp, flags, 0o600)?;
     Ok((tmp, File::from(fd)))
@@ -753,14 +802,6 @@ fn place(dir: BorrowedFd<'_>, tmp: &CStr, name: &CStr, attrs: &Attrs) -> io::Res
 }
 
 /// A fresh temporary name, reserved for replay (`.imezzo-tmp.`), unique in this process.
-fn temp_name() -> CString {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut name = TEMP_PREFIX.to_vec();
-    name.extend_from_slice(format!("sync-{}-{n}", std::process::id()).as_bytes());
-    // No NUL can be in it.
-    CString::new(name).unwrap_or_default()
-}
 
 /// Whether `path` is `dir` or lies beneath it (`a` holds `a` and `a/b`, not `ab`).
 fn is_self_or_beneath(path: &[u8], dir: &[u8]) -> bool {

@@ -638,7 +638,9 @@ impl Worker {
     /// Makes the directory `scope` the master's from a listing of it: its whole subtree, or
     /// (unless `recursive`) its children, and then, whole, each child directory that had
     /// to be created. Objects the listing does not name are removed; files whose size and
-    /// mtime match are kept unless they are pending; pending paths it covers are done with, unless they failed (those stay
+    /// mtime match are kept unless they are pending or replay touched them since the last
+    /// full sync; everything placed or kept is marked as the master's as of the listing's
+    /// seq, so the entries before that seq still to come are already applied; pending paths it covers are done with, unless they failed (those stay
     /// pending, to be retried). Nothing at `scope` at the master: nothing to do (a later
     /// entry accounts for it).
     pub(super) fn resync_dir(&mut self, scope: &RelPath, recursive: bool) -> Result<(), Stop> {
@@ -653,9 +655,13 @@ impl Worker {
                 .collect();
             let mut sync = full_sync::FullSync::scoped(&self.root, self.fetcher.clone(), scope.clone(), recursive)
                 .map_err(|error| Stop::Fatal(ClientError::Root { path: self.root.clone(), error }))?;
-            // Unlike a full sync, the entries after this one are still replayed, and what
-            // replay left owing is the pending set: files are kept by size and mtime.
+            // Files replay touched since the last full sync may hold another moment's bytes
+            // under the master's size and mtime; pending ones are owed bytes: both fetched.
             sync.refetch(covered.iter().cloned());
+            if let Ok(m) = std::fs::metadata(self.stamp_file()) {
+                use std::os::unix::fs::MetadataExt;
+                sync.keep_only_untouched_since((m.ctime(), m.ctime_nsec()));
+            }
             let mut listing = self.fetcher.listing(scope.clone(), recursive);
             let complete = loop {
                 match listing.blocking_recv() {
@@ -664,16 +670,16 @@ impl Worker {
                             sync.apply(e)?;
                         }
                     }
-                    Some(Listed::End) => break true,
+                    Some(Listed::End { seq }) => break Some(seq),
                     // No directory there now: the entries after this one account for it.
-                    Some(Listed::Gone) => break false,
+                    Some(Listed::Gone) => break None,
                     Some(Listed::Failed(FetchFail::Lost(why))) => return Err(Stop::Lost(why)),
                     Some(Listed::Failed(e)) => {
                         crate::report!(Warn, "client: directories that could not be compared with the master's yet",
                             "cannot compare {:?} with the master's yet ({e:?}); retrying later", scope.display());
                         // Kept pending (durably, with the next save) and retried by repair.
                         self.pending.insert(scope.0.clone(), true);
-                        break false;
+                        break None;
                     }
                     None => {
                         return Err(Stop::Lost(self.fetcher.lost().unwrap_or_else(|| "a listing fetch stopped".into())))
@@ -681,13 +687,23 @@ impl Worker {
                 }
             };
             drop(listing);
-            if !complete {
+            let Some(as_of) = complete else {
                 sync.abandon()?;
                 continue;
-            }
+            };
             let new_dirs = if recursive { Vec::new() } else { sync.new_dirs() };
+            let names = sync.names_seen_whole();
             let (_, failed) = sync.finish(0)?;
             let failed_set: std::collections::HashSet<&Vec<u8>> = failed.iter().collect();
+            // What the listing placed or kept is the master's as of `as_of`: the entries
+            // before it that are still to come (they were journalled before the listing
+            // was walked) must not take it back to an older state (a chmod's or a
+            // truncate's value, a create of a name since removed).
+            for name in names.iter().filter(|n| !failed_set.contains(n)) {
+                self.replayer
+                    .mark_as_of(&RelPath(name.clone()), as_of)
+                    .map_err(|e| Stop::Fatal(e.into()))?;
+            }
             for p in &covered {
                 if !failed_set.contains(p) {
                     self.pending.remove(p);

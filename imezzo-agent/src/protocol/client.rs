@@ -500,8 +500,8 @@ pub enum FetchEvent {
     /// Entries of a listing, checked: the directory asked for first, then only objects
     /// beneath it (its children only, unless the listing is recursive).
     Listing(Vec<ManifestEntry>),
-    /// The listing is complete.
-    ListingEnd,
+    /// The listing is complete; it shows the tree as of journal seq `seq` or later.
+    ListingEnd { seq: u64 },
     /// The server could not read it; report and retry later.
     Unreadable { reason: String },
 }
@@ -645,7 +645,7 @@ impl FetchExchange {
             | Msg::Attrs { req_id, .. }
             | Msg::Gone { req_id }
             | Msg::Listing { req_id, .. }
-            | Msg::ListingEnd { req_id }
+            | Msg::ListingEnd { req_id, .. }
             | Msg::Unreadable { req_id, .. } => *req_id,
             other => {
                 let detail = if other.sender() == Side::Client {
@@ -724,9 +724,9 @@ impl FetchExchange {
                 }
                 Ok(FetchEvent::Listing(entries))
             }
-            (Expect::Listing { started: true, .. }, Msg::ListingEnd { .. }) => {
+            (Expect::Listing { started: true, .. }, Msg::ListingEnd { seq, .. }) => {
                 self.done = true;
-                Ok(FetchEvent::ListingEnd)
+                Ok(FetchEvent::ListingEnd { seq })
             }
             (_, Msg::Unreadable { reason, .. }) => {
                 self.done = true;

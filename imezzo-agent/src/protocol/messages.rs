@@ -115,8 +115,11 @@ pub enum Msg {
         req_id: u64,
         entries: Vec<ManifestEntry>,
     },
+    /// The listing is complete. `seq`: the journal's last seq when the walk began; the
+    /// listing shows the tree as of that seq or later.
     ListingEnd {
         req_id: u64,
+        seq: u64,
     },
     Unreadable {
         req_id: u64,

@@ -2366,14 +2366,14 @@ fn a_listing_is_the_directory_asked_for_then_what_lies_beneath_it() {
     let (mut ex, req) = FetchExchange::listing(5, "d".into(), false);
     assert_eq!(req, Msg::FetchListing { req_id: 5, path: "d".into(), recursive: false });
     let entries = vec![listed("d", FileKind::Directory), listed("d/a", FileKind::Regular), listed("d/b", FileKind::Directory)];
-    let events = fetch_events(&mut ex, &[Msg::Listing { req_id: 5, entries: entries.clone() }, Msg::ListingEnd { req_id: 5 }]).unwrap();
-    assert_eq!(events, vec![FetchEvent::Listing(entries), FetchEvent::ListingEnd]);
+    let events = fetch_events(&mut ex, &[Msg::Listing { req_id: 5, entries: entries.clone() }, Msg::ListingEnd { req_id: 5, seq: 40 }]).unwrap();
+    assert_eq!(events, vec![FetchEvent::Listing(entries), FetchEvent::ListingEnd { seq: 40 }]);
     assert!(ex.is_done());
 
     // The root's listing holds top-level names; a recursive one anything beneath.
     let (mut ex, _) = FetchExchange::listing(6, "".into(), true);
     let entries = vec![listed("", FileKind::Directory), listed("x", FileKind::Directory), listed("x/y/z", FileKind::Regular)];
-    assert!(fetch_events(&mut ex, &[Msg::Listing { req_id: 6, entries }, Msg::ListingEnd { req_id: 6 }]).is_ok());
+    assert!(fetch_events(&mut ex, &[Msg::Listing { req_id: 6, entries }, Msg::ListingEnd { req_id: 6, seq: 1 }]).is_ok());
 
     // No directory there: Gone, instead of any entry.
     let (mut ex, _) = FetchExchange::listing(7, "gone".into(), true);
@@ -2386,7 +2386,7 @@ fn a_listing_with_entries_outside_what_was_asked_is_a_violation() {
         let (mut ex, _) = FetchExchange::listing(9, "d".into(), recursive);
         let mut msgs = vec![Msg::Listing { req_id: 9, entries }];
         if end {
-            msgs.push(Msg::ListingEnd { req_id: 9 });
+            msgs.push(Msg::ListingEnd { req_id: 9, seq: 1 });
         }
         violation_text(&fetch_events(&mut ex, &msgs).unwrap_err())
     };
@@ -2400,7 +2400,7 @@ fn a_listing_with_entries_outside_what_was_asked_is_a_violation() {
     assert!(bad(true, vec![dir(), listed("d/../x", FileKind::Regular)], false).contains("'..'"));
     // ListingEnd before the directory itself came.
     let (mut ex, _) = FetchExchange::listing(9, "d".into(), true);
-    assert!(violation_text(&fetch_events(&mut ex, &[Msg::ListingEnd { req_id: 9 }]).unwrap_err()).contains("does not answer"));
+    assert!(violation_text(&fetch_events(&mut ex, &[Msg::ListingEnd { req_id: 9, seq: 1 }]).unwrap_err()).contains("does not answer"));
     // Gone after entries.
     let (mut ex, _) = FetchExchange::listing(9, "d".into(), true);
     let r = fetch_events(&mut ex, &[Msg::Listing { req_id: 9, entries: vec![dir()] }, Msg::Gone { req_id: 9 }]);

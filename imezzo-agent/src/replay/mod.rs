@@ -131,8 +131,7 @@ use crate::beneath::{self, errno, is_kind, sys, xattr_is_local, Loc, Tree};
 
 use crate::op::{JournalEntry, Op, RelPath, Timestamp};
 
-/// Names starting with this are replay's temporary files; they are reserved.
-pub const TEMP_PREFIX: &[u8] = b".imezzo-tmp.";
+pub use crate::beneath::TEMP_PREFIX;
 
 /// Bytes asked of the data source at a time.
 const CHUNK: u64 = 8 << 20;
@@ -321,11 +320,9 @@ struct Temp<'a> {
 
 impl<'a> Temp<'a> {
     fn new(dir: BorrowedFd<'a>, is_dir: bool) -> Temp<'a> {
-        let mut name = TEMP_PREFIX.to_vec();
-        name.extend_from_slice(sys::random_hex().as_bytes());
         Temp {
             dir,
-            name: CString::new(name).expect("hex has no NUL"),
+            name: beneath::temp_name(),
             is_dir,
             armed: true,
         }
@@ -862,6 +859,22 @@ impl Replayer {
             path: path.display().into_owned(),
             source,
         })
+    }
+
+    /// Records that the object at `path` is the master's as of journal seq `seq` (placed or
+    /// checked by a resync from a listing at that seq): operations before `seq` on it are
+    /// then already applied. Nothing there: nothing to record.
+    pub fn mark_as_of(&mut self, path: &RelPath, seq: u64) -> Result<(), ReplayError> {
+        let st = match self.root.parent(path.as_bytes()) {
+            Ok(Some((dir, name))) => Loc::entry(dir.as_fd(), &name).stat(),
+            Ok(None) if path.as_bytes().is_empty() => Loc::dir(self.root.fd()).stat(),
+            Ok(None) => return Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Some(st) = st.ctx("mark", path)? {
+            self.marks.set(InodeId::of(&st), self.mark_for(seq, false))?;
+        }
+        Ok(())
     }
 
     /// What to answer when the replica lacks what an operation on `path` needs.

@@ -945,6 +945,8 @@ async fn answer_listing(
     recursive: bool,
 ) -> bool {
     let (tx, mut rx) = mpsc::channel(4);
+    // Noted before the walk: whatever the walk races with is journalled after it.
+    let seq = shared.journal.last_seq();
     let s = shared.clone();
     let p = path.clone();
     let walk = tokio::task::spawn_blocking(move || {
@@ -959,7 +961,7 @@ async fn answer_listing(
         }
     }
     let msg = match walk.await {
-        Ok(Ok(Some(_))) => Msg::ListingEnd { req_id },
+        Ok(Ok(Some(_))) => Msg::ListingEnd { req_id, seq },
         Ok(Ok(None)) => Msg::Gone { req_id },
         Ok(Err(e)) => {
             crate::report!(Warn, "server: directories a client asked for that could not be listed", "cannot list {:?} for a client: {e}", path.display());
