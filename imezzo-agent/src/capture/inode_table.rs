@@ -366,6 +366,26 @@ impl InodeTable {
         None
     }
 
+    /// Every path of `ino` the table knows (its first link, then the others), at most
+    /// `max`; empty for an inode it does not know.
+    pub fn paths_of(&self, ino: u64, max: usize) -> Vec<RelPath> {
+        let mut out: Vec<RelPath> = self.path_of(ino).into_iter().collect();
+        for (parent, name) in self.extra_of.get(&ino).into_iter().flatten() {
+            if out.len() >= max {
+                break;
+            }
+            let Some(dir) = self.path_of(*parent) else { continue };
+            let mut p = dir.0;
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            p.extend_from_slice(name);
+            out.push(RelPath(p));
+        }
+        out.truncate(max);
+        out
+    }
+
     /// The inode at `path`, walking names from the root (symlinks are not followed).
     pub fn lookup(&self, path: &[&[u8]]) -> Option<u64> {
         let mut cur = self.root;

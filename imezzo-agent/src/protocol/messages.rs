@@ -6,7 +6,7 @@ use crate::attrs::{Attrs, FileKind};
 use crate::op::{JournalEntry, Op, RelPath};
 
 /// The protocol version this agent speaks; it travels in every frame header.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
 pub const HEADER_LEN: usize = 6;
 /// Largest body accepted on the control stream (both directions) and from a client on a
@@ -24,6 +24,8 @@ pub const DATA_CHUNK: usize = 1 << 20;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Most paths in one `FetchAttrs`.
 pub const MAX_ATTRS_PATHS: usize = 1024;
+/// Most other names of one object in an `Attrs` answer ([`Links::names`]).
+pub const MAX_LINK_NAMES: usize = 64;
 /// Largest regular file whose content may travel inside its manifest entry (`data`).
 pub const INLINE_DATA_MAX: u64 = 64 << 10;
 
@@ -83,6 +85,8 @@ pub enum Msg {
     FetchAttrs {
         req_id: u64,
         paths: Vec<RelPath>,
+        /// Answer with each object's [`Links`] too (repairs ask; replay's prefetch does not).
+        links: bool,
     },
     // Fetch streams, server to client.
     Data {
@@ -97,6 +101,9 @@ pub enum Msg {
     Attrs {
         req_id: u64,
         attrs: Vec<Option<Attrs>>,
+        /// Empty unless `FetchAttrs` asked for `links`; then one per path, `Some` only for
+        /// a non-directory the server found with more than one link.
+        links: Vec<Option<Links>>,
     },
     Gone {
         req_id: u64,
@@ -166,6 +173,21 @@ pub struct ManifestEntry {
     /// server chose to send it here rather than have the client fetch it; its length is
     /// `attrs.size`.
     pub data: Option<Vec<u8>>,
+}
+
+/// A multiply-linked master object's identity and the other names the server knows it
+/// by, so that a client recreating one name from the master's current state makes the
+/// others links of it rather than separate objects (docs/reliability.md, repairs).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Links {
+    /// The master's inode number (groups answers about several names of one object).
+    pub ino: u64,
+    /// The master's link count: `names` may be fewer (names outside the export, names
+    /// the server does not know yet, more than [`MAX_LINK_NAMES`]).
+    pub nlink: u64,
+    /// Other names of this inode now, each checked on the master just before the answer;
+    /// never the asked path, at most [`MAX_LINK_NAMES`].
+    pub names: Vec<RelPath>,
 }
 
 /// Which side of a connection.
