@@ -649,6 +649,24 @@ mod tests {
     }
 
     #[test]
+    fn paths_of_lists_every_link_of_an_inode_up_to_the_bound() {
+        let mut t = table();
+        t.link(1, b"d", 2, Kind::Dir);
+        t.link(1, b"a", 9, Kind::Other);
+        t.link(2, b"b", 9, Kind::Other);
+        t.link(1, b"c", 9, Kind::Other);
+        let all: Vec<String> = t.paths_of(9, 10).iter().map(|p| p.display().into_owned()).collect();
+        assert_eq!(all, ["a", "d/b", "c"]);
+        t.rename((1, b"d"), (1, b"e"));
+        assert_eq!(t.paths_of(9, 2).len(), 2);
+        assert!(t.paths_of(9, 10).iter().any(|p| p.display() == "e/b"));
+        t.unlink(1, b"a");
+        assert_eq!(t.paths_of(9, 10).len(), 2);
+        assert_eq!(t.paths_of(2, 10).len(), 1, "a directory: its one name");
+        assert!(t.paths_of(77, 10).is_empty());
+    }
+
+    #[test]
     fn a_hard_link_keeps_the_inode_after_one_name_goes() {
         let mut t = table();
         t.link(1, b"x", 9, Kind::File);
