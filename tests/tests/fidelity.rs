@@ -333,3 +333,75 @@ fn a_resync_fetches_files_the_replica_changed_since_its_last_full_sync_even_with
     assert!(syncs >= 2, "no full resync happened ({syncs} syncs)\n{}", c.context());
     r.assert_no_panic();
 }
+
+#[test]
+fn a_resync_never_keeps_a_replica_object_whose_other_names_are_other_objects_on_the_master() {
+    // Found by fsstress: the replica held one inode under names that the master had since
+    // made separate objects (a name replaced by another device node of the same number).
+    // A full resync kept that inode in place for each of those names (same type, same
+    // device number) and set each entry's attributes on it, so the last entry's owner,
+    // mode and times reached every name, and the stale link survived. Here the replica's
+    // stale group is made by hand, then a path longer than the probes copy makes the
+    // server rescan and the client resync in full.
+    let mut r = Replication::started("resyncgroups");
+    ok(sys::mknod(&r.e("c1"), libc::S_IFCHR | 0o640, 0));
+    ok(sys::link(&r.e("c1"), &r.e("c2")));
+    ok(sys::mknod(&r.e("c3"), libc::S_IFCHR | 0o604, 0));
+    ok(sys::mknod(&r.e("p1"), libc::S_IFIFO | 0o620, 0));
+    ok(sys::mknod(&r.e("p2"), libc::S_IFIFO | 0o602, 0));
+    std::os::unix::fs::symlink("t", r.e("s1")).unwrap();
+    std::os::unix::fs::symlink("t", r.e("s2")).unwrap();
+    r.assert_identical(SETTLE, "before the replica's groups go stale");
+    // One replica inode for c1, c2 and c3; one for p1 and p2; one for s1 and s2.
+    for (first, other) in [("c1", "c3"), ("p1", "p2"), ("s1", "s2")] {
+        std::fs::hard_link(r.r(first), r.r("stale")).unwrap();
+        std::fs::rename(r.r("stale"), r.r(other)).unwrap();
+    }
+    let long = "l".repeat(250);
+    r.export.put(&long, b"a name the probes cut\n");
+    r.assert_identical(SETTLE, "a resync over stale replica link groups");
+    let c = r.client();
+    let syncs = c.agent.stderr_matching("initial sync done").len();
+    assert!(syncs >= 2, "no full resync happened ({syncs} syncs)\n{}", c.context());
+    r.assert_no_panic();
+}
+
+#[test]
+fn a_name_fetched_again_from_the_master_stays_a_hard_link_of_its_other_names() {
+    // A pending path is fetched again from the master's current attributes (the repair
+    // that follows "master state could not be read" and diverged names). It used to be
+    // made as a separate object, so a later change through another name of the master's
+    // object missed it (fsstress: c* device nodes with several names). Here the replica
+    // loses a name, which the master then renames: replay finds no source and has the new
+    // name fetched again. It must come back as a link of the names the replica still has,
+    // and a chmod and chown through one of those then reach it.
+    let mut r = Replication::started("repairlinks");
+    r.export.dirs("d");
+    ok(sys::mknod(&r.e("c1"), libc::S_IFCHR | 0o640, 0));
+    ok(sys::link(&r.e("c1"), &r.e("c2")));
+    ok(sys::link(&r.e("c1"), &r.e("d/c3")));
+    r.export.put("f1", b"linked bytes\n");
+    ok(sys::link(&r.e("f1"), &r.e("f2")));
+    ok(sys::mknod(&r.e("p1"), libc::S_IFIFO | 0o600, 0));
+    ok(sys::link(&r.e("p1"), &r.e("d/p2")));
+    r.assert_identical(SETTLE, "before the replica loses a name");
+    for lost in ["c2", "f2", "d/p2"] {
+        std::fs::remove_file(r.r(lost)).unwrap();
+    }
+    for (from, to) in [("c2", "c4"), ("f2", "f4"), ("d/p2", "d/p4")] {
+        ok(sys::rename(&r.e(from), &r.e(to)));
+    }
+    r.assert_identical(SETTLE, "names fetched again");
+    // Through the names the replica kept all along.
+    ok(sys::chmod(&r.e("c1"), 0o444));
+    ok(sys::chown(&r.e("d/c3"), 7, 8));
+    ok(sys::chmod(&r.e("f1"), 0o640));
+    ok(sys::chmod(&r.e("p1"), 0o606));
+    r.assert_identical(SETTLE, "changes through the other names");
+    for (a, b) in [("c1", "c4"), ("c1", "d/c3"), ("f1", "f4"), ("p1", "d/p4")] {
+        use std::os::unix::fs::MetadataExt;
+        let (ma, mb) = (std::fs::symlink_metadata(r.r(a)).unwrap(), std::fs::symlink_metadata(r.r(b)).unwrap());
+        assert_eq!((ma.dev(), ma.ino()), (mb.dev(), mb.ino()), "{a} and {b} are not one object on the replica");
+    }
+    r.assert_no_panic();
+}

@@ -1448,6 +1448,7 @@ fn hostile_client_messages_close_only_their_own_connection_with_a_logged_reason(
                 Fetch(wire::frame(&Msg::FetchAttrs {
                     req_id: 2,
                     paths: vec![rel("d00"), rel("d00/../../.."), rel("d00/f1")],
+                    links: true,
                 })),
             ],
             &[2],
@@ -1656,7 +1657,7 @@ async fn fake_fetch_answer(mut send: quinn::SendStream, mut recv: quinn::RecvStr
             req_id,
             file_size: 0,
         },
-        Ok(Some(Msg::FetchAttrs { req_id, paths })) => Msg::Attrs {
+        Ok(Some(Msg::FetchAttrs { req_id, paths, .. })) => Msg::Attrs {
             req_id,
             attrs: paths
                 .iter()
@@ -1671,6 +1672,7 @@ async fn fake_fetch_answer(mut send: quinn::SendStream, mut recv: quinn::RecvStr
                     })
                 })
                 .collect(),
+            links: Vec::new(),
         },
         _ => return,
     };

@@ -366,6 +366,26 @@ impl InodeTable {
         None
     }
 
+    /// Every path of `ino` the table knows (its first link, then the others), at most
+    /// `max`; empty for an inode it does not know.
+    pub fn paths_of(&self, ino: u64, max: usize) -> Vec<RelPath> {
+        let mut out: Vec<RelPath> = self.path_of(ino).into_iter().collect();
+        for (parent, name) in self.extra_of.get(&ino).into_iter().flatten() {
+            if out.len() >= max {
+                break;
+            }
+            let Some(dir) = self.path_of(*parent) else { continue };
+            let mut p = dir.0;
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            p.extend_from_slice(name);
+            out.push(RelPath(p));
+        }
+        out.truncate(max);
+        out
+    }
+
     /// The inode at `path`, walking names from the root (symlinks are not followed).
     pub fn lookup(&self, path: &[&[u8]]) -> Option<u64> {
         let mut cur = self.root;
@@ -626,6 +646,24 @@ mod tests {
         assert_eq!(t.path_of(5).unwrap().display(), "z/b/c/f");
         assert_eq!(t.lookup(&[b"z", b"b", b"c", b"f"]), Some(5));
         assert_eq!(t.lookup(&[b"a"]), None);
+    }
+
+    #[test]
+    fn paths_of_lists_every_link_of_an_inode_up_to_the_bound() {
+        let mut t = table();
+        t.link(1, b"d", 2, Kind::Dir);
+        t.link(1, b"a", 9, Kind::Other);
+        t.link(2, b"b", 9, Kind::Other);
+        t.link(1, b"c", 9, Kind::Other);
+        let all: Vec<String> = t.paths_of(9, 10).iter().map(|p| p.display().into_owned()).collect();
+        assert_eq!(all, ["a", "d/b", "c"]);
+        t.rename((1, b"d"), (1, b"e"));
+        assert_eq!(t.paths_of(9, 2).len(), 2);
+        assert!(t.paths_of(9, 10).iter().any(|p| p.display() == "e/b"));
+        t.unlink(1, b"a");
+        assert_eq!(t.paths_of(9, 10).len(), 2);
+        assert_eq!(t.paths_of(2, 10).len(), 1, "a directory: its one name");
+        assert!(t.paths_of(77, 10).is_empty());
     }
 
     #[test]

@@ -106,7 +106,19 @@ pub struct Capture {
     /// before a client replays those entries, it could no longer read them from the
     /// master there, so the surviving name is described again (see `name_gone`).
     touched: std::collections::HashMap<u64, Touched>,
+    /// Where the server asks which names an inode has (see [`Capture::serve_names`]).
+    names: Option<std::sync::mpsc::Receiver<NamesQuery>>,
     _lock: fs::File,
+}
+
+/// A question for the capture thread: every path its inode table knows for each inode of
+/// the root's device (at most `max` each, none for an inode it does not know), as the
+/// table stands after the events drained so far. The table may lag the tree by the events
+/// not drained yet: the asker checks each path before trusting it.
+pub struct NamesQuery {
+    pub inos: Vec<u64>,
+    pub max: usize,
+    pub reply: std::sync::mpsc::SyncSender<Vec<Vec<RelPath>>>,
 }
 
 /// Changes journalled for an inode with several names (see `Capture::touched`).
@@ -276,8 +288,24 @@ impl Capture {
             last_emit: Instant::now(),
             ancestors,
             touched: Default::default(),
+            names: None,
             _lock: lock,
         })
+    }
+
+    /// Answers [`NamesQuery`]s from `rx` from now on, between two drains of the ring buffer
+    /// (so within a few milliseconds, however busy the export).
+    pub fn serve_names(&mut self, rx: std::sync::mpsc::Receiver<NamesQuery>) {
+        self.names = Some(rx);
+    }
+
+    fn answer_names(&mut self) {
+        let Some(rx) = &self.names else { return };
+        while let Ok(q) = rx.try_recv() {
+            let answer = q.inos.iter().map(|&ino| self.table.paths_of(ino, q.max)).collect();
+            // The asker may have given up waiting: nothing to do.
+            let _ = q.reply.send(answer);
+        }
     }
 
     /// An inode number no real inode has (top bit set), for objects seen by name only.
@@ -339,6 +367,7 @@ impl Capture {
                 last_drop_check = Instant::now();
             }
             self.emit(&mut out, drained_at, sink);
+            self.answer_names();
             idle = self.stats.events == before;
             if !idle {
                 // Under a storm, drain in batches: a consumer that chases every event

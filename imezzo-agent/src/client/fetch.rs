@@ -108,7 +108,7 @@ impl Fetcher {
                 FetchEvent::End { file_size } => end = Some(DataEnd::Done { file_size }),
                 FetchEvent::Gone => end = Some(DataEnd::Gone),
                 FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
-                FetchEvent::Attrs(_) | FetchEvent::Listing(_) | FetchEvent::ListingEnd { .. } => {}
+                FetchEvent::Attrs(..) | FetchEvent::Listing(_) | FetchEvent::ListingEnd { .. } => {}
             }
             Ok(())
         })
@@ -118,12 +118,37 @@ impl Fetcher {
 
     /// The master's current attributes of `paths`.
     pub(crate) async fn attrs(&self, paths: Vec<RelPath>) -> Result<Vec<Option<Attrs>>, FetchFail> {
+        Ok(self.attrs_asking(paths, false).await?.0)
+    }
+
+    /// The master's current attributes of `paths` and, for each multiply-linked
+    /// non-directory, its other names (checked by [`FetchExchange`]; `None` where the
+    /// server knows of no other link).
+    pub(crate) async fn attrs_and_links(
+        &self,
+        paths: Vec<RelPath>,
+    ) -> Result<Vec<(Option<Attrs>, Option<Links>)>, FetchFail> {
+        let n = paths.len();
+        let (attrs, links) = self.attrs_asking(paths, true).await?;
+        let mut links = links.into_iter();
+        Ok(attrs
+            .into_iter()
+            .map(|a| (a, links.next().flatten()))
+            .take(n)
+            .collect())
+    }
+
+    async fn attrs_asking(
+        &self,
+        paths: Vec<RelPath>,
+        links: bool,
+    ) -> Result<(Vec<Option<Attrs>>, Vec<Option<Links>>), FetchFail> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (ex, request) = FetchExchange::attrs(id, paths);
+        let (ex, request) = FetchExchange::attrs(id, paths, links);
         let mut answer = None;
         self.exchange(ex, request, &mut |event| {
             match event {
-                FetchEvent::Attrs(a) => answer = Some(a),
+                FetchEvent::Attrs(a, l) => answer = Some((a, l)),
                 FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
                 _ => {}
             }

@@ -87,6 +87,9 @@ pub(crate) struct FullSync {
     groups: HashMap<u64, RelPath>,
     /// (name, first name of its group), linked once every fetch is done.
     links: Vec<(RelPath, RelPath)>,
+    /// Replica objects (dev, ino) this sync kept in place, attributes set: see
+    /// [`FullSync::keep`].
+    kept: HashSet<(u64, u64)>,
     fetches: Vec<FetchJob>,
     permits: Arc<Semaphore>,
     stats: FullSyncStats,
@@ -135,6 +138,7 @@ impl FullSync {
             last_dir: None,
             groups: HashMap::new(),
             links: Vec::new(),
+            kept: HashSet::new(),
             fetches: Vec::new(),
             permits: Arc::new(Semaphore::new(FETCH_CONCURRENCY)),
             refetch: HashSet::new(),
@@ -289,6 +293,7 @@ impl FullSync {
                         }
                         _ => false,
                     };
+                    let same = same && existing.is_some_and(|st| self.keep(&st, link_group));
                     let attrs = self.full_xattrs(&path, &attrs, xattrs_omitted)?;
                     if same {
                         Loc::entry(dir.as_fd(), &name).set_attrs(&attrs)?;
@@ -306,7 +311,9 @@ impl FullSync {
                     let devices =
                         matches!(attrs.kind, FileKind::CharDevice | FileKind::BlockDevice);
                     let same = existing.is_some_and(|st| {
-                        is_kind(&st, bits) && (!devices || st.st_rdev == attrs.rdev)
+                        is_kind(&st, bits)
+                            && (!devices || st.st_rdev == attrs.rdev)
+                            && self.keep(&st, link_group)
                     });
                     let attrs = self.full_xattrs(&path, &attrs, xattrs_omitted)?;
                     if same {
@@ -360,7 +367,7 @@ impl FullSync {
                 && st.st_size as u64 == attrs.size
                 && st.st_mtime == attrs.mtime.sec
                 && st.st_mtime_nsec == attrs.mtime.nsec as i64;
-            if same {
+            if same && self.keep(&st, link_group) {
                 let attrs = self.full_xattrs(path, attrs, xattrs_omitted)?;
                 Loc::entry(dir.as_fd(), &name).set_attrs(&attrs)?;
                 self.stats.kept_files += 1;
@@ -433,6 +440,20 @@ impl FullSync {
             (path, r)
         }));
         Ok(())
+    }
+
+    /// Whether the replica's object `st`, found at an entry's path and alike in kind and
+    /// content, may stay and take the entry's attributes in place; when it may, it is this
+    /// entry's from now on. Attributes set on an inode reach every name it has on the
+    /// replica, and the replica's link groups can be stale (a name the master since
+    /// replaced by another object, or unlinked and linked elsewhere): an object with other
+    /// names is kept only for an entry of a link group (whose other names are linked to it
+    /// at the end, and any other name of it is replaced by its own entry or swept), and
+    /// only once (two entries, of two groups or not, never share one replica inode).
+    /// Otherwise the entry's object is made anew and renamed over it, which leaves the
+    /// inode to its other names.
+    fn keep(&mut self, st: &libc::stat, link_group: Option<u64>) -> bool {
+        (link_group.is_some() || st.st_nlink <= 1) && self.kept.insert((st.st_dev, st.st_ino))
     }
 
     /// The directory `rel` beneath the root, from the one-entry cache when it is the last

@@ -57,7 +57,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::op::{JournalEntry, Op, RelPath};
 use crate::protocol::{
     self, ClientOutput, ClientSession, ClientState, CloseReason, FetchEvent, FetchExchange,
-    ManifestEntry, Msg, VolumeId,
+    Links, ManifestEntry, Msg, VolumeId,
 };
 use crate::replay::{Applied, DataSource, MarkStore, Recovered, ReplayError, Replayer};
 use crate::transport::{self, TransportError};

@@ -533,9 +533,11 @@ impl Worker {
             .collect();
         let mut full_now = false;
         let mut dirs = Vec::new();
+        // Names this round made links of a repaired name, by the master inode they are of.
+        let mut linked: HashMap<Vec<u8>, u64> = HashMap::new();
         for chunk in paths.chunks(protocol::MAX_ATTRS_PATHS) {
             let ask = chunk.iter().map(|(p, _)| RelPath(p.clone())).collect();
-            let answer = match self.fetcher.rt.block_on(self.fetcher.attrs(ask)) {
+            let answer = match self.fetcher.rt.block_on(self.fetcher.attrs_and_links(ask)) {
                 Ok(a) => a,
                 Err(FetchFail::Lost(why)) => return Err(Stop::Lost(why)),
                 Err(e) => {
@@ -545,7 +547,7 @@ impl Worker {
                     continue;
                 }
             };
-            for ((path, diverged), attrs) in chunk.iter().zip(answer) {
+            for ((path, diverged), (attrs, links)) in chunk.iter().zip(answer) {
                 // Absent at the master: a later entry renames or removes it; keep it a while.
                 let Some(attrs) = attrs else {
                     self.pending.missed(path);
@@ -569,7 +571,14 @@ impl Worker {
                     }
                     continue;
                 }
-                match self.repair_one(&rel, &attrs, *diverged) {
+                // Already made a link of its object, attributes and all, by an earlier
+                // name of this round.
+                if links.as_ref().is_some_and(|l| linked.get(path) == Some(&l.ino)) {
+                    self.pending.remove(path);
+                    self.retry.remove(path);
+                    continue;
+                }
+                match self.repair_one(&rel, &attrs, *diverged, links.as_ref(), &mut linked) {
                     Ok(true) => {
                         self.pending.remove(path);
                         self.retry.remove(path);
@@ -732,11 +741,25 @@ impl Worker {
 
     /// Makes `path` what the master has now (`attrs`); false when that takes a full resync
     /// (a type the replica cannot change in place, or a directory of unknown content).
+    ///
+    /// Hard links: a name recreated alone would be a separate object on the replica, and a
+    /// later change through another name of the master's object would miss it. So the
+    /// answer carries the master object's other names (`links`: the server's capture knows
+    /// every link of a multiply-linked inode, and checks each against the export), and once
+    /// `path` is right each of them is made a link of it, replacing whatever the replica
+    /// had there, with the master's attributes (one object: one set). The recreated name is
+    /// the group's anchor rather than an existing replica name because only it has just
+    /// been made right; linking costs no data. Names linked are noted in `linked` (by the
+    /// master's inode) so that a later pending name of the same group is not made again.
+    /// Conversely, a replica object at `path` with more links than the master's has names
+    /// the master's has not (a stale link): `path` leaves it to them and is made anew.
     pub(super) fn repair_one(
         &mut self,
         path: &RelPath,
         a: &Attrs,
         diverged: bool,
+        links: Option<&Links>,
+        linked: &mut HashMap<Vec<u8>, u64>,
     ) -> Result<bool, ReplayError> {
         use FileKind as K;
         if a.kind == K::Directory && diverged {
@@ -745,13 +768,59 @@ impl Worker {
         let Some(ops) = a.recreate_ops(path) else {
             return Ok(false);
         };
+        // Answers already read: replay asks the master again only about what is not here.
+        let mut known: HashMap<RelPath, Option<Attrs>> = HashMap::new();
+        known.insert(path.clone(), Some(a.clone()));
+        for name in links.map(|l| l.names.as_slice()).unwrap_or_default() {
+            known.insert(name.clone(), Some(a.clone()));
+        }
+        let fetcher = self.fetcher.clone();
+        let source = || {
+            let mut s = NetSource::new(&fetcher);
+            s.cache = &known;
+            s
+        };
+        if a.kind != K::Directory {
+            let master_links = links.map_or(1, |l| l.nlink);
+            if self.replayer.nlink(path)?.is_some_and(|n| n > master_links) {
+                let unlink = Op::Unlink { path: path.clone() };
+                self.replayer.apply(&unlink, &mut source())?;
+            }
+        }
         for op in ops {
-            match self
-                .replayer
-                .apply(&op, &mut NetSource::new(&self.fetcher))?
-            {
+            match self.replayer.apply(&op, &mut source())? {
                 Applied::NeedsResync { .. } => return Ok(false),
                 Applied::Changed | Applied::AlreadyApplied | Applied::Obsolete => {}
+            }
+        }
+        if let Some(l) = links {
+            for name in &l.names {
+                if name == path || !askable(name.as_bytes()) {
+                    continue;
+                }
+                let link = Op::Link {
+                    path: path.clone(),
+                    new_path: name.clone(),
+                };
+                match self.replayer.apply(&link, &mut source()) {
+                    Ok(Applied::Changed | Applied::AlreadyApplied) => {
+                        linked.insert(name.0.clone(), l.ino);
+                    }
+                    // The replica lacks its directory yet (entries still to replay make it,
+                    // and the name) or has a directory there: left to replay and repairs.
+                    Ok(other) => log::debug!(
+                        "cannot link {:?} to {:?} yet: {other:?}",
+                        name.display(),
+                        path.display()
+                    ),
+                    Err(e) => {
+                        if self.fetcher.lost().is_some() {
+                            return Err(e);
+                        }
+                        crate::report!(Warn, "client: hard links that could not be made while fetching a path again",
+                            "cannot link {:?} to {:?}: {e}", name.display(), path.display());
+                    }
+                }
             }
         }
         log::debug!(

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::messages::{
     entry_paths, inline_data_problem, wire_path_problem, FrameDecoder, FrameError, FullSyncReason,
-    ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
+    Links, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
+    MAX_LINK_NAMES,
 };
 use super::CloseReason;
 use crate::attrs::{Attrs, FileKind};
@@ -493,8 +494,9 @@ pub enum FetchEvent {
     Data { offset: u64, bytes: Vec<u8> },
     /// The answer is complete; the file had this size when read.
     End { file_size: u64 },
-    /// One entry per requested path, in order.
-    Attrs(Vec<Option<Attrs>>),
+    /// One entry per requested path, in order, and (when asked) each one's links, checked:
+    /// one per path, `Some` only beside a non-directory, each name a valid path.
+    Attrs(Vec<Option<Attrs>>, Vec<Option<Links>>),
     /// Nothing (or no regular file) is at the path now: a later entry accounts for it.
     Gone,
     /// Entries of a listing, checked: the directory asked for first, then only objects
@@ -516,6 +518,7 @@ enum Expect {
     },
     Attrs {
         count: usize,
+        links: bool,
     },
     Listing {
         scope: RelPath,
@@ -570,15 +573,16 @@ impl FetchExchange {
         )
     }
 
-    /// A request for the current attributes of `paths` (at most [`super::MAX_ATTRS_PATHS`]).
-    pub fn attrs(req_id: u64, paths: Vec<RelPath>) -> (FetchExchange, Msg) {
+    /// A request for the current attributes of `paths` (at most [`super::MAX_ATTRS_PATHS`]),
+    /// with `links`, each object's other names too.
+    pub fn attrs(req_id: u64, paths: Vec<RelPath>, links: bool) -> (FetchExchange, Msg) {
         let ex = FetchExchange {
             req_id,
-            expect: Expect::Attrs { count: paths.len() },
+            expect: Expect::Attrs { count: paths.len(), links },
             decoder: FrameDecoder::new(MAX_DATA_BODY),
             done: false,
         };
-        (ex, Msg::FetchAttrs { req_id, paths })
+        (ex, Msg::FetchAttrs { req_id, paths, links })
     }
 
     /// A request for the directory `path` and its children (or, `recursive`, its whole
@@ -690,7 +694,7 @@ impl FetchExchange {
                 self.done = true;
                 Ok(FetchEvent::End { file_size })
             }
-            (Expect::Attrs { count }, Msg::Attrs { attrs, .. }) => {
+            (Expect::Attrs { count, links: asked }, Msg::Attrs { attrs, links, .. }) => {
                 if attrs.len() != *count {
                     let count = *count;
                     return Err(self.violation(format!(
@@ -698,8 +702,11 @@ impl FetchExchange {
                         attrs.len()
                     )));
                 }
+                if let Some(problem) = links_problem(&attrs, &links, *asked) {
+                    return Err(self.violation(format!("Attrs with {problem}")));
+                }
                 self.done = true;
-                Ok(FetchEvent::Attrs(attrs))
+                Ok(FetchEvent::Attrs(attrs, links))
             }
             // Gone only instead of data, not after some of it.
             (Expect::Data { start, next, .. }, Msg::Gone { .. }) if next == start => {
@@ -771,4 +778,35 @@ fn listing_problem(scope: &RelPath, recursive: bool, started: bool, e: &Manifest
         }
         Some(_) => None,
     }
+}
+
+/// What is wrong with an `Attrs` answer's links, if anything: links not asked for, not one
+/// per path, beside nothing or a directory, too many names, or a name that is not a path
+/// beneath the root (the root itself included).
+fn links_problem(attrs: &[Option<Attrs>], links: &[Option<Links>], asked: bool) -> Option<String> {
+    if links.is_empty() {
+        return None;
+    }
+    if !asked || links.len() != attrs.len() {
+        return Some(format!("{} links for {} paths (asked: {asked})", links.len(), attrs.len()));
+    }
+    for (i, (a, l)) in attrs.iter().zip(links).enumerate() {
+        let Some(l) = l else { continue };
+        match a {
+            Some(a) if a.kind != FileKind::Directory => {}
+            _ => return Some(format!("links for answer {i}, which is no object or a directory")),
+        }
+        if l.names.len() > MAX_LINK_NAMES {
+            return Some(format!("{} link names for answer {i} ({MAX_LINK_NAMES} allowed)", l.names.len()));
+        }
+        for n in &l.names {
+            if n.as_bytes().is_empty() {
+                return Some(format!("the root as a link name of answer {i}"));
+            }
+            if let Some(p) = wire_path_problem(n) {
+                return Some(format!("link name {:?} of answer {i}: {p}", n.display()));
+            }
+        }
+    }
+    None
 }

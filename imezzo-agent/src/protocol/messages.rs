@@ -24,6 +24,8 @@ pub const DATA_CHUNK: usize = 1 << 20;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Most paths in one `FetchAttrs`.
 pub const MAX_ATTRS_PATHS: usize = 1024;
+/// Most other names of one object in an `Attrs` answer ([`Links::names`]).
+pub const MAX_LINK_NAMES: usize = 64;
 /// Largest regular file whose content may travel inside its manifest entry (`data`).
 pub const INLINE_DATA_MAX: u64 = 64 << 10;
 
@@ -83,6 +85,8 @@ pub enum Msg {
     FetchAttrs {
         req_id: u64,
         paths: Vec<RelPath>,
+        /// Answer with each object's [`Links`] too (repairs ask; replay's prefetch does not).
+        links: bool,
     },
     /// The directory `path` and what it holds, as manifest entries: its children only, or
     /// (`recursive`) its whole subtree. Answered `Listing`* then `ListingEnd`, or `Gone`
@@ -105,6 +109,9 @@ pub enum Msg {
     Attrs {
         req_id: u64,
         attrs: Vec<Option<Attrs>>,
+        /// Empty unless `FetchAttrs` asked for `links`; then one per path, `Some` only for
+        /// a non-directory the server found with more than one link.
+        links: Vec<Option<Links>>,
     },
     Gone {
         req_id: u64,
@@ -186,6 +193,21 @@ pub struct ManifestEntry {
     /// server chose to send it here rather than have the client fetch it; its length is
     /// `attrs.size`.
     pub data: Option<Vec<u8>>,
+}
+
+/// A multiply-linked master object's identity and the other names the server knows it
+/// by, so that a client recreating one name from the master's current state makes the
+/// others links of it rather than separate objects (docs/reliability.md, repairs).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Links {
+    /// The master's inode number (groups answers about several names of one object).
+    pub ino: u64,
+    /// The master's link count: `names` may be fewer (names outside the export, names
+    /// the server does not know yet, more than [`MAX_LINK_NAMES`]).
+    pub nlink: u64,
+    /// Other names of this inode now, each checked on the master just before the answer;
+    /// never the asked path, at most [`MAX_LINK_NAMES`].
+    pub names: Vec<RelPath>,
 }
 
 /// Which side of a connection.

@@ -25,8 +25,8 @@ pub use client::{
 };
 pub use messages::{
     decode_body, encode, encode_bytes, volume_id, wire_path_problem, EncodeError, FrameDecoder,
-    FrameError, FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK,
-    HEADER_LEN, INLINE_DATA_MAX, MAX_ATTRS_PATHS, MAX_CONTROL_BODY, MAX_DATA_BODY, MAX_PATH_LEN,
+    FrameError, FullSyncReason, Links, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK,
+    HEADER_LEN, INLINE_DATA_MAX, MAX_ATTRS_PATHS, MAX_CONTROL_BODY, MAX_LINK_NAMES, MAX_DATA_BODY, MAX_PATH_LEN,
     PROTOCOL_VERSION, BODY_AHEAD,
 };
 pub use server::{FetchRequest, FetchRequestReader, ServerConfig, ServerOutput, ServerSession};

@@ -567,8 +567,9 @@ pub enum FetchRequest {
     /// offsets, holes left out) then `DataEnd`, or `Gone` / `Unreadable`. With `ino`, a
     /// file at `path` that is another inode is `Gone`.
     Data { req_id: u64, path: RelPath, offset: u64, len: u64, ino: Option<u64> },
-    /// Answer with `Attrs`, one per path in order, or `Unreadable`.
-    Attrs { req_id: u64, paths: Vec<RelPath> },
+    /// Answer with `Attrs`, one per path in order (with `links`, each non-directory's
+    /// [`super::Links`] too), or `Unreadable`.
+    Attrs { req_id: u64, paths: Vec<RelPath>, links: bool },
     /// Answer with `Listing` chunks (the directory `path` first, then its children, or its
     /// whole subtree when `recursive`, in walk order) then `ListingEnd`, or `Gone` when no
     /// directory is there now, or `Unreadable`.
@@ -631,7 +632,7 @@ impl FetchRequestReader {
                 check_path(req_id, &path)?;
                 FetchRequest::Data { req_id, path, offset, len, ino }
             }
-            Msg::FetchAttrs { req_id, paths } => {
+            Msg::FetchAttrs { req_id, paths, links } => {
                 if paths.is_empty() || paths.len() > MAX_ATTRS_PATHS {
                     return Err(violation(format!(
                         "FetchAttrs {req_id} of {} paths (1 to {MAX_ATTRS_PATHS} allowed)",
@@ -641,7 +642,7 @@ impl FetchRequestReader {
                 for p in &paths {
                     check_path(req_id, p)?;
                 }
-                FetchRequest::Attrs { req_id, paths }
+                FetchRequest::Attrs { req_id, paths, links }
             }
             Msg::FetchListing { req_id, path, recursive } => {
                 check_path(req_id, &path)?;

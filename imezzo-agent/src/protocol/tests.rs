@@ -1251,12 +1251,12 @@ fn violation_text(r: &CloseReason) -> String {
 #[test]
 fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     let mut f = frame(&hello(None, None));
-    f[4..6].copy_from_slice(&4u16.to_le_bytes());
+    f[4..6].copy_from_slice(&5u16.to_le_bytes());
     let r = server_closes_on(&[f.clone()], false);
     assert_eq!(r.code(), 1);
     assert_eq!(
         r.to_string(),
-        "this server speaks imezzo protocol 3 and the client speaks protocol 4: upgrade the server"
+        "this server speaks imezzo protocol 4 and the client speaks protocol 5: upgrade the server"
     );
 
     let mut c = ClientSession::new(ClientState::default(), Instant::now());
@@ -1265,7 +1265,7 @@ fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     match close {
         Some(ClientOutput::Close(r)) => assert_eq!(
             r.to_string(),
-            "this client speaks imezzo protocol 3 and the server speaks protocol 4: upgrade the client"
+            "this client speaks imezzo protocol 4 and the server speaks protocol 5: upgrade the client"
         ),
         other => panic!("{other:?}"),
     }
@@ -1711,6 +1711,7 @@ fn samples() -> Vec<Msg> {
         Msg::FetchAttrs {
             req_id: 2,
             paths: vec!["".into(), "d".into()],
+            links: true,
         },
         Msg::Data {
             req_id: 1,
@@ -1724,6 +1725,14 @@ fn samples() -> Vec<Msg> {
         Msg::Attrs {
             req_id: 2,
             attrs: vec![Some(a), None],
+            links: vec![
+                Some(Links {
+                    ino: 12,
+                    nlink: 3,
+                    names: vec!["d/g".into(), "h".into()],
+                }),
+                None,
+            ],
         },
         Msg::Gone { req_id: 3 },
         Msg::Unreadable {
@@ -1759,12 +1768,13 @@ fn frames_split_at_every_byte_still_decode() {
     assert_eq!(got, samples());
 }
 
-/// The bytes of version 3 (body archives of sample messages). A change here means the wire
+/// The bytes of version 4 (body archives of sample messages). A change here means the wire
 /// format changed: bump `PROTOCOL_VERSION` and update docs/protocol.md, then this test.
 /// (Version 2 added the inode to write entries and to `Fetch`; version 3 the inline `data`
-/// of manifest entries.)
+/// of manifest entries; version 4 `links` to `FetchAttrs` and `Attrs`, whose archives
+/// these samples do not hold: only the header's version changed here.)
 #[test]
-fn version_3_wire_bytes_are_frozen() {
+fn version_4_wire_bytes_are_frozen() {
     let hello = hex::encode(frame(&hello(Some(VOLUME), Some(42))));
     let entries = hex::encode(frame(&Msg::Entries {
         from_seq: 1,
@@ -1779,14 +1789,14 @@ fn version_3_wire_bytes_are_frozen() {
             data: Some(b"hi".to_vec()),
         }],
     }));
-    assert_eq!(hello, HELLO_V3);
-    assert_eq!(entries, ENTRIES_V3);
-    assert_eq!(manifest, MANIFEST_V3);
+    assert_eq!(hello, HELLO_V4);
+    assert_eq!(entries, ENTRIES_V4);
+    assert_eq!(manifest, MANIFEST_V4);
 }
 
-const HELLO_V3: &str = "48000000030000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
-const ENTRIES_V3: &str = "b000000003006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
-const MANIFEST_V3: &str = "d80000000300642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const HELLO_V4: &str = "48000000040000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
+const ENTRIES_V4: &str = "b000000004006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const MANIFEST_V4: &str = "d80000000400642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
 
 #[test]
 fn random_bytes_never_panic_the_decoder_or_the_sessions() {
@@ -2087,13 +2097,14 @@ fn a_fetch_stream_ending_before_the_answer_is_a_violation() {
 
 #[test]
 fn anything_after_a_complete_answer_is_a_violation() {
-    let (mut ex, _) = FetchExchange::attrs(2, vec!["a".into()]);
+    let (mut ex, _) = FetchExchange::attrs(2, vec!["a".into()], false);
     let r = fetch_events(
         &mut ex,
         &[
             Msg::Attrs {
                 req_id: 2,
                 attrs: vec![None],
+                links: Vec::new(),
             },
             Msg::Gone { req_id: 2 },
         ],
@@ -2103,15 +2114,65 @@ fn anything_after_a_complete_answer_is_a_violation() {
 
 #[test]
 fn attrs_must_answer_every_path() {
-    let (mut ex, _) = FetchExchange::attrs(2, vec!["a".into(), "b".into()]);
+    let (mut ex, _) = FetchExchange::attrs(2, vec!["a".into(), "b".into()], false);
     let r = fetch_events(
         &mut ex,
         &[Msg::Attrs {
             req_id: 2,
             attrs: vec![None],
+            links: Vec::new(),
         }],
     );
     assert!(violation_text(&r.unwrap_err()).contains("1 answers for 2 paths"));
+}
+
+#[test]
+fn links_in_an_attrs_answer_are_checked_before_any_name_is_used() {
+    let chr = Some(attrs(FileKind::CharDevice, 0));
+    let dir = Some(attrs(FileKind::Directory, 0));
+    let links = |names: Vec<RelPath>| {
+        Some(Links {
+            ino: 5,
+            nlink: 2,
+            names,
+        })
+    };
+    let answer = |attrs: Vec<Option<Attrs>>, links: Vec<Option<Links>>| {
+        let n = attrs.len();
+        let paths = (0..n).map(|i| RelPath(format!("p{i}").into_bytes())).collect();
+        let (mut ex, _) = FetchExchange::attrs(2, paths, true);
+        fetch_events(&mut ex, &[Msg::Attrs { req_id: 2, attrs, links }])
+    };
+    // Asked and well formed: delivered as sent.
+    let ok = answer(vec![chr.clone(), None], vec![links(vec!["d/x".into()]), None]).unwrap();
+    assert_eq!(
+        ok,
+        vec![FetchEvent::Attrs(vec![chr.clone(), None], vec![links(vec!["d/x".into()]), None])]
+    );
+    // Not asked for.
+    let (mut ex, _) = FetchExchange::attrs(2, vec!["p0".into()], false);
+    let r = fetch_events(
+        &mut ex,
+        &[Msg::Attrs { req_id: 2, attrs: vec![chr.clone()], links: vec![links(vec![])] }],
+    );
+    assert!(violation_text(&r.unwrap_err()).contains("links for 1 paths"));
+    for (attrs, l, problem) in [
+        (vec![chr.clone(), None], vec![links(vec![])], "1 links for 2 paths"),
+        (vec![None], vec![links(vec![])], "no object or a directory"),
+        (vec![dir.clone()], vec![links(vec![])], "no object or a directory"),
+        (vec![chr.clone()], vec![links(vec!["../x".into()])], "'..' component"),
+        (vec![chr.clone()], vec![links(vec!["/etc/passwd".into()])], "absolute"),
+        (vec![chr.clone()], vec![links(vec![RelPath(b"a\0b".to_vec())])], "NUL"),
+        (vec![chr.clone()], vec![links(vec!["".into()])], "the root"),
+        (
+            vec![chr.clone()],
+            vec![links((0..=MAX_LINK_NAMES).map(|i| RelPath(format!("n{i}").into_bytes())).collect())],
+            "link names",
+        ),
+    ] {
+        let err = answer(attrs, l).unwrap_err();
+        assert!(violation_text(&err).contains(problem), "{problem}: {err}");
+    }
 }
 
 #[test]
@@ -2161,6 +2222,7 @@ fn a_fetch_request_escaping_the_root_is_a_violation() {
         let req = Msg::FetchAttrs {
             req_id: 1,
             paths: vec!["ok".into(), path.into()],
+            links: false,
         };
         let err = r.handle_stream_data(&frame(&req)).unwrap_err();
         assert!(violation_text(&err).contains(problem), "{path}: {err}");
@@ -2187,6 +2249,7 @@ fn a_fetch_request_escaping_the_root_is_a_violation() {
     let none = Msg::FetchAttrs {
         req_id: 1,
         paths: Vec::new(),
+        links: false,
     };
     assert!(r.handle_stream_data(&frame(&none)).is_err());
 }

@@ -596,6 +596,18 @@ impl Replayer {
         Ok(())
     }
 
+    /// The link count of the non-directory at `path` on the replica; `None` when nothing,
+    /// or a directory, is there.
+    pub fn nlink(&self, path: &RelPath) -> Result<Option<u64>, ReplayError> {
+        let Lookup::Found(t) = self.target(path, None)? else {
+            return Ok(None);
+        };
+        let st = self.target_loc(&t).stat().ctx("stat", path)?;
+        Ok(st
+            .filter(|st| !is_kind(st, libc::S_IFDIR))
+            .map(|st| st.st_nlink as u64))
+    }
+
     /// Removes every `.imezzo-tmp.*` beneath the root, and their marks; returns how many.
     pub fn sweep_temps(&mut self) -> Result<usize, ReplayError> {
         let (n, freed) = self.sweep()?;

@@ -83,6 +83,20 @@ impl Export {
         self.tree.attrs(path)
     }
 
+    /// [`Export::attrs`] and the `lstat` they were read with.
+    pub fn attrs_with_stat(&self, path: &RelPath) -> io::Result<Option<(Attrs, libc::stat)>> {
+        self.tree.attrs_with_stat(path)
+    }
+
+    /// Whether `path` names, now, the object `(dev, ino)` (false when it cannot be told).
+    pub fn same_object(&self, path: &RelPath, dev: u64, ino: u64) -> bool {
+        let Ok(Some((dir, name))) = self.tree.parent(path.as_bytes()) else {
+            return false;
+        };
+        matches!(Loc::entry(dir.as_fd(), &name).stat(),
+            Ok(Some(st)) if st.st_dev == dev && st.st_ino == ino)
+    }
+
     /// Walks the tree in pre-order (the root `""` first, every directory before what it
     /// holds) and hands the manifest over in chunks of at most `chunk.entries` entries and
     /// about `chunk.data` bytes of inline data. With `inline_data`, each regular file of at

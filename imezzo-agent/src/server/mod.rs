@@ -37,14 +37,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
+use crate::attrs::{Attrs, FileKind};
+use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats, NamesQuery};
 use crate::config::ServerOptions;
 use crate::identity::{Identity, IdentityError, NodeId};
 use crate::journal::{Journal, JournalError};
 use crate::op::{Op, RelPath};
 use crate::protocol::{
-    self, CloseReason, FetchRequest, FetchRequestReader, JournalRead, ManifestEntry, Msg,
-    ServerOutput, ServerSession, Start, VolumeId, DATA_CHUNK,
+    self, CloseReason, FetchRequest, FetchRequestReader, JournalRead, Links, ManifestEntry, Msg,
+    ServerOutput, ServerSession, Start, VolumeId, DATA_CHUNK, MAX_LINK_NAMES,
 };
 use crate::transport::{self, TransportError};
 
@@ -128,6 +129,8 @@ struct Shared {
     floors: std::sync::Mutex<std::collections::HashMap<NodeId, (u64, Option<Instant>)>>,
     /// Connections held, per node and in all (admission.rs).
     admission: admission::Admission,
+    /// Asks the capture thread which names an inode has (for `FetchAttrs` with `links`).
+    names: std::sync::mpsc::Sender<NamesQuery>,
 }
 
 impl Shared {
@@ -175,6 +178,7 @@ impl Server {
                 })?,
             );
         let (appended_tx, appended) = watch::channel(journal.last_seq());
+        let (names, names_rx) = std::sync::mpsc::channel();
         let capture = CaptureThread::start(
             export_root.clone(),
             export.clone(),
@@ -182,6 +186,7 @@ impl Server {
             journal_existed,
             journal.clone(),
             appended_tx,
+            names_rx,
         )
         .await?;
         let endpoint = transport::server_endpoint(&identity, opts.listen, opts.allow.clone())?;
@@ -210,6 +215,7 @@ impl Server {
                 appended,
                 floors: Default::default(),
                 admission: admission::Admission::default(),
+                names,
             }),
             retain_bytes: opts.retain_bytes,
             capture,
@@ -307,6 +313,7 @@ impl CaptureThread {
         journal_existed: bool,
         journal: Arc<Journal>,
         appended: watch::Sender<u64>,
+        names: std::sync::mpsc::Receiver<NamesQuery>,
     ) -> Result<CaptureThread, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (failed_tx, failed) = watch::channel(None);
@@ -325,6 +332,7 @@ impl CaptureThread {
                     let attached = SystemTime::now();
                     let mut cap = Capture::start(&cfg)
                         .map_err(|error| ServerError::Capture { export: root.clone(), error })?;
+                    cap.serve_names(names);
                     let changed = cap.take_changed().unwrap_or_default();
                     let (ops, line) = catchup::ops(plan, &changed, &export);
                     if let Some(line) = line {
@@ -789,8 +797,8 @@ async fn serve_fetch(
             len,
             ino,
         } => answer_data(&mut send, &shared, req_id, path, offset, len, ino).await,
-        FetchRequest::Attrs { req_id, paths } => {
-            answer_attrs(&mut send, &shared, req_id, paths).await
+        FetchRequest::Attrs { req_id, paths, links } => {
+            answer_attrs(&mut send, &shared, req_id, paths, links).await
         }
         FetchRequest::Listing { req_id, path, recursive } => {
             answer_listing(&mut send, &shared, req_id, path, recursive).await
@@ -907,21 +915,28 @@ async fn answer_attrs(
     shared: &Arc<Shared>,
     req_id: u64,
     paths: Vec<RelPath>,
+    links: bool,
 ) -> bool {
     let s = shared.clone();
     let read = tokio::task::spawn_blocking(move || {
-        paths
+        let found = paths
             .iter()
             .map(|p| {
                 s.export
-                    .attrs(p)
+                    .attrs_with_stat(p)
                     .map_err(|e| format!("{:?}: {e}", p.display()))
             })
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, _>>()?;
+        let links = if links {
+            other_names(&s, &paths, &found)
+        } else {
+            Vec::new()
+        };
+        Ok::<_, String>((found.into_iter().map(|f| f.map(|(a, _)| a)).collect(), links))
     })
     .await;
     let msg = match read {
-        Ok(Ok(attrs)) => Msg::Attrs { req_id, attrs },
+        Ok(Ok((attrs, links))) => Msg::Attrs { req_id, attrs, links },
         Ok(Err(reason)) => {
             crate::report!(Warn, "server: attributes a client asked for that could not be read", "cannot read attributes for a client: {reason}");
             Msg::Unreadable { req_id, reason }
@@ -970,6 +985,67 @@ async fn answer_listing(
         Err(e) => Msg::Unreadable { req_id, reason: e.to_string() },
     };
     write_msg(send, &msg).await
+}
+
+/// Longest wait for the capture thread's answer about names; past it the answer goes
+/// without names (a client then recreates the object alone, as before links travelled).
+const NAMES_WAIT: Duration = Duration::from_secs(2);
+/// Most bytes of link names in one `Attrs` answer (far below the fetch stream's limit).
+const NAMES_BYTES_MAX: usize = 4 << 20;
+
+/// The [`Links`] of each answer of a `FetchAttrs` that asked for them: for a non-directory
+/// with several links, its inode, link count and every other name the capture's inode
+/// table knows for it, each checked on the export now (same device and inode), since the
+/// table may lag the tree. One question to the capture thread for the whole answer.
+fn other_names(
+    s: &Shared,
+    paths: &[RelPath],
+    found: &[Option<(Attrs, libc::stat)>],
+) -> Vec<Option<Links>> {
+    let multi = |f: &Option<(Attrs, libc::stat)>| {
+        f.as_ref()
+            .filter(|(a, st)| a.kind != FileKind::Directory && st.st_nlink > 1)
+            .map(|(_, st)| *st)
+    };
+    let inos: Vec<u64> = found.iter().filter_map(multi).map(|st| st.st_ino).collect();
+    if inos.is_empty() {
+        return vec![None; found.len()];
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    // One more than the wire allows: the asked path itself is among them.
+    let max = MAX_LINK_NAMES + 1;
+    let known = match s.names.send(NamesQuery { inos, max, reply: tx }) {
+        Ok(()) => rx.recv_timeout(NAMES_WAIT).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let mut known = known.into_iter();
+    let mut bytes = 0usize;
+    paths
+        .iter()
+        .zip(found)
+        .map(|(path, f)| {
+            let st = multi(f)?;
+            let candidates = known.next().unwrap_or_default();
+            let mut names = Vec::new();
+            for name in candidates {
+                if names.len() >= MAX_LINK_NAMES || bytes >= NAMES_BYTES_MAX {
+                    break;
+                }
+                if name == *path || name.as_bytes().is_empty() || protocol::wire_path_problem(&name).is_some() {
+                    continue;
+                }
+                if s.export.same_object(&name, st.st_dev, st.st_ino) {
+                    bytes += name.as_bytes().len();
+                    names.push(name);
+                }
+            }
+            Some(Links {
+                ino: st.st_ino,
+                nlink: st.st_nlink as u64,
+                names,
+            })
+        })
+        .collect()
 }
 
 /// The journal's answer to a read, in the protocol's own terms (the session does not know
