@@ -849,6 +849,16 @@ impl Capture {
     }
 
     fn on_path(&mut self, ev: &PathEvent, out: &mut Vec<Op>) {
+        // An open that neither created nor truncated changed nothing: whatever its path
+        // (a reader of a long path must not cost a rescan per open).
+        if matches!(ev.nr, 2 | 257 | 437) && ev.f_mode & FMODE_CREATED == 0 {
+            const O_TRUNC: u64 = 0o1000;
+            const O_ACCMODE: u64 = 0o3;
+            let flags = if ev.nr == 2 { ev.args[1] } else { ev.args[2] };
+            if flags & O_TRUNC == 0 || flags & O_ACCMODE == 0 {
+                return;
+            }
+        }
         if ev.truncated & 1 != 0 || ev.truncated & 2 != 0 && !matches!(ev.nr, 88 | 266) {
             self.rescan_cut(ev, out);
             return;

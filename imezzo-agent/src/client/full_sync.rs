@@ -167,15 +167,16 @@ impl FullSync {
         dirs
     }
 
-    /// Every path the listing named (the scope included), but the names of hard-link
-    /// groups that had no other name in the listing: their other names lie outside it, and
-    /// whether the replica's object is linked to them is not known here.
-    pub fn names_seen_whole(&self) -> Vec<Vec<u8>> {
+    /// Every path the listing named (the scope included), each with whether it was seen
+    /// whole: not for the names of hard-link groups that had no other name in the
+    /// listing (their other names lie outside it, and whether the replica's object is
+    /// linked to them is not known here).
+    pub fn names_seen(&self) -> Vec<(Vec<u8>, bool)> {
         let linked: HashSet<&RelPath> = self.links.iter().map(|(_, first)| first).collect();
         let lone: HashSet<&[u8]> =
             self.groups.values().filter(|first| !linked.contains(first)).map(|p| p.as_bytes()).collect();
-        let mut names: Vec<Vec<u8>> = self.names.iter().filter(|n| !lone.contains(&n[..])).cloned().collect();
-        names.push(self.scope.clone());
+        let mut names: Vec<(Vec<u8>, bool)> = self.names.iter().map(|n| (n.clone(), !lone.contains(&n[..]))).collect();
+        names.push((self.scope.clone(), true));
         names
     }
 

@@ -701,17 +701,23 @@ impl Worker {
                 continue;
             };
             let new_dirs = if recursive { Vec::new() } else { sync.new_dirs() };
-            let names = sync.names_seen_whole();
+            let names = sync.names_seen();
             let (_, failed) = sync.finish(0)?;
             let failed_set: std::collections::HashSet<&Vec<u8>> = failed.iter().collect();
             // What the listing placed or kept is the master's as of `as_of`: the entries
             // before it that are still to come (they were journalled before the listing
             // was walked) must not take it back to an older state (a chmod's or a
             // truncate's value, a create of a name since removed).
-            for name in names.iter().filter(|n| !failed_set.contains(n)) {
+            for (name, whole) in names.iter().filter(|(n, _)| !failed_set.contains(n)) {
                 self.replayer
-                    .mark_as_of(&RelPath(name.clone()), as_of)
+                    .mark_as_of(&RelPath(name.clone()), whole.then_some(as_of))
                     .map_err(|e| Stop::Fatal(e.into()))?;
+                if !whole {
+                    // A name of a hard-link group whose other names are outside the listing:
+                    // the repair asks the server for them and links them (a split group is
+                    // mended there, never by a listing that sees one name).
+                    self.pending.insert(name.clone(), false);
+                }
             }
             for p in &covered {
                 if !failed_set.contains(p) {

@@ -876,7 +876,9 @@ impl Replayer {
     /// Records that the object at `path` is the master's as of journal seq `seq` (placed or
     /// checked by a resync from a listing at that seq): operations before `seq` on it are
     /// then already applied. Nothing there: nothing to record.
-    pub fn mark_as_of(&mut self, path: &RelPath, seq: u64) -> Result<(), ReplayError> {
+    /// `None` clears the object's mark instead: an object a resync made anew never keeps
+    /// the mark of a freed object whose inode number it reuses (M6).
+    pub fn mark_as_of(&mut self, path: &RelPath, seq: Option<u64>) -> Result<(), ReplayError> {
         let st = match self.root.parent(path.as_bytes()) {
             Ok(Some((dir, name))) => Loc::entry(dir.as_fd(), &name).stat(),
             Ok(None) if path.as_bytes().is_empty() => Loc::dir(self.root.fd()).stat(),
@@ -884,7 +886,10 @@ impl Replayer {
             Err(e) => Err(e),
         };
         if let Some(st) = st.ctx("mark", path)? {
-            self.marks.set(InodeId::of(&st), self.mark_for(seq, false))?;
+            match seq {
+                Some(seq) => self.marks.set(InodeId::of(&st), self.mark_for(seq, false))?,
+                None => self.marks.remove(InodeId::of(&st)),
+            }
         }
         Ok(())
     }

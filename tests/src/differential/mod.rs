@@ -768,6 +768,19 @@ impl Run<'_> {
             );
             s += &tail(&c.agent.stderr(), STDERR_LINES_IN_REPORT);
         }
+        // With IMEZZO_AGENT_LOGS=<dir>, both agents' whole stderr of this run is kept there
+        // (run the agents with RUST_LOG=debug for replay's per-entry lines).
+        if let Some(dir) = std::env::var_os("IMEZZO_AGENT_LOGS") {
+            let dir = std::path::PathBuf::from(dir);
+            let _ = std::fs::create_dir_all(&dir);
+            if let Some(sv) = &self.rep.server {
+                let _ = std::fs::write(dir.join("server.log"), sv.agent.stderr().join("\n"));
+            }
+            if let Some(c) = &self.rep.client {
+                let _ = std::fs::write(dir.join("client.log"), c.agent.stderr().join("\n"));
+            }
+            let _ = writeln!(s, "  both agents' stderr: {}/{{server,client}}.log", dir.display());
+        }
         let log = merged_log(&self.logs);
         let ok = log.iter().filter(|l| l.ok).count();
         let _ = writeln!(
