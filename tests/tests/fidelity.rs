@@ -5,6 +5,7 @@
 
 use imezzo_tests::replica::*;
 use imezzo_tests::sys;
+use imezzo_tests::FsKind;
 use std::path::Path;
 use std::time::Duration;
 
@@ -331,5 +332,34 @@ fn a_resync_fetches_files_the_replica_changed_since_its_last_full_sync_even_with
     let c = r.client();
     let syncs = c.agent.stderr_matching("initial sync done").len();
     assert!(syncs >= 2, "no full resync happened ({syncs} syncs)\n{}", c.context());
+    r.assert_no_panic();
+}
+
+/// Distinct bytes at every offset, so a shift by any amount shows.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + i / 251) % 251) as u8 ^ seed).collect()
+}
+
+#[test]
+fn collapse_and_insert_range_on_an_xfs_export_replicate_the_shifted_bytes_and_the_size() {
+    // FALLOC_FL_COLLAPSE_RANGE and FALLOC_FL_INSERT_RANGE move every byte after their range
+    // (tmpfs and the differential tester's modes do not have them; fsstress on XFS does).
+    let mut r = Replication::between("xfs-shift", FsKind::Xfs, FsKind::Tmpfs);
+    r.start_server(&[]);
+    r.start_client();
+    for (i, name) in ["collapse", "insert", "both"].iter().enumerate() {
+        r.export.put(name, &pattern(1 << 20, i as u8));
+    }
+    r.assert_identical(SETTLE, "files before the shifts");
+    let shift = |name: &str, mode: i32, off: i64, len: i64| {
+        let f = ok(sys::open(&r.e(name), libc::O_RDWR, 0));
+        ok(sys::fallocate(&f, mode, off, len));
+    };
+    shift("collapse", libc::FALLOC_FL_COLLAPSE_RANGE, 128 << 10, 64 << 10);
+    shift("insert", libc::FALLOC_FL_INSERT_RANGE, 128 << 10, 64 << 10);
+    shift("both", libc::FALLOC_FL_INSERT_RANGE, 64 << 10, 256 << 10);
+    shift("both", libc::FALLOC_FL_COLLAPSE_RANGE, 512 << 10, 128 << 10);
+    assert_eq!(std::fs::metadata(r.e("collapse")).unwrap().len(), (1 << 20) - (64 << 10));
+    r.assert_identical(SETTLE, "after collapse and insert range");
     r.assert_no_panic();
 }
