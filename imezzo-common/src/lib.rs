@@ -138,6 +138,9 @@ pub struct KernelOffsets {
     pub btrfs_vfs_inode: u32,
     pub btrfs_inode_root: u32,
     pub btrfs_root_anon_dev: u32,
+    /// XFS only, zero elsewhere: `i_vnode` in `struct xfs_inode`, the VFS inode the XFS
+    /// timestamp probe (`xfs_update_time`) reaches from the `struct xfs_inode *` it gets.
+    pub xfs_vfs_inode: u32,
     pub fs_root: u32,
     pub fs_pwd: u32,
     pub path_dentry: u32,
@@ -156,6 +159,11 @@ pub struct KernelOffsets {
 /// super block's `s_dev`: the probes report that one, so that the kernel's and `stat`'s
 /// devices agree on every file system.
 pub const BTRFS_SUPER_MAGIC: u64 = 0x9123_683e;
+
+/// `f_type` of an XFS file system's `statfs`. XFS logs timestamp updates in transactions
+/// instead of marking the inode dirty, so on an XFS export the probes also watch
+/// `xfs_update_time` (see `KernelOffsets::xfs_vfs_inode`).
+pub const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
 
 /// What the agent tells the probes about the tree it watches, patched in as the global
 /// `FILTER` at load time.

@@ -12,6 +12,12 @@
 //!   (dirfd, cwd or process root) and resolved by the agent in its inode table.
 //! * `imezzo_dirty`: a raw tracepoint on `writeback_mark_inode_dirty`, the safety net for
 //!   data changes that no syscall probe sees (stores through mmap, io_uring, kernel writers).
+//! * `imezzo_xfs_time`: the same net on `xfs_update_time`, attached for an XFS export only.
+//!   XFS logs a data change's new mtime in a transaction and never marks the inode dirty
+//!   for it, so a write into pages already dirty (io_uring, a store through mmap), a
+//!   direct write or a reflink shows only there.
+//! * `ioctl` FICLONE / FICLONERANGE (reflink): the destination's content changes with no
+//!   write syscall; reported as a dirty file from `imezzo_write`.
 //!
 //! Struct offsets come from the running kernel's BTF through the `OFFSETS` global; nothing
 //! here is compiled for one kernel.
@@ -65,6 +71,7 @@ const PF_IO_WORKER: u32 = 0x10;
 const PF_KTHREAD: u32 = 0x20_0000;
 
 mod nr {
+    pub const IOCTL: u64 = 16;
     pub const PWRITE64: u64 = 18;
     pub const FTRUNCATE: u64 = 77;
     pub const SPLICE: u64 = 275;
@@ -77,6 +84,10 @@ mod nr {
 }
 const UTIMENSAT: u64 = 280;
 const RWF_APPEND: u64 = 0x10;
+/// `_IOW(0x94, 9, int)` and `_IOW(0x94, 13, struct file_clone_range)`: reflink the source
+/// (whole, or a range) into the fd the ioctl is called on. FIDEDUPERANGE changes no bytes.
+const FICLONE: u32 = 0x4004_9409;
+const FICLONERANGE: u32 = 0x4020_940d;
 
 /// A field of the `OFFSETS` global. The volatile read keeps the compiler from folding the
 /// zero the object was compiled with: the agent patches the real value in at load time.
@@ -289,6 +300,13 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if nr == nr::IO_SUBMIT {
         return try_io_submit(regs, ret);
     }
+    if nr == nr::IOCTL {
+        // Every ioctl comes here: leave at once unless it is a reflink.
+        let cmd = arg(regs, 1)? as u32;
+        if cmd != FICLONE && cmd != FICLONERANGE {
+            return Ok(());
+        }
+    }
     let fd_arg = match nr {
         nr::SPLICE | nr::COPY_FILE_RANGE => 2,
         _ => 0,
@@ -316,6 +334,8 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let (kind, a, b, c) = match nr {
         nr::FTRUNCATE => (kind::TRUNCATE, arg(regs, 1)?, 0, 0),
         nr::FALLOCATE => (kind::FALLOCATE, arg(regs, 2)?, arg(regs, 3)?, arg(regs, 1)?),
+        // A reflink: which bytes changed is the source's business; the whole file is dirty.
+        nr::IOCTL => (kind::DIRTY, 0, 0, 0),
         _ => {
             if ret == 0 {
                 return Ok(());
@@ -371,7 +391,7 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     };
-    // Truncate and fallocate: after any run this CPU holds, so the journal keeps order.
+    // Truncate, fallocate and reflink: after any run this CPU holds, so the journal keeps order.
     flush_this_cpu();
     let ino: u64 = rd(inode, off!(inode_ino))?;
     match EVENTS.reserve::<FdEvent>(0) {
@@ -677,12 +697,27 @@ pub fn imezzo_dirty(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let inode: *const u8 = ctx.arg(0);
-        let dev = inode_dev(inode)?;
+    dirty_inode(ctx.arg(0))
+}
+
+#[btf_tracepoint(function = "xfs_update_time")]
+pub fn imezzo_xfs_time(ctx: BtfTracePointContext) -> i32 {
+    // The argument is a `struct xfs_inode *`; its VFS inode is embedded in it.
+    let ip: *const u8 = ctx.arg(0);
+    let _ = dirty_inode(ip.wrapping_add(off!(xfs_vfs_inode) as usize));
+    0
+}
+
+/// The safety net: `inode`, a regular file on the watched device, changed in a way no
+/// syscall probe reports (unless the task is inside a syscall the probes already cover or
+/// one that only reads): report it dirty, whole.
+#[inline(always)]
+fn dirty_inode(inode: *const u8) -> Result<(), i64> {
+    let dev = inode_dev(inode)?;
     if dev != filt!(dev) {
         return Ok(());
     }
-    let mode: u16 = ld(inode, off!(inode_mode));
+    let mode: u16 = rd(inode, off!(inode_mode))?;
     if mode & S_IFMT != S_IFREG {
         return Ok(());
     }
@@ -705,7 +740,7 @@ fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     }
-    let ino: u64 = ld(inode, off!(inode_ino));
+    let ino: u64 = rd(inode, off!(inode_ino))?;
     match EVENTS.reserve::<FdEvent>(0) {
         Some(mut entry) => {
             entry.write(FdEvent {

@@ -147,10 +147,20 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
 /// Whether `path` lies on btrfs, whose `stat(2)` device is a per-subvolume anonymous
 /// device rather than the super block's (see `imezzo_common::BTRFS_SUPER_MAGIC`).
 fn is_btrfs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    fs_type(path) == Some(imezzo_common::BTRFS_SUPER_MAGIC)
+}
+
+/// Whether `path` lies on XFS (see `imezzo_common::XFS_SUPER_MAGIC`).
+fn is_xfs(path: &Path) -> bool {
+    fs_type(path) == Some(imezzo_common::XFS_SUPER_MAGIC)
+}
+
+/// `statfs(2)`'s `f_type` of the file system `path` lies on.
+fn fs_type(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: a valid C string and a zeroed statfs for the kernel to fill.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as u64 == imezzo_common::BTRFS_SUPER_MAGIC }
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as u64)
 }
 
 fn stat_time(sec: i64, nsec: i64) -> Timestamp {
@@ -230,6 +240,7 @@ impl Capture {
             root: &root,
             kernel_dev: kdev,
             btrfs: is_btrfs(&root),
+            xfs: is_xfs(&root),
             ring_bytes: cfg.ring_bytes,
             instance: &instance,
         })?;

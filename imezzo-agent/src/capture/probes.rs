@@ -53,6 +53,9 @@ pub struct ProbeConfig<'a> {
     /// The root is on btrfs: the probes then report a btrfs inode's subvolume device, as
     /// `stat(2)` does, instead of the super block's `s_dev`.
     pub btrfs: bool,
+    /// The root is on XFS: the probes then also watch `xfs_update_time` (XFS never marks
+    /// an inode dirty for a data change's new times, see `imezzo_xfs_time`).
+    pub xfs: bool,
     pub ring_bytes: u32,
     /// Name of the pin directory under [`BPFFS_DIR`].
     pub instance: &'a str,
@@ -87,6 +90,9 @@ impl Probes {
         let mut offsets = kernel_btf::kernel_offsets()?;
         if cfg.btrfs {
             kernel_btf::add_btrfs(&mut offsets)?;
+        }
+        if cfg.xfs {
+            kernel_btf::add_xfs(&mut offsets)?;
         }
         let root_bytes = cfg.root.as_os_str().as_encoded_bytes();
         if root_bytes.len() >= PATH_CAP {
@@ -144,7 +150,12 @@ impl Probes {
                 }
             }
         }
-        for (name, tracepoint) in [("imezzo_dirty", "writeback_mark_inode_dirty"), ("imezzo_sys_exit", "sys_exit")] {
+        let mut entry_points = vec![("imezzo_dirty", "writeback_mark_inode_dirty")];
+        if cfg.xfs {
+            entry_points.push(("imezzo_xfs_time", "xfs_update_time"));
+        }
+        entry_points.push(("imezzo_sys_exit", "sys_exit"));
+        for (name, tracepoint) in entry_points {
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
@@ -205,6 +216,7 @@ impl Probes {
 fn name_static(name: &str) -> &'static str {
     match name {
         "imezzo_dirty" => "imezzo_dirty",
+        "imezzo_xfs_time" => "imezzo_xfs_time",
         _ => "imezzo_sys_exit",
     }
 }
