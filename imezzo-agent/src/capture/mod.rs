@@ -105,7 +105,7 @@ pub struct Capture {
     /// What was journalled under one name of an inode with several: should that name go
     /// before a client replays those entries, it could no longer read them from the
     /// master there, so the surviving name is described again (see `name_gone`).
-    touched: std::collections::HashMap<u64, Touched>,
+    touched: TouchedMap,
     _lock: fs::File,
 }
 
@@ -118,9 +118,53 @@ struct Touched {
 }
 
 /// Entries `Capture::touched` keeps at most. Past it the map is cleared whole (not oldest
-/// first): what was noted for those inodes is forgotten, and a name of one of them unlinked
-/// later is not described again under its surviving names.
+/// first): what was noted for those inodes is forgotten, so a name of one of them unlinked
+/// later would not be described again under its surviving names. The capture journals a
+/// rescan of the root instead (see `Capture::check_touched`), after every entry noted.
 const TOUCHED_MAX: usize = 65_536;
+
+/// `Capture::touched`: bounded, and it says when it had to forget.
+#[derive(Debug)]
+struct TouchedMap {
+    map: std::collections::HashMap<u64, Touched>,
+    max: usize,
+    /// Entries were forgotten since `take_forgotten`.
+    forgotten: usize,
+}
+
+impl Default for TouchedMap {
+    fn default() -> Self {
+        TouchedMap::with_max(TOUCHED_MAX)
+    }
+}
+
+impl TouchedMap {
+    fn with_max(max: usize) -> Self {
+        TouchedMap { map: Default::default(), max, forgotten: 0 }
+    }
+
+    /// The entry for `ino`, made room for by clearing the map when it is full.
+    fn entry(&mut self, ino: u64) -> &mut Touched {
+        if self.map.len() >= self.max && !self.map.contains_key(&ino) {
+            self.forgotten += self.map.len();
+            self.map.clear();
+        }
+        self.map.entry(ino).or_default()
+    }
+
+    fn remove(&mut self, ino: u64) -> Option<Touched> {
+        self.map.remove(&ino)
+    }
+
+    fn insert(&mut self, ino: u64, t: Touched) {
+        *self.entry(ino) = t;
+    }
+
+    /// How many entries were forgotten since the last call.
+    fn take_forgotten(&mut self) -> usize {
+        std::mem::take(&mut self.forgotten)
+    }
+}
 
 /// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
 fn real_ino(ino: u64) -> Option<u64> {
@@ -349,6 +393,7 @@ impl Capture {
                 self.check_drops(&mut out);
                 last_drop_check = Instant::now();
             }
+            self.check_touched(&mut out);
             self.emit(&mut out, drained_at, sink);
             idle = self.stats.events == before;
             if !idle {
@@ -366,6 +411,7 @@ impl Capture {
         self.poll_runs();
         self.flush(&mut out);
         self.check_drops(&mut out);
+        self.check_touched(&mut out);
         self.last_emit = Instant::now().checked_sub(IDLE_MARK).unwrap_or(self.last_emit);
         self.emit(&mut out, drained_at, sink);
     }
@@ -461,6 +507,28 @@ impl Capture {
         }
     }
 
+    /// When the touched map had to forget, journals a rescan of the root: it comes after
+    /// every change noted for those inodes, so whatever one of their names going later
+    /// would have described again is compared whole instead.
+    fn check_touched(&mut self, out: &mut Vec<Op>) {
+        let forgotten = self.touched.take_forgotten();
+        if forgotten == 0 {
+            return;
+        }
+        crate::report!(
+            Warn,
+            "capture: changes to multiply-linked files forgotten (too many at once), tree rescanned",
+            "{forgotten} multiply-linked files changed since the map of them (at most {TOUCHED_MAX}) was last cleared: rescanning {}",
+            self.root.display()
+        );
+        self.flush(out);
+        self.stats.rescans += 1;
+        out.push(Op::Rescan {
+            path: RelPath::default(),
+            reason: format!("{forgotten} changes to multiply-linked files forgotten (over {TOUCHED_MAX})"),
+        });
+    }
+
     /// Re-walks the whole tree and journals a rescan of the root.
     fn rescan(&mut self, reason: String, out: &mut Vec<Op>) {
         crate::report!(Warn, "capture: changes the probes could not resolve, tree rescanned", "{reason}: rescanning {}", self.root.display());
@@ -503,10 +571,7 @@ impl Capture {
         if !self.table.has_extra_links(ino) {
             return;
         }
-        if self.touched.len() >= TOUCHED_MAX && !self.touched.contains_key(&ino) {
-            self.touched.clear();
-        }
-        let t = self.touched.entry(ino).or_default();
+        let t = self.touched.entry(ino);
         match op {
             Op::Write { .. } | Op::Truncate { .. } => t.data = true,
             Op::Setattr { .. } => t.attrs = true,
@@ -523,7 +588,7 @@ impl Capture {
     /// for it while it had several names and it keeps one, those changes are journalled
     /// again under the name it keeps, from the master's current state.
     fn name_gone(&mut self, ino: u64, out: &mut Vec<Op>) {
-        let Some(t) = self.touched.remove(&ino) else { return };
+        let Some(t) = self.touched.remove(ino) else { return };
         let Some(path) = self.table.path_of(ino) else { return };
         let Some(meta) = fs::symlink_metadata(self.abs(&path)).ok().filter(|m| m.ino() == ino) else { return };
         if self.table.has_extra_links(ino) {
@@ -1264,4 +1329,30 @@ fn take_lock(root: &Path, instance: &str) -> Result<fs::File, CaptureError> {
         return Err(CaptureError::AlreadyRunning(root.to_path_buf(), path));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_touched_map_says_how_much_it_forgot_once() {
+        let mut t = TouchedMap::with_max(2);
+        t.entry(1).data = true;
+        t.entry(2).attrs = true;
+        // Noting an inode already there never forgets.
+        t.entry(1).attrs = true;
+        assert_eq!(t.take_forgotten(), 0);
+        // A third inode clears the two before it: the capture must rescan for them.
+        t.entry(3).data = true;
+        assert_eq!(t.take_forgotten(), 2);
+        assert_eq!(t.take_forgotten(), 0, "reported once");
+        assert!(t.remove(1).is_none() && t.remove(2).is_none());
+        assert!(t.remove(3).is_some_and(|x| x.data));
+        // Re-inserting into a full map forgets too.
+        t.entry(4);
+        t.entry(5);
+        t.insert(6, Touched::default());
+        assert_eq!(t.take_forgotten(), 2);
+    }
 }
