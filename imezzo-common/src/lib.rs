@@ -204,7 +204,9 @@ impl Default for Filter {
 
 /// Index of the lost-event counter in the per-CPU `imezzo_drops` array.
 pub const DROPS_RINGBUF_FULL: u32 = 0;
-pub const DROPS_SLOTS: u32 = 1;
+/// io_submit calls that submitted more control blocks than the probe reads.
+pub const DROPS_AIO_UNREAD: u32 = 1;
+pub const DROPS_SLOTS: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -35,7 +35,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use imezzo_common::{
-    kind, DevIno, FdEvent, BTRFS_SUPER_MAGIC, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
+    kind, DevIno, FdEvent, BTRFS_SUPER_MAGIC, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_AIO_UNREAD, DROPS_RINGBUF_FULL, DROPS_SLOTS,
     PATH_CAP, SYSCALL_SLOTS,
 };
 
@@ -233,9 +233,11 @@ pub fn imezzo_write(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Up to this many of an io_submit's control blocks are read (the dirty-inode safety net,
-/// which io_submit does not silence, covers the rest where it fires).
-const AIO_IOCBS: usize = 4;
+/// Up to this many of an io_submit's control blocks are read. A call that submitted more
+/// counts in `DROPS_AIO_UNREAD`, and the agent rescans: the dirty-inode safety net, which
+/// io_submit does not silence, does not fire for every write (not for a new file's first
+/// write on tmpfs, not for a direct write on ext4).
+const AIO_IOCBS: usize = 64;
 const IOCB_CMD_PWRITE: u16 = 1;
 const IOCB_CMD_PWRITEV: u16 = 8;
 
@@ -249,6 +251,12 @@ fn try_io_submit(regs: *const u8, ret: i64) -> Result<(), i64> {
         return Ok(());
     }
     let iocbpp = arg(regs, 2)? as *const u64;
+    if ret > AIO_IOCBS as i64 {
+        if let Some(slot) = DROPS.get_ptr_mut(DROPS_AIO_UNREAD) {
+            // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+            unsafe { *slot += 1 };
+        }
+    }
     for i in 0..AIO_IOCBS {
         if i as i64 >= ret {
             break;

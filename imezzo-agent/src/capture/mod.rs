@@ -106,6 +106,8 @@ pub struct Capture {
     /// before a client replays those entries, it could no longer read them from the
     /// master there, so the surviving name is described again (see `name_gone`).
     touched: TouchedMap,
+    /// `Probes::aio_unread` when last checked.
+    aio_unread: u64,
     _lock: fs::File,
 }
 
@@ -331,6 +333,7 @@ impl Capture {
             last_emit: Instant::now(),
             ancestors,
             touched: Default::default(),
+            aio_unread: 0,
             _lock: lock,
         })
     }
@@ -504,6 +507,12 @@ impl Capture {
             let lost = drops - self.stats.drops;
             self.stats.drops = drops;
             self.rescan(format!("{lost} events lost (ring buffer full)"), out);
+        }
+        let unread = self.probes.aio_unread();
+        if unread > self.aio_unread {
+            let calls = unread - self.aio_unread;
+            self.aio_unread = unread;
+            self.rescan(format!("{calls} io_submit calls with more control blocks than the probes read"), out);
         }
     }
 

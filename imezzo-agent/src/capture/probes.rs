@@ -17,7 +17,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use imezzo_common::{Filter, OpenRun, DROPS_RINGBUF_FULL, PATH_CAP};
+use imezzo_common::{Filter, OpenRun, DROPS_AIO_UNREAD, DROPS_RINGBUF_FULL, PATH_CAP};
 
 use super::{kernel_btf, syscalls};
 
@@ -182,10 +182,17 @@ impl Probes {
 
     /// Events the probes could not deliver since load, summed over CPUs.
     pub fn drops(&self) -> u64 {
-        self.drops
-            .get(&DROPS_RINGBUF_FULL, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+        self.counter(DROPS_RINGBUF_FULL)
+    }
+
+    /// io_submit calls since load whose control blocks were not all read (more than the
+    /// probe reads), summed over CPUs.
+    pub fn aio_unread(&self) -> u64 {
+        self.counter(DROPS_AIO_UNREAD)
+    }
+
+    fn counter(&self, slot: u32) -> u64 {
+        self.drops.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// The write run each CPU holds, as (cpu, run), for the runs that were stable while
