@@ -101,6 +101,24 @@ fn rename_whiteout_leaves_the_whiteout_device_on_the_replica() {
 }
 
 #[test]
+fn a_whiteout_whose_directory_is_renamed_at_once_reaches_the_replica() {
+    // fsstress -p 4 on XFS: the agent read the whiteout's event after the rename of its
+    // directory, found nothing at the old path, and journalled nothing.
+    let mut r = Replication::started("whiteout-dir");
+    for i in 0..5 {
+        r.export.dirs(&format!("a{i}/s"));
+        r.export.put(&format!("a{i}/s/x"), b"x\n");
+    }
+    r.assert_identical(SETTLE, "before the whiteouts");
+    for i in 0..5 {
+        rename2(&r, &format!("a{i}/s/x"), &format!("a{i}/y"), libc::RENAME_WHITEOUT);
+        rename2(&r, &format!("a{i}/s"), &format!("a{i}/t"), 0);
+    }
+    r.assert_identical(SETTLE, "whiteouts in directories renamed at once");
+    r.assert_no_panic();
+}
+
+#[test]
 fn attribute_changes_and_an_exchange_on_a_renamed_whiteout_reach_the_replica() {
     // /tmp/ext/repro/05: a name capture had not learned (a whiteout, renamed) took chown,
     // chmod and utimes, then was exchanged with a device node's second name.

@@ -1164,7 +1164,7 @@ impl Capture {
                 if flags & RENAME_WHITEOUT != 0 {
                     // The whiteout (a character device 0:0) now at the old name is a new
                     // object of its own.
-                    self.moved_in(f.clone(), out);
+                    self.whiteout(f.clone(), out);
                 }
             }
             (Located::Inside(f), _) if !f.is_empty() => {
@@ -1179,12 +1179,36 @@ impl Capture {
                 }
                 out.push(if dir { Op::Rmdir { path } } else { Op::Unlink { path } });
                 if flags & RENAME_WHITEOUT != 0 {
-                    self.moved_in(f.clone(), out);
+                    self.whiteout(f.clone(), out);
                 }
             }
             (_, Located::Inside(t)) if !t.is_empty() => self.moved_in(t, out),
             _ => {}
         }
+    }
+
+    /// The whiteout a RENAME_WHITEOUT left at the old name `f`: described whole when it is
+    /// there, else journalled as the mknod it was. By the time the agent reads the event a
+    /// directory on its way may have been renamed (the name no longer leads to it, and the
+    /// journal's later rename moves it), or it is gone (its removal follows): describing
+    /// what the name holds now journalled nothing, and the replica never had it.
+    fn whiteout(&mut self, f: Vec<Vec<u8>>, out: &mut Vec<Op>) {
+        use std::os::unix::fs::FileTypeExt;
+        let refs: Vec<&[u8]> = f.iter().map(|p| &p[..]).collect();
+        let path = join(&refs);
+        let there = fs::symlink_metadata(self.abs(&path))
+            .is_ok_and(|m| m.dev() == self.dev && m.file_type().is_char_device() && m.rdev() == 0);
+        if there {
+            self.moved_in(f, out);
+            return;
+        }
+        let Some(parent) = self.table.lookup(&refs[..refs.len() - 1]) else {
+            self.rescan(format!("a whiteout in an unknown directory ({})", path.display()), out);
+            return;
+        };
+        let ino = self.placeholder_ino();
+        self.table.link(parent, refs[refs.len() - 1], ino, Kind::Other);
+        out.push(Op::Mknod { path, mode: libc::S_IFCHR, rdev: 0 });
     }
 
     /// Something arrived from outside the root (rename or link): add it to the table and
