@@ -141,6 +141,10 @@ pub struct KernelOffsets {
     /// XFS only, zero elsewhere: `i_vnode` in `struct xfs_inode`, the VFS inode the XFS
     /// timestamp probe (`xfs_update_time`) reaches from the `struct xfs_inode *` it gets.
     pub xfs_vfs_inode: u32,
+    /// `file` and `opcode` in `struct io_kiocb` (an io_uring request), for the completion
+    /// probe; zero when the kernel has no io_uring.
+    pub uring_req_file: u32,
+    pub uring_req_opcode: u32,
     pub fs_root: u32,
     pub fs_pwd: u32,
     pub path_dentry: u32,

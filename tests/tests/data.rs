@@ -786,3 +786,23 @@ fn an_io_submit_with_more_control_blocks_than_the_probe_reads_rescans() {
     drop(f);
     cap.ops_until_with(|o| o["op"] == "rescan", Duration::from_secs(20), "a rescan (control blocks not read)");
 }
+
+#[test]
+fn io_uring_writes_to_files_just_created_on_tmpfs_are_all_journalled() {
+    // A write in the clock tick of the create sets no new time: tmpfs marks no inode dirty,
+    // so only the io_uring completion shows it.
+    let fs = Fs::tmpfs("uring-new");
+    let mut cap = Capture::start(&fs.root);
+    let names: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+    for n in &names {
+        let f = sys::open(&fs.p(n), O_CREAT | O_WRONLY, 0o644).unwrap();
+        assert_eq!(sys::io_uring_write(&f, &[b'N'; 8192], 0, false).unwrap(), 8192);
+    }
+    for n in &names {
+        cap.ops_until_with(
+            |o| o["op"] == "write" && o["path"] == n.as_str(),
+            Duration::from_secs(20),
+            &format!("a write op for {n} (io_uring, just created)"),
+        );
+    }
+}

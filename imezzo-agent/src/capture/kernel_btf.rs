@@ -95,6 +95,9 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         btrfs_root_anon_dev: 0,
         // Filled by `add_xfs` when the export is on XFS.
         xfs_vfs_inode: 0,
+        // io_uring is optional in a kernel: zero (and no completion probe) without it.
+        uring_req_file: f("io_kiocb", "file").unwrap_or(0),
+        uring_req_opcode: f("io_kiocb", "opcode").unwrap_or(0),
         fs_root: f("fs_struct", "root")?,
         fs_pwd: f("fs_struct", "pwd")?,
         path_dentry: f("path", "dentry")?,

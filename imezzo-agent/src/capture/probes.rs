@@ -151,6 +151,10 @@ impl Probes {
             }
         }
         let mut entry_points = vec![("imezzo_dirty", "writeback_mark_inode_dirty")];
+        if offsets.uring_req_opcode != 0 {
+            // io_kiocb is in the BTF (its opcode is never its first field).
+            entry_points.push(("imezzo_uring_done", "io_uring_complete"));
+        }
         if cfg.xfs {
             entry_points.push(("imezzo_xfs_time", "xfs_update_time"));
         }
@@ -224,6 +228,7 @@ fn name_static(name: &str) -> &'static str {
     match name {
         "imezzo_dirty" => "imezzo_dirty",
         "imezzo_xfs_time" => "imezzo_xfs_time",
+        "imezzo_uring_done" => "imezzo_uring_done",
         _ => "imezzo_sys_exit",
     }
 }
