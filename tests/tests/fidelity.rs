@@ -119,6 +119,28 @@ fn a_whiteout_whose_directory_is_renamed_at_once_reaches_the_replica() {
 }
 
 #[test]
+fn a_whiteout_exchanged_at_once_with_a_hard_linked_device_stays_out_of_its_link_group() {
+    // fsstress -p 4 on XFS: the agent read the whiteout's event after the exchange, found
+    // the linked device (also 0:0) at the whiteout's name and described it as one more link
+    // of it; the exchange then left the replica's other name in the group too.
+    let mut r = Replication::started("whiteout-xchg");
+    for i in 0..5 {
+        r.export.dirs(&format!("d{i}/e"));
+        ok(sys::mknod(&r.e(&format!("d{i}/c16")), libc::S_IFCHR | 0o644, 0));
+        ok(sys::link(&r.e(&format!("d{i}/c16")), &r.e(&format!("d{i}/c21"))));
+        ok(sys::mknod(&r.e(&format!("d{i}/e/c1d")), libc::S_IFCHR | 0o644, 0));
+    }
+    r.assert_identical(SETTLE, "before the whiteouts");
+    for i in 0..5 {
+        rename2(&r, &format!("d{i}/e/c1d"), &format!("d{i}/c57"), libc::RENAME_WHITEOUT);
+        rename2(&r, &format!("d{i}/c16"), &format!("d{i}/e/c1d"), libc::RENAME_EXCHANGE);
+        ok(sys::chown(&r.e(&format!("d{i}/c16")), 34, 125));
+    }
+    r.assert_identical(SETTLE, "whiteouts exchanged at once with a linked device");
+    r.assert_no_panic();
+}
+
+#[test]
 fn attribute_changes_and_an_exchange_on_a_renamed_whiteout_reach_the_replica() {
     // /tmp/ext/repro/05: a name capture had not learned (a whiteout, renamed) took chown,
     // chmod and utimes, then was exchanged with a device node's second name.
