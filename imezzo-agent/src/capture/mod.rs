@@ -1134,6 +1134,9 @@ impl Capture {
                     if !still {
                         self.table.unlink(fp, fname);
                         out.push(Op::Unlink { path: join(&fr) });
+                        if flags & RENAME_WHITEOUT != 0 {
+                            self.whiteout(f.clone(), out);
+                        }
                         return;
                     }
                 }
