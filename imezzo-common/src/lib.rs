@@ -138,6 +138,13 @@ pub struct KernelOffsets {
     pub btrfs_vfs_inode: u32,
     pub btrfs_inode_root: u32,
     pub btrfs_root_anon_dev: u32,
+    /// XFS only, zero elsewhere: `i_vnode` in `struct xfs_inode`, the VFS inode the XFS
+    /// timestamp probe (`xfs_update_time`) reaches from the `struct xfs_inode *` it gets.
+    pub xfs_vfs_inode: u32,
+    /// `file` and `opcode` in `struct io_kiocb` (an io_uring request), for the completion
+    /// probe; zero when the kernel has no io_uring.
+    pub uring_req_file: u32,
+    pub uring_req_opcode: u32,
     pub fs_root: u32,
     pub fs_pwd: u32,
     pub path_dentry: u32,
@@ -156,6 +163,11 @@ pub struct KernelOffsets {
 /// super block's `s_dev`: the probes report that one, so that the kernel's and `stat`'s
 /// devices agree on every file system.
 pub const BTRFS_SUPER_MAGIC: u64 = 0x9123_683e;
+
+/// `f_type` of an XFS file system's `statfs`. XFS logs timestamp updates in transactions
+/// instead of marking the inode dirty, so on an XFS export the probes also watch
+/// `xfs_update_time` (see `KernelOffsets::xfs_vfs_inode`).
+pub const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
 
 /// What the agent tells the probes about the tree it watches, patched in as the global
 /// `FILTER` at load time.
@@ -196,7 +208,9 @@ impl Default for Filter {
 
 /// Index of the lost-event counter in the per-CPU `imezzo_drops` array.
 pub const DROPS_RINGBUF_FULL: u32 = 0;
-pub const DROPS_SLOTS: u32 = 1;
+/// io_submit calls that submitted more control blocks than the probe reads.
+pub const DROPS_AIO_UNREAD: u32 = 1;
+pub const DROPS_SLOTS: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {

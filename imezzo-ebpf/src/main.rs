@@ -12,6 +12,15 @@
 //!   (dirfd, cwd or process root) and resolved by the agent in its inode table.
 //! * `imezzo_dirty`: a raw tracepoint on `writeback_mark_inode_dirty`, the safety net for
 //!   data changes that no syscall probe sees (stores through mmap, io_uring, kernel writers).
+//! * `imezzo_xfs_time`: the same net on `xfs_update_time`, attached for an XFS export only.
+//!   XFS logs a data change's new mtime in a transaction and never marks the inode dirty
+//!   for it, so a write into pages already dirty (io_uring, a store through mmap), a
+//!   direct write or a reflink shows only there.
+//! * `imezzo_uring_done`: a tp_btf on `io_uring_complete`; a completed io_uring write,
+//!   splice, fallocate or ftruncate reports its file dirty (whole). The dirty nets miss an
+//!   io_uring write that sets no new time (a file created in the same clock tick on tmpfs).
+//! * `ioctl` FICLONE / FICLONERANGE (reflink): the destination's content changes with no
+//!   write syscall; reported as a dirty file from `imezzo_write`.
 //!
 //! Struct offsets come from the running kernel's BTF through the `OFFSETS` global; nothing
 //! here is compiled for one kernel.
@@ -29,7 +38,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use imezzo_common::{
-    kind, DevIno, FdEvent, BTRFS_SUPER_MAGIC, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_RINGBUF_FULL, DROPS_SLOTS,
+    kind, DevIno, FdEvent, BTRFS_SUPER_MAGIC, Filter, KernelOffsets, OpenRun, PathEvent, DROPS_AIO_UNREAD, DROPS_RINGBUF_FULL, DROPS_SLOTS,
     PATH_CAP, SYSCALL_SLOTS,
 };
 
@@ -65,6 +74,7 @@ const PF_IO_WORKER: u32 = 0x10;
 const PF_KTHREAD: u32 = 0x20_0000;
 
 mod nr {
+    pub const IOCTL: u64 = 16;
     pub const PWRITE64: u64 = 18;
     pub const FTRUNCATE: u64 = 77;
     pub const SPLICE: u64 = 275;
@@ -77,6 +87,10 @@ mod nr {
 }
 const UTIMENSAT: u64 = 280;
 const RWF_APPEND: u64 = 0x10;
+/// `_IOW(0x94, 9, int)` and `_IOW(0x94, 13, struct file_clone_range)`: reflink the source
+/// (whole, or a range) into the fd the ioctl is called on. FIDEDUPERANGE changes no bytes.
+const FICLONE: u32 = 0x4004_9409;
+const FICLONERANGE: u32 = 0x4020_940d;
 
 /// A field of the `OFFSETS` global. The volatile read keeps the compiler from folding the
 /// zero the object was compiled with: the agent patches the real value in at load time.
@@ -222,9 +236,11 @@ pub fn imezzo_write(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Up to this many of an io_submit's control blocks are read (the dirty-inode safety net,
-/// which io_submit does not silence, covers the rest where it fires).
-const AIO_IOCBS: usize = 4;
+/// Up to this many of an io_submit's control blocks are read. A call that submitted more
+/// counts in `DROPS_AIO_UNREAD`, and the agent rescans: the dirty-inode safety net, which
+/// io_submit does not silence, does not fire for every write (not for a new file's first
+/// write on tmpfs, not for a direct write on ext4).
+const AIO_IOCBS: usize = 64;
 const IOCB_CMD_PWRITE: u16 = 1;
 const IOCB_CMD_PWRITEV: u16 = 8;
 
@@ -238,6 +254,12 @@ fn try_io_submit(regs: *const u8, ret: i64) -> Result<(), i64> {
         return Ok(());
     }
     let iocbpp = arg(regs, 2)? as *const u64;
+    if ret > AIO_IOCBS as i64 {
+        if let Some(slot) = DROPS.get_ptr_mut(DROPS_AIO_UNREAD) {
+            // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+            unsafe { *slot += 1 };
+        }
+    }
     for i in 0..AIO_IOCBS {
         if i as i64 >= ret {
             break;
@@ -289,6 +311,13 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if nr == nr::IO_SUBMIT {
         return try_io_submit(regs, ret);
     }
+    if nr == nr::IOCTL {
+        // Every ioctl comes here: leave at once unless it is a reflink.
+        let cmd = arg(regs, 1)? as u32;
+        if cmd != FICLONE && cmd != FICLONERANGE {
+            return Ok(());
+        }
+    }
     let fd_arg = match nr {
         nr::SPLICE | nr::COPY_FILE_RANGE => 2,
         _ => 0,
@@ -316,6 +345,8 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let (kind, a, b, c) = match nr {
         nr::FTRUNCATE => (kind::TRUNCATE, arg(regs, 1)?, 0, 0),
         nr::FALLOCATE => (kind::FALLOCATE, arg(regs, 2)?, arg(regs, 3)?, arg(regs, 1)?),
+        // A reflink: which bytes changed is the source's business; the whole file is dirty.
+        nr::IOCTL => (kind::DIRTY, 0, 0, 0),
         _ => {
             if ret == 0 {
                 return Ok(());
@@ -371,7 +402,7 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     };
-    // Truncate and fallocate: after any run this CPU holds, so the journal keeps order.
+    // Truncate, fallocate and reflink: after any run this CPU holds, so the journal keeps order.
     flush_this_cpu();
     let ino: u64 = rd(inode, off!(inode_ino))?;
     match EVENTS.reserve::<FdEvent>(0) {
@@ -677,12 +708,102 @@ pub fn imezzo_dirty(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let inode: *const u8 = ctx.arg(0);
-        let dev = inode_dev(inode)?;
+    dirty_inode(ctx.arg(0))
+}
+
+#[btf_tracepoint(function = "xfs_update_time")]
+pub fn imezzo_xfs_time(ctx: BtfTracePointContext) -> i32 {
+    // The argument is a `struct xfs_inode *`; its VFS inode is embedded in it.
+    let ip: *const u8 = ctx.arg(0);
+    let _ = dirty_inode(ip.wrapping_add(off!(xfs_vfs_inode) as usize));
+    0
+}
+
+mod uring_op {
+    pub const WRITEV: u8 = 2;
+    pub const WRITE_FIXED: u8 = 5;
+    pub const FALLOCATE: u8 = 17;
+    pub const WRITE: u8 = 23;
+    pub const SPLICE: u8 = 30;
+    pub const FTRUNCATE: u8 = 55;
+    pub const WRITEV_FIXED: u8 = 61;
+}
+const IO_URING_ENTER: u32 = 426;
+
+#[btf_tracepoint(function = "io_uring_complete")]
+pub fn imezzo_uring_done(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_uring_done(&ctx);
+    0
+}
+
+/// (ctx, req, cqe): the request's result is in the completion entry, its opcode and file
+/// in the request (null for entries no request posted).
+fn try_uring_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let req: *const u8 = ctx.arg(1);
+    let cqe: *const u8 = ctx.arg(2);
+    if req.is_null() || cqe.is_null() {
+        return Ok(());
+    }
+    // struct io_uring_cqe { __u64 user_data; __s32 res; ... }
+    let res: i32 = rd(cqe, 8)?;
+    if res < 0 {
+        return Ok(());
+    }
+    let opcode: u8 = rd(req, off!(uring_req_opcode))?;
+    match opcode {
+        uring_op::WRITEV | uring_op::WRITE_FIXED | uring_op::WRITE | uring_op::SPLICE | uring_op::WRITEV_FIXED => {
+            if res == 0 {
+                return Ok(());
+            }
+        }
+        uring_op::FALLOCATE | uring_op::FTRUNCATE => {}
+        _ => return Ok(()),
+    }
+    let file: *const u8 = rd(req, off!(uring_req_file))?;
+    if file.is_null() {
+        return Ok(());
+    }
+    let inode: *const u8 = rd(file, off!(file_inode))?;
+    let dev = inode_dev(inode)?;
     if dev != filt!(dev) {
         return Ok(());
     }
-    let mode: u16 = ld(inode, off!(inode_mode));
+    let mode: u16 = rd(inode, off!(inode_mode))?;
+    if mode & S_IFMT != S_IFREG {
+        return Ok(());
+    }
+    // A completion can be posted from any task (an interrupt's): no test of the agent's
+    // own tgid, which does not use io_uring.
+    let ino: u64 = rd(inode, off!(inode_ino))?;
+    match EVENTS.reserve::<FdEvent>(0) {
+        Some(mut entry) => {
+            entry.write(FdEvent {
+                kind: kind::DIRTY,
+                tgid: current_tgid(),
+                nr: IO_URING_ENTER,
+                cpu: 0,
+                file: DevIno { dev, _pad: 0, ino },
+                a: 0,
+                b: 0,
+                c: 0,
+            });
+            entry.submit(data_wakeup());
+        }
+        None => count_drop(),
+    }
+    Ok(())
+}
+
+/// The safety net: `inode`, a regular file on the watched device, changed in a way no
+/// syscall probe reports (unless the task is inside a syscall the probes already cover or
+/// one that only reads): report it dirty, whole.
+#[inline(always)]
+fn dirty_inode(inode: *const u8) -> Result<(), i64> {
+    let dev = inode_dev(inode)?;
+    if dev != filt!(dev) {
+        return Ok(());
+    }
+    let mode: u16 = rd(inode, off!(inode_mode))?;
     if mode & S_IFMT != S_IFREG {
         return Ok(());
     }
@@ -705,7 +826,7 @@ fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     }
-    let ino: u64 = ld(inode, off!(inode_ino));
+    let ino: u64 = rd(inode, off!(inode_ino))?;
     match EVENTS.reserve::<FdEvent>(0) {
         Some(mut entry) => {
             entry.write(FdEvent {

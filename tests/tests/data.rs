@@ -1,5 +1,5 @@
 //! Data changes: the write(2) family, copy_file_range, sendfile, splice,
-//! fallocate, truncate, O_TRUNC, and stores through a shared mmap.
+//! fallocate, truncate, O_TRUNC, stores through a shared mmap, io_uring, and reflinks.
 
 use imezzo_tests::sys::{self, AT_FDCWD};
 use imezzo_tests::*;
@@ -560,8 +560,17 @@ fn store_through_shared_mmap_on_ext4_journals_a_write_with_source_mmap() {
 /// journal must still show a write whose extents cover the written bytes
 /// (whatever `source` the agent gives it).
 fn io_uring_write_is_journalled(fs: Fs, in_worker: bool) {
+    io_uring_write_is_journalled_with(fs, in_worker, true)
+}
+
+/// With `clean` false the pages written stay dirty from the set-up write, so the io_uring
+/// write marks nothing dirty (no new dirty page) and, on XFS, whose timestamp updates are
+/// transactions, no inode either.
+fn io_uring_write_is_journalled_with(fs: Fs, in_worker: bool, clean: bool) {
     fs.put("u", &[b'.'; 10000]);
-    std::fs::File::open(fs.p("u")).unwrap().sync_all().unwrap();
+    if clean {
+        std::fs::File::open(fs.p("u")).unwrap().sync_all().unwrap();
+    }
     let mut cap = Capture::start(&fs.root);
     let f = sys::open(&fs.p("u"), O_WRONLY, 0).unwrap();
     let n = sys::io_uring_write(&f, &[b'U'; 3000], 5000, in_worker).unwrap();
@@ -605,4 +614,195 @@ fn io_uring_write_in_a_worker_thread_on_tmpfs_is_journalled_covering_the_written
 #[test]
 fn io_uring_write_in_a_worker_thread_on_ext4_is_journalled_covering_the_written_bytes() {
     io_uring_write_is_journalled(Fs::ext4("uring-worker-ext4"), true);
+}
+
+#[test]
+fn io_uring_write_into_pages_already_dirty_on_xfs_is_journalled_covering_the_written_bytes() {
+    io_uring_write_is_journalled_with(Fs::xfs("uring-dirty-xfs"), false, false);
+}
+
+#[test]
+fn store_through_shared_mmap_into_a_page_already_dirty_on_xfs_journals_an_mmap_write() {
+    // The page is dirty from the write(2) before the capture starts: the store's fault dirties
+    // no page, and XFS logs the new mtime in a transaction, marking no inode dirty.
+    let fs = Fs::xfs("mmap-dirty-xfs");
+    const SIZE: usize = 3 * 4096;
+    fs.put("m", &[b'a'; SIZE]);
+    let mut cap = Capture::start(&fs.root);
+    std::thread::sleep(Duration::from_millis(20));
+    let f = sys::open(&fs.p("m"), O_RDWR, 0).unwrap();
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        std::ptr::write_volatile((p as *mut u8).add(4096 + 7), b'Y');
+        assert_eq!(libc::munmap(p, SIZE), 0);
+    }
+    drop(f);
+    let (_, op) = cap.ops_until_with(
+        |o| o["op"] == "write" && o["path"] == "m",
+        Duration::from_secs(20),
+        "a write op for m (a store into a dirty page on XFS)",
+    );
+    assert_eq!(
+        normalize(&op),
+        normalize(&json!({"op": "write", "path": "m", "offset": 0, "len": SIZE, "source": "mmap"})),
+        "{}",
+        cap.context()
+    );
+}
+
+// ---------------------------------------------------------------- reflink
+
+const FICLONE: libc::c_ulong = 0x4004_9409;
+const FICLONERANGE: libc::c_ulong = 0x4020_940d;
+
+/// FICLONE and FICLONERANGE replace a file's bytes with no write syscall (XFS reflinks):
+/// the destination must be journalled as written, whole.
+#[test]
+fn ficlone_and_ficlonerange_on_xfs_journal_a_write_of_the_destination() {
+    let fs = Fs::xfs("reflink");
+    const SIZE: usize = 256 << 10;
+    fs.put("src", &[b's'; SIZE]);
+    fs.put("whole", &[b'w'; SIZE]);
+    fs.put("range", &[b'r'; SIZE]);
+    for name in ["src", "whole", "range"] {
+        std::fs::File::open(fs.p(name)).unwrap().sync_all().unwrap();
+    }
+    let mut cap = Capture::start(&fs.root);
+    let src = sys::open(&fs.p("src"), O_RDONLY, 0).unwrap();
+    for (name, cmd) in [("whole", FICLONE), ("range", FICLONERANGE)] {
+        let dst = sys::open(&fs.p(name), O_RDWR, 0).unwrap();
+        let range: [u64; 4] = [src.as_raw_fd() as u64, 0, 64 << 10, 128 << 10];
+        let rc = unsafe {
+            if cmd == FICLONE {
+                libc::ioctl(dst.as_raw_fd(), cmd, src.as_raw_fd())
+            } else {
+                libc::ioctl(dst.as_raw_fd(), cmd, range.as_ptr())
+            }
+        };
+        assert_eq!(rc, 0, "{name}: {}", std::io::Error::last_os_error());
+        drop(dst);
+        let (_, op) = cap.ops_until_with(
+            |o| o["op"] == "write" && o["path"] == name,
+            Duration::from_secs(20),
+            &format!("a write op for {name} (reflink)"),
+        );
+        assert_eq!(
+            normalize(&op),
+            normalize(&json!({"op": "write", "path": name, "offset": 0, "len": SIZE, "source": "mmap"})),
+            "{}",
+            cap.context()
+        );
+    }
+    let data = std::fs::read(fs.p("range")).unwrap();
+    assert_eq!((data[(128 << 10) - 1], data[128 << 10], data[192 << 10]), (b'r', b's', b'r'));
+}
+
+// ---------------------------------------------------------------- libaio
+
+/// One io_submit of a buffered IOCB_CMD_PWRITE per (fd, bytes, offset), all in one call,
+/// then every completion waited for.
+fn aio_pwrites(writes: &[(i32, &[u8], i64)]) {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Iocb {
+        data: u64,
+        key: u32,
+        rw_flags: u32,
+        opcode: u16,
+        reqprio: i16,
+        fildes: u32,
+        buf: u64,
+        nbytes: u64,
+        offset: i64,
+        reserved2: u64,
+        flags: u32,
+        resfd: u32,
+    }
+    let n = writes.len() as i64;
+    let mut ctx: u64 = 0;
+    let mut cbs: Vec<Iocb> = writes
+        .iter()
+        .map(|&(fd, buf, offset)| Iocb {
+            opcode: 1,
+            fildes: fd as u32,
+            buf: buf.as_ptr() as u64,
+            nbytes: buf.len() as u64,
+            offset,
+            ..Default::default()
+        })
+        .collect();
+    let mut list: Vec<*mut Iocb> = cbs.iter_mut().map(|c| c as *mut Iocb).collect();
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_io_setup, n, &mut ctx as *mut u64), 0, "io_setup");
+        assert_eq!(libc::syscall(libc::SYS_io_submit, ctx, n, list.as_mut_ptr()), n, "io_submit");
+        let mut events = vec![0u64; 4 * writes.len()];
+        let mut got = 0;
+        while got < n {
+            let r = libc::syscall(
+                libc::SYS_io_getevents,
+                ctx,
+                1i64,
+                n - got,
+                events.as_mut_ptr().add(4 * got as usize),
+                std::ptr::null::<libc::timespec>(),
+            );
+            assert!(r > 0, "io_getevents");
+            got += r;
+        }
+        libc::syscall(libc::SYS_io_destroy, ctx);
+    }
+}
+
+#[test]
+fn every_write_of_an_io_submit_with_many_control_blocks_is_journalled() {
+    // tmpfs: a new file's first buffered aio write marks no inode dirty, so only the
+    // io_submit probe sees these; it used to read the first 4 control blocks only.
+    let fs = Fs::tmpfs("aio-many");
+    let names: Vec<String> = (0..12).map(|i| format!("a{i}")).collect();
+    let mut cap = Capture::start(&fs.root);
+    let fds: Vec<_> = names.iter().map(|n| sys::open(&fs.p(n), O_CREAT | O_WRONLY, 0o644).unwrap()).collect();
+    let data = [b'A'; 100];
+    let writes: Vec<(i32, &[u8], i64)> = fds.iter().map(|f| (f.as_raw_fd(), &data[..], 0)).collect();
+    aio_pwrites(&writes);
+    drop(fds);
+    for n in &names {
+        cap.ops_until_with(
+            |o| o["op"] == "write" && o["path"] == n.as_str(),
+            Duration::from_secs(20),
+            &format!("a write op for {n}"),
+        );
+    }
+}
+
+#[test]
+fn an_io_submit_with_more_control_blocks_than_the_probe_reads_rescans() {
+    let fs = Fs::tmpfs("aio-rescan");
+    let mut cap = Capture::start(&fs.root);
+    let f = sys::open(&fs.p("big"), O_CREAT | O_WRONLY, 0o644).unwrap();
+    let data = [b'B'; 10];
+    let writes: Vec<(i32, &[u8], i64)> = (0..100).map(|i| (f.as_raw_fd(), &data[..], i * 10)).collect();
+    aio_pwrites(&writes);
+    drop(f);
+    cap.ops_until_with(|o| o["op"] == "rescan", Duration::from_secs(20), "a rescan (control blocks not read)");
+}
+
+#[test]
+fn io_uring_writes_to_files_just_created_on_tmpfs_are_all_journalled() {
+    // A write in the clock tick of the create sets no new time: tmpfs marks no inode dirty,
+    // so only the io_uring completion shows it.
+    let fs = Fs::tmpfs("uring-new");
+    let mut cap = Capture::start(&fs.root);
+    let names: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+    for n in &names {
+        let f = sys::open(&fs.p(n), O_CREAT | O_WRONLY, 0o644).unwrap();
+        assert_eq!(sys::io_uring_write(&f, &[b'N'; 8192], 0, false).unwrap(), 8192);
+    }
+    for n in &names {
+        cap.ops_until_with(
+            |o| o["op"] == "write" && o["path"] == n.as_str(),
+            Duration::from_secs(20),
+            &format!("a write op for {n} (io_uring, just created)"),
+        );
+    }
 }

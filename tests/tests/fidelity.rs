@@ -5,6 +5,7 @@
 
 use imezzo_tests::replica::*;
 use imezzo_tests::sys;
+use imezzo_tests::FsKind;
 use std::path::Path;
 use std::time::Duration;
 
@@ -96,6 +97,46 @@ fn rename_whiteout_leaves_the_whiteout_device_on_the_replica() {
     let st = std::fs::symlink_metadata(r.r("d")).expect("no whiteout at d on the replica");
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     assert!(st.file_type().is_char_device() && st.rdev() == 0);
+    r.assert_no_panic();
+}
+
+#[test]
+fn a_whiteout_whose_directory_is_renamed_at_once_reaches_the_replica() {
+    // fsstress -p 4 on XFS: the agent read the whiteout's event after the rename of its
+    // directory, found nothing at the old path, and journalled nothing.
+    let mut r = Replication::started("whiteout-dir");
+    for i in 0..5 {
+        r.export.dirs(&format!("a{i}/s"));
+        r.export.put(&format!("a{i}/s/x"), b"x\n");
+    }
+    r.assert_identical(SETTLE, "before the whiteouts");
+    for i in 0..5 {
+        rename2(&r, &format!("a{i}/s/x"), &format!("a{i}/y"), libc::RENAME_WHITEOUT);
+        rename2(&r, &format!("a{i}/s"), &format!("a{i}/t"), 0);
+    }
+    r.assert_identical(SETTLE, "whiteouts in directories renamed at once");
+    r.assert_no_panic();
+}
+
+#[test]
+fn a_whiteout_exchanged_at_once_with_a_hard_linked_device_stays_out_of_its_link_group() {
+    // fsstress -p 4 on XFS: the agent read the whiteout's event after the exchange, found
+    // the linked device (also 0:0) at the whiteout's name and described it as one more link
+    // of it; the exchange then left the replica's other name in the group too.
+    let mut r = Replication::started("whiteout-xchg");
+    for i in 0..5 {
+        r.export.dirs(&format!("d{i}/e"));
+        ok(sys::mknod(&r.e(&format!("d{i}/c16")), libc::S_IFCHR | 0o644, 0));
+        ok(sys::link(&r.e(&format!("d{i}/c16")), &r.e(&format!("d{i}/c21"))));
+        ok(sys::mknod(&r.e(&format!("d{i}/e/c1d")), libc::S_IFCHR | 0o644, 0));
+    }
+    r.assert_identical(SETTLE, "before the whiteouts");
+    for i in 0..5 {
+        rename2(&r, &format!("d{i}/e/c1d"), &format!("d{i}/c57"), libc::RENAME_WHITEOUT);
+        rename2(&r, &format!("d{i}/c16"), &format!("d{i}/e/c1d"), libc::RENAME_EXCHANGE);
+        ok(sys::chown(&r.e(&format!("d{i}/c16")), 34, 125));
+    }
+    r.assert_identical(SETTLE, "whiteouts exchanged at once with a linked device");
     r.assert_no_panic();
 }
 
@@ -409,5 +450,34 @@ fn a_name_fetched_again_from_the_master_stays_a_hard_link_of_its_other_names() {
         let (ma, mb) = (std::fs::symlink_metadata(r.r(a)).unwrap(), std::fs::symlink_metadata(r.r(b)).unwrap());
         assert_eq!((ma.dev(), ma.ino()), (mb.dev(), mb.ino()), "{a} and {b} are not one object on the replica");
     }
+    r.assert_no_panic();
+}
+
+/// Distinct bytes at every offset, so a shift by any amount shows.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + i / 251) % 251) as u8 ^ seed).collect()
+}
+
+#[test]
+fn collapse_and_insert_range_on_an_xfs_export_replicate_the_shifted_bytes_and_the_size() {
+    // FALLOC_FL_COLLAPSE_RANGE and FALLOC_FL_INSERT_RANGE move every byte after their range
+    // (tmpfs and the differential tester's modes do not have them; fsstress on XFS does).
+    let mut r = Replication::between("xfs-shift", FsKind::Xfs, FsKind::Tmpfs);
+    r.start_server(&[]);
+    r.start_client();
+    for (i, name) in ["collapse", "insert", "both"].iter().enumerate() {
+        r.export.put(name, &pattern(1 << 20, i as u8));
+    }
+    r.assert_identical(SETTLE, "files before the shifts");
+    let shift = |name: &str, mode: i32, off: i64, len: i64| {
+        let f = ok(sys::open(&r.e(name), libc::O_RDWR, 0));
+        ok(sys::fallocate(&f, mode, off, len));
+    };
+    shift("collapse", libc::FALLOC_FL_COLLAPSE_RANGE, 128 << 10, 64 << 10);
+    shift("insert", libc::FALLOC_FL_INSERT_RANGE, 128 << 10, 64 << 10);
+    shift("both", libc::FALLOC_FL_INSERT_RANGE, 64 << 10, 256 << 10);
+    shift("both", libc::FALLOC_FL_COLLAPSE_RANGE, 512 << 10, 128 << 10);
+    assert_eq!(std::fs::metadata(r.e("collapse")).unwrap().len(), (1 << 20) - (64 << 10));
+    r.assert_identical(SETTLE, "after collapse and insert range");
     r.assert_no_panic();
 }

@@ -93,6 +93,11 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         btrfs_vfs_inode: 0,
         btrfs_inode_root: 0,
         btrfs_root_anon_dev: 0,
+        // Filled by `add_xfs` when the export is on XFS.
+        xfs_vfs_inode: 0,
+        // io_uring is optional in a kernel: zero (and no completion probe) without it.
+        uring_req_file: f("io_kiocb", "file").unwrap_or(0),
+        uring_req_opcode: f("io_kiocb", "opcode").unwrap_or(0),
         fs_root: f("fs_struct", "root")?,
         fs_pwd: f("fs_struct", "pwd")?,
         path_dentry: f("path", "dentry")?,
@@ -130,6 +135,24 @@ pub fn add_btrfs(offsets: &mut KernelOffsets) -> Result<(), BtfError> {
     Ok(())
 }
 
+/// Adds the offset the XFS timestamp probe needs (`i_vnode` in `struct xfs_inode`). XFS is
+/// part of vmlinux's BTF when built in; as a module its types are in split BTF.
+pub fn add_xfs(offsets: &mut KernelOffsets) -> Result<(), BtfError> {
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Parse(e.to_string()))?;
+    let module = Path::new("/sys/kernel/btf/xfs");
+    let module_btf = if module.exists() {
+        Some(Btf::from_split_file(module, &btf).map_err(|e| BtfError::Parse(e.to_string()))?)
+    } else {
+        None
+    };
+    let btf = module_btf.as_ref().unwrap_or(&btf);
+    offsets.xfs_vfs_inode = field_offset(btf, "xfs_inode", "i_vnode")?;
+    if offsets.xfs_vfs_inode == 0 {
+        return Err(BtfError::Field("xfs_inode", "i_vnode"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +176,16 @@ mod tests {
         let mut o = kernel_offsets().expect("this machine has BTF");
         add_btrfs(&mut o).expect("btrfs types in the kernel's BTF");
         assert!(o.btrfs_vfs_inode > o.btrfs_inode_root && o.btrfs_root_anon_dev > 0);
+    }
+
+    #[test]
+    fn xfs_offset_is_found_when_xfs_is_in_the_kernel() {
+        let in_kernel = std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| s.contains("\txfs"));
+        if !in_kernel {
+            return;
+        }
+        let mut o = kernel_offsets().expect("this machine has BTF");
+        add_xfs(&mut o).expect("xfs types in the kernel's BTF");
+        assert!(o.xfs_vfs_inode > 0);
     }
 }

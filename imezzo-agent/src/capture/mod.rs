@@ -105,7 +105,9 @@ pub struct Capture {
     /// What was journalled under one name of an inode with several: should that name go
     /// before a client replays those entries, it could no longer read them from the
     /// master there, so the surviving name is described again (see `name_gone`).
-    touched: std::collections::HashMap<u64, Touched>,
+    touched: TouchedMap,
+    /// `Probes::aio_unread` when last checked.
+    aio_unread: u64,
     /// Where the server asks which names an inode has (see [`Capture::serve_names`]).
     names: Option<std::sync::mpsc::Receiver<NamesQuery>>,
     _lock: fs::File,
@@ -130,9 +132,53 @@ struct Touched {
 }
 
 /// Entries `Capture::touched` keeps at most. Past it the map is cleared whole (not oldest
-/// first): what was noted for those inodes is forgotten, and a name of one of them unlinked
-/// later is not described again under its surviving names.
+/// first): what was noted for those inodes is forgotten, so a name of one of them unlinked
+/// later would not be described again under its surviving names. The capture journals a
+/// rescan of the root instead (see `Capture::check_touched`), after every entry noted.
 const TOUCHED_MAX: usize = 65_536;
+
+/// `Capture::touched`: bounded, and it says when it had to forget.
+#[derive(Debug)]
+struct TouchedMap {
+    map: std::collections::HashMap<u64, Touched>,
+    max: usize,
+    /// Entries were forgotten since `take_forgotten`.
+    forgotten: usize,
+}
+
+impl Default for TouchedMap {
+    fn default() -> Self {
+        TouchedMap::with_max(TOUCHED_MAX)
+    }
+}
+
+impl TouchedMap {
+    fn with_max(max: usize) -> Self {
+        TouchedMap { map: Default::default(), max, forgotten: 0 }
+    }
+
+    /// The entry for `ino`, made room for by clearing the map when it is full.
+    fn entry(&mut self, ino: u64) -> &mut Touched {
+        if self.map.len() >= self.max && !self.map.contains_key(&ino) {
+            self.forgotten += self.map.len();
+            self.map.clear();
+        }
+        self.map.entry(ino).or_default()
+    }
+
+    fn remove(&mut self, ino: u64) -> Option<Touched> {
+        self.map.remove(&ino)
+    }
+
+    fn insert(&mut self, ino: u64, t: Touched) {
+        *self.entry(ino) = t;
+    }
+
+    /// How many entries were forgotten since the last call.
+    fn take_forgotten(&mut self) -> usize {
+        std::mem::take(&mut self.forgotten)
+    }
+}
 
 /// `ino` unless it is a placeholder (an object known by name only, see `placeholder_ino`).
 fn real_ino(ino: u64) -> Option<u64> {
@@ -159,10 +205,20 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
 /// Whether `path` lies on btrfs, whose `stat(2)` device is a per-subvolume anonymous
 /// device rather than the super block's (see `imezzo_common::BTRFS_SUPER_MAGIC`).
 fn is_btrfs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    fs_type(path) == Some(imezzo_common::BTRFS_SUPER_MAGIC)
+}
+
+/// Whether `path` lies on XFS (see `imezzo_common::XFS_SUPER_MAGIC`).
+fn is_xfs(path: &Path) -> bool {
+    fs_type(path) == Some(imezzo_common::XFS_SUPER_MAGIC)
+}
+
+/// `statfs(2)`'s `f_type` of the file system `path` lies on.
+fn fs_type(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: a valid C string and a zeroed statfs for the kernel to fill.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as u64 == imezzo_common::BTRFS_SUPER_MAGIC }
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as u64)
 }
 
 fn stat_time(sec: i64, nsec: i64) -> Timestamp {
@@ -242,6 +298,7 @@ impl Capture {
             root: &root,
             kernel_dev: kdev,
             btrfs: is_btrfs(&root),
+            xfs: is_xfs(&root),
             ring_bytes: cfg.ring_bytes,
             instance: &instance,
         })?;
@@ -288,6 +345,7 @@ impl Capture {
             last_emit: Instant::now(),
             ancestors,
             touched: Default::default(),
+            aio_unread: 0,
             names: None,
             _lock: lock,
         })
@@ -366,6 +424,7 @@ impl Capture {
                 self.check_drops(&mut out);
                 last_drop_check = Instant::now();
             }
+            self.check_touched(&mut out);
             self.emit(&mut out, drained_at, sink);
             self.answer_names();
             idle = self.stats.events == before;
@@ -384,6 +443,7 @@ impl Capture {
         self.poll_runs();
         self.flush(&mut out);
         self.check_drops(&mut out);
+        self.check_touched(&mut out);
         self.last_emit = Instant::now().checked_sub(IDLE_MARK).unwrap_or(self.last_emit);
         self.emit(&mut out, drained_at, sink);
     }
@@ -477,6 +537,34 @@ impl Capture {
             self.stats.drops = drops;
             self.rescan(format!("{lost} events lost (ring buffer full)"), out);
         }
+        let unread = self.probes.aio_unread();
+        if unread > self.aio_unread {
+            let calls = unread - self.aio_unread;
+            self.aio_unread = unread;
+            self.rescan(format!("{calls} io_submit calls with more control blocks than the probes read"), out);
+        }
+    }
+
+    /// When the touched map had to forget, journals a rescan of the root: it comes after
+    /// every change noted for those inodes, so whatever one of their names going later
+    /// would have described again is compared whole instead.
+    fn check_touched(&mut self, out: &mut Vec<Op>) {
+        let forgotten = self.touched.take_forgotten();
+        if forgotten == 0 {
+            return;
+        }
+        crate::report!(
+            Warn,
+            "capture: changes to multiply-linked files forgotten (too many at once), tree rescanned",
+            "{forgotten} multiply-linked files changed since the map of them (at most {TOUCHED_MAX}) was last cleared: rescanning {}",
+            self.root.display()
+        );
+        self.flush(out);
+        self.stats.rescans += 1;
+        out.push(Op::Rescan {
+            path: RelPath::default(),
+            reason: format!("{forgotten} changes to multiply-linked files forgotten (over {TOUCHED_MAX})"),
+        });
     }
 
     /// A path cut at the probes' copy names something beneath the directory its copied
@@ -609,10 +697,7 @@ impl Capture {
         if !self.table.has_extra_links(ino) {
             return;
         }
-        if self.touched.len() >= TOUCHED_MAX && !self.touched.contains_key(&ino) {
-            self.touched.clear();
-        }
-        let t = self.touched.entry(ino).or_default();
+        let t = self.touched.entry(ino);
         match op {
             Op::Write { .. } | Op::Truncate { .. } => t.data = true,
             Op::Setattr { .. } => t.attrs = true,
@@ -629,7 +714,7 @@ impl Capture {
     /// for it while it had several names and it keeps one, those changes are journalled
     /// again under the name it keeps, from the master's current state.
     fn name_gone(&mut self, ino: u64, out: &mut Vec<Op>) {
-        let Some(t) = self.touched.remove(&ino) else { return };
+        let Some(t) = self.touched.remove(ino) else { return };
         let Some(path) = self.table.path_of(ino) else { return };
         let Some(meta) = fs::symlink_metadata(self.abs(&path)).ok().filter(|m| m.ino() == ino) else { return };
         if self.table.has_extra_links(ino) {
@@ -1183,6 +1268,9 @@ impl Capture {
                     if !still {
                         self.table.unlink(fp, fname);
                         out.push(Op::Unlink { path: join(&fr) });
+                        if flags & RENAME_WHITEOUT != 0 {
+                            self.whiteout(f.clone(), out);
+                        }
                         return;
                     }
                 }
@@ -1213,7 +1301,7 @@ impl Capture {
                 if flags & RENAME_WHITEOUT != 0 {
                     // The whiteout (a character device 0:0) now at the old name is a new
                     // object of its own.
-                    self.moved_in(f.clone(), out);
+                    self.whiteout(f.clone(), out);
                 }
             }
             (Located::Inside(f), _) if !f.is_empty() => {
@@ -1228,12 +1316,31 @@ impl Capture {
                 }
                 out.push(if dir { Op::Rmdir { path } } else { Op::Unlink { path } });
                 if flags & RENAME_WHITEOUT != 0 {
-                    self.moved_in(f.clone(), out);
+                    self.whiteout(f.clone(), out);
                 }
             }
             (_, Located::Inside(t)) if !t.is_empty() => self.moved_in(t, out),
             _ => {}
         }
+    }
+
+    /// The whiteout a RENAME_WHITEOUT left at the old name `f`, journalled as the mknod of
+    /// a character device 0:0 it was, never described from what the name holds when the
+    /// agent reads the event: by then a directory on the way may have been renamed (the
+    /// name leads nowhere and nothing was journalled), or a later exchange may have put
+    /// another object there (fsstress: a device with several names, described as one more
+    /// link of them, so the exchange that followed left the replica's name in that group).
+    /// Replay gives it the master's attributes; it is named in the table by a placeholder.
+    fn whiteout(&mut self, f: Vec<Vec<u8>>, out: &mut Vec<Op>) {
+        let refs: Vec<&[u8]> = f.iter().map(|p| &p[..]).collect();
+        let path = join(&refs);
+        let Some(parent) = self.table.lookup(&refs[..refs.len() - 1]) else {
+            self.rescan(format!("a whiteout in an unknown directory ({})", path.display()), out);
+            return;
+        };
+        let ino = self.placeholder_ino();
+        self.table.link(parent, refs[refs.len() - 1], ino, Kind::Other);
+        out.push(Op::Mknod { path, mode: libc::S_IFCHR, rdev: 0 });
     }
 
     /// Something arrived from outside the root (rename or link): add it to the table and
@@ -1387,4 +1494,30 @@ fn take_lock(root: &Path, instance: &str) -> Result<fs::File, CaptureError> {
         return Err(CaptureError::AlreadyRunning(root.to_path_buf(), path));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_touched_map_says_how_much_it_forgot_once() {
+        let mut t = TouchedMap::with_max(2);
+        t.entry(1).data = true;
+        t.entry(2).attrs = true;
+        // Noting an inode already there never forgets.
+        t.entry(1).attrs = true;
+        assert_eq!(t.take_forgotten(), 0);
+        // A third inode clears the two before it: the capture must rescan for them.
+        t.entry(3).data = true;
+        assert_eq!(t.take_forgotten(), 2);
+        assert_eq!(t.take_forgotten(), 0, "reported once");
+        assert!(t.remove(1).is_none() && t.remove(2).is_none());
+        assert!(t.remove(3).is_some_and(|x| x.data));
+        // Re-inserting into a full map forgets too.
+        t.entry(4);
+        t.entry(5);
+        t.insert(6, Touched::default());
+        assert_eq!(t.take_forgotten(), 2);
+    }
 }

@@ -17,7 +17,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use imezzo_common::{Filter, OpenRun, DROPS_RINGBUF_FULL, PATH_CAP};
+use imezzo_common::{Filter, OpenRun, DROPS_AIO_UNREAD, DROPS_RINGBUF_FULL, PATH_CAP};
 
 use super::{kernel_btf, syscalls};
 
@@ -53,6 +53,9 @@ pub struct ProbeConfig<'a> {
     /// The root is on btrfs: the probes then report a btrfs inode's subvolume device, as
     /// `stat(2)` does, instead of the super block's `s_dev`.
     pub btrfs: bool,
+    /// The root is on XFS: the probes then also watch `xfs_update_time` (XFS never marks
+    /// an inode dirty for a data change's new times, see `imezzo_xfs_time`).
+    pub xfs: bool,
     pub ring_bytes: u32,
     /// Name of the pin directory under [`BPFFS_DIR`].
     pub instance: &'a str,
@@ -87,6 +90,9 @@ impl Probes {
         let mut offsets = kernel_btf::kernel_offsets()?;
         if cfg.btrfs {
             kernel_btf::add_btrfs(&mut offsets)?;
+        }
+        if cfg.xfs {
+            kernel_btf::add_xfs(&mut offsets)?;
         }
         let root_bytes = cfg.root.as_os_str().as_encoded_bytes();
         if root_bytes.len() >= PATH_CAP {
@@ -144,7 +150,16 @@ impl Probes {
                 }
             }
         }
-        for (name, tracepoint) in [("imezzo_dirty", "writeback_mark_inode_dirty"), ("imezzo_sys_exit", "sys_exit")] {
+        let mut entry_points = vec![("imezzo_dirty", "writeback_mark_inode_dirty")];
+        if offsets.uring_req_opcode != 0 {
+            // io_kiocb is in the BTF (its opcode is never its first field).
+            entry_points.push(("imezzo_uring_done", "io_uring_complete"));
+        }
+        if cfg.xfs {
+            entry_points.push(("imezzo_xfs_time", "xfs_update_time"));
+        }
+        entry_points.push(("imezzo_sys_exit", "sys_exit"));
+        for (name, tracepoint) in entry_points {
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
@@ -171,10 +186,17 @@ impl Probes {
 
     /// Events the probes could not deliver since load, summed over CPUs.
     pub fn drops(&self) -> u64 {
-        self.drops
-            .get(&DROPS_RINGBUF_FULL, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+        self.counter(DROPS_RINGBUF_FULL)
+    }
+
+    /// io_submit calls since load whose control blocks were not all read (more than the
+    /// probe reads), summed over CPUs.
+    pub fn aio_unread(&self) -> u64 {
+        self.counter(DROPS_AIO_UNREAD)
+    }
+
+    fn counter(&self, slot: u32) -> u64 {
+        self.drops.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// The write run each CPU holds, as (cpu, run), for the runs that were stable while
@@ -205,6 +227,8 @@ impl Probes {
 fn name_static(name: &str) -> &'static str {
     match name {
         "imezzo_dirty" => "imezzo_dirty",
+        "imezzo_xfs_time" => "imezzo_xfs_time",
+        "imezzo_uring_done" => "imezzo_uring_done",
         _ => "imezzo_sys_exit",
     }
 }

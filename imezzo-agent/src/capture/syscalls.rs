@@ -6,6 +6,8 @@
 /// Data changes through a file descriptor: handled by the `imezzo_write` probe.
 pub const WRITE_FAMILY: &[(u32, &str)] = &[
     (1, "write"),
+    // Only FICLONE and FICLONERANGE (reflink), which change the destination's bytes.
+    (16, "ioctl"),
     (18, "pwrite64"),
     (20, "writev"),
     (40, "sendfile"),
@@ -94,8 +96,9 @@ pub fn name(nr: u32) -> &'static str {
 /// The bitmap the dirty-inode probe consults: every captured syscall, plus the read-only ones.
 pub fn quiet_dirty_bitmap() -> [u64; imezzo_common::SYSCALL_SLOTS / 64] {
     let mut bits = [0u64; imezzo_common::SYSCALL_SLOTS / 64];
-    // io_submit's probe reads only its first control blocks: the net stays on for it.
-    let captured = WRITE_FAMILY.iter().chain(PATH_FAMILY).map(|(nr, _)| *nr).filter(|&nr| nr != 209);
+    // io_submit's probe reads only its first control blocks, and ioctl's only the reflink
+    // commands: the net stays on for both.
+    let captured = WRITE_FAMILY.iter().chain(PATH_FAMILY).map(|(nr, _)| *nr).filter(|&nr| nr != 209 && nr != 16);
     for nr in captured.chain(READ_ONLY.iter().copied()) {
         bits[nr as usize / 64] |= 1 << (nr % 64);
     }
@@ -125,5 +128,7 @@ mod tests {
         assert!(!quiet(6) && !quiet(7));
         // io_uring_enter writes inline: the safety net must report them.
         assert!(!quiet(426));
+        // Other ioctls can change data (the probe reads only the reflink ones).
+        assert!(!quiet(16) && !quiet(209));
     }
 }

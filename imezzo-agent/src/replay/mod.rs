@@ -129,7 +129,7 @@ pub use source::{replaced, DataSource, DirSource};
 use crate::attrs::{Attrs, FileKind};
 use crate::beneath::{self, errno, is_kind, sys, xattr_is_local, Loc, Tree};
 
-use crate::op::{JournalEntry, Op, RelPath, Timestamp};
+use crate::op::{JournalEntry, Op, RelPath, Timestamp, WriteSource};
 
 pub use crate::beneath::TEMP_PREFIX;
 
@@ -721,8 +721,12 @@ impl Replayer {
                 offset,
                 len,
                 ino,
-                ..
-            } => self.write(path, *offset, *len, *ino, seq, data),
+                source,
+                mode,
+            } => {
+                let len = if shifts_to_end(*source, *mode) { u64::MAX - *offset } else { *len };
+                self.write(path, *offset, len, *ino, seq, data)
+            }
             Op::Truncate { path, size } => self.truncate(path, *size, seq, data),
             Op::Setattr {
                 path,
@@ -1051,9 +1055,40 @@ struct Written<'a> {
     ino: Option<u64>,
 }
 
+/// `FALLOC_FL_COLLAPSE_RANGE` and `FALLOC_FL_INSERT_RANGE`: both move every byte after the
+/// offset (and change the size), not only the range they name.
+const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
+const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
+
+/// Whether a write changed everything from its offset to the master's end, whatever its
+/// length says: a collapse or insert range shifts the rest of the file, and a whole-file
+/// write from the safety net (mmap, io_uring, reflink) was sized when capture saw it, maybe
+/// before the write that set it off had grown the file.
+fn shifts_to_end(source: Option<WriteSource>, mode: Option<u32>) -> bool {
+    match source {
+        Some(WriteSource::Mmap) => true,
+        Some(WriteSource::Fallocate) => {
+            mode.is_some_and(|m| m & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0)
+        }
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collapse_insert_and_whole_file_writes_reach_the_masters_end() {
+        assert!(shifts_to_end(Some(WriteSource::Fallocate), Some(FALLOC_FL_COLLAPSE_RANGE)));
+        assert!(shifts_to_end(Some(WriteSource::Fallocate), Some(FALLOC_FL_INSERT_RANGE)));
+        assert!(shifts_to_end(Some(WriteSource::Mmap), None));
+        // Allocating, punching and zeroing change only the range they name.
+        for mode in [0, 1, 3, 0x10, 0x11] {
+            assert!(!shifts_to_end(Some(WriteSource::Fallocate), Some(mode)), "{mode:#x}");
+        }
+        assert!(!shifts_to_end(None, None));
+    }
 
     fn refused(p: &str) -> bool {
         check_rel_path(&RelPath::from(p)).is_err()
