@@ -1004,15 +1004,8 @@ impl Capture {
                     };
                     Op::Symlink { path, target }
                 });
-                if let Some(path) = unread.take() {
-                    // Whatever is at that name now, its directory's listing says: clients
-                    // compare that directory, not the whole tree.
-                    let dir = path.as_bytes().iter().rposition(|&c| c == b'/').map_or(&[][..], |i| &path.as_bytes()[..i]);
-                    self.flush(out);
-                    self.stats.rescans += 1;
-                    crate::report!(Info, "capture: symlinks whose long target was gone before it could be read",
-                        "the target of symlink {:?} was longer than the probes copy and gone before it could be read: its directory is compared instead", path.display());
-                    out.push(Op::Relist { path: RelPath(dir.to_vec()), reason: "a symlink target longer than the probes copy, gone before it could be read".into() });
+                if unread.take().is_some() {
+                    self.rescan("a symlink target longer than the probes copy, gone before it could be read".into(), out);
                 }
             }
             87 | 84 | 263 => {

@@ -411,19 +411,33 @@ impl Worker {
             self.pending.insert(p.0, false);
         }
         match result {
-            // The server lost track of what changed in (or, for a relist, directly in) a
-            // directory: that directory, not the whole replica, is compared with the
-            // master's listing, before the entries after this one.
-            Ok(Applied::NeedsResync { path }) if rescan => {
-                let recursive = matches!(entry.op, Op::Rescan { .. });
+            // Capture lost track of changes (events lost, a path it could not follow): a
+            // full resync, whose manifest is consistent with one seq and supersedes every
+            // entry up to it. (A subtree compared in the stream instead, from a listing
+            // taken while the master kept changing, left fsstress's replicas further from
+            // the master: the entries between the rescan and the listing's seq, replayed on
+            // a subtree already past them, mix two moments.)
+            Ok(Applied::NeedsResync { path }) if matches!(entry.op, Op::Rescan { .. }) => {
                 let reason = match &entry.op {
-                    Op::Rescan { reason, .. } | Op::Relist { reason, .. } => reason.as_str(),
+                    Op::Rescan { reason, .. } => reason.as_str(),
+                    _ => "",
+                };
+                self.needs_resync.get_or_insert(format!(
+                    "the server lost track of changes under {:?} ({reason})",
+                    path.display()
+                ));
+            }
+            // The names directly in a directory changed while the server was down: that
+            // directory, not the whole replica, is compared with the master's listing,
+            // before the entries after this one.
+            Ok(Applied::NeedsResync { path }) if rescan => {
+                let reason = match &entry.op {
+                    Op::Relist { reason, .. } => reason.as_str(),
                     _ => "",
                 };
                 crate::report!(Info, "client: directories compared with the master's (the server lost track of them)",
-                    "seq {}: comparing {:?}{} with the master's ({reason})",
-                    entry.seq, path.display(), if recursive { " and everything beneath it" } else { "" });
-                self.resync_dir(&path, recursive)?;
+                    "seq {}: comparing {:?} with the master's ({reason})", entry.seq, path.display());
+                self.resync_dir(&path, false)?;
             }
             Ok(Applied::NeedsResync { path }) if moves => self.pending.mark_diverged(&path),
             Ok(Applied::Obsolete) | Err(ReplayError::Source { .. }) if moves => {
