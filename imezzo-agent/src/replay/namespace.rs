@@ -22,13 +22,7 @@ impl Replayer {
             if self.placed_since(st, seq) {
                 return Ok(Applied::AlreadyApplied);
             }
-            // An object with other names is never one this op made: the op makes an object
-            // of one name, and a later link of it would have marked it (placed_since). It is
-            // a stale group's (a whiteout or a device of the same number where the replica
-            // still links another name), and taking it would give this op's attributes to
-            // every name of that group: it is replaced.
-            let linked = !is_kind(st, libc::S_IFDIR) && st.st_nlink > 1;
-            if !linked && what.matches(st, &loc).ctx(op, path)? {
+            if what.matches(st, &loc).ctx(op, path)? {
                 // What this op made, or an earlier object it now stands for: either way,
                 // from here on it is this op's.
                 if let Some(s) = seq {
