@@ -307,20 +307,18 @@ impl Worker {
                 last_applied: None,
             })
             .map_err(Stop::Fatal)?;
-        let full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq)
+        let mut full = full_sync::FullSync::new(&self.root, self.fetcher.clone(), manifest_seq)
             .map_err(|error| {
                 Stop::Fatal(ClientError::Root {
                     path: self.root.clone(),
                     error,
                 })
             })?;
-        let mut full = full;
         // What replay left pending is fetched whole by this sync, never kept by its size and
         // mtime: the pending set is cleared only because the sync covers it.
         full.refetch(self.pending.paths.keys().cloned());
-        if let Ok(m) = std::fs::metadata(self.stamp_file()) {
-            use std::os::unix::fs::MetadataExt;
-            full.keep_only_untouched_since((m.ctime(), m.ctime_nsec()));
+        if let Some(t) = self.last_full_sync() {
+            full.keep_only_untouched_since(t);
         }
         self.full = Some(full);
         self.needs_resync = None;
@@ -331,6 +329,12 @@ impl Worker {
     /// Where the time of the last completed full sync is kept (next to the pending set).
     fn stamp_file(&self) -> PathBuf {
         self.pending_file.with_file_name("full-sync.time")
+    }
+
+    /// When the last full sync completed, as the replica's clock gives ctimes (s, ns).
+    fn last_full_sync(&self) -> Option<(i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.stamp_file()).ok().map(|m| (m.ctime(), m.ctime_nsec()))
     }
 
     pub(super) fn complete_full_sync(&mut self, seq: u64) -> Result<(), Stop> {
@@ -578,7 +582,7 @@ impl Worker {
                     if self.pending.paths.contains_key(path) {
                         // Failed again: retried with the same backoff as a file.
                         let (n, _) = self.retry.get(path).copied().unwrap_or((0, now));
-                        let wait = (Duration::from_secs(1) * 2u32.saturating_pow(n.min(5))).min(RETRY_MAX);
+                        let wait = retry_wait(n);
                         self.retry.insert(path.clone(), (n + 1, Instant::now() + wait));
                     } else {
                         self.retry.remove(path);
@@ -638,7 +642,7 @@ impl Worker {
                                     n + 1
                                 );
                             }
-                            (Duration::from_secs(1) * 2u32.saturating_pow(n.min(5))).min(RETRY_MAX)
+                            retry_wait(n)
                         };
                         self.retry.insert(path.clone(), (n + 1, Instant::now() + wait));
                     }
@@ -663,8 +667,9 @@ impl Worker {
     /// to be created. Objects the listing does not name are removed; files whose size and
     /// mtime match are kept unless they are pending or replay touched them since the last
     /// full sync; everything placed or kept is marked as the master's as of the listing's
-    /// seq, so the entries before that seq still to come are already applied; pending paths it covers are done with, unless they failed (those stay
-    /// pending, to be retried). Nothing at `scope` at the master: nothing to do (a later
+    /// seq, so the entries before that seq still to come are already applied; pending
+    /// paths it covers are done with, unless they failed (those stay pending, to be
+    /// retried). Nothing at `scope` at the master: nothing to do (a later
     /// entry accounts for it).
     pub(super) fn resync_dir(&mut self, scope: &RelPath, recursive: bool) -> Result<(), Stop> {
         let mut queue = vec![(scope.clone(), recursive)];
@@ -681,9 +686,8 @@ impl Worker {
             // Files replay touched since the last full sync may hold another moment's bytes
             // under the master's size and mtime; pending ones are owed bytes: both fetched.
             sync.refetch(covered.iter().cloned());
-            if let Ok(m) = std::fs::metadata(self.stamp_file()) {
-                use std::os::unix::fs::MetadataExt;
-                sync.keep_only_untouched_since((m.ctime(), m.ctime_nsec()));
+            if let Some(t) = self.last_full_sync() {
+                sync.keep_only_untouched_since(t);
             }
             let mut listing = self.fetcher.listing(scope.clone(), recursive);
             let complete = loop {
@@ -759,8 +763,10 @@ impl Worker {
         }
     }
 
-    /// Makes `path` what the master has now (`attrs`); false when that takes a full resync
-    /// (a type the replica cannot change in place, or a directory of unknown content).
+    /// Makes `path` what the master has now (`attrs`); false when one path cannot be
+    /// repaired by itself (a type the replica cannot change in place, a directory of
+    /// unknown content, a symlink whose target was not read): the caller then compares
+    /// its directory with the master's listing.
     ///
     /// Hard links: a name recreated alone would be a separate object on the replica, and a
     /// later change through another name of the master's object would miss it. So the
@@ -849,6 +855,11 @@ impl Worker {
         );
         Ok(true)
     }
+}
+
+/// The wait before attempt `n + 1` at a failed path: 1 s, doubling, at most [`RETRY_MAX`].
+fn retry_wait(n: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.saturating_pow(n.min(5))).min(RETRY_MAX)
 }
 
 /// Whether a resync of `scope` (its subtree, or its children only) covers `path`.
