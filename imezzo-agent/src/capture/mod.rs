@@ -1233,6 +1233,22 @@ impl Capture {
                 let distinct = fr != tr;
                 let from_known = !distinct || self.table.lookup(&fr).is_some();
                 let to_known = !distinct || self.table.lookup(&tr).is_some();
+                // Both names of one inode in the table, the old one still that inode's on
+                // the master?
+                let same_inode = distinct && from_known && self.table.lookup(&fr) == self.table.lookup(&tr);
+                let still = same_inode && {
+                    let ino = self.table.lookup(&fr);
+                    fs::symlink_metadata(self.abs(&join(&fr))).is_ok_and(|m| Some(m.ino()) == ino)
+                };
+                // rename(2) onto the same inode (a name onto itself, or onto another of its
+                // hard links) succeeds and does nothing: it moves no name and leaves no
+                // whiteout. A whiteout journalled for it would replace the file on the
+                // replica, and give its name in the table to a device that is not there
+                // (differential seed 31 on btrfs).
+                if still {
+                    return;
+                }
+                let noop = !distinct;
                 let (fname, tname) = (fr[fr.len() - 1], tr[tr.len() - 1]);
                 if exchange && from_known != to_known {
                     // One side is a name capture never learned. The exchange is journalled as
@@ -1250,22 +1266,17 @@ impl Capture {
                     self.moved_in(landed, out);
                     return;
                 }
-                if !exchange && distinct && from_known && self.table.lookup(&fr) == self.table.lookup(&tr) {
-                    // The table holds both names for one inode, so rename(2) would have done
-                    // nothing; if the old name no longer holds that inode on the master, the
-                    // table had learned the destination from a later state (an object
-                    // described whole as it is now): the rename did move an object, and
-                    // what is left to say is that the old name went.
-                    let ino = self.table.lookup(&fr);
-                    let still = fs::symlink_metadata(self.abs(&join(&fr))).is_ok_and(|m| Some(m.ino()) == ino);
-                    if !still {
-                        self.table.unlink(fp, fname);
-                        out.push(Op::Unlink { path: join(&fr) });
-                        if flags & RENAME_WHITEOUT != 0 {
-                            self.whiteout(f.clone(), out);
-                        }
-                        return;
+                if !exchange && same_inode {
+                    // The table holds both names for one inode, but the old name no longer
+                    // holds it on the master: the table had learned the destination from a
+                    // later state (an object described whole as it is now). The rename did
+                    // move an object, and what is left to say is that the old name went.
+                    self.table.unlink(fp, fname);
+                    out.push(Op::Unlink { path: join(&fr) });
+                    if flags & RENAME_WHITEOUT != 0 {
+                        self.whiteout(f.clone(), out);
                     }
+                    return;
                 }
                 let replaced = if exchange { None } else { self.table.lookup(&tr).filter(|&i| Some(i) != self.table.lookup(&fr)) };
                 if exchange {
@@ -1291,7 +1302,7 @@ impl Capture {
                     // journalled (or journalled under a name it had left already).
                     self.moved_in(t.clone(), out);
                 }
-                if flags & RENAME_WHITEOUT != 0 {
+                if flags & RENAME_WHITEOUT != 0 && !noop {
                     // The whiteout (a character device 0:0) now at the old name is a new
                     // object of its own.
                     self.whiteout(f.clone(), out);
