@@ -81,6 +81,9 @@ pub struct CaptureStats {
     pub drops: u64,
     pub rescans: u64,
     pub ops: u64,
+    /// Files whose written ranges were too many to keep exact within one batch, and were
+    /// rounded out to blocks (see `extents`).
+    pub coarsened: u64,
 }
 
 pub struct Capture {
@@ -669,6 +672,7 @@ impl Capture {
     }
 
     fn flush(&mut self, out: &mut Vec<Op>) {
+        self.stats.coarsened += self.pending.take_coarsened();
         for (ino, whole, ranges) in self.pending.take() {
             let Some(path) = self.table.path_of(ino) else { continue };
             if self.table.has_extra_links(ino) {

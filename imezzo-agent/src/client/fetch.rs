@@ -256,14 +256,10 @@ impl DataSource for NetSource<'_> {
         len: u64,
         ino: Option<u64>,
     ) -> io::Result<Vec<u8>> {
-        if let Some(content) = ino.and_then(|i| self.data.get(&(path.clone(), i))) {
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(content.len());
-            let end = usize::try_from(offset.saturating_add(len))
-                .unwrap_or(usize::MAX)
-                .min(content.len());
-            return Ok(content[start..end].to_vec());
+        if let Some(pieces) = ino.and_then(|i| self.data.get(&(path.clone(), i))) {
+            if let Some(bytes) = pieces.iter().find_map(|p| p.slice(offset, len)) {
+                return Ok(bytes.to_vec());
+            }
         }
         let mut buf = Vec::new();
         let end = self.fetcher.rt.block_on(self.fetcher.data(

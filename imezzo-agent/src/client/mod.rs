@@ -108,6 +108,10 @@ const IN_SYNC_EVERY: Duration = Duration::from_secs(1);
 const PREFETCH_ENTRIES: usize = 256;
 /// Files at most this large that queued entries write are fetched ahead, whole.
 const PREFETCH_DATA_MAX: u64 = 256 << 10;
+/// Larger files' written ranges at most this long are fetched ahead...
+const PREFETCH_RANGE_MAX: u64 = 1 << 20;
+/// ...up to this many bytes for one batch of queued entries.
+const PREFETCH_RANGE_BYTES: u64 = 64 << 20;
 /// Fetches ahead in flight at once.
 const PREFETCH_DATA_CONCURRENCY: usize = 32;
 /// Attempts at an entry that fails on the replica's file system before resyncing instead.

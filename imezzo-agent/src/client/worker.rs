@@ -66,8 +66,8 @@ pub(super) struct Worker {
     pub(super) pending_file: PathBuf,
     /// The master's attributes fetched ahead for the next `prefetched` entries.
     pub(super) cache: HashMap<RelPath, Option<Attrs>>,
-    /// Whole contents of small files those entries write, by (path, inode), fetched
-    /// ahead at once instead of one round trip per entry.
+    /// Bytes those entries write (small files whole, ranges of larger ones), by (path,
+    /// inode), fetched ahead at once instead of one round trip per entry.
     pub(super) data: DataCache,
     pub(super) prefetched: usize,
     /// Pending paths whose repair failed on the replica (or was refused): attempts so far
@@ -98,8 +98,32 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// While the replica is full, the wait between two attempts.
 const FULL_POLL: Duration = Duration::from_secs(2);
 
-/// Contents fetched ahead: (path, inode written to) -> the file's bytes from offset 0.
-pub(super) type DataCache = HashMap<(RelPath, u64), Vec<u8>>;
+/// Bytes fetched ahead: (path, inode written to) -> the pieces of that file read.
+pub(super) type DataCache = HashMap<(RelPath, u64), Vec<Piece>>;
+
+/// Bytes of the master's file from `offset` on, as one fetch read them.
+#[derive(Debug)]
+pub(super) struct Piece {
+    pub(super) offset: u64,
+    pub(super) bytes: Vec<u8>,
+    /// The file ended at the piece's end when it was read.
+    pub(super) to_eof: bool,
+}
+
+impl Piece {
+    /// Bytes `[offset, offset+len)` when this piece holds them all (or all the file has
+    /// of them): fewer than `len` means the file ends there.
+    pub(super) fn slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let end = self.offset + self.bytes.len() as u64;
+        let want_end = offset.saturating_add(len);
+        if offset < self.offset || (want_end > end && !self.to_eof) {
+            return None;
+        }
+        let a = usize::try_from(offset - self.offset).ok()?.min(self.bytes.len());
+        let b = usize::try_from(want_end.min(end) - self.offset).ok()?.max(a);
+        Some(&self.bytes[a..b])
+    }
+}
 
 impl Worker {
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Replayer {
@@ -217,21 +241,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Fetches, concurrently, the whole content of every small regular file the queued
-    /// writes take bytes from (by the inode each names), so a burst of small files costs a
-    /// few round trips, not one per file. What does not arrive is fetched by replay itself.
+    /// Fetches, concurrently, the bytes the queued writes take from the master (by the
+    /// inode each names): the whole content of small files, the written range of larger
+    /// ones. A burst of small files, or of page writes into a large one, then costs a few
+    /// round trips, not one per entry. What does not arrive is fetched by replay itself.
     pub(super) fn prefetch_data<'w>(
         &mut self,
         work: impl Iterator<Item = &'w Work>,
     ) -> Result<(), Stop> {
         self.data.clear();
-        let mut wanted = Vec::new();
+        // (path, inode, offset, len): a whole file is read from 0 to its size.
+        let mut wanted: Vec<(RelPath, u64, u64, u64)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut range_bytes = 0u64;
         for w in work {
             let Work::Apply(entry) = w else { continue };
             let Op::Write {
                 path,
                 ino: Some(ino),
+                offset,
+                len,
                 ..
             } = &entry.op
             else {
@@ -240,11 +269,23 @@ impl Worker {
             let Some(Some(a)) = self.cache.get(path) else {
                 continue;
             };
-            if a.kind == FileKind::Regular
-                && a.size <= PREFETCH_DATA_MAX
-                && seen.insert((path.clone(), *ino))
-            {
-                wanted.push((path.clone(), *ino, a.size));
+            if a.kind != FileKind::Regular {
+                continue;
+            }
+            let job = if a.size <= PREFETCH_DATA_MAX {
+                (path.clone(), *ino, 0, a.size)
+            } else {
+                let len = (*len).min(a.size.saturating_sub(*offset));
+                if len == 0 || len > PREFETCH_RANGE_MAX || range_bytes + len > PREFETCH_RANGE_BYTES {
+                    continue;
+                }
+                (path.clone(), *ino, *offset, len)
+            };
+            if seen.insert(job.clone()) {
+                if job.2 != 0 || job.3 != a.size {
+                    range_bytes += job.3;
+                }
+                wanted.push(job);
             }
         }
         if wanted.is_empty() {
@@ -254,15 +295,15 @@ impl Worker {
         let fetched = self.fetcher.rt.block_on(async move {
             let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_DATA_CONCURRENCY));
             let mut jobs = tokio::task::JoinSet::new();
-            for (path, ino, size) in wanted {
+            for (path, ino, offset, len) in wanted {
                 let (fetcher, permits) = (fetcher.clone(), permits.clone());
                 jobs.spawn(async move {
                     let _permit = permits.acquire_owned().await.ok()?;
                     let mut buf = Vec::new();
                     let end = fetcher
-                        .data(path.clone(), 0, size, Some(ino), &mut |at, bytes| {
+                        .data(path.clone(), offset, len, Some(ino), &mut |at, bytes| {
                             // Holes between chunks read as zeros.
-                            buf.resize(at as usize, 0);
+                            buf.resize((at - offset) as usize, 0);
                             buf.extend_from_slice(&bytes);
                             Ok(())
                         })
@@ -270,8 +311,10 @@ impl Worker {
                         .ok()?;
                     match end {
                         DataEnd::Done { file_size } => {
-                            buf.resize(size.min(file_size) as usize, 0);
-                            Some((path, ino, buf))
+                            let end = (offset + len).min(file_size);
+                            buf.resize(end.saturating_sub(offset) as usize, 0);
+                            let to_eof = offset + len >= file_size;
+                            Some((path, ino, Piece { offset, bytes: buf, to_eof }))
                         }
                         DataEnd::Gone => None,
                     }
@@ -288,8 +331,8 @@ impl Worker {
         if let Some(why) = self.fetcher.lost() {
             return Err(Stop::Lost(why));
         }
-        for (path, ino, bytes) in fetched {
-            self.data.insert((path, ino), bytes);
+        for (path, ino, piece) in fetched {
+            self.data.entry((path, ino)).or_default().push(piece);
         }
         Ok(())
     }

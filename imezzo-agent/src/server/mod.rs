@@ -277,11 +277,12 @@ impl Server {
         let stats = blocking(move || capture.stop()).await.unwrap_or_default();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         log::info!(
-            "server stopped: journal at seq {}; capture saw {} events, {} drops, {} rescans",
+            "server stopped: journal at seq {}; capture saw {} events, {} drops, {} rescans, {} files' write ranges coarsened",
             self.shared.journal.last_seq(),
             stats.events,
             stats.drops,
-            stats.rescans
+            stats.rescans,
+            stats.coarsened
         );
         result
     }
