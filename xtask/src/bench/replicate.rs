@@ -359,6 +359,7 @@ impl Follower {
                     export,
                     rsyncd.port(),
                     delay,
+                    &[],
                     scratch.path(),
                 )?;
                 Ok(Follower::Lsyncd {
@@ -731,10 +732,12 @@ enum PagesTool {
     /// `rsync --inplace --no-whole-file --modify-window=-1 -a FILE rsync://...`, run once the
     /// change is written.
     RsyncDelta,
+    /// lsyncd with `delay = 0` following the export, its rsync with `--inplace --no-whole-file`.
+    Lsyncd,
 }
 
 impl PagesTool {
-    const ALL: [PagesTool; 2] = [PagesTool::Imezzo, PagesTool::RsyncDelta];
+    const ALL: [PagesTool; 3] = [PagesTool::Imezzo, PagesTool::RsyncDelta, PagesTool::Lsyncd];
 
     fn label(self) -> &'static str {
         match self {
@@ -742,6 +745,7 @@ impl PagesTool {
             PagesTool::RsyncDelta => {
                 "rsync --inplace --no-whole-file --modify-window=-1 -a to rsyncd"
             }
+            PagesTool::Lsyncd => "lsyncd (delay = 0, --inplace --no-whole-file) + rsyncd",
         }
     }
 }
@@ -871,6 +875,7 @@ fn pages_rows(programs: &Programs, settings: &Settings, pool: &Pool) -> Result<P
             let result = attempt(&label, || match row.tool {
                 PagesTool::Imezzo => pages_imezzo(programs, settings, export.path(), &change),
                 PagesTool::RsyncDelta => pages_rsync(programs, export.path(), &change),
+                PagesTool::Lsyncd => pages_lsyncd(programs, settings, export.path(), &change),
             })?;
             if let Ok(done) = &result {
                 progress(&format!(
@@ -916,35 +921,14 @@ fn pages_imezzo(
     let read_before = server.io_counter("rchar");
 
     let first_write = change.apply(&source_file)?;
-    let expected = Stamp::of(&source_file)?;
-    let mut arrival = Arrival::new(change);
-    let mut first_page = None;
-    let arrived = loop {
-        let done = arrival.advance(&replica_file, expected);
-        let now = Instant::now();
-        if first_page.is_none() && arrival.pending() < change.pages().len() {
-            first_page = Some(now);
-        }
-        if done {
-            break now;
-        }
-        follower.check_alive()?;
-        exec::bail_if_interrupted()?;
-        if first_write.elapsed() > settings.deadline {
-            bail!(
-                "the replica did not hold the change within {} s: {} of {} pages not there{}",
-                settings.deadline.as_secs(),
-                arrival.pending(),
-                change.pages().len(),
-                if arrival.pending() == 0 {
-                    " (only the size or mtime differs)"
-                } else {
-                    ""
-                }
-            );
-        }
-        thread::sleep(PAGES_POLL);
-    };
+    let (arrived, first_page) = wait_pages(
+        change,
+        &source_file,
+        &replica_file,
+        first_write,
+        settings.deadline,
+        || follower.check_alive(),
+    )?;
 
     let (server, client) = follower.sides_mut();
     let end = (server.thread_times(), client.thread_times());
@@ -970,6 +954,48 @@ fn pages_imezzo(
         server_read,
         first_page: first_page.map(|at| at.duration_since(first_write).as_secs_f64()),
     })
+}
+
+/// Polls `replica_file` about every [`PAGES_POLL`] until it holds every page of `change` and
+/// the size and mtime `source_file` has now (the change written and closed). Returns when it
+/// did and when a poll first found one of the pages; fails after `within` from `first_write`.
+fn wait_pages(
+    change: &Change,
+    source_file: &Path,
+    replica_file: &Path,
+    first_write: Instant,
+    within: Duration,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<(Instant, Option<Instant>)> {
+    let expected = Stamp::of(source_file)?;
+    let mut arrival = Arrival::new(change);
+    let mut first_page = None;
+    loop {
+        let done = arrival.advance(replica_file, expected);
+        let now = Instant::now();
+        if first_page.is_none() && arrival.pending() < change.pages().len() {
+            first_page = Some(now);
+        }
+        if done {
+            return Ok((now, first_page));
+        }
+        alive()?;
+        exec::bail_if_interrupted()?;
+        if first_write.elapsed() > within {
+            bail!(
+                "the replica did not hold the change within {} s: {} of {} pages not there{}",
+                within.as_secs(),
+                arrival.pending(),
+                change.pages().len(),
+                if arrival.pending() == 0 {
+                    " (only the size or mtime differs)"
+                } else {
+                    ""
+                }
+            );
+        }
+        thread::sleep(PAGES_POLL);
+    }
 }
 
 /// Runs `imezzo verify` about once a second until it finds the trees identical (exit 0);
@@ -1011,23 +1037,7 @@ fn wait_verified(
 fn pages_rsync(programs: &Programs, export: &Path, change: &Change) -> Result<PagesRound> {
     let replica = TmpfsDir::mount("imezzo-bench-replica")?;
     let source_file = export.join(trees::BIG_FILE);
-    let copy = replica.path().join(trees::BIG_FILE);
-    fs::copy(&source_file, &copy).with_context(|| {
-        format!(
-            "could not copy {} to {}",
-            source_file.display(),
-            copy.display()
-        )
-    })?;
-    copy_mtime(&source_file, &copy)?;
-    copy_mtime(export, replica.path())?;
-    let before = agents::verify(&programs.imezzo, export, replica.path())?;
-    if before != Verdict::Identical {
-        bail!(
-            "the module's copy was not identical to the export before the change: {}",
-            verdict_note(&before)
-        );
-    }
+    copy_into_module(&programs.imezzo, export, replica.path())?;
     let scratch = ScratchDir::create("imezzo-bench-peers")?;
     let mut rsyncd = RsyncDaemon::start(&programs.rsync, replica.path(), scratch.path())?;
     let daemon_cpu = rsyncd.daemon.cpu_seconds();
@@ -1053,6 +1063,93 @@ fn pages_rsync(programs: &Programs, export: &Path, change: &Change) -> Result<Pa
         first_page: None,
     })
 }
+
+/// Copies the export's big file into an empty module, with its mtime and the export root's,
+/// and checks with `imezzo verify` that the two trees are identical.
+fn copy_into_module(imezzo: &Path, export: &Path, module: &Path) -> Result<()> {
+    let source_file = export.join(trees::BIG_FILE);
+    let copy = module.join(trees::BIG_FILE);
+    fs::copy(&source_file, &copy).with_context(|| {
+        format!(
+            "could not copy {} to {}",
+            source_file.display(),
+            copy.display()
+        )
+    })?;
+    copy_mtime(&source_file, &copy)?;
+    copy_mtime(export, module)?;
+    let before = agents::verify(imezzo, export, module)?;
+    if before != Verdict::Identical {
+        bail!(
+            "the module's copy was not identical to the export before the change: {}",
+            verdict_note(&before)
+        );
+    }
+    Ok(())
+}
+
+/// One lsyncd round: the module holds a copy of the export's file, lsyncd (`delay = 0`, its
+/// rsync with `--inplace --no-whole-file`) follows the export; the change is written and the
+/// module's file polled for it, like imezzo's replica.
+fn pages_lsyncd(
+    programs: &Programs,
+    settings: &Settings,
+    export: &Path,
+    change: &Change,
+) -> Result<PagesRound> {
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    copy_into_module(&programs.imezzo, export, replica.path())?;
+    let scratch = ScratchDir::create("imezzo-bench-peers")?;
+    let mut rsyncd = RsyncDaemon::start(&programs.rsync, replica.path(), scratch.path())?;
+    let mut lsyncd = peers::start_lsyncd(
+        &programs.lsyncd,
+        export,
+        rsyncd.port(),
+        LsyncdDelay::Zero,
+        &PAGES_LSYNCD_RSYNC,
+        scratch.path(),
+    )?;
+    // Its start-up rsync found the module up to date; the trees must still be identical.
+    wait_verified(
+        &programs.imezzo,
+        export,
+        replica.path(),
+        settings.deadline,
+        || {
+            lsyncd.check_alive()?;
+            rsyncd.daemon.check_alive()
+        },
+    )?;
+    let start_cpu = (lsyncd.cpu_seconds(), rsyncd.daemon.cpu_seconds());
+    let source_file = export.join(trees::BIG_FILE);
+    let first_write = change.apply(&source_file)?;
+    let (arrived, _) = wait_pages(
+        change,
+        &source_file,
+        &replica.path().join(trees::BIG_FILE),
+        first_write,
+        settings.deadline,
+        || {
+            lsyncd.check_alive()?;
+            rsyncd.daemon.check_alive()
+        },
+    )?;
+    // Untimed; it also leaves lsyncd the time to reap its rsync before it is stopped.
+    let verdict = agents::verify(&programs.imezzo, export, replica.path())?;
+    let replica_usage = rsyncd.daemon.stop()?;
+    let source_usage = lsyncd.stop()?;
+    Ok(PagesRound {
+        seconds: arrived.duration_since(first_write).as_secs_f64(),
+        source: Cost::since(source_usage, start_cpu.0),
+        replica: Cost::since(replica_usage, start_cpu.1),
+        verdict,
+        server_read: None,
+        first_page: None,
+    })
+}
+
+/// The options lsyncd's rsync gets in the pages rows, as the rsync row's command has them.
+const PAGES_LSYNCD_RSYNC: [&str; 2] = ["--inplace", "--no-whole-file"];
 
 /// Gives `to` the modification time of `from` (files or directories).
 fn copy_mtime(from: &Path, to: &Path) -> Result<()> {
@@ -1498,26 +1595,29 @@ fn render_pages(pages: &Pages, out: &mut String) {
         "The export holds one {size} file of incompressible bytes (the throughput rows' data). Each \
          round starts each tool afresh on a fresh replica tmpfs that holds a copy of the file: imezzo's \
          client brings it by its initial sync, and the bench waits until `imezzo verify EXPORT REPLICA` \
-         exits 0; for rsync the bench copies it into the daemon's module (content, mode, nanosecond \
-         mtime, and the root's mtime) and `imezzo verify` exits 0. Then the bench opens the export's \
-         file without truncating it, pwrites {writes} pages of 4 KiB of new random bytes at distinct page \
-         offsets drawn from a seed (one of its own per round and tool), and closes it. imezzo's time runs \
-         from the first pwrite to the moment the replica's file holds every written page's new bytes and \
-         the export's size and mtime (the bench preads just those pages, about every {poll} ms). rsync's \
-         runs from the first pwrite to the exit of \
+         exits 0; for rsync and lsyncd the bench copies it into the daemon's module (content, mode, \
+         nanosecond mtime, and the root's mtime) and `imezzo verify` exits 0. Then the bench opens the \
+         export's file without truncating it, pwrites {writes} pages of 4 KiB of new random bytes at \
+         distinct page offsets drawn from a seed (one of its own per round and tool), and closes it. \
+         imezzo's and lsyncd's time runs from the first pwrite to the moment the replica's file holds \
+         every written page's new bytes and the export's size and mtime (the bench preads just those \
+         pages, about every {poll} ms). rsync's runs from the first pwrite to the exit of \
          `rsync --inplace --no-whole-file --modify-window=-1 -a EXPORT/{file} rsync://127.0.0.1:P/replica/`, \
          run once the file is closed: rsync's delta transfer, in which the receiver sends checksums of its \
          copy's blocks, the sender rolls a checksum over its whole file to find the changed ones, and only \
          those travel and are written in place (`--modify-window=-1`, as for lsyncd: without it a change \
-         made within the second of the module's copy would pass rsync's quick check and be skipped). Identical: `imezzo verify` exit 0 afterwards, in every round. \
-         CPU over that phase: imezzo's from the run times of each agent's threads \
-         (`/proc/PID/task/*/schedstat`, nanoseconds: the phase is shorter than a clock tick of \
-         `/proc/PID/stat`); rsync's from the command's `wait4` usage and the daemon's from the round's \
-         start to its exit (its receivers included). Peak RSS: over each process's life, imezzo's \
-         initial sync of the file included. First page: when a poll first found one of the pages on \
-         imezzo's replica. Server read: what imezzo's server read over the phase \
-         (`rchar` of `/proc/PID/io`), the pages it read to answer the client's fetches among it. \
-         {rounds} rounds, imezzo then rsync in each; median and range over them.\n",
+         made within the second of the module's copy would pass rsync's quick check and be skipped). \
+         lsyncd: as in the lag rows with `delay = 0`, its rsync also given `--inplace --no-whole-file`; \
+         it starts an rsync of the file when the close arrives. Identical: `imezzo verify` exit 0 \
+         afterwards, in every round. CPU over that phase: imezzo's from the run times of each agent's \
+         threads (`/proc/PID/task/*/schedstat`, nanoseconds: the phase is shorter than a clock tick of \
+         `/proc/PID/stat`); rsync's from the command's `wait4` usage, lsyncd's and the daemon's from \
+         `/proc/PID/stat` before the change to `wait4` at their exit (the rsyncs they fork included). \
+         Peak RSS: over each process's life, imezzo's initial sync of the file included. First page: \
+         when a poll first found one of the pages on imezzo's replica. Server read: what imezzo's server \
+         read over the phase (`rchar` of `/proc/PID/io`), the pages it read to answer the client's \
+         fetches among it. {rounds} rounds, imezzo, rsync and lsyncd in turn in each; median and range \
+         over them.\n",
         size = size_text(pages.mib),
         writes = pages::WRITES,
         poll = PAGES_POLL.as_millis(),
