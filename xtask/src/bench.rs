@@ -22,8 +22,9 @@ pub enum Bench {
     /// `imezzo capture`, inotifywait and fatrace (fanotify), alternating in rounds.
     Capture(capture::CaptureArgs),
     /// Replication against rsync (daemon on loopback) and lsyncd: lag at paced operation rates,
-    /// throughput of a big file and of many small files (initial sync and live), CPU and memory
-    /// of each side, and the server's memory with a million files exported.
+    /// throughput of a big file and of many small files (initial sync and live), 256 random 4 KiB
+    /// writes into a big file against rsync's delta transfer, CPU and memory of each side, and the
+    /// server's memory with a million files exported.
     Replicate(replicate::ReplicateArgs),
 }
 

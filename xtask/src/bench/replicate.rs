@@ -9,11 +9,14 @@
 //!   `initial sync done` line, against `rsync -a` into an empty daemon module.
 //! * Live: the tools already follow an empty tree; the bench writes the data and waits until
 //!   the replica is identical.
+//! * Pages: both sides hold one big file; the bench pwrites 256 random 4 KiB pages into it
+//!   ([`pages`]); imezzo until the replica holds them, against rsync's delta transfer of it.
 //! * A million files exported: the server's memory, and the client's initial sync.
 
 mod agents;
 mod lag;
 mod observe;
+mod pages;
 mod peers;
 mod process;
 mod scratch;
@@ -21,19 +24,21 @@ mod trees;
 
 use std::{
     fmt::Write as _,
+    fs,
     path::{Path, PathBuf},
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{value_parser, Args, ValueEnum};
 
 use self::{
     agents::{Nodes, Verdict},
     lag::LagStats,
     observe::Observer,
+    pages::{Arrival, Change, Stamp},
     peers::{LsyncdDelay, RsyncDaemon},
     process::{Daemon, Usage},
     scratch::ScratchDir,
@@ -57,6 +62,9 @@ pub struct ReplicateArgs {
     /// Number of small files (1 to 8 KiB, in 100 directories) of the throughput rows.
     #[arg(long, default_value_t = 50_000, value_parser = value_parser!(u64).range(1..))]
     small_files: u64,
+    /// Size of the file the pages rows write 256 random 4 KiB pages into, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = value_parser!(u64).range(1..))]
+    pages_mib: u64,
     /// Number of empty files exported for the server-memory row.
     #[arg(long, default_value_t = 1_000_000, value_parser = value_parser!(u64).range(1..))]
     million: u64,
@@ -68,7 +76,8 @@ pub struct ReplicateArgs {
     #[arg(long, value_delimiter = ',', default_values_t = Part::ALL)]
     parts: Vec<Part>,
     /// Small sizes for trying the bench out (3 s at 100 and 1000 ops/s, 64 MiB, 2000 small
-    /// files, 20 000 files exported, 20 s deadline); replaces the sizes above.
+    /// files, 256 pages into 64 MiB, 20 000 files exported, 20 s deadline); replaces the sizes
+    /// above.
     #[arg(long)]
     quick: bool,
 }
@@ -85,11 +94,18 @@ enum Part {
     Lag,
     Initial,
     Live,
+    Pages,
     Million,
 }
 
 impl Part {
-    const ALL: [Part; 4] = [Part::Lag, Part::Initial, Part::Live, Part::Million];
+    const ALL: [Part; 5] = [
+        Part::Lag,
+        Part::Initial,
+        Part::Live,
+        Part::Pages,
+        Part::Million,
+    ];
 }
 
 impl std::fmt::Display for Part {
@@ -98,6 +114,7 @@ impl std::fmt::Display for Part {
             Part::Lag => "lag",
             Part::Initial => "initial",
             Part::Live => "live",
+            Part::Pages => "pages",
             Part::Million => "million",
         };
         f.write_str(name)
@@ -110,6 +127,7 @@ struct Settings {
     rates: Vec<u32>,
     big_mib: u64,
     small_files: u64,
+    pages_mib: u64,
     million: u64,
     deadline: Duration,
     parts: Vec<Part>,
@@ -123,6 +141,7 @@ impl Settings {
                 rates: vec![100, 1000],
                 big_mib: 64,
                 small_files: 2000,
+                pages_mib: 64,
                 million: 20_000,
                 deadline: Duration::from_secs(20),
                 parts: args.parts.clone(),
@@ -133,6 +152,7 @@ impl Settings {
                 rates: args.rates.clone(),
                 big_mib: args.big_mib,
                 small_files: args.small_files,
+                pages_mib: args.pages_mib,
                 million: args.million,
                 deadline: Duration::from_secs(args.deadline),
                 parts: args.parts.clone(),
@@ -226,6 +246,14 @@ pub fn run(imezzo: &Path, args: &ReplicateArgs) -> Result<String> {
             }
         }
     }
+    if settings.runs(Part::Pages) {
+        let label = pages_heading(settings.pages_mib);
+        progress(&format!("{label}..."));
+        match attempt(&label, || pages_rows(&programs, &settings, &pool))? {
+            Ok(pages) => report.pages = Some(pages),
+            Err(err) => report.failures.push(format!("{label}: {err}")),
+        }
+    }
     if settings.runs(Part::Million) {
         let label = format!("{} files exported", settings.million);
         progress(&format!("{label}..."));
@@ -258,13 +286,18 @@ fn attempt<T>(label: &str, row: impl FnOnce() -> Result<T>) -> Result<Result<T, 
 
 /// The export and the replica each hold the largest data set once, in RAM.
 fn check_memory(settings: &Settings) -> Result<()> {
-    let needed_kib = settings.big_mib * 1024 * 2 + 1024 * 1024;
+    let (option, file_mib) = if settings.runs(Part::Pages) && settings.pages_mib > settings.big_mib
+    {
+        ("--pages-mib", settings.pages_mib)
+    } else {
+        ("--big-mib", settings.big_mib)
+    };
+    let needed_kib = file_mib * 1024 * 2 + 1024 * 1024;
     if let Some(available_kib) = super::meminfo_kib("MemAvailable") {
         if needed_kib > available_kib {
             anyhow::bail!(
-                "--big-mib {} needs about {} MiB of tmpfs (the file on both sides) and {} MiB are available: \
-                 choose a smaller --big-mib",
-                settings.big_mib,
+                "{option} {file_mib} needs about {} MiB of tmpfs (the file on both sides) and {} MiB are available: \
+                 choose a smaller {option}",
                 needed_kib / 1024,
                 available_kib / 1024
             );
@@ -326,6 +359,7 @@ impl Follower {
                     export,
                     rsyncd.port(),
                     delay,
+                    &[],
                     scratch.path(),
                 )?;
                 Ok(Follower::Lsyncd {
@@ -683,6 +717,460 @@ fn wait_identical(
     }
 }
 
+/// Rounds of the pages rows: each tool once a round, alternating.
+const PAGES_ROUNDS: u64 = 3;
+/// How often the replica's file is polled for a change's pages.
+const PAGES_POLL: Duration = Duration::from_millis(1);
+/// Issue 10's first target: the replica identical within this long...
+const PAGES_WITHIN: Duration = Duration::from_millis(50);
+/// ... and at least this many times faster than rsync's delta transfer.
+const PAGES_FASTER: f64 = 20.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PagesTool {
+    Imezzo,
+    /// `rsync --inplace --no-whole-file --modify-window=-1 -a FILE rsync://...`, run once the
+    /// change is written.
+    RsyncDelta,
+    /// lsyncd with `delay = 0` following the export, its rsync with `--inplace --no-whole-file`.
+    Lsyncd,
+}
+
+impl PagesTool {
+    const ALL: [PagesTool; 3] = [PagesTool::Imezzo, PagesTool::RsyncDelta, PagesTool::Lsyncd];
+
+    fn label(self) -> &'static str {
+        match self {
+            PagesTool::Imezzo => Tool::Imezzo.label(),
+            PagesTool::RsyncDelta => {
+                "rsync --inplace --no-whole-file --modify-window=-1 -a to rsyncd"
+            }
+            PagesTool::Lsyncd => "lsyncd (delay = 0, --inplace --no-whole-file) + rsyncd",
+        }
+    }
+}
+
+/// One round of one tool of the pages rows.
+struct PagesRound {
+    /// From the first pwrite to the replica holding the change (imezzo) or to rsync's exit.
+    seconds: f64,
+    source: Cost,
+    replica: Cost,
+    /// What `imezzo verify` said afterwards.
+    verdict: Verdict,
+    /// imezzo: bytes the server's read-family calls returned over the phase (`rchar`).
+    server_read: Option<u64>,
+    /// imezzo: seconds from the first pwrite to the first poll that found a page arrived.
+    first_page: Option<f64>,
+}
+
+struct PagesRow {
+    tool: PagesTool,
+    rounds: Vec<Result<PagesRound, String>>,
+}
+
+impl PagesRow {
+    fn done(&self) -> impl Iterator<Item = &PagesRound> {
+        self.rounds.iter().filter_map(|round| round.as_ref().ok())
+    }
+
+    /// Median, least and largest seconds over the rounds that completed.
+    fn seconds(&self) -> Option<Spread> {
+        Spread::of(self.done().map(|round| round.seconds))
+    }
+}
+
+struct Pages {
+    mib: u64,
+    rows: Vec<PagesRow>,
+}
+
+impl Pages {
+    fn median(&self, tool: PagesTool) -> Option<f64> {
+        let row = self.rows.iter().find(|row| row.tool == tool)?;
+        Some(row.seconds()?.median)
+    }
+
+    /// rsync's median time over imezzo's.
+    fn imezzo_faster(&self) -> Option<f64> {
+        ratio(
+            self.median(PagesTool::RsyncDelta)?,
+            self.median(PagesTool::Imezzo)?,
+        )
+    }
+}
+
+/// `slower / faster`, when both are positive.
+fn ratio(slower: f64, faster: f64) -> Option<f64> {
+    (slower > 0.0 && faster > 0.0).then(|| slower / faster)
+}
+
+/// The median and range of some values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Option<Spread> {
+        let mut values: Vec<f64> = values.collect();
+        let median = super::median(&mut values)?;
+        Some(Spread {
+            median,
+            min: values[0],
+            max: values[values.len() - 1],
+        })
+    }
+}
+
+/// "256 random 4 KiB writes into a 1 GiB file".
+fn pages_heading(mib: u64) -> String {
+    format!(
+        "{} random {} KiB writes into a {} file",
+        pages::WRITES,
+        pages::PAGE / 1024,
+        size_text(mib)
+    )
+}
+
+/// 1024 -> "1 GiB", 64 -> "64 MiB".
+fn size_text(mib: u64) -> String {
+    if mib.is_multiple_of(1024) {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+/// The pages rows: one export holding one big file; each round, each tool in turn brings a
+/// fresh replica to a copy of it, then the bench writes a change of its own into the export's
+/// file and times the tool until the replica holds it.
+fn pages_rows(programs: &Programs, settings: &Settings, pool: &Pool) -> Result<Pages> {
+    let export = TmpfsDir::mount("imezzo-bench-export")?;
+    let data = Data::Big {
+        mib: settings.pages_mib,
+    };
+    data.write(export.path(), pool)?;
+    let mut rows: Vec<PagesRow> = PagesTool::ALL
+        .iter()
+        .map(|&tool| PagesRow {
+            tool,
+            rounds: Vec::new(),
+        })
+        .collect();
+    let mut seed = 0;
+    for round in 1..=PAGES_ROUNDS {
+        for row in &mut rows {
+            // A seed of its own: the change always brings bytes the replica does not hold.
+            let change = Change::new(data.bytes(), seed)?;
+            seed += 1;
+            let label = format!(
+                "{}, {}, round {round} of {PAGES_ROUNDS}",
+                pages_heading(settings.pages_mib),
+                row.tool.label()
+            );
+            progress(&format!("{label}..."));
+            let result = attempt(&label, || match row.tool {
+                PagesTool::Imezzo => pages_imezzo(programs, settings, export.path(), &change),
+                PagesTool::RsyncDelta => pages_rsync(programs, export.path(), &change),
+                PagesTool::Lsyncd => pages_lsyncd(programs, settings, export.path(), &change),
+            })?;
+            if let Ok(done) = &result {
+                progress(&format!(
+                    "{label}: {}, identical: {}{}",
+                    ms(Some(Duration::from_secs_f64(done.seconds))),
+                    done.verdict.cell(),
+                    done.server_read.map_or_else(String::new, |bytes| format!(
+                        ", server read {}",
+                        bytes_text(bytes)
+                    ))
+                ));
+            }
+            row.rounds.push(result);
+        }
+    }
+    Ok(Pages {
+        mib: settings.pages_mib,
+        rows,
+    })
+}
+
+/// One imezzo round: a fresh server and client follow the export; once `imezzo verify` finds
+/// the replica identical, the change is written and the replica's file polled for it.
+fn pages_imezzo(
+    programs: &Programs,
+    settings: &Settings,
+    export: &Path,
+    change: &Change,
+) -> Result<PagesRound> {
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    let mut follower = Follower::start(programs, Tool::Imezzo, export, replica.path())?;
+    wait_verified(
+        &programs.imezzo,
+        export,
+        replica.path(),
+        settings.deadline,
+        || follower.check_alive(),
+    )?;
+    let source_file = export.join(trees::BIG_FILE);
+    let replica_file = replica.path().join(trees::BIG_FILE);
+    let (server, client) = follower.sides_mut();
+    let start = (server.thread_times(), client.thread_times());
+    let read_before = server.io_counter("rchar");
+
+    let first_write = change.apply(&source_file)?;
+    let (arrived, first_page) = wait_pages(
+        change,
+        &source_file,
+        &replica_file,
+        first_write,
+        settings.deadline,
+        || follower.check_alive(),
+    )?;
+
+    let (server, client) = follower.sides_mut();
+    let end = (server.thread_times(), client.thread_times());
+    let server_read = read_before
+        .zip(server.io_counter("rchar"))
+        .map(|(before, after)| after.saturating_sub(before));
+    let verdict = agents::verify(&programs.imezzo, export, replica.path())?;
+    let (source, replica_cost) = follower.stop((None, None))?;
+    let cpu = |start: Option<process::ThreadTimes>, end: Option<process::ThreadTimes>| {
+        Some(end?.seconds_since(&start?))
+    };
+    Ok(PagesRound {
+        seconds: arrived.duration_since(first_write).as_secs_f64(),
+        source: Cost {
+            cpu: cpu(start.0, end.0),
+            peak_kib: source.peak_kib,
+        },
+        replica: Cost {
+            cpu: cpu(start.1, end.1),
+            peak_kib: replica_cost.peak_kib,
+        },
+        verdict,
+        server_read,
+        first_page: first_page.map(|at| at.duration_since(first_write).as_secs_f64()),
+    })
+}
+
+/// Polls `replica_file` about every [`PAGES_POLL`] until it holds every page of `change` and
+/// the size and mtime `source_file` has now (the change written and closed). Returns when it
+/// did and when a poll first found one of the pages; fails after `within` from `first_write`.
+fn wait_pages(
+    change: &Change,
+    source_file: &Path,
+    replica_file: &Path,
+    first_write: Instant,
+    within: Duration,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<(Instant, Option<Instant>)> {
+    let expected = Stamp::of(source_file)?;
+    let mut arrival = Arrival::new(change);
+    let mut first_page = None;
+    loop {
+        let done = arrival.advance(replica_file, expected);
+        let now = Instant::now();
+        if first_page.is_none() && arrival.pending() < change.pages().len() {
+            first_page = Some(now);
+        }
+        if done {
+            return Ok((now, first_page));
+        }
+        alive()?;
+        exec::bail_if_interrupted()?;
+        if first_write.elapsed() > within {
+            bail!(
+                "the replica did not hold the change within {} s: {} of {} pages not there{}",
+                within.as_secs(),
+                arrival.pending(),
+                change.pages().len(),
+                if arrival.pending() == 0 {
+                    " (only the size or mtime differs)"
+                } else {
+                    ""
+                }
+            );
+        }
+        thread::sleep(PAGES_POLL);
+    }
+}
+
+/// Runs `imezzo verify` about once a second until it finds the trees identical (exit 0);
+/// fails after `within`.
+fn wait_verified(
+    imezzo: &Path,
+    export: &Path,
+    replica: &Path,
+    within: Duration,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let verdict = agents::verify(imezzo, export, replica)?;
+        if verdict == Verdict::Identical {
+            return Ok(());
+        }
+        alive()?;
+        exec::bail_if_interrupted()?;
+        if Instant::now() > deadline {
+            bail!(
+                "imezzo verify did not find the replica identical within {} s of the initial sync: {}",
+                within.as_secs(),
+                match &verdict {
+                    Verdict::Differs(head) => head.clone(),
+                    verdict => verdict.cell(),
+                }
+            );
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// One rsync round: the module holds a copy of the export's file (and the export root's
+/// mtime); the change is written, then `rsync --inplace --no-whole-file --modify-window=-1 -a`
+/// sends the file with the delta-transfer algorithm. `--modify-window=-1` as for lsyncd: rsync's
+/// quick check compares whole seconds, and a change made within the second of the copy (rounds
+/// of a small file follow each other closely) would be skipped as already there.
+fn pages_rsync(programs: &Programs, export: &Path, change: &Change) -> Result<PagesRound> {
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    let source_file = export.join(trees::BIG_FILE);
+    copy_into_module(&programs.imezzo, export, replica.path())?;
+    let scratch = ScratchDir::create("imezzo-bench-peers")?;
+    let mut rsyncd = RsyncDaemon::start(&programs.rsync, replica.path(), scratch.path())?;
+    let daemon_cpu = rsyncd.daemon.cpu_seconds();
+
+    let first_write = change.apply(&source_file)?;
+    let mut cmd = Command::new(&programs.rsync);
+    cmd.args(["--inplace", "--no-whole-file", "--modify-window=-1", "-a"])
+        .arg(&source_file)
+        .arg(rsyncd.url());
+    let writing = first_write.elapsed();
+    let sent = process::run_measured(&mut cmd)?;
+    let daemon_usage = rsyncd.daemon.stop()?;
+    if !sent.success {
+        bail!("rsync failed ({}): {}", sent.status, sent.output.trim());
+    }
+    let verdict = agents::verify(&programs.imezzo, export, replica.path())?;
+    Ok(PagesRound {
+        seconds: (writing + sent.wall).as_secs_f64(),
+        source: Cost::since(sent.usage, None),
+        replica: Cost::since(daemon_usage, daemon_cpu),
+        verdict,
+        server_read: None,
+        first_page: None,
+    })
+}
+
+/// Copies the export's big file into an empty module, with its mtime and the export root's,
+/// and checks with `imezzo verify` that the two trees are identical.
+fn copy_into_module(imezzo: &Path, export: &Path, module: &Path) -> Result<()> {
+    let source_file = export.join(trees::BIG_FILE);
+    let copy = module.join(trees::BIG_FILE);
+    fs::copy(&source_file, &copy).with_context(|| {
+        format!(
+            "could not copy {} to {}",
+            source_file.display(),
+            copy.display()
+        )
+    })?;
+    copy_mtime(&source_file, &copy)?;
+    copy_mtime(export, module)?;
+    let before = agents::verify(imezzo, export, module)?;
+    if before != Verdict::Identical {
+        bail!(
+            "the module's copy was not identical to the export before the change: {}",
+            verdict_note(&before)
+        );
+    }
+    Ok(())
+}
+
+/// One lsyncd round: the module holds a copy of the export's file, lsyncd (`delay = 0`, its
+/// rsync with `--inplace --no-whole-file`) follows the export; the change is written and the
+/// module's file polled for it, like imezzo's replica.
+fn pages_lsyncd(
+    programs: &Programs,
+    settings: &Settings,
+    export: &Path,
+    change: &Change,
+) -> Result<PagesRound> {
+    let replica = TmpfsDir::mount("imezzo-bench-replica")?;
+    copy_into_module(&programs.imezzo, export, replica.path())?;
+    let scratch = ScratchDir::create("imezzo-bench-peers")?;
+    let mut rsyncd = RsyncDaemon::start(&programs.rsync, replica.path(), scratch.path())?;
+    let mut lsyncd = peers::start_lsyncd(
+        &programs.lsyncd,
+        export,
+        rsyncd.port(),
+        LsyncdDelay::Zero,
+        &PAGES_LSYNCD_RSYNC,
+        scratch.path(),
+    )?;
+    // Its start-up rsync found the module up to date; the trees must still be identical.
+    wait_verified(
+        &programs.imezzo,
+        export,
+        replica.path(),
+        settings.deadline,
+        || {
+            lsyncd.check_alive()?;
+            rsyncd.daemon.check_alive()
+        },
+    )?;
+    let start_cpu = (lsyncd.cpu_seconds(), rsyncd.daemon.cpu_seconds());
+    let source_file = export.join(trees::BIG_FILE);
+    let first_write = change.apply(&source_file)?;
+    let (arrived, _) = wait_pages(
+        change,
+        &source_file,
+        &replica.path().join(trees::BIG_FILE),
+        first_write,
+        settings.deadline,
+        || {
+            lsyncd.check_alive()?;
+            rsyncd.daemon.check_alive()
+        },
+    )?;
+    // Untimed; it also leaves lsyncd the time to reap its rsync before it is stopped.
+    let verdict = agents::verify(&programs.imezzo, export, replica.path())?;
+    let replica_usage = rsyncd.daemon.stop()?;
+    let source_usage = lsyncd.stop()?;
+    Ok(PagesRound {
+        seconds: arrived.duration_since(first_write).as_secs_f64(),
+        source: Cost::since(source_usage, start_cpu.0),
+        replica: Cost::since(replica_usage, start_cpu.1),
+        verdict,
+        server_read: None,
+        first_page: None,
+    })
+}
+
+/// The options lsyncd's rsync gets in the pages rows, as the rsync row's command has them.
+const PAGES_LSYNCD_RSYNC: [&str; 2] = ["--inplace", "--no-whole-file"];
+
+/// Gives `to` the modification time of `from` (files or directories).
+fn copy_mtime(from: &Path, to: &Path) -> Result<()> {
+    let modified = fs::metadata(from)
+        .and_then(|meta| meta.modified())
+        .with_context(|| format!("could not stat {}", from.display()))?;
+    fs::File::open(to)
+        .and_then(|file| file.set_modified(modified))
+        .with_context(|| format!("could not set the mtime of {}", to.display()))
+}
+
+/// 1048576 -> "1.00 MiB".
+fn bytes_text(bytes: u64) -> String {
+    let mib = bytes as f64 / (1 << 20) as f64;
+    if mib >= 1.0 {
+        format!("{} MiB", si(mib))
+    } else {
+        format!("{} KiB", si(bytes as f64 / 1024.0))
+    }
+}
+
 struct Million {
     files: u64,
     create_seconds: f64,
@@ -779,6 +1267,7 @@ fn million(programs: &Programs, files: u64) -> Result<Million> {
 struct Report {
     lag: Vec<(u32, Tool, Result<LagRow, String>)>,
     throughput: Vec<ThroughputRow>,
+    pages: Option<Pages>,
     million: Option<Million>,
     failures: Vec<String>,
 }
@@ -824,6 +1313,9 @@ impl Report {
         }
         if !self.throughput.is_empty() {
             self.render_throughput(&mut out);
+        }
+        if let Some(pages) = &self.pages {
+            render_pages(pages, &mut out);
         }
         if let Some(million) = &self.million {
             render_million(million, &mut out);
@@ -1008,7 +1500,7 @@ impl Report {
     }
 
     fn render_targets(&self, settings: &Settings, out: &mut String) {
-        let _ = writeln!(out, "### Targets (issue 4)\n");
+        let _ = writeln!(out, "### Targets (issues 4 and 10)\n");
         let _ = writeln!(out, "| target | measured | met? |");
         let _ = writeln!(out, "| --- | --- | --- |");
         let lag = self.lag.iter().find_map(|(rate, tool, row)| match row {
@@ -1092,7 +1584,203 @@ impl Report {
                 );
             }
         }
+        let _ = writeln!(out, "{}", pages_target(self.pages.as_ref()));
     }
+}
+
+fn render_pages(pages: &Pages, out: &mut String) {
+    let _ = writeln!(out, "### {}\n", pages_heading(pages.mib));
+    let _ = writeln!(
+        out,
+        "The export holds one {size} file of incompressible bytes (the throughput rows' data). Each \
+         round starts each tool afresh on a fresh replica tmpfs that holds a copy of the file: imezzo's \
+         client brings it by its initial sync, and the bench waits until `imezzo verify EXPORT REPLICA` \
+         exits 0; for rsync and lsyncd the bench copies it into the daemon's module (content, mode, \
+         nanosecond mtime, and the root's mtime) and `imezzo verify` exits 0. Then the bench opens the \
+         export's file without truncating it, pwrites {writes} pages of 4 KiB of new random bytes at \
+         distinct page offsets drawn from a seed (one of its own per round and tool), and closes it. \
+         imezzo's and lsyncd's time runs from the first pwrite to the moment the replica's file holds \
+         every written page's new bytes and the export's size and mtime (the bench preads just those \
+         pages, about every {poll} ms). rsync's runs from the first pwrite to the exit of \
+         `rsync --inplace --no-whole-file --modify-window=-1 -a EXPORT/{file} rsync://127.0.0.1:P/replica/`, \
+         run once the file is closed: rsync's delta transfer, in which the receiver sends checksums of its \
+         copy's blocks, the sender rolls a checksum over its whole file to find the changed ones, and only \
+         those travel and are written in place (`--modify-window=-1`, as for lsyncd: without it a change \
+         made within the second of the module's copy would pass rsync's quick check and be skipped). \
+         lsyncd: as in the lag rows with `delay = 0`, its rsync also given `--inplace --no-whole-file`; \
+         it starts an rsync of the file when the close arrives. Identical: `imezzo verify` exit 0 \
+         afterwards, in every round. CPU over that phase: imezzo's from the run times of each agent's \
+         threads (`/proc/PID/task/*/schedstat`, nanoseconds: the phase is shorter than a clock tick of \
+         `/proc/PID/stat`); rsync's from the command's `wait4` usage, lsyncd's and the daemon's from \
+         `/proc/PID/stat` before the change to `wait4` at their exit (the rsyncs they fork included). \
+         Peak RSS: over each process's life, imezzo's initial sync of the file included. First page: \
+         when a poll first found one of the pages on imezzo's replica. Server read: what imezzo's server \
+         read over the phase (`rchar` of `/proc/PID/io`), the pages it read to answer the client's \
+         fetches among it. {rounds} rounds, imezzo, rsync and lsyncd in turn in each; median and range \
+         over them.\n",
+        size = size_text(pages.mib),
+        writes = pages::WRITES,
+        poll = PAGES_POLL.as_millis(),
+        file = trees::BIG_FILE,
+        rounds = PAGES_ROUNDS,
+    );
+    let _ = writeln!(
+        out,
+        "| tool | time to identical (median, min–max) | vs rsync | identical | source CPU s | source peak RSS | replica CPU s | replica peak RSS | notes |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for row in &pages.rows {
+        let done: Vec<&PagesRound> = row.done().collect();
+        let time = row.seconds().map_or_else(
+            || "failed".into(),
+            |spread| {
+                format!(
+                    "{} ({}–{})",
+                    seconds_text(spread.median),
+                    seconds_text(spread.min),
+                    seconds_text(spread.max)
+                )
+            },
+        );
+        let versus = match (row.tool, pages.imezzo_faster()) {
+            (PagesTool::Imezzo, Some(ratio)) => faster_text(ratio),
+            _ => "-".into(),
+        };
+        let identical = done
+            .iter()
+            .filter(|round| round.verdict == Verdict::Identical)
+            .count();
+        let identical = if identical == row.rounds.len() {
+            format!("yes ({identical} of {})", row.rounds.len())
+        } else {
+            format!("{identical} of {} rounds", row.rounds.len())
+        };
+        let cpu = |side: fn(&PagesRound) -> Cost| {
+            Spread::of(done.iter().filter_map(|round| side(round).cpu))
+                .map_or_else(|| "-".into(), |spread| format!("{:.3}", spread.median))
+        };
+        let peak = |side: fn(&PagesRound) -> Cost| {
+            mib(done.iter().filter_map(|round| side(round).peak_kib).max())
+        };
+        let mut notes = Vec::new();
+        if let Some(first) = Spread::of(done.iter().filter_map(|round| round.first_page)) {
+            notes.push(format!(
+                "first page on the replica after {} (median)",
+                seconds_text(first.median)
+            ));
+        }
+        if let Some(read) = Spread::of(
+            done.iter()
+                .filter_map(|round| round.server_read.map(|bytes| bytes as f64)),
+        ) {
+            notes.push(format!(
+                "server read {} (median)",
+                bytes_text(read.median as u64)
+            ));
+        }
+        for (index, round) in row.rounds.iter().enumerate() {
+            match round {
+                Err(err) => notes.push(format!("round {} failed: {err}", index + 1)),
+                Ok(round) if round.verdict != Verdict::Identical => notes.push(format!(
+                    "round {}: verify: {}",
+                    index + 1,
+                    match &round.verdict {
+                        Verdict::Differs(head) => head.clone(),
+                        verdict => verdict.cell(),
+                    }
+                )),
+                Ok(_) => {}
+            }
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {time} | {versus} | {identical} | {} | {} | {} | {} | {} |",
+            row.tool.label(),
+            cpu(|round| round.source),
+            peak(|round| round.source),
+            cpu(|round| round.replica),
+            peak(|round| round.replica),
+            notes.join("; ").replace('|', "/")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n(vs rsync: rsync's median time over imezzo's; CPU: median over the rounds; peak RSS: the \
+         largest)\n"
+    );
+}
+
+/// A time of the pages rows, in ms below a second.
+fn seconds_text(seconds: f64) -> String {
+    ms(Some(Duration::from_secs_f64(seconds)))
+}
+
+/// How much faster imezzo was, from rsync's time over imezzo's.
+fn faster_text(ratio: f64) -> String {
+    if ratio >= 10.0 {
+        format!("{ratio:.0}x faster")
+    } else if ratio >= 1.0 {
+        format!("{ratio:.1}x faster")
+    } else {
+        format!("{:.1}x slower", 1.0 / ratio)
+    }
+}
+
+/// The Targets table's row of issue 10's first target.
+fn pages_target(pages: Option<&Pages>) -> String {
+    let what = format!(
+        "{} random 4 KiB writes into 1 GiB: identical within {} ms and at least {PAGES_FASTER:.0}x faster than rsync's delta transfer",
+        pages::WRITES,
+        PAGES_WITHIN.as_millis()
+    );
+    let Some(pages) = pages else {
+        return format!("| {what} | not measured in this run | - |");
+    };
+    let imezzo = pages
+        .rows
+        .iter()
+        .find(|row| row.tool == PagesTool::Imezzo)
+        .and_then(PagesRow::seconds);
+    let Some(imezzo) = imezzo else {
+        return format!("| {what} | imezzo did not complete a round | no |");
+    };
+    let all_identical = pages
+        .rows
+        .iter()
+        .filter(|row| row.tool == PagesTool::Imezzo)
+        .flat_map(|row| &row.rounds)
+        .all(|round| {
+            round
+                .as_ref()
+                .is_ok_and(|r| r.verdict == Verdict::Identical)
+        });
+    let faster = pages.imezzo_faster();
+    let met = imezzo.median <= PAGES_WITHIN.as_secs_f64()
+        && faster.is_some_and(|ratio| ratio >= PAGES_FASTER)
+        && all_identical;
+    let scale = if pages.mib == 1024 {
+        String::new()
+    } else {
+        format!(" (a {} file in this run)", size_text(pages.mib))
+    };
+    format!(
+        "| {what} | imezzo {} (median; max {}), rsync's delta transfer {}: {}{}{scale} | {} |",
+        seconds_text(imezzo.median),
+        seconds_text(imezzo.max),
+        pages
+            .median(PagesTool::RsyncDelta)
+            .map_or_else(|| "-".into(), seconds_text),
+        faster.map_or_else(|| "-".into(), faster_text),
+        if all_identical {
+            ""
+        } else {
+            "; not identical in every round"
+        },
+        yes_no(met)
+    )
 }
 
 fn render_million(million: &Million, out: &mut String) {
@@ -1178,4 +1866,181 @@ fn lsyncd_version() -> String {
                 .find_map(|line| line.strip_prefix("Version:").map(|v| v.trim().to_string()))
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(seconds: f64, verdict: Verdict) -> Result<PagesRound, String> {
+        Ok(PagesRound {
+            seconds,
+            source: Cost {
+                cpu: Some(0.004),
+                peak_kib: Some(20 * 1024),
+            },
+            replica: Cost {
+                cpu: Some(0.012),
+                peak_kib: Some(30 * 1024),
+            },
+            verdict,
+            server_read: Some(1 << 20),
+            first_page: Some(seconds / 2.0),
+        })
+    }
+
+    fn pages(mib: u64, imezzo: Vec<Result<PagesRound, String>>, rsync: &[f64]) -> Pages {
+        Pages {
+            mib,
+            rows: vec![
+                PagesRow {
+                    tool: PagesTool::Imezzo,
+                    rounds: imezzo,
+                },
+                PagesRow {
+                    tool: PagesTool::RsyncDelta,
+                    rounds: rsync
+                        .iter()
+                        .map(|&s| {
+                            round(s, Verdict::Identical).map(|round| PagesRound {
+                                server_read: None,
+                                first_page: None,
+                                ..round
+                            })
+                        })
+                        .collect(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn pages_is_a_part_of_its_own_and_runs_by_default() {
+        assert!(Part::ALL.contains(&Part::Pages));
+        assert_eq!(Part::Pages.to_string(), "pages");
+        assert_eq!(
+            Part::from_str("pages", false),
+            Ok(Part::Pages),
+            "the CLI name"
+        );
+    }
+
+    #[test]
+    fn spread_is_median_and_range() {
+        let spread = Spread::of([0.03, 0.01, 0.02].into_iter()).unwrap();
+        assert_eq!(
+            spread,
+            Spread {
+                median: 0.02,
+                min: 0.01,
+                max: 0.03
+            }
+        );
+        assert_eq!(Spread::of(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn faster_is_rsync_time_over_imezzo_time() {
+        assert_eq!(faster_text(85.4), "85x faster");
+        assert_eq!(faster_text(2.54), "2.5x faster");
+        assert_eq!(faster_text(0.5), "2.0x slower");
+        assert_eq!(ratio(2.0, 0.02), Some(100.0));
+        assert_eq!(ratio(2.0, 0.0), None);
+    }
+
+    #[test]
+    fn pages_heading_names_the_file_size() {
+        assert_eq!(
+            pages_heading(1024),
+            "256 random 4 KiB writes into a 1 GiB file"
+        );
+        assert_eq!(
+            pages_heading(64),
+            "256 random 4 KiB writes into a 64 MiB file"
+        );
+    }
+
+    #[test]
+    fn pages_target_is_met_within_50_ms_and_20x() {
+        let fast = pages(
+            1024,
+            vec![
+                round(0.020, Verdict::Identical),
+                round(0.030, Verdict::Identical),
+                round(0.060, Verdict::Identical),
+            ],
+            &[1.5, 2.0, 2.5],
+        );
+        let row = pages_target(Some(&fast));
+        assert_eq!(
+            row,
+            "| 256 random 4 KiB writes into 1 GiB: identical within 50 ms and at least 20x faster than \
+             rsync's delta transfer | imezzo 30.0 ms (median; max 60.0 ms), rsync's delta transfer \
+             2.00 s: 67x faster | yes |"
+        );
+
+        let slow = pages(1024, vec![round(0.080, Verdict::Identical)], &[10.0]);
+        assert!(
+            pages_target(Some(&slow)).ends_with("125x faster | no |"),
+            "over 50 ms"
+        );
+
+        let close = pages(1024, vec![round(0.010, Verdict::Identical)], &[0.1]);
+        assert!(
+            pages_target(Some(&close)).ends_with("10x faster | no |"),
+            "under 20x"
+        );
+
+        let differs = pages(
+            1024,
+            vec![
+                round(0.010, Verdict::Identical),
+                round(0.010, Verdict::Differs("differs: big.bin".into())),
+            ],
+            &[2.0],
+        );
+        assert!(pages_target(Some(&differs)).ends_with("not identical in every round | no |"));
+
+        let small = pages(64, vec![round(0.010, Verdict::Identical)], &[0.5]);
+        assert!(pages_target(Some(&small)).contains("(a 64 MiB file in this run) | yes |"));
+
+        assert!(pages_target(None).ends_with("| not measured in this run | - |"));
+        let failed = pages(1024, vec![Err("boom".into())], &[2.0]);
+        assert!(pages_target(Some(&failed)).ends_with("| imezzo did not complete a round | no |"));
+    }
+
+    #[test]
+    fn pages_table_has_a_row_per_tool_with_failures_in_its_notes() {
+        let pages = pages(
+            1024,
+            vec![
+                round(0.020, Verdict::Identical),
+                Err("the replica did not hold the change within 60 s".into()),
+                round(0.040, Verdict::Identical),
+            ],
+            &[2.0, 1.0, 3.0],
+        );
+        let mut out = String::new();
+        render_pages(&pages, &mut out);
+        assert!(out.starts_with("### 256 random 4 KiB writes into a 1 GiB file\n\n"));
+        assert!(out.contains(
+            "`rsync --inplace --no-whole-file --modify-window=-1 -a EXPORT/big.bin rsync://127.0.0.1:P/replica/`"
+        ));
+        let rows: Vec<&str> = out
+            .lines()
+            .filter(|line| line.starts_with("| ") && !line.starts_with("| ---"))
+            .collect();
+        assert_eq!(rows.len(), 3, "header and two tools:\n{out}");
+        assert_eq!(
+            rows[1],
+            "| imezzo server + client | 30.0 ms (20.0 ms–40.0 ms) | 67x faster | 2 of 3 rounds | 0.004 | \
+             20.0 MiB | 0.012 | 30.0 MiB | first page on the replica after 15.0 ms (median); server read \
+             1.00 MiB (median); round 2 failed: the replica did not hold the change within 60 s |"
+        );
+        assert_eq!(
+            rows[2],
+            "| rsync --inplace --no-whole-file --modify-window=-1 -a to rsyncd | 2.00 s (1.00 s–3.00 s) | - | yes (3 of 3) | \
+             0.004 | 20.0 MiB | 0.012 | 30.0 MiB |  |"
+        );
+    }
 }

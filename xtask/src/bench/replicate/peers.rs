@@ -126,8 +126,15 @@ fn conf_value(path: &Path) -> Result<String> {
 /// `archive = true` (rsync -a's attributes), in the foreground. `--modify-window=-1` makes
 /// rsync compare mtimes to the nanosecond: by default its quick check compares whole seconds,
 /// so a rewrite of the same size within the second of the previous copy is skipped and
-/// never arrives, and the lag rows would measure that loss rather than the lag.
-pub fn lsyncd_conf(source: &Path, port: u16, delay: LsyncdDelay, log: &Path) -> Result<String> {
+/// never arrives, and the lag rows would measure that loss rather than the lag. `extra`: more
+/// options of its rsync, after that one.
+pub fn lsyncd_conf(
+    source: &Path,
+    port: u16,
+    delay: LsyncdDelay,
+    extra: &[&str],
+    log: &Path,
+) -> Result<String> {
     let mut text = String::new();
     let _ = writeln!(text, "-- written by cargo xtask bench replicate");
     let _ = writeln!(text, "settings {{");
@@ -141,9 +148,17 @@ pub fn lsyncd_conf(source: &Path, port: u16, delay: LsyncdDelay, log: &Path) -> 
     if delay == LsyncdDelay::Zero {
         let _ = writeln!(text, "    delay = 0,");
     }
+    let mut options = vec!["\"--modify-window=-1\"".to_string()];
+    for option in extra {
+        if option.contains(['"', '\\', '\n']) {
+            bail!("{option:?} cannot be written as an rsync option in lsyncd's config");
+        }
+        options.push(format!("\"{option}\""));
+    }
     let _ = writeln!(
         text,
-        "    rsync = {{ archive = true, _extra = {{ \"--modify-window=-1\" }} }},"
+        "    rsync = {{ archive = true, _extra = {{ {} }} }},",
+        options.join(", ")
     );
     let _ = writeln!(text, "}}");
     Ok(text)
@@ -173,19 +188,20 @@ fn lua_string(path: &Path) -> Result<String> {
 /// The line lsyncd prints once its start-up rsync of the whole source has finished.
 const LSYNCD_STARTED: &str = "Startup of ";
 
-/// Starts lsyncd from `source` to the daemon on `port` and waits until its start-up rsync
-/// has finished, so that it then only follows changes.
+/// Starts lsyncd from `source` to the daemon on `port` (its rsync with the `extra` options)
+/// and waits until its start-up rsync has finished, so that it then only follows changes.
 pub fn start_lsyncd(
     lsyncd: &Path,
     source: &Path,
     port: u16,
     delay: LsyncdDelay,
+    extra: &[&str],
     scratch: &Path,
 ) -> Result<Daemon> {
     let config: PathBuf = scratch.join("lsyncd.lua");
     fs::write(
         &config,
-        lsyncd_conf(source, port, delay, &scratch.join("lsyncd.log"))?,
+        lsyncd_conf(source, port, delay, extra, &scratch.join("lsyncd.log"))?,
     )
     .with_context(|| format!("could not write {}", config.display()))?;
     let mut cmd = Command::new(lsyncd);
@@ -231,6 +247,7 @@ mod tests {
             Path::new("/tmp/src"),
             8730,
             LsyncdDelay::Zero,
+            &[],
             Path::new("/tmp/l.log"),
         )
         .unwrap();
@@ -253,10 +270,34 @@ mod tests {
             Path::new("/tmp/src"),
             8730,
             LsyncdDelay::Default,
+            &[],
             Path::new("/tmp/l.log"),
         )
         .unwrap();
         assert!(!default.contains("delay"));
+    }
+
+    #[test]
+    fn lsyncd_conf_appends_extra_rsync_options() {
+        let conf = lsyncd_conf(
+            Path::new("/tmp/src"),
+            8730,
+            LsyncdDelay::Zero,
+            &["--inplace", "--no-whole-file"],
+            Path::new("/tmp/l.log"),
+        )
+        .unwrap();
+        assert!(conf.contains(
+            "    rsync = { archive = true, _extra = { \"--modify-window=-1\", \"--inplace\", \"--no-whole-file\" } },\n"
+        ));
+        assert!(lsyncd_conf(
+            Path::new("/tmp/src"),
+            8730,
+            LsyncdDelay::Zero,
+            &["--x\" }"],
+            Path::new("/tmp/l.log"),
+        )
+        .is_err());
     }
 
     #[test]

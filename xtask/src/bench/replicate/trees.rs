@@ -63,9 +63,12 @@ pub struct WriteTimes {
     pub last_close: Instant,
 }
 
-/// One file of `mib` MiB, `big.bin`, written in 1 MiB writes.
+/// The name of the one big file.
+pub const BIG_FILE: &str = "big.bin";
+
+/// One file of `mib` MiB, [`BIG_FILE`], written in 1 MiB writes.
 pub fn write_big(dir: &Path, mib: u64, pool: &Pool) -> Result<WriteTimes> {
-    let path = dir.join("big.bin");
+    let path = dir.join(BIG_FILE);
     let mut chunk = Vec::with_capacity(MIB);
     let first_write = Instant::now();
     let mut file =
