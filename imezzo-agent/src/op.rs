@@ -14,6 +14,14 @@ impl RelPath {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+    /// The directory holding this path (`""` for a top-level name); `None` for the root.
+    pub fn parent(&self) -> Option<RelPath> {
+        let b = &self.0;
+        if b.is_empty() {
+            return None;
+        }
+        Some(RelPath(b[..b.iter().rposition(|&c| c == b'/').unwrap_or(0)].to_vec()))
+    }
     pub fn display(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.0)
     }
@@ -113,6 +121,25 @@ pub struct JournalEntry {
 }
 
 impl Op {
+    /// The paths whose master attributes replaying this op may ask for: its path, a
+    /// rename's or link's other side, and the directories holding them (whose times it
+    /// restores). The client fetches them ahead per batch; the server attaches them.
+    pub fn asked_paths(&self) -> Vec<RelPath> {
+        let mut out = Vec::with_capacity(4);
+        let mut add = |p: &RelPath| {
+            for q in [Some(p.clone()), p.parent()].into_iter().flatten() {
+                if !out.contains(&q) {
+                    out.push(q);
+                }
+            }
+        };
+        add(self.path());
+        if let Op::Rename { new_path, .. } | Op::Link { new_path, .. } = self {
+            add(new_path);
+        }
+        out
+    }
+
     pub fn path(&self) -> &RelPath {
         match self {
             Op::Create { path, .. }

@@ -32,6 +32,9 @@ pub(super) enum Work {
     ManifestComplete {
         seq: u64,
     },
+    /// The master's state the server read for the entries up to `through_seq` that
+    /// follow (see [`Msg::Attached`](crate::protocol::Msg::Attached)).
+    Attached(Attachment),
     Apply(JournalEntry),
     Persist {
         volume_id: VolumeId,
@@ -236,6 +239,9 @@ impl SessionCtx<'_> {
                         }
                     }
                     ClientOutput::ManifestComplete { seq } => Work::ManifestComplete { seq },
+                    ClientOutput::Attached { through_seq, attrs, data } => {
+                        Work::Attached(Attachment::new(through_seq, attrs, data))
+                    }
                     ClientOutput::Apply(e) => Work::Apply(e),
                     ClientOutput::PersistAndAck { volume_id, seq } => {
                         Work::Persist { volume_id, seq }

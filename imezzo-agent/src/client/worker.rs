@@ -34,6 +34,7 @@ impl WorkerHandle {
             cache: HashMap::new(),
             data: HashMap::new(),
             prefetched: 0,
+            attached: Attachment::default(),
             retry: HashMap::new(),
             disk_full: false,
         };
@@ -70,6 +71,8 @@ pub(super) struct Worker {
     /// inode), fetched ahead at once instead of one round trip per entry.
     pub(super) data: DataCache,
     pub(super) prefetched: usize,
+    /// The newest [`Attachment`] the server sent.
+    pub(super) attached: Attachment,
     /// Pending paths whose repair failed on the replica (or was refused): attempts so far
     /// and when the next is due. Retried one by one, with backoff, never by a full resync.
     pub(super) retry: HashMap<Vec<u8>, (u32, Instant)>,
@@ -97,6 +100,30 @@ fn askable(p: &[u8]) -> bool {
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// While the replica is full, the wait between two attempts.
 const FULL_POLL: Duration = Duration::from_secs(2);
+
+/// The master's state the server attached to a journal read: attributes by path, whole
+/// small files by (path, inode). Valid for the entries up to `through` only: a later change
+/// has an entry of its own, and its state may be newer than this.
+#[derive(Debug, Default)]
+pub(super) struct Attachment {
+    pub(super) through: u64,
+    pub(super) attrs: HashMap<RelPath, Option<Attrs>>,
+    pub(super) data: HashMap<(RelPath, u64), Vec<u8>>,
+}
+
+impl Attachment {
+    pub(super) fn new(
+        through: u64,
+        attrs: Vec<(RelPath, Option<Attrs>)>,
+        data: Vec<crate::protocol::AttachedData>,
+    ) -> Attachment {
+        Attachment {
+            through,
+            attrs: attrs.into_iter().collect(),
+            data: data.into_iter().map(|d| ((d.path, d.ino), d.bytes)).collect(),
+        }
+    }
+}
 
 /// Bytes fetched ahead: (path, inode written to) -> the pieces of that file read.
 pub(super) type DataCache = HashMap<(RelPath, u64), Vec<Piece>>;
@@ -155,6 +182,10 @@ impl Worker {
                     ))),
                 },
                 Work::ManifestComplete { seq } => self.complete_full_sync(seq),
+                Work::Attached(a) => {
+                    self.attached = a;
+                    Ok(())
+                }
                 Work::Apply(entry) => self.apply(entry),
                 Work::Persist { volume_id, seq } => {
                     // A later durable point already queued covers this one: one sync for
@@ -208,22 +239,29 @@ impl Worker {
         let mut paths: Vec<RelPath> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut entries = 0;
+        let mut last_seq = 0;
         for work in std::iter::once(first).chain(queue.iter()) {
             let Work::Apply(entry) = work else { break };
             entries += 1;
-            let mut add = |p: &RelPath| {
-                for q in [Some(p.clone()), parent_of(p)].into_iter().flatten() {
-                    if seen.insert(q.clone()) {
-                        paths.push(q);
-                    }
+            last_seq = entry.seq;
+            for q in entry.op.asked_paths() {
+                if seen.insert(q.clone()) {
+                    paths.push(q);
                 }
-            };
-            add(entry.op.path());
-            if let Op::Rename { new_path, .. } | Op::Link { new_path, .. } = &entry.op {
-                add(new_path);
             }
         }
         self.cache.clear();
+        // What the server attached for these entries needs no round trip.
+        let attached = last_seq <= self.attached.through;
+        if attached {
+            paths.retain(|p| match self.attached.attrs.get(p) {
+                Some(a) => {
+                    self.cache.insert(p.clone(), a.clone());
+                    false
+                }
+                None => true,
+            });
+        }
         for chunk in paths.chunks(protocol::MAX_ATTRS_PATHS) {
             match self.fetcher.rt.block_on(self.fetcher.attrs(chunk.to_vec())) {
                 Ok(answer) => {
@@ -236,7 +274,7 @@ impl Worker {
                 Err(_) => {}
             }
         }
-        self.prefetch_data(std::iter::once(first).chain(queue.iter()).take(entries))?;
+        self.prefetch_data(std::iter::once(first).chain(queue.iter()).take(entries), attached)?;
         self.prefetched = entries;
         Ok(())
     }
@@ -248,6 +286,7 @@ impl Worker {
     pub(super) fn prefetch_data<'w>(
         &mut self,
         work: impl Iterator<Item = &'w Work>,
+        attached: bool,
     ) -> Result<(), Stop> {
         self.data.clear();
         // (path, inode, offset, len): a whole file is read from 0 to its size.
@@ -271,6 +310,17 @@ impl Worker {
             };
             if a.kind != FileKind::Regular {
                 continue;
+            }
+            let key = (path.clone(), *ino);
+            if attached {
+                if self.data.contains_key(&key) {
+                    continue;
+                }
+                if let Some(bytes) = self.attached.data.get(&key) {
+                    let piece = Piece { offset: 0, bytes: bytes.clone(), to_eof: true };
+                    self.data.insert(key, vec![piece]);
+                    continue;
+                }
             }
             let job = if a.size <= PREFETCH_DATA_MAX {
                 (path.clone(), *ino, 0, a.size)
@@ -919,11 +969,5 @@ fn covers(scope: &[u8], recursive: bool, path: &[u8]) -> bool {
 }
 
 pub(super) fn parent_of(p: &RelPath) -> Option<RelPath> {
-    let b = p.as_bytes();
-    if b.is_empty() {
-        return None;
-    }
-    Some(RelPath(
-        b[..b.iter().rposition(|&c| c == b'/').unwrap_or(0)].to_vec(),
-    ))
+    p.parent()
 }

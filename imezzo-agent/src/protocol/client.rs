@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::messages::{
-    entry_paths, inline_data_problem, wire_path_problem, FrameDecoder, FrameError, FullSyncReason,
+    entry_paths, inline_data_problem, AttachedData, INLINE_DATA_MAX, wire_path_problem, FrameDecoder, FrameError, FullSyncReason,
     Links, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
     MAX_LINK_NAMES,
 };
@@ -64,6 +64,13 @@ pub enum ClientOutput {
     /// The manifest is whole: remove every local object it did not name and finish its
     /// fetches. A `PersistAndAck` for `seq` follows.
     ManifestComplete { seq: u64 },
+    /// The master's state for the entries up to `through_seq` that follow (see
+    /// [`Msg::Attached`]): replay uses it instead of fetching it.
+    Attached {
+        through_seq: u64,
+        attrs: Vec<(RelPath, Option<Attrs>)>,
+        data: Vec<AttachedData>,
+    },
     /// Replay this entry.
     Apply(JournalEntry),
     /// Make every applied change durable, record `volume_id` and `last_applied = seq`
@@ -376,6 +383,9 @@ impl ClientSession {
             (Phase::Streaming, Msg::Entries { from_seq, entries }) => {
                 self.take_entries(from_seq, entries)
             }
+            (Phase::Streaming, Msg::Attached { through_seq, attrs, data }) => {
+                self.take_attached(through_seq, attrs, data)
+            }
             (
                 Phase::Manifest { .. } | Phase::Streaming,
                 Msg::Heartbeat {
@@ -405,6 +415,29 @@ impl ClientSession {
                 self.violation(detail)
             }
         }
+    }
+
+    fn take_attached(&mut self, through_seq: u64, attrs: Vec<(RelPath, Option<Attrs>)>, data: Vec<AttachedData>) {
+        // It comes before the entries it is for: at least one of them is still to come.
+        if through_seq <= self.received_through {
+            return self.violation(format!(
+                "Attached through seq {through_seq}, but the stream delivered through {} already",
+                self.received_through
+            ));
+        }
+        for p in attrs.iter().map(|(p, _)| p).chain(data.iter().map(|d| &d.path)) {
+            if let Some(problem) = wire_path_problem(p) {
+                return self.bad_path("Attached", p, problem);
+            }
+        }
+        if let Some(d) = data.iter().find(|d| d.bytes.len() as u64 > INLINE_DATA_MAX) {
+            return self.violation(format!(
+                "Attached with {} bytes of {:?}, over the inline limit of {INLINE_DATA_MAX}",
+                d.bytes.len(),
+                d.path.display()
+            ));
+        }
+        self.out.push_back(ClientOutput::Attached { through_seq, attrs, data });
     }
 
     fn take_entries(&mut self, from_seq: u64, entries: Vec<JournalEntry>) {

@@ -6,7 +6,7 @@ use crate::attrs::{Attrs, FileKind};
 use crate::op::{JournalEntry, Op, RelPath};
 
 /// The protocol version this agent speaks; it travels in every frame header.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
 pub const HEADER_LEN: usize = 6;
 /// Largest body accepted on the control stream (both directions) and from a client on a
@@ -132,6 +132,17 @@ pub enum Msg {
         req_id: u64,
         reason: String,
     },
+    // Control stream, server to client (protocol 5; last, so the others keep their tags).
+    /// The master's state, read after the entries through `through_seq` were journalled
+    /// and sent before them: what replay would otherwise fetch for them (the attributes of
+    /// the paths they name and their parents, the whole content of small files they write),
+    /// so a batch of small changes costs no fetch round trip. Valid for entries up to
+    /// `through_seq` only; a later `Attached` replaces it.
+    Attached {
+        through_seq: u64,
+        attrs: Vec<(RelPath, Option<Attrs>)>,
+        data: Vec<AttachedData>,
+    },
 }
 
 /// Where a client starts, chosen by the server in `Welcome`.
@@ -195,6 +206,15 @@ pub struct ManifestEntry {
     pub data: Option<Vec<u8>>,
 }
 
+/// The whole content of a regular file of at most [`INLINE_DATA_MAX`] bytes, as the
+/// inode `ino` held it at `path` when the server read it.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct AttachedData {
+    pub path: RelPath,
+    pub ino: u64,
+    pub bytes: Vec<u8>,
+}
+
 /// A multiply-linked master object's identity and the other names the server knows it
 /// by, so that a client recreating one name from the master's current state makes the
 /// others links of it rather than separate objects (docs/reliability.md, repairs).
@@ -251,6 +271,7 @@ impl Msg {
             Msg::Welcome { .. } => "Welcome",
             Msg::Refuse { .. } => "Refuse",
             Msg::Entries { .. } => "Entries",
+            Msg::Attached { .. } => "Attached",
             Msg::Manifest { .. } => "Manifest",
             Msg::ManifestEnd { .. } => "ManifestEnd",
             Msg::Heartbeat { .. } => "Heartbeat",
@@ -338,6 +359,9 @@ pub fn encode_bytes(msg: &Msg) -> Result<bytes::Bytes, EncodeError> {
     let hint = match msg {
         Msg::Data { bytes, .. } => bytes.len() + 64,
         Msg::Entries { entries, .. } => entries.len() * 160,
+        Msg::Attached { attrs, data, .. } => {
+            attrs.len() * 256 + data.iter().map(|d| d.bytes.len() + 64).sum::<usize>()
+        }
         Msg::Manifest { entries } | Msg::Listing { entries, .. } => entries.len() * 256,
         _ => 256,
     };
@@ -608,6 +632,6 @@ pub(crate) fn inline_data_problem(m: &ManifestEntry) -> Option<String> {
     None
 }
 
-pub(crate) fn xattrs_size_estimate(x: &[(Vec<u8>, Vec<u8>)]) -> usize {
+pub fn xattrs_size_estimate(x: &[(Vec<u8>, Vec<u8>)]) -> usize {
     x.iter().map(|(n, v)| 32 + n.len() + v.len()).sum()
 }

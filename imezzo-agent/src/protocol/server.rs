@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use super::messages::{
     entry_size_estimate, manifest_size_estimate, wire_path_problem, xattrs_size_estimate, FrameDecoder, FrameError,
-    FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_ATTRS_PATHS, MAX_CONTROL_BODY,
+    AttachedData, FullSyncReason, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_ATTRS_PATHS,
+    MAX_CONTROL_BODY,
 };
+use crate::attrs::Attrs;
 use super::{CloseReason, JournalRead};
 use crate::op::{JournalEntry, RelPath};
 
@@ -16,6 +18,17 @@ use crate::op::{JournalEntry, RelPath};
 const FRAME_BUDGET: usize = MAX_CONTROL_BODY / 2;
 /// A manifest entry whose xattrs alone exceed this travels without them (`xattrs_omitted`).
 const INLINE_XATTRS_MAX: usize = 256 << 10;
+
+/// What the server read of the master for a journal read's entries: [`Msg::Attached`]'s
+/// content. The driver keeps its estimated size within [`ATTACHED_BUDGET`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attached {
+    pub attrs: Vec<(RelPath, Option<Attrs>)>,
+    pub data: Vec<AttachedData>,
+}
+
+/// Estimated bytes of one `Attached` frame at most: a quarter of the control limit.
+pub const ATTACHED_BUDGET: usize = MAX_CONTROL_BODY / 4;
 
 /// The server's limits and timers.
 #[derive(Debug, Clone)]
@@ -117,6 +130,9 @@ pub struct ServerSession {
     in_flight_entries: usize,
     /// `max` of the outstanding `ReadJournal`.
     reading: Option<usize>,
+    /// The master's state read with the outstanding journal read, sent ahead of its
+    /// entries (see [`ServerSession::handle_journal_attached`]).
+    attached: Option<Attached>,
     /// The last read stopped short of its `max`: nothing more until the journal grows.
     at_end: bool,
     journal_last: u64,
@@ -147,6 +163,7 @@ impl ServerSession {
             in_flight: VecDeque::new(),
             in_flight_entries: 0,
             reading: None,
+            attached: None,
             at_end: false,
             journal_last: 0,
             manifest_chunk: Vec::new(),
@@ -183,6 +200,15 @@ impl ServerSession {
                 self.close(CloseReason::Shutdown { side: Side::Client, detail: "it ended the control stream".into() })
             }
         }
+    }
+
+    /// [`ServerSession::handle_journal`], with the master's state read after the entries
+    /// were journalled: sent as `Attached` right before the first of them, when they are
+    /// streamed at once (never before `Welcome`, never when the read ends the session).
+    pub fn handle_journal_attached(&mut self, now: Instant, read: JournalRead, attached: Attached) {
+        self.attached = Some(attached);
+        self.handle_journal(now, read);
+        self.attached = None;
     }
 
     /// The answer to the outstanding [`ServerOutput::ReadJournal`].
@@ -474,6 +500,12 @@ impl ServerSession {
                 return self.internal(&format!("the journal returned seq {} after {prev}", e.seq));
             }
             prev = e.seq;
+        }
+        if let (Some(a), Some(last)) = (self.attached.take(), entries.last()) {
+            if !a.attrs.is_empty() || !a.data.is_empty() {
+                let through_seq = last.seq;
+                self.send(now, Msg::Attached { through_seq, attrs: a.attrs, data: a.data });
+            }
         }
         let mut batch: Vec<JournalEntry> = Vec::new();
         let mut bytes = 0;

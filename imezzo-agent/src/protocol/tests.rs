@@ -404,6 +404,8 @@ impl Pair {
                 r.manifest_complete = None;
                 r.tree.clear();
             }
+            // The simulated server attaches nothing (the driver's reads do).
+            ClientOutput::Attached { .. } => {}
             ClientOutput::ApplyManifest(e) => {
                 if e.attrs.kind == FileKind::Regular {
                     r.tree.insert(e.path.0.clone(), e.attrs.size);
@@ -1251,12 +1253,12 @@ fn violation_text(r: &CloseReason) -> String {
 #[test]
 fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     let mut f = frame(&hello(None, None));
-    f[4..6].copy_from_slice(&5u16.to_le_bytes());
+    f[4..6].copy_from_slice(&6u16.to_le_bytes());
     let r = server_closes_on(&[f.clone()], false);
     assert_eq!(r.code(), 1);
     assert_eq!(
         r.to_string(),
-        "this server speaks imezzo protocol 4 and the client speaks protocol 5: upgrade the server"
+        "this server speaks imezzo protocol 5 and the client speaks protocol 6: upgrade the server"
     );
 
     let mut c = ClientSession::new(ClientState::default(), Instant::now());
@@ -1265,7 +1267,7 @@ fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     match close {
         Some(ClientOutput::Close(r)) => assert_eq!(
             r.to_string(),
-            "this client speaks imezzo protocol 4 and the server speaks protocol 5: upgrade the client"
+            "this client speaks imezzo protocol 5 and the server speaks protocol 6: upgrade the client"
         ),
         other => panic!("{other:?}"),
     }
@@ -1643,6 +1645,82 @@ fn a_journal_failure_refuses_the_client_with_the_reason() {
     ));
 }
 
+fn attached_sample() -> Attached {
+    Attached {
+        attrs: vec![(RelPath(b"d/f".to_vec()), Some(attrs(FileKind::Regular, 3))), (RelPath(b"gone".to_vec()), None)],
+        data: vec![AttachedData { path: RelPath(b"d/f".to_vec()), ino: 12, bytes: b"abc".to_vec() }],
+    }
+}
+
+#[test]
+fn what_the_server_read_for_a_journal_read_goes_right_before_its_entries() {
+    let now = Instant::now();
+    let mut s = ServerSession::new(VOLUME, now);
+    s.handle_stream_data(now, &frame(&hello(Some(VOLUME), Some(1))));
+    assert!(matches!(s.poll_output(), Some(ServerOutput::ReadJournal { from: 2, .. })));
+    s.handle_journal_attached(now, JournalRead::Entries(vec![entry(2), entry(3)]), attached_sample());
+    let sent: Vec<Msg> = std::iter::from_fn(|| s.poll_output())
+        .filter_map(|o| match o {
+            ServerOutput::Send(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let names: Vec<&str> = sent.iter().map(Msg::name).collect();
+    assert_eq!(names, ["Welcome", "Attached", "Entries"], "{sent:?}");
+    let Msg::Attached { through_seq, attrs, data } = &sent[1] else { unreachable!() };
+    assert_eq!((*through_seq, attrs.len(), data.len()), (3, 2, 1));
+}
+
+#[test]
+fn nothing_is_attached_when_the_read_streams_no_entries() {
+    let now = Instant::now();
+    let mut s = ServerSession::new(VOLUME, now);
+    s.handle_stream_data(now, &frame(&hello(Some(VOLUME), Some(1))));
+    assert!(matches!(s.poll_output(), Some(ServerOutput::ReadJournal { .. })));
+    s.handle_journal_attached(now, JournalRead::Expired { first_retained: 9 }, attached_sample());
+    let out: Vec<ServerOutput> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert!(
+        !out.iter().any(|o| matches!(o, ServerOutput::Send(Msg::Attached { .. }))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_client_hands_on_what_was_attached_before_the_entries_it_is_for() {
+    let (state, welcome) = resumed(4);
+    let a = attached_sample();
+    let attached = Msg::Attached { through_seq: 6, attrs: a.attrs, data: a.data };
+    let batch = Msg::Entries { from_seq: 5, entries: vec![entry(5), entry(6)] };
+    let out = client_after(state, &[welcome, attached, batch]);
+    let kinds: Vec<&str> = out
+        .iter()
+        .map(|o| match o {
+            ClientOutput::Attached { .. } => "attached",
+            ClientOutput::Apply(_) => "apply",
+            _ => "other",
+        })
+        .filter(|k| *k != "other")
+        .collect();
+    assert_eq!(kinds, ["attached", "apply", "apply"], "{out:?}");
+}
+
+#[test]
+fn an_attachment_for_entries_already_delivered_or_naming_a_bad_path_is_a_violation() {
+    let (state, welcome) = resumed(4);
+    let late = Msg::Attached { through_seq: 4, attrs: vec![], data: vec![] };
+    assert!(client_violation(state, &[welcome, late]).contains("delivered through 4 already"));
+    let (state, welcome) = resumed(4);
+    let bad = Msg::Attached { through_seq: 5, attrs: vec![(RelPath(b"../x".to_vec()), None)], data: vec![] };
+    assert!(client_violation(state, &[welcome, bad]).contains("Attached"));
+    let (state, welcome) = resumed(4);
+    let big = Msg::Attached {
+        through_seq: 5,
+        attrs: vec![],
+        data: vec![AttachedData { path: RelPath(b"f".to_vec()), ino: 1, bytes: vec![0; INLINE_DATA_MAX as usize + 1] }],
+    };
+    assert!(client_violation(state, &[welcome, big]).contains("over the inline limit"));
+}
+
 // ---- framing --------------------------------------------------------------------------
 
 fn samples() -> Vec<Msg> {
@@ -1658,6 +1736,11 @@ fn samples() -> Vec<Msg> {
         },
         Msg::Refuse {
             reason: "no".into(),
+        },
+        Msg::Attached {
+            through_seq: 3,
+            attrs: vec![(RelPath(b"a".to_vec()), Some(a.clone())), (RelPath(b"b".to_vec()), None)],
+            data: vec![AttachedData { path: RelPath(b"a".to_vec()), ino: 5, bytes: b"xyz".to_vec() }],
         },
         Msg::Entries {
             from_seq: 1,
@@ -1771,10 +1854,11 @@ fn frames_split_at_every_byte_still_decode() {
 /// The bytes of version 4 (body archives of sample messages). A change here means the wire
 /// format changed: bump `PROTOCOL_VERSION` and update docs/protocol.md, then this test.
 /// (Version 2 added the inode to write entries and to `Fetch`; version 3 the inline `data`
-/// of manifest entries; version 4 `links` to `FetchAttrs` and `Attrs`, whose archives
-/// these samples do not hold: only the header's version changed here.)
+/// of manifest entries; version 4 `links` to `FetchAttrs` and `Attrs`, and version 5 the
+/// `Attached` message, which these samples do not hold: only the header's version changed
+/// here.)
 #[test]
-fn version_4_wire_bytes_are_frozen() {
+fn version_5_wire_bytes_are_frozen() {
     let hello = hex::encode(frame(&hello(Some(VOLUME), Some(42))));
     let entries = hex::encode(frame(&Msg::Entries {
         from_seq: 1,
@@ -1789,14 +1873,14 @@ fn version_4_wire_bytes_are_frozen() {
             data: Some(b"hi".to_vec()),
         }],
     }));
-    assert_eq!(hello, HELLO_V4);
-    assert_eq!(entries, ENTRIES_V4);
-    assert_eq!(manifest, MANIFEST_V4);
+    assert_eq!(hello, HELLO_V5);
+    assert_eq!(entries, ENTRIES_V5);
+    assert_eq!(manifest, MANIFEST_V5);
 }
 
-const HELLO_V4: &str = "48000000040000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
-const ENTRIES_V4: &str = "b000000004006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
-const MANIFEST_V4: &str = "d80000000400642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const HELLO_V5: &str = "48000000050000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
+const ENTRIES_V5: &str = "b000000005006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const MANIFEST_V5: &str = "d80000000500642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
 
 #[test]
 fn random_bytes_never_panic_the_decoder_or_the_sessions() {

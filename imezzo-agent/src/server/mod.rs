@@ -44,7 +44,7 @@ use crate::identity::{Identity, IdentityError, NodeId};
 use crate::journal::{Journal, JournalError};
 use crate::op::{Op, RelPath};
 use crate::protocol::{
-    self, CloseReason, FetchRequest, FetchRequestReader, JournalRead, Links, ManifestEntry, Msg,
+    self, Attached, CloseReason, FetchRequest, FetchRequestReader, JournalRead, Links, ManifestEntry, Msg,
     ServerOutput, ServerSession, Start, VolumeId, DATA_CHUNK, MAX_LINK_NAMES,
 };
 use crate::transport::{self, TransportError};
@@ -604,7 +604,7 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
     let mut appended = shared.appended.clone();
     let mut appended_open = true;
     session.handle_appended(Instant::now(), *appended.borrow_and_update());
-    let mut read_job: Option<JoinHandle<JournalRead>> = None;
+    let mut read_job: Option<JoinHandle<(JournalRead, Attached)>> = None;
     let mut manifest: Option<mpsc::Receiver<WalkEvent>> = None;
     let mut manifest_started = Instant::now();
     loop {
@@ -628,9 +628,16 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                     }
                 }
                 ServerOutput::ReadJournal { from, max } => {
-                    let journal = shared.journal.clone();
+                    let s = shared.clone();
                     read_job = Some(tokio::task::spawn_blocking(move || {
-                        journal_read(journal.read_from(from, max))
+                        let read = journal_read(s.journal.read_from(from, max));
+                        // Read after the entries were journalled, so it is the master's
+                        // state as of them or later (what the client would fetch).
+                        let attached = match &read {
+                            JournalRead::Entries(entries) => s.export.attach(entries),
+                            _ => Attached::default(),
+                        };
+                        (read, attached)
                     }));
                 }
                 ServerOutput::StartManifest { inline_data } => {
@@ -663,8 +670,10 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
             read = async { match read_job.as_mut() { Some(job) => job.await, None => std::future::pending().await } },
                 if read_job.is_some() => {
                 read_job = None;
-                let read = read.unwrap_or_else(|e| JournalRead::Failed { reason: format!("the journal reader stopped ({e})") });
-                session.handle_journal(Instant::now(), read);
+                let (read, attached) = read.unwrap_or_else(|e| {
+                    (JournalRead::Failed { reason: format!("the journal reader stopped ({e})") }, Attached::default())
+                });
+                session.handle_journal_attached(Instant::now(), read, attached);
             }
             event = async { match manifest.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } },
                 if manifest.is_some() => {
