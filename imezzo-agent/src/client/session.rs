@@ -184,6 +184,10 @@ impl SessionCtx<'_> {
         let mut repair_asked = false;
         // A full sync some of whose paths failed: "initial sync done" waits for their repair.
         let mut initial_incomplete: Option<FullSyncStats> = None;
+        // A durable point asked for within PERSIST_EVERY of the last one waits for the rest
+        // of that interval (see PERSIST_EVERY), and is replaced by any later one meanwhile.
+        let mut deferred_persist: Option<(VolumeId, u64)> = None;
+        let mut last_persist = Instant::now().checked_sub(PERSIST_EVERY).unwrap_or_else(Instant::now);
         loop {
             let mut held: Option<ClientOutput> = None;
             while let Some(out) = held.take().or_else(|| session.poll_output()) {
@@ -244,6 +248,12 @@ impl SessionCtx<'_> {
                     }
                     ClientOutput::Apply(e) => Work::Apply(e),
                     ClientOutput::PersistAndAck { volume_id, seq } => {
+                        if last_persist.elapsed() < PERSIST_EVERY {
+                            deferred_persist = Some((volume_id, seq));
+                            continue;
+                        }
+                        deferred_persist = None;
+                        last_persist = Instant::now();
                         Work::Persist { volume_id, seq }
                     }
                     ClientOutput::Close(reason) => return self.closed_by_session(reason, streamed),
@@ -296,6 +306,8 @@ impl SessionCtx<'_> {
             let print_at = in_sync.deferred.map(tokio::time::Instant::from_std);
             let repair_at = (pending_paths > 0 && !repair_asked && all_durable && worker.is_some())
                 .then(|| tokio::time::Instant::from_std(last_activity + REPAIR_IDLE));
+            let persist_at =
+                deferred_persist.map(|_| tokio::time::Instant::from_std(last_persist + PERSIST_EVERY));
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => return Outcome::Shutdown,
@@ -349,6 +361,15 @@ impl SessionCtx<'_> {
                 }
                 () = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(Instant::now()),
                 () = sleep_until(print_at), if print_at.is_some() => {}
+                () = sleep_until(persist_at), if persist_at.is_some() => {
+                    if let Some((volume_id, seq)) = deferred_persist.take() {
+                        last_persist = Instant::now();
+                        let work = Work::Persist { volume_id, seq };
+                        if let Err(o) = send_work(worker.as_ref(), work, &mut reports, shutdown, streamed).await {
+                            return o;
+                        }
+                    }
+                }
                 () = sleep_until(repair_at), if repair_at.is_some() => {
                     repair_asked = true;
                     if let Err(o) = send_work(worker.as_ref(), Work::Repair, &mut reports, shutdown, streamed).await {
