@@ -60,6 +60,9 @@ const FLOOR_GRACE: Duration = Duration::from_secs(600);
 const FLOOR_HOLD_FACTOR: u64 = 4;
 /// While clients hold the journal above `retain_bytes`, compaction re-plans this often.
 const HELD_REPLAN: Duration = Duration::from_secs(10);
+/// A journal read of at most this many entries (a client keeping up with the tail) runs on
+/// the session's task; a longer one on the blocking pool.
+const INLINE_READ_ENTRIES: u64 = 64;
 /// Most manifest entries, and inline data bytes, per chunk handed from the walk to the
 /// session.
 const MANIFEST_CHUNK: export::WalkChunk = export::WalkChunk {
@@ -629,7 +632,7 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                 }
                 ServerOutput::ReadJournal { from, max } => {
                     let s = shared.clone();
-                    read_job = Some(tokio::task::spawn_blocking(move || {
+                    let job = move || {
                         let read = journal_read(s.journal.read_from(from, max));
                         // Read after the entries were journalled, so it is the master's
                         // state as of them or later (what the client would fetch).
@@ -638,7 +641,16 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                             _ => Attached::default(),
                         };
                         (read, attached)
-                    }));
+                    };
+                    if shared.journal.last_seq().saturating_sub(from) < INLINE_READ_ENTRIES {
+                        // A client keeping up reads the few entries of the last batch: a
+                        // read of the journal's cached pages and a few stats, cheaper here
+                        // than the two thread hand-offs of the blocking pool.
+                        let (read, attached) = job();
+                        session.handle_journal_attached(Instant::now(), read, attached);
+                    } else {
+                        read_job = Some(tokio::task::spawn_blocking(job));
+                    }
                 }
                 ServerOutput::StartManifest { inline_data } => {
                     // The seq before the walk: whatever the walk races with is journalled
