@@ -25,6 +25,16 @@ pub mod kind {
     pub const DIRTY: u32 = 4;
     /// A namespace or attribute syscall: the record is a [`super::PathEvent`].
     pub const PATH: u32 = 5;
+    /// `mmap` of a watched file, shared and writable: `a` = address, `b` = length. Stores
+    /// through it show only as [`DIRTY`] when a page first becomes dirty (before the bytes
+    /// are stored), and not at all while the page stays dirty.
+    pub const MAPPED: u32 = 6;
+    /// `munmap` by a process holding such a mapping: `a` = address, `b` = length.
+    pub const UNMAPPED: u32 = 7;
+    /// `msync` by a process holding such a mapping: `a` = address, `b` = length.
+    pub const SYNCED: u32 = 8;
+    /// A process holding such a mapping exited (its mappings are gone).
+    pub const EXITED: u32 = 9;
 }
 
 /// An inode as the kernel names it. `dev` is the kernel's encoding, `major << 20 | minor`.

@@ -63,6 +63,12 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROPS_SLOTS, 0);
 #[map(name = "imezzo_runs")]
 static RUNS: PerCpuArray<OpenRun> = PerCpuArray::with_max_entries(1, 0);
 
+/// Processes (tgid) that made a shared writable mapping of a watched file: their munmap,
+/// msync and exit are reported. An LRU map: a full table forgets the oldest process, whose
+/// mappings the agent then treats as unmapped at its next batch (see `MAPPED`).
+#[map(name = "imezzo_mappers")]
+static MAPPERS: aya_ebpf::maps::LruHashMap<u32, u8> = aya_ebpf::maps::LruHashMap::with_max_entries(4096, 0);
+
 /// A `PathEvent` is larger than the 512-byte BPF stack: it is built here.
 #[map(name = "imezzo_scratch")]
 static SCRATCH: PerCpuArray<PathEvent> = PerCpuArray::with_max_entries(1, 0);
@@ -84,6 +90,9 @@ mod nr {
     pub const PWRITEV2: u64 = 328;
     pub const IO_SUBMIT: u64 = 209;
     pub const OPENAT2: u64 = 437;
+    pub const MMAP: u64 = 9;
+    pub const MUNMAP: u64 = 11;
+    pub const MSYNC: u64 = 26;
 }
 const UTIMENSAT: u64 = 280;
 const RWF_APPEND: u64 = 0x10;
@@ -304,12 +313,77 @@ fn try_io_submit(regs: *const u8, ret: i64) -> Result<(), i64> {
     Ok(())
 }
 
+/// mmap (shared, writable, of a watched file), and the munmap and msync of a process that
+/// made one: the agent journals the mapped file again when its mapping is synced or goes,
+/// once the stores through it are done.
+fn try_map(regs: *const u8, nr: u64, ret: i64) -> Result<(), i64> {
+    const PROT_WRITE: u64 = 2;
+    const MAP_SHARED: u64 = 1;
+    let tgid = current_tgid();
+    if tgid == filt!(agent_tgid) {
+        return Ok(());
+    }
+    let (kind, file) = if nr == nr::MMAP {
+        if arg(regs, 2)? & PROT_WRITE == 0 || arg(regs, 3)? & MAP_SHARED == 0 {
+            return Ok(());
+        }
+        let file = fd_file(arg(regs, 4)?)?;
+        if file.is_null() {
+            return Ok(());
+        }
+        let inode: *const u8 = rd(file, off!(file_inode))?;
+        let dev = inode_dev(inode)?;
+        if dev != filt!(dev) {
+            return Ok(());
+        }
+        let _ = MAPPERS.insert(&tgid, &1, 0);
+        (kind::MAPPED, DevIno { dev, _pad: 0, ino: rd(inode, off!(inode_ino))? })
+    } else {
+        if unsafe { MAPPERS.get(&tgid) }.is_none() {
+            return Ok(());
+        }
+        (if nr == nr::MUNMAP { kind::UNMAPPED } else { kind::SYNCED }, DevIno::default())
+    };
+    let a = if nr == nr::MMAP { ret as u64 } else { arg(regs, 0)? };
+    let b = arg(regs, 1)?;
+    emit_fd(FdEvent { kind, tgid, nr: nr as u32, cpu: 0, file, a, b, c: 0 });
+    Ok(())
+}
+
+#[inline(always)]
+fn emit_fd(ev: FdEvent) {
+    match EVENTS.reserve::<FdEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ev);
+            entry.submit(data_wakeup());
+        }
+        None => count_drop(),
+    }
+}
+
+/// A process that made a shared writable mapping of a watched file exits: its mappings go.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn imezzo_exit(_ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // The whole process: its last thread, the group leader, by the usual exit order.
+    if pid_tgid as u32 != tgid || unsafe { MAPPERS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let _ = MAPPERS.remove(&tgid);
+    emit_fd(FdEvent { kind: kind::EXITED, tgid, nr: 0, cpu: 0, file: DevIno::default(), a: 0, b: 0, c: 0 });
+    0
+}
+
 fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let ret: i64 = ctx.arg(1);
     let regs: *const u8 = ctx.arg(0);
         let nr: u64 = ld(regs, off!(regs_orig_ax));
     if nr == nr::IO_SUBMIT {
         return try_io_submit(regs, ret);
+    }
+    if nr == nr::MMAP || nr == nr::MUNMAP || nr == nr::MSYNC {
+        return try_map(regs, nr, ret);
     }
     if nr == nr::IOCTL {
         // Every ioctl comes here: leave at once unless it is a reflink.

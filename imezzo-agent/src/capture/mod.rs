@@ -24,6 +24,7 @@ use imezzo_common::{kind, DevIno, FdEvent, PathEvent, FMODE_CREATED, UTIME_OMIT}
 pub mod extents;
 pub mod inode_table;
 pub mod kernel_btf;
+pub mod mappings;
 pub mod probes;
 pub mod syscalls;
 
@@ -93,6 +94,8 @@ pub struct Capture {
     probes: Probes,
     table: InodeTable,
     pending: Extents,
+    /// Shared writable mappings of watched files (see `mappings`).
+    mappings: mappings::Mappings,
     seq: u64,
     stats: CaptureStats,
     placeholders: u64,
@@ -340,6 +343,7 @@ impl Capture {
             probes,
             table,
             pending: Extents::default(),
+            mappings: mappings::Mappings::default(),
             seq: 0,
             stats: CaptureStats::default(),
             placeholders: 0,
@@ -752,6 +756,25 @@ impl Capture {
     }
 
     fn on_fd(&mut self, ev: &FdEvent, out: &mut Vec<Op>) {
+        // A mapping synced or gone: the stores through it are done, and the file is
+        // journalled again whole (the dirty-inode event of its first store came before
+        // the bytes, and later stores to dirty pages raise none).
+        let ended = match ev.kind {
+            kind::MAPPED if ev.file.dev == self.kernel_dev => self.mappings.mapped(ev.tgid, ev.a, ev.b, ev.file.ino),
+            kind::MAPPED => return,
+            kind::SYNCED => self.mappings.synced(ev.tgid, ev.a, ev.b),
+            kind::UNMAPPED => self.mappings.unmapped(ev.tgid, ev.a, ev.b),
+            kind::EXITED => self.mappings.exited(ev.tgid),
+            _ => Vec::new(),
+        };
+        if matches!(ev.kind, kind::MAPPED | kind::SYNCED | kind::UNMAPPED | kind::EXITED) {
+            for ino in ended {
+                if self.table.contains(ino) {
+                    self.pending.add_whole(ino);
+                }
+            }
+            return;
+        }
         if ev.file.dev != self.kernel_dev || !self.table.contains(ev.file.ino) {
             return;
         }

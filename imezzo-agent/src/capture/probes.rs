@@ -150,7 +150,8 @@ impl Probes {
                 }
             }
         }
-        let mut entry_points = vec![("imezzo_dirty", "writeback_mark_inode_dirty")];
+        let mut entry_points =
+            vec![("imezzo_dirty", "writeback_mark_inode_dirty"), ("imezzo_exit", "sched_process_exit")];
         if offsets.uring_req_opcode != 0 {
             // io_kiocb is in the BTF (its opcode is never its first field).
             entry_points.push(("imezzo_uring_done", "io_uring_complete"));
@@ -169,7 +170,7 @@ impl Probes {
             prog.attach().map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
         }
-        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch", "imezzo_runs"] {
+        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch", "imezzo_runs", "imezzo_mappers"] {
             if let Some(map) = ebpf.map(name) {
                 map.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
             }

@@ -6,10 +6,14 @@
 /// Data changes through a file descriptor: handled by the `imezzo_write` probe.
 pub const WRITE_FAMILY: &[(u32, &str)] = &[
     (1, "write"),
+    // Shared writable mappings of watched files: made, synced, unmapped (see kind::MAPPED).
+    (9, "mmap"),
+    (11, "munmap"),
     // Only FICLONE and FICLONERANGE (reflink), which change the destination's bytes.
     (16, "ioctl"),
     (18, "pwrite64"),
     (20, "writev"),
+    (26, "msync"),
     (40, "sendfile"),
     (77, "ftruncate"),
     (209, "io_submit"),
@@ -97,8 +101,13 @@ pub fn name(nr: u32) -> &'static str {
 pub fn quiet_dirty_bitmap() -> [u64; imezzo_common::SYSCALL_SLOTS / 64] {
     let mut bits = [0u64; imezzo_common::SYSCALL_SLOTS / 64];
     // io_submit's probe reads only its first control blocks, and ioctl's only the reflink
-    // commands: the net stays on for both.
-    let captured = WRITE_FAMILY.iter().chain(PATH_FAMILY).map(|(nr, _)| *nr).filter(|&nr| nr != 209 && nr != 16);
+    // commands: the net stays on for both. mmap, munmap and msync report mappings, not the
+    // stores through them: the net stays on for those too.
+    let captured = WRITE_FAMILY
+        .iter()
+        .chain(PATH_FAMILY)
+        .map(|(nr, _)| *nr)
+        .filter(|&nr| !matches!(nr, 209 | 16 | 9 | 11 | 26));
     for nr in captured.chain(READ_ONLY.iter().copied()) {
         bits[nr as usize / 64] |= 1 << (nr % 64);
     }
@@ -130,5 +139,7 @@ mod tests {
         assert!(!quiet(426));
         // Other ioctls can change data (the probe reads only the reflink ones).
         assert!(!quiet(16) && !quiet(209));
+        // Mapping calls report mappings, not the stores through them.
+        assert!(!quiet(9) && !quiet(11) && !quiet(26));
     }
 }
