@@ -65,13 +65,20 @@ impl Mappings {
     }
 
     /// Process `tgid` unmapped `[addr, addr+len)`: the inodes mapped there. A mapping only
-    /// partly unmapped is kept for what remains (its bounds are not narrowed: a later
-    /// munmap of the rest still finds it).
+    /// partly unmapped keeps what remains (a hole in its middle is not split off: the
+    /// mapping is kept whole, so any later munmap or msync of it still finds it).
     pub fn unmapped(&mut self, tgid: u32, addr: u64, len: u64) -> Vec<u64> {
         let inos = self.synced(tgid, addr, len);
         let end = addr.saturating_add(len);
         if let Some(list) = self.by_tgid.get_mut(&tgid) {
             let before = list.len();
+            for m in list.iter_mut().filter(|m| m.start < end && addr < m.end) {
+                if addr <= m.start && end < m.end {
+                    m.start = end;
+                } else if m.start < addr && m.end <= end {
+                    m.end = addr;
+                }
+            }
             list.retain(|m| !(addr <= m.start && m.end <= end));
             self.count -= before - list.len();
             if list.is_empty() {
