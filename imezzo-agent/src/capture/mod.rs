@@ -233,6 +233,10 @@ fn stat_time(sec: i64, nsec: i64) -> Timestamp {
 
 /// The longest a data event waits in the ring buffer before the agent looks.
 const POLL_MS: i32 = 2;
+/// While changes keep coming, one drain (one journal commit, one batch to each client)
+/// at most this often: each batch costs both agents a commit's fsync and a round of thread
+/// wake-ups whatever it holds.
+const BUSY_BATCH: Duration = Duration::from_millis(5);
 /// How long a drain waits after a wake-up for the writes that follow the waking event.
 const WAKE_SETTLE: Duration = Duration::from_micros(200);
 
@@ -438,7 +442,7 @@ impl Capture {
             if !idle {
                 // Under a storm, drain in batches: a consumer that chases every event
                 // bounces the ring's cache lines and slows the writers it watches.
-                let batch = Duration::from_millis(POLL_MS as u64);
+                let batch = BUSY_BATCH;
                 if let Some(rest) = batch.checked_sub(started.elapsed()) {
                     thread::sleep(rest);
                 }

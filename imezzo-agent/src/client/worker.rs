@@ -108,7 +108,7 @@ const FULL_POLL: Duration = Duration::from_secs(2);
 pub(super) struct Attachment {
     pub(super) through: u64,
     pub(super) attrs: HashMap<RelPath, Option<Attrs>>,
-    pub(super) data: HashMap<(RelPath, u64), Vec<u8>>,
+    pub(super) data: HashMap<(RelPath, u64), Vec<Piece>>,
 }
 
 impl Attachment {
@@ -117,10 +117,15 @@ impl Attachment {
         attrs: Vec<(RelPath, Option<Attrs>)>,
         data: Vec<crate::protocol::AttachedData>,
     ) -> Attachment {
+        let mut pieces: HashMap<(RelPath, u64), Vec<Piece>> = HashMap::new();
+        for d in data {
+            let piece = Piece { offset: d.offset, bytes: d.bytes, to_eof: d.to_eof };
+            pieces.entry((d.path, d.ino)).or_default().push(piece);
+        }
         Attachment {
             through,
             attrs: attrs.into_iter().collect(),
-            data: data.into_iter().map(|d| ((d.path, d.ino), d.bytes)).collect(),
+            data: pieces,
         }
     }
 }
@@ -129,7 +134,7 @@ impl Attachment {
 pub(super) type DataCache = HashMap<(RelPath, u64), Vec<Piece>>;
 
 /// Bytes of the master's file from `offset` on, as one fetch read them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Piece {
     pub(super) offset: u64,
     pub(super) bytes: Vec<u8>,
@@ -313,12 +318,16 @@ impl Worker {
             }
             let key = (path.clone(), *ino);
             if attached {
-                if self.data.contains_key(&key) {
-                    continue;
+                // What the server attached for this inode: all of it is kept for replay,
+                // and a write it covers needs no fetch.
+                if let Some(pieces) = self.attached.data.get(&key) {
+                    let held = self.data.entry(key.clone()).or_default();
+                    if held.is_empty() {
+                        held.extend(pieces.iter().cloned());
+                    }
                 }
-                if let Some(bytes) = self.attached.data.get(&key) {
-                    let piece = Piece { offset: 0, bytes: bytes.clone(), to_eof: true };
-                    self.data.insert(key, vec![piece]);
+                // Replay reads the entry's own range (or, from 0, the whole file it covers).
+                if self.data.get(&key).is_some_and(|p| p.iter().any(|p| p.slice(*offset, *len).is_some())) {
                     continue;
                 }
             }

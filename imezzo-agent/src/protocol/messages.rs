@@ -135,7 +135,8 @@ pub enum Msg {
     // Control stream, server to client (protocol 5; last, so the others keep their tags).
     /// The master's state, read after the entries through `through_seq` were journalled
     /// and sent before them: what replay would otherwise fetch for them (the attributes of
-    /// the paths they name and their parents, the whole content of small files they write),
+    /// the paths they name and their parents, the bytes they write: small files whole,
+    /// short ranges of larger ones),
     /// so a batch of small changes costs no fetch round trip. Valid for entries up to
     /// `through_seq` only; a later `Attached` replaces it.
     Attached {
@@ -206,13 +207,17 @@ pub struct ManifestEntry {
     pub data: Option<Vec<u8>>,
 }
 
-/// The whole content of a regular file of at most [`INLINE_DATA_MAX`] bytes, as the
-/// inode `ino` held it at `path` when the server read it.
+/// Bytes of the regular file at `path` from `offset` on, as the inode `ino` held them when
+/// the server read them: the whole content of a small file (`offset` 0), or the range a
+/// write entry names in a larger one. At most [`INLINE_DATA_MAX`] bytes. `to_eof`: the file
+/// ended where these bytes end.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AttachedData {
     pub path: RelPath,
     pub ino: u64,
+    pub offset: u64,
     pub bytes: Vec<u8>,
+    pub to_eof: bool,
 }
 
 /// A multiply-linked master object's identity and the other names the server knows it

@@ -1648,7 +1648,7 @@ fn a_journal_failure_refuses_the_client_with_the_reason() {
 fn attached_sample() -> Attached {
     Attached {
         attrs: vec![(RelPath(b"d/f".to_vec()), Some(attrs(FileKind::Regular, 3))), (RelPath(b"gone".to_vec()), None)],
-        data: vec![AttachedData { path: RelPath(b"d/f".to_vec()), ino: 12, bytes: b"abc".to_vec() }],
+        data: vec![AttachedData { path: RelPath(b"d/f".to_vec()), ino: 12, offset: 0, bytes: b"abc".to_vec(), to_eof: true }],
     }
 }
 
@@ -1716,7 +1716,7 @@ fn an_attachment_for_entries_already_delivered_or_naming_a_bad_path_is_a_violati
     let big = Msg::Attached {
         through_seq: 5,
         attrs: vec![],
-        data: vec![AttachedData { path: RelPath(b"f".to_vec()), ino: 1, bytes: vec![0; INLINE_DATA_MAX as usize + 1] }],
+        data: vec![AttachedData { path: RelPath(b"f".to_vec()), ino: 1, offset: 0, bytes: vec![0; INLINE_DATA_MAX as usize + 1], to_eof: true }],
     };
     assert!(client_violation(state, &[welcome, big]).contains("over the inline limit"));
 }
@@ -1740,7 +1740,7 @@ fn samples() -> Vec<Msg> {
         Msg::Attached {
             through_seq: 3,
             attrs: vec![(RelPath(b"a".to_vec()), Some(a.clone())), (RelPath(b"b".to_vec()), None)],
-            data: vec![AttachedData { path: RelPath(b"a".to_vec()), ino: 5, bytes: b"xyz".to_vec() }],
+            data: vec![AttachedData { path: RelPath(b"a".to_vec()), ino: 5, offset: 4096, bytes: b"xyz".to_vec(), to_eof: false }],
         },
         Msg::Entries {
             from_seq: 1,

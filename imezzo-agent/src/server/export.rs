@@ -79,14 +79,16 @@ impl Export {
 
     /// What replay will ask of the master for `entries`, read now (after they were
     /// journalled): the attributes of the paths they name and of their parents, and the
-    /// whole content of the small regular files they write, from the inode each names.
+    /// bytes they write, from the inode each names: small regular files whole, ranges of
+    /// at most 64 KiB of larger ones.
     /// Sent ahead of the entries as `Attached`, it saves the client a fetch round trip per
     /// batch and a fetch stream per small file. Bounded by [`ATTACHED_BUDGET`]; whatever
     /// is left out (unreadable, too large, past the budget) the client fetches as before.
     pub fn attach(&self, entries: &[JournalEntry]) -> Attached {
         let mut out = Attached::default();
         let mut budget = ATTACHED_BUDGET;
-        let mut found: HashMap<RelPath, (u64, u64)> = HashMap::new();
+        // Regular files named: (inode, size, small enough to attach whole).
+        let mut found: HashMap<RelPath, (u64, u64, bool)> = HashMap::new();
         let mut seen = std::collections::HashSet::new();
         'paths: for e in entries {
             for p in e.op.asked_paths() {
@@ -108,27 +110,59 @@ impl Export {
                 }
                 budget -= cost;
                 let a = a.map(|(a, st)| {
-                    if a.kind == FileKind::Regular && a.size <= INLINE_DATA_MAX {
-                        found.insert(p.clone(), (st.st_ino, a.size));
+                    if a.kind == FileKind::Regular {
+                        found.insert(p.clone(), (st.st_ino, a.size, a.size <= INLINE_DATA_MAX));
                     }
                     a
                 });
                 out.attrs.push((p, a));
             }
         }
+        let mut whole_done = std::collections::HashSet::new();
         for e in entries {
-            let Op::Write { path, ino: Some(ino), .. } = &e.op else { continue };
-            let Some(&(at, size)) = found.get(path) else { continue };
-            if at != *ino || size as usize + 64 > budget {
+            let Op::Write { path, ino: Some(ino), offset, len, .. } = &e.op else { continue };
+            let Some(&(at, size, small)) = found.get(path) else { continue };
+            if at != *ino {
                 continue;
             }
-            found.remove(path);
-            if let Some(bytes) = self.read_whole(path, at, size) {
-                budget -= size as usize + 64;
-                out.data.push(AttachedData { path: path.clone(), ino: at, bytes });
+            if small {
+                if size as usize + 64 > budget || !whole_done.insert(path.clone()) {
+                    continue;
+                }
+                if let Some(bytes) = self.read_whole(path, at, size) {
+                    budget -= size as usize + 64;
+                    out.data.push(AttachedData { path: path.clone(), ino: at, offset: 0, bytes, to_eof: true });
+                }
+            } else if *len <= INLINE_DATA_MAX && *len as usize + 64 <= budget {
+                if let Some((bytes, to_eof)) = self.read_range(path, at, *offset, *len) {
+                    budget -= bytes.len() + 64;
+                    out.data.push(AttachedData { path: path.clone(), ino: at, offset: *offset, bytes, to_eof });
+                }
             }
         }
         out
+    }
+
+    /// Bytes `[offset, offset+len)` of the regular file at `path` if it is still the inode
+    /// `ino`, and whether the file ended there; `None` when it cannot be read (the client
+    /// then fetches them). Holes read as zeros.
+    fn read_range(&self, path: &RelPath, ino: u64, offset: u64, len: u64) -> Option<(Vec<u8>, bool)> {
+        let (file, meta) = self.tree.open_regular(path.as_bytes()).ok()??;
+        if meta.ino() != ino {
+            return None;
+        }
+        let want = len.min(meta.len().saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; want];
+        let mut got = 0;
+        while got < want {
+            match sys::pread(file.as_fd(), &mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(_) => return None,
+            }
+        }
+        buf.truncate(got);
+        Some((buf, offset + len >= meta.len() || got < want))
     }
 
     /// The current attributes of `path`, without following its final component;
