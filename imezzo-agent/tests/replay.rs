@@ -686,6 +686,47 @@ fn rename_exchange_swaps_a_file_and_a_directory() {
 }
 
 #[test]
+fn an_exchange_a_full_sync_already_saw_is_not_undone() {
+    // A full sync's walk races with the master: it may see an exchange that the stream
+    // replays after it, onto unmarked objects already swapped (differential seed 4).
+    let mut p = Pair::new();
+    new_file(&p.m("x"), 0o600, b"file");
+    new_dir(&p.m("y"), 0o755);
+    new_file(&p.m("y/inner"), 0o644, b"");
+    rename_exchange(&p.m("x"), &p.m("y"));
+    // The replica as the walk placed it: the master's state after the exchange, unmarked.
+    new_dir(&p.r("x"), 0o755);
+    new_file(&p.r("x/inner"), 0o644, b"");
+    new_file(&p.r("y"), 0o600, b"file");
+    for rel in ["x", "x/inner", "y"] {
+        let m = fs::symlink_metadata(p.m(rel)).unwrap();
+        let ts = |sec: i64, nsec: i64| Timestamp { sec, nsec: nsec as u32 };
+        set_times(&p.r(rel), ts(m.atime(), m.atime_nsec()), ts(m.mtime(), m.mtime_nsec()));
+    }
+    let op = Op::Rename { path: "x".into(), new_path: "y".into(), exchange: true, noreplace: false };
+    assert_eq!(p.apply(op).unwrap(), Applied::AlreadyApplied);
+    assert!(fs::metadata(p.r("x/inner")).unwrap().is_file());
+    assert_eq!(fs::read(p.r("y")).unwrap(), b"file");
+}
+
+#[test]
+fn two_files_exchanged_are_swapped_unless_the_replica_already_shows_the_swap() {
+    let mut p = Pair::new();
+    new_file(&p.m("a"), 0o600, b"");
+    p.replay_twice(create("a", 0o600));
+    new_file(&p.m("b"), 0o600, b"");
+    p.replay_twice(create("b", 0o600));
+    fs::write(p.m("a"), b"first").unwrap();
+    p.replay_twice(write("a", 0, 5));
+    fs::write(p.m("b"), b"second!").unwrap();
+    p.replay_twice(write("b", 0, 7));
+    rename_exchange(&p.m("a"), &p.m("b"));
+    let op = Op::Rename { path: "a".into(), new_path: "b".into(), exchange: true, noreplace: false };
+    assert_eq!(p.replay_twice(op), (Applied::Changed, Applied::AlreadyApplied));
+    assert_eq!(fs::read(p.r("a")).unwrap(), b"second!");
+}
+
+#[test]
 fn a_write_of_the_whole_file_replaces_it_atomically() {
     let mut p = Pair::new();
     new_file(&p.m("f"), 0o644, b"");
