@@ -715,7 +715,7 @@ impl Worker {
                     // with the master's, which places it whatever it is.
                     Ok(false) => {
                         self.pending.remove(path);
-                        let parent = parent_of(&rel).unwrap_or_default();
+                        let parent = rel.parent().unwrap_or_default();
                         self.resync_dir(&parent, false)?;
                     }
                     Err(e @ ReplayError::Source { .. }) => {
@@ -977,6 +977,3 @@ fn covers(scope: &[u8], recursive: bool, path: &[u8]) -> bool {
     rest.is_some_and(|r| !r.is_empty() && (recursive || !r.contains(&b'/')))
 }
 
-pub(super) fn parent_of(p: &RelPath) -> Option<RelPath> {
-    p.parent()
-}
