@@ -786,9 +786,13 @@ struct Pages {
 }
 
 impl Pages {
+    /// The row of `tool` (one a tool).
+    fn row(&self, tool: PagesTool) -> Option<&PagesRow> {
+        self.rows.iter().find(|row| row.tool == tool)
+    }
+
     fn median(&self, tool: PagesTool) -> Option<f64> {
-        let row = self.rows.iter().find(|row| row.tool == tool)?;
-        Some(row.seconds()?.median)
+        Some(self.row(tool)?.seconds()?.median)
     }
 
     /// rsync's median time over imezzo's.
@@ -1739,18 +1743,12 @@ fn pages_target(pages: Option<&Pages>) -> String {
     let Some(pages) = pages else {
         return format!("| {what} | not measured in this run | - |");
     };
-    let imezzo = pages
-        .rows
-        .iter()
-        .find(|row| row.tool == PagesTool::Imezzo)
-        .and_then(PagesRow::seconds);
-    let Some(imezzo) = imezzo else {
+    let row = pages.row(PagesTool::Imezzo);
+    let Some(imezzo) = row.and_then(PagesRow::seconds) else {
         return format!("| {what} | imezzo did not complete a round | no |");
     };
-    let all_identical = pages
-        .rows
-        .iter()
-        .filter(|row| row.tool == PagesTool::Imezzo)
+    let all_identical = row
+        .into_iter()
         .flat_map(|row| &row.rounds)
         .all(|round| {
             round
