@@ -968,6 +968,29 @@ fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_id
 }
 
 #[test]
+fn a_directory_replaced_under_its_name_after_the_catch_up_is_compared_not_kept() {
+    let mut r = Replication::new("replacedir");
+    r.export.dirs("c");
+    r.export.put("c/d", b"lives in the directory that moves away\n");
+    r.start_server(&[]);
+    r.start_client();
+    r.assert_identical(CONVERGE_TIMEOUT, "the tree before both crashes");
+    r.client().kill9();
+    r.server().kill9();
+    // Moved while nobody captures: the restarted server journals a compare of the root (and
+    // of "d"), which the client replays only once it is back.
+    ok(sys::rename(&r.e("c"), &r.e("d")));
+    r.server().restart();
+    // Captured live, journalled after those compares: a new, empty directory takes the old
+    // one's name. The compare of the root, replayed later, sees a directory at "c" on both
+    // sides; it must not take the replica's (the old one, with "d" in it) for the master's.
+    ok(sys::mkdir(&r.e("c"), 0o755));
+    r.client().restart();
+    r.assert_identical(CONVERGE_TIMEOUT, "a directory replaced under its name after the catch-up");
+    r.assert_no_panic();
+}
+
+#[test]
 fn client_offline_past_retention_gets_a_full_resync_and_ends_identical() {
     let mut r = Replication::new("retention");
     let (small, _) = Tree::tarball(&r.export.sibling, 5, 200, 10);

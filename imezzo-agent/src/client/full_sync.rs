@@ -80,6 +80,9 @@ pub(crate) struct FullSync {
     dirs: Vec<(RelPath, Attrs, bool)>,
     /// Directories this sync created: nothing of the replica was in them before.
     created_dirs: HashSet<Vec<u8>>,
+    /// Directories a sync of children only kept whose mtime is not the master's: see
+    /// [`FullSync::kept_dirs_that_differ`].
+    differing_dirs: Vec<Vec<u8>>,
     /// The directory the last entry was placed in: the walk lists a directory's entries one
     /// after another, so resolving the parent again for each of them is wasted work.
     last_dir: Option<(Vec<u8>, Arc<OwnedFd>)>,
@@ -135,6 +138,7 @@ impl FullSync {
             names: HashSet::new(),
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
+            differing_dirs: Vec::new(),
             last_dir: None,
             groups: HashMap::new(),
             links: Vec::new(),
@@ -165,6 +169,15 @@ impl FullSync {
         let mut dirs: Vec<Vec<u8>> = self.created_dirs.iter().filter(|d| **d != self.scope).cloned().collect();
         dirs.sort();
         dirs
+    }
+
+    /// The directories a sync of children only kept (a directory was at the name already)
+    /// whose mtime differs from the master's: their names may differ too, so each is
+    /// compared in turn. A listing does not say which directory is which: the replica's may
+    /// be one the master has since moved away and replaced by another under the same name,
+    /// and the entries that said so are superseded by the listing's marks.
+    pub fn kept_dirs_that_differ(&self) -> Vec<Vec<u8>> {
+        self.differing_dirs.clone()
     }
 
     /// Every path the listing named (the scope included), each with whether it was seen
@@ -258,7 +271,13 @@ impl FullSync {
             match attrs.kind {
                 FileKind::Directory => {
                     match existing {
-                        Some(st) if is_kind(&st, libc::S_IFDIR) => {}
+                        Some(st) if is_kind(&st, libc::S_IFDIR) => {
+                            let same_mtime = st.st_mtime == attrs.mtime.sec
+                                && st.st_mtime_nsec == i64::from(attrs.mtime.nsec);
+                            if !self.recursive && !same_mtime && path.0 != self.scope {
+                                self.differing_dirs.push(path.0.clone());
+                            }
+                        }
                         Some(_) => {
                             beneath::remove_tree(dir.as_fd(), &name, &mut |_| {})?;
                             // Owner-only until the attribute pass at the end gives it the

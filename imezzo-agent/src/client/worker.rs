@@ -821,6 +821,9 @@ impl Worker {
                 continue;
             };
             let new_dirs = if recursive { Vec::new() } else { sync.new_dirs() };
+            // Kept directories whose mtime is not the master's are compared next, children
+            // only, as this one was (see `FullSync::kept_dirs_that_differ`).
+            let differing = sync.kept_dirs_that_differ();
             let names = sync.names_seen();
             let (_, failed) = sync.finish(0)?;
             let failed_set: std::collections::HashSet<&Vec<u8>> = failed.iter().collect();
@@ -850,6 +853,7 @@ impl Worker {
                 self.pending.insert(p, true);
             }
             queue.extend(new_dirs.into_iter().map(|d| (RelPath(d), true)));
+            queue.extend(differing.into_iter().map(|d| (RelPath(d), false)));
         }
         Ok(())
     }
