@@ -148,13 +148,19 @@ impl Agent {
     pub fn spawn(name: &str, args: Vec<OsString>) -> Agent {
         init_process();
         let bin = agent_bin();
-        let mut child = Command::new(&bin)
-            .args(&args)
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // A driver that logs through env_logger should log what the contract names.
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        // IMEZZO_AGENT_RUST_LOG=debug (by hand, never in CI) gives the agents replay's
+        // per-entry lines.
+        if let Some(level) = std::env::var_os("IMEZZO_AGENT_RUST_LOG") {
+            cmd.env("RUST_LOG", level);
+        }
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start {bin:?}: {e} (build it with `cargo build --release -p imezzo-agent` or set IMEZZO_BIN)")

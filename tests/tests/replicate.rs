@@ -968,6 +968,28 @@ fn names_changed_while_the_server_was_down_are_caught_up_by_a_compare_and_end_id
 }
 
 #[test]
+fn a_file_changed_while_the_server_was_down_beneath_a_directory_its_parent_compare_kept_reaches_the_replica() {
+    let mut r = Replication::new("keptdir");
+    r.export.dirs("b/a");
+    r.export.put("b/a/e", b"its xattr is set while the server is down\n");
+    r.start_server(&[]);
+    r.start_client();
+    r.assert_identical(CONVERGE_TIMEOUT, "the tree before the server crash");
+    // Past the catch-up's margin for directories: "b/a" itself is not found changed.
+    std::thread::sleep(Duration::from_secs(1));
+    r.server().kill9();
+    // A new name in "b": the restarted server journals a compare of "b" first, then the
+    // entries that recreate "b/a/e" from the master. The compare keeps "b/a" as it is (its
+    // names did not change); it must not stand as the master's "b/a" as of the compare,
+    // or replay takes the entries for "b/a/e" as meant for another, earlier directory.
+    r.export.put("b/x", b"made while the server was down\n");
+    ok(sys::setxattr(&r.e("b/a/e"), "user.k0", b"set while the server was down", 0));
+    r.server().restart();
+    r.assert_identical(CONVERGE_TIMEOUT, "an xattr set beneath a directory the compare kept");
+    r.assert_no_panic();
+}
+
+#[test]
 fn a_directory_replaced_under_its_name_after_the_catch_up_is_compared_not_kept() {
     let mut r = Replication::new("replacedir");
     r.export.dirs("c");

@@ -83,6 +83,9 @@ pub(crate) struct FullSync {
     /// Directories a sync of children only kept whose mtime is not the master's: see
     /// [`FullSync::kept_dirs_that_differ`].
     differing_dirs: Vec<Vec<u8>>,
+    /// Every directory a sync of children only kept: its own contents were not compared
+    /// (see [`FullSync::names_seen`]).
+    kept_dirs: HashSet<Vec<u8>>,
     /// The directory the last entry was placed in: the walk lists a directory's entries one
     /// after another, so resolving the parent again for each of them is wasted work.
     last_dir: Option<(Vec<u8>, Arc<OwnedFd>)>,
@@ -139,6 +142,7 @@ impl FullSync {
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
             differing_dirs: Vec::new(),
+            kept_dirs: HashSet::new(),
             last_dir: None,
             groups: HashMap::new(),
             links: Vec::new(),
@@ -184,12 +188,27 @@ impl FullSync {
     /// whole: not for the names of hard-link groups that had no other name in the
     /// listing (their other names lie outside it, and whether the replica's object is
     /// linked to them is not known here).
+    ///
+    /// The scope is named only by a recursive sync, and the directories a sync of
+    /// children only kept are left out: what is beneath them was not compared, so they
+    /// are not the master's as of the listing. Marked so, replay would take every earlier
+    /// entry for a path beneath them as meant for another directory of that name, and skip
+    /// it (an xattr set while the server was down on a file two levels below a compared
+    /// directory was lost so). The entries for the directory itself are replayed in order
+    /// after the compare, and end where the master is.
     pub fn names_seen(&self) -> Vec<(Vec<u8>, bool)> {
         let linked: HashSet<&RelPath> = self.links.iter().map(|(_, first)| first).collect();
         let lone: HashSet<&[u8]> =
             self.groups.values().filter(|first| !linked.contains(first)).map(|p| p.as_bytes()).collect();
-        let mut names: Vec<(Vec<u8>, bool)> = self.names.iter().map(|n| (n.clone(), !lone.contains(&n[..]))).collect();
-        names.push((self.scope.clone(), true));
+        let mut names: Vec<(Vec<u8>, bool)> = self
+            .names
+            .iter()
+            .filter(|n| !self.kept_dirs.contains(*n) && (self.recursive || **n != self.scope))
+            .map(|n| (n.clone(), !lone.contains(&n[..])))
+            .collect();
+        if self.recursive {
+            names.push((self.scope.clone(), true));
+        }
         names
     }
 
@@ -274,8 +293,11 @@ impl FullSync {
                         Some(st) if is_kind(&st, libc::S_IFDIR) => {
                             let same_mtime = st.st_mtime == attrs.mtime.sec
                                 && st.st_mtime_nsec == i64::from(attrs.mtime.nsec);
-                            if !self.recursive && !same_mtime && path.0 != self.scope {
-                                self.differing_dirs.push(path.0.clone());
+                            if !self.recursive && path.0 != self.scope {
+                                self.kept_dirs.insert(path.0.clone());
+                                if !same_mtime {
+                                    self.differing_dirs.push(path.0.clone());
+                                }
                             }
                         }
                         Some(_) => {

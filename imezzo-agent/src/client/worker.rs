@@ -830,7 +830,9 @@ impl Worker {
             // What the listing placed or kept is the master's as of `as_of`: the entries
             // before it that are still to come (they were journalled before the listing
             // was walked) must not take it back to an older state (a chmod's or a
-            // truncate's value, a create of a name since removed).
+            // truncate's value, a create of a name since removed). Not named, in a compare
+            // of children only: the scope and the directories kept in it, whose contents
+            // were not all compared (see `FullSync::names_seen`).
             for (name, whole) in names.iter().filter(|(n, _)| !failed_set.contains(n)) {
                 self.replayer
                     .mark_as_of(&RelPath(name.clone()), whole.then_some(as_of))

@@ -769,7 +769,7 @@ impl Run<'_> {
             s += &tail(&c.agent.stderr(), STDERR_LINES_IN_REPORT);
         }
         // With IMEZZO_AGENT_LOGS=<dir>, both agents' whole stderr of this run is kept there
-        // (run the agents with RUST_LOG=debug for replay's per-entry lines).
+        // (with IMEZZO_AGENT_RUST_LOG=debug too, replay's per-entry lines).
         if let Some(dir) = std::env::var_os("IMEZZO_AGENT_LOGS") {
             let dir = std::path::PathBuf::from(dir);
             let _ = std::fs::create_dir_all(&dir);
