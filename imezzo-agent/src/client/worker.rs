@@ -534,8 +534,13 @@ impl Worker {
                 ));
             }
             // The names directly in a directory changed while the server was down: that
-            // directory, not the whole replica, is compared with the master's listing,
-            // before the entries after this one.
+            // directory's subtree, not the whole replica, is compared with the master's
+            // listing, before the entries after this one. The whole subtree: the listing's
+            // marks make every entry before it beneath the directory stale, which holds only
+            // for what the listing compared. (Compared children only, a directory at one of
+            // the names was taken for the master's whatever it held: an old one moved away
+            // and replaced under its name kept its contents, and an xattr set on a file two
+            // levels below was skipped as meant for another directory.)
             Ok(Applied::NeedsResync { path }) if rescan => {
                 let reason = match &entry.op {
                     Op::Relist { reason, .. } => reason.as_str(),
@@ -543,7 +548,7 @@ impl Worker {
                 };
                 crate::report!(Info, "client: directories compared with the master's (the server lost track of them)",
                     "seq {}: comparing {:?} with the master's ({reason})", entry.seq, path.display());
-                self.resync_dir(&path, false)?;
+                self.resync_dir(&path, true)?;
             }
             Ok(Applied::NeedsResync { path }) if moves => self.pending.mark_diverged(&path),
             Ok(Applied::Obsolete) | Err(ReplayError::Source { .. }) if moves => {

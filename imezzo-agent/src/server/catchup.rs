@@ -20,10 +20,10 @@
 //!   those files and nothing else;
 //! - each changed directory (names were added, removed or renamed, and the old names are
 //!   known nowhere but on the clients): a `relist` of it, which makes clients compare that
-//!   directory's children with the master's listing, removing what the master no longer
-//!   has and fetching whole any directory they lack (one moved in, or made, while down).
-//!   Relists come first, parents before children, so the objects recreated after them
-//!   have their directories.
+//!   directory's subtree with the master's listing, removing what the master no longer
+//!   has and fetching what differs. A changed directory beneath another is compared with
+//!   it, so it gets no relist of its own. Relists come first, parents before children, so
+//!   the objects recreated after them have their directories.
 //!
 //! The file is written without fsync: a kill -9 leaves it in the page cache, and a power
 //! cut that loses it leaves an older time, which only widens the catch-up. Its record names
@@ -164,7 +164,15 @@ pub fn ops(plan: Plan, changed: &[(RelPath, Kind)], export: &Export) -> (Vec<Op>
     // Parents first: a path sorts after every proper prefix of it ('/' sorts low).
     dirs.sort_by(|a, b| a.as_bytes().split(|&c| c == b'/').cmp(b.as_bytes().split(|&c| c == b'/')));
     let reason = "changed while the server was down";
-    let mut ops: Vec<Op> = dirs.iter().map(|p| Op::Relist { path: (*p).clone(), reason: reason.into() }).collect();
+    // Sorted parents first, so an ancestor, if relisted, is among those kept before it.
+    let mut relisted: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    let mut ops: Vec<Op> = Vec::new();
+    for d in &dirs {
+        if !ancestors(d).any(|a| relisted.contains(a)) {
+            relisted.insert(d.as_bytes());
+            ops.push(Op::Relist { path: (*d).clone(), reason: reason.into() });
+        }
+    }
     for (path, kind) in changed {
         if *kind == Kind::Dir {
             continue;
@@ -187,6 +195,13 @@ pub fn ops(plan: Plan, changed: &[(RelPath, Kind)], export: &Export) -> (Vec<Op>
         )
     });
     (ops, line)
+}
+
+/// The directories `path` lies beneath, nearest first, the root (`""`) last.
+fn ancestors(path: &RelPath) -> impl Iterator<Item = &[u8]> {
+    let p = path.as_bytes();
+    let cuts = p.iter().enumerate().rev().filter(|(_, &c)| c == b'/').map(|(i, _)| i);
+    cuts.chain((!p.is_empty()).then_some(0)).map(move |i| &p[..i])
 }
 
 /// Whether `<state_dir>/<journal file>` exists, asked before the journal is opened.
@@ -219,6 +234,15 @@ mod tests {
             bad[i] ^= 0x40;
             assert_eq!(decode(&bad, 1), None, "byte {i} flipped");
         }
+    }
+
+    #[test]
+    fn a_directory_beneath_a_relisted_one_is_compared_with_it() {
+        let p = |s: &str| RelPath(s.as_bytes().to_vec());
+        let up = |s: &str| ancestors(&p(s)).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>();
+        assert_eq!(up("a/b/c"), ["a/b", "a", ""]);
+        assert_eq!(up("a"), [""]);
+        assert!(up("").is_empty(), "the root lies beneath nothing");
     }
 
     #[test]
