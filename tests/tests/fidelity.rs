@@ -101,6 +101,22 @@ fn rename_whiteout_leaves_the_whiteout_device_on_the_replica() {
 }
 
 #[test]
+fn times_set_on_a_whiteout_reach_the_replica() {
+    // Soak seed 796554712054 on XFS: utimes on the whiteout a RENAME_WHITEOUT left was
+    // journalled with no times (capture knew the whiteout by a placeholder, not its inode),
+    // so the replica's whiteout kept the time replay made it at.
+    let mut r = Replication::started("whiteout-times");
+    r.export.put("c", b"moves away\n");
+    rename2(&r, "c", "f", libc::RENAME_WHITEOUT);
+    // Replayed first, the whiteout takes the master's times of that moment.
+    r.assert_identical(SETTLE, "the whiteout");
+    let times = [sys::timespec(416_468_213, 818_453_416), sys::timespec(1_056_658_189, 800_574_684)];
+    sys::utimensat(libc::AT_FDCWD, Some(&r.e("c")), Some(times), 0).unwrap();
+    r.assert_identical(SETTLE, "times set on a whiteout");
+    r.assert_no_panic();
+}
+
+#[test]
 fn a_rename_onto_its_own_name_or_another_link_of_it_leaves_no_whiteout() {
     // Differential seed 31 on btrfs (1 run in ~20): renameat2(b/c, b/c, RENAME_WHITEOUT)
     // succeeds and does nothing, as does a rename between two names of one inode. Capture

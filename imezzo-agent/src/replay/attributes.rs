@@ -19,6 +19,13 @@ impl Replayer {
         data: &mut dyn DataSource,
     ) -> Result<Applied, ReplayError> {
         const OP: &str = "setattr";
+        if (mode, uid, gid, atime, mtime) == (None, None, None, None, None) {
+            // Times changed, but capture could not read them: the object was not at its name
+            // any more when it looked (known by a placeholder, a whiteout). Applying nothing
+            // would leave the replica's times behind for good; the path is fetched again
+            // from the master once the stream is idle.
+            return Ok(Applied::Obsolete);
+        }
         let t = match self.target(path, seq)? {
             Lookup::Found(t) => t,
             Lookup::Missing => return self.missing(path, data),

@@ -146,7 +146,9 @@ pub enum Applied {
     /// The replica already reflected the operation; nothing was changed.
     AlreadyApplied,
     /// The object the operation concerns is gone at the master too, so a later operation
-    /// in the journal (an unlink, a rename) accounts for it; nothing was changed.
+    /// in the journal (an unlink, a rename) accounts for it; or the operation carries no
+    /// value to apply (a change of times capture could not read). Nothing was changed; the
+    /// caller fetches the path again from the master's current state.
     Obsolete,
     /// The replica differs from what the operation presumes (a type mismatch, a missing
     /// parent or file the master still has), or the operation was a rescan: the caller
