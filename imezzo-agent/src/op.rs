@@ -27,6 +27,14 @@ impl RelPath {
     }
 }
 
+/// The proper ancestors of `path`, nearest first, ending with the root `""` (none for the
+/// root itself).
+pub(crate) fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let slashes = path.iter().enumerate().rev().filter(|&(_, &b)| b == b'/').map(move |(i, _)| &path[..i]);
+    let root: Option<&[u8]> = (!path.is_empty()).then_some(&[][..]);
+    slashes.chain(root)
+}
+
 impl Serialize for RelPath {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.display())
@@ -183,6 +191,14 @@ impl std::fmt::Display for JournalEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ancestors_run_from_parent_to_root() {
+        let all = |p: &str| ancestors(p.as_bytes()).map(|a| String::from_utf8(a.to_vec()).unwrap()).collect::<Vec<_>>();
+        assert_eq!(all("a/b/c"), ["a/b", "a", ""]);
+        assert_eq!(all("a"), [""]);
+        assert!(all("").is_empty());
+    }
 
     #[test]
     fn rename_serializes_with_new_path_and_only_set_flags() {

@@ -17,7 +17,7 @@
 //! manifest did not name is removed, and directories get their attributes last and
 //! deepest first (creating or removing a child changes a directory's mtime).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Write};
@@ -80,12 +80,10 @@ pub(crate) struct FullSync {
     dirs: Vec<(RelPath, Attrs, bool)>,
     /// Directories this sync created: nothing of the replica was in them before.
     created_dirs: HashSet<Vec<u8>>,
-    /// Directories a sync of children only kept whose mtime is not the master's: see
-    /// [`FullSync::kept_dirs_that_differ`].
-    differing_dirs: Vec<Vec<u8>>,
-    /// Every directory a sync of children only kept: its own contents were not compared
-    /// (see [`FullSync::names_seen`]).
-    kept_dirs: HashSet<Vec<u8>>,
+    /// Every directory a sync of children only kept (its own contents were not compared,
+    /// see [`FullSync::names_seen`]), with whether its mtime is not the master's (see
+    /// [`FullSync::kept_dirs_that_differ`]).
+    kept_dirs: BTreeMap<Vec<u8>, bool>,
     /// The directory the last entry was placed in: the walk lists a directory's entries one
     /// after another, so resolving the parent again for each of them is wasted work.
     last_dir: Option<(Vec<u8>, Arc<OwnedFd>)>,
@@ -141,8 +139,7 @@ impl FullSync {
             names: HashSet::new(),
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
-            differing_dirs: Vec::new(),
-            kept_dirs: HashSet::new(),
+            kept_dirs: BTreeMap::new(),
             last_dir: None,
             groups: HashMap::new(),
             links: Vec::new(),
@@ -181,7 +178,7 @@ impl FullSync {
     /// be one the master has since moved away and replaced by another under the same name,
     /// and the entries that said so are superseded by the listing's marks.
     pub fn kept_dirs_that_differ(&self) -> Vec<Vec<u8>> {
-        self.differing_dirs.clone()
+        self.kept_dirs.iter().filter(|(_, differs)| **differs).map(|(d, _)| d.clone()).collect()
     }
 
     /// Every path the listing named (the scope included), each with whether it was seen
@@ -203,7 +200,7 @@ impl FullSync {
         let mut names: Vec<(Vec<u8>, bool)> = self
             .names
             .iter()
-            .filter(|n| !self.kept_dirs.contains(*n) && (self.recursive || **n != self.scope))
+            .filter(|n| !self.kept_dirs.contains_key(*n) && (self.recursive || **n != self.scope))
             .map(|n| (n.clone(), !lone.contains(&n[..])))
             .collect();
         if self.recursive {
@@ -291,13 +288,10 @@ impl FullSync {
                 FileKind::Directory => {
                     match existing {
                         Some(st) if is_kind(&st, libc::S_IFDIR) => {
-                            let same_mtime = st.st_mtime == attrs.mtime.sec
-                                && st.st_mtime_nsec == i64::from(attrs.mtime.nsec);
                             if !self.recursive && path.0 != self.scope {
-                                self.kept_dirs.insert(path.0.clone());
-                                if !same_mtime {
-                                    self.differing_dirs.push(path.0.clone());
-                                }
+                                let differs = st.st_mtime != attrs.mtime.sec
+                                    || st.st_mtime_nsec != i64::from(attrs.mtime.nsec);
+                                self.kept_dirs.insert(path.0.clone(), differs);
                             }
                         }
                         Some(_) => {

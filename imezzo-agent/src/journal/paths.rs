@@ -58,28 +58,11 @@ pub(crate) fn namespace_names(op: &Op) -> Option<(&RelPath, Option<&RelPath>)> {
     }
 }
 
-/// The proper ancestors of `path`, nearest first, ending with the root `""` (none for the
-/// root itself).
-pub(crate) fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let slashes = path.iter().enumerate().rev().filter(|&(_, &b)| b == b'/').map(move |(i, _)| &path[..i]);
-    let root: Option<&[u8]> = (!path.is_empty()).then_some(&[][..]);
-    slashes.chain(root)
-}
+pub(crate) use crate::op::ancestors;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn all(p: &str) -> Vec<String> {
-        ancestors(p.as_bytes()).map(|a| String::from_utf8(a.to_vec()).unwrap()).collect()
-    }
-
-    #[test]
-    fn ancestors_run_from_parent_to_root() {
-        assert_eq!(all("a/b/c"), ["a/b", "a", ""]);
-        assert_eq!(all("a"), [""]);
-        assert!(all("").is_empty());
-    }
 
     #[test]
     fn a_hard_link_renames_only_its_new_name() {

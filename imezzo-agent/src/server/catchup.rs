@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime};
 
 use super::export::Export;
 use crate::capture::inode_table::{ChangedSince, Kind};
-use crate::op::{Op, RelPath};
+use crate::op::{ancestors, Op, RelPath};
 
 /// The mark's file name inside the state dir.
 pub const FILE_NAME: &str = "captured-through";
@@ -168,7 +168,7 @@ pub fn ops(plan: Plan, changed: &[(RelPath, Kind)], export: &Export) -> (Vec<Op>
     let mut relisted: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
     let mut ops: Vec<Op> = Vec::new();
     for d in &dirs {
-        if !ancestors(d).any(|a| relisted.contains(a)) {
+        if !ancestors(d.as_bytes()).any(|a| relisted.contains(a)) {
             relisted.insert(d.as_bytes());
             ops.push(Op::Relist { path: (*d).clone(), reason: reason.into() });
         }
@@ -195,13 +195,6 @@ pub fn ops(plan: Plan, changed: &[(RelPath, Kind)], export: &Export) -> (Vec<Op>
         )
     });
     (ops, line)
-}
-
-/// The directories `path` lies beneath, nearest first, the root (`""`) last.
-fn ancestors(path: &RelPath) -> impl Iterator<Item = &[u8]> {
-    let p = path.as_bytes();
-    let cuts = p.iter().enumerate().rev().filter(|(_, &c)| c == b'/').map(|(i, _)| i);
-    cuts.chain((!p.is_empty()).then_some(0)).map(move |i| &p[..i])
 }
 
 /// Whether `<state_dir>/<journal file>` exists, asked before the journal is opened.
@@ -234,15 +227,6 @@ mod tests {
             bad[i] ^= 0x40;
             assert_eq!(decode(&bad, 1), None, "byte {i} flipped");
         }
-    }
-
-    #[test]
-    fn a_directory_beneath_a_relisted_one_is_compared_with_it() {
-        let p = |s: &str| RelPath(s.as_bytes().to_vec());
-        let up = |s: &str| ancestors(&p(s)).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>();
-        assert_eq!(up("a/b/c"), ["a/b", "a", ""]);
-        assert_eq!(up("a"), [""]);
-        assert!(up("").is_empty(), "the root lies beneath nothing");
     }
 
     #[test]
