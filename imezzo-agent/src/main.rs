@@ -31,6 +31,11 @@ enum Command {
         /// Size of the kernel ring buffer in bytes (a power of two, at least 4096).
         #[arg(long, default_value_t = 8 << 20)]
         ring_bytes: u32,
+        /// Attach only an empty program where the probes hook every syscall's exit, journal
+        /// nothing, and wait for Ctrl-C: the floor `cargo xtask bench capture` measures
+        /// capture's cost against.
+        #[arg(long, hide = true)]
+        empty_probe: bool,
     },
     Verify(cli::verify::VerifyArgs),
     Init(cli::identity::InitArgs),
@@ -75,7 +80,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root,
             json,
             ring_bytes,
+            empty_probe: false,
         } => cli::capture::run(root, json, ring_bytes).map(|()| ExitCode::SUCCESS),
+        Command::Capture {
+            empty_probe: true, ..
+        } => cli::capture::empty_probe().map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => Ok(cli::verify::run(args)),
         Command::Init(args) => cli::identity::init(args).map(|()| ExitCode::SUCCESS),
         Command::Id(args) => cli::identity::id(args).map(|()| ExitCode::SUCCESS),

@@ -239,6 +239,14 @@ pub fn imezzo_sys_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Does nothing: `imezzo capture --empty-probe` attaches only this, so that `cargo xtask bench
+/// capture` can measure what any program on every syscall's exit costs, the floor beneath
+/// `imezzo_sys_exit`'s own work.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn imezzo_empty(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 #[btf_tracepoint(function = "sys_exit")]
 pub fn imezzo_write(ctx: BtfTracePointContext) -> i32 {
     let _ = try_write(&ctx);

@@ -113,14 +113,7 @@ impl Probes {
             .override_global("FILTER", &filter, true)
             .map_max_entries("imezzo_events", cfg.ring_bytes)
             .load(PROBE_OBJECT)
-            .map_err(|e| {
-                let msg = chain(&e);
-                if is_permission(&msg) {
-                    ProbeError::Privilege(msg)
-                } else {
-                    ProbeError::Load(msg)
-                }
-            })?;
+            .map_err(|e| load_error("the probe object", &e))?;
 
         let pin_dir = Path::new(BPFFS_DIR).join(cfg.instance);
         prepare_pin_dir(&pin_dir).map_err(|e| ProbeError::Pin(pin_dir.clone(), e.to_string()))?;
@@ -183,6 +176,25 @@ impl Probes {
         let runs = PerCpuArray::try_from(ebpf.take_map("imezzo_runs").expect("write runs in object"))
             .map_err(|e| ProbeError::Load(chain(&e)))?;
         Ok(Probes { _ebpf: ebpf, events, drops, runs, pin_dir })
+    }
+
+    /// Only the empty program on the exit of every syscall, attached and nothing else: what
+    /// `imezzo_sys_exit` costs a writer beyond that is the capture's own work. Not pinned;
+    /// detached when the returned object is dropped.
+    pub fn load_empty() -> Result<Ebpf, ProbeError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(PROBE_OBJECT)
+            .map_err(|e| load_error("the probe object", &e))?;
+        let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Load(format!("kernel BTF: {}", chain(&e))))?;
+        let name = "imezzo_empty";
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
+            .try_into()
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        prog.load("sys_exit", &btf).map_err(|e| load_error(name, &e))?;
+        prog.attach().map_err(|e| ProbeError::Attach("imezzo_empty", chain(&e)))?;
+        Ok(ebpf)
     }
 
     /// Events the probes could not deliver since load, summed over CPUs.

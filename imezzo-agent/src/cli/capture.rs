@@ -6,12 +6,20 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use imezzo_agent::capture::{Capture, CaptureConfig};
+use imezzo_agent::capture::{probes::Probes, Capture, CaptureConfig};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
+}
+
+fn stop_on_signals() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
 }
 
 pub fn run(root: PathBuf, json: bool, ring_bytes: u32) -> anyhow::Result<()> {
@@ -20,11 +28,7 @@ pub fn run(root: PathBuf, json: bool, ring_bytes: u32) -> anyhow::Result<()> {
         ring_bytes,
         changed_since: None,
     })?;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    stop_on_signals();
     eprintln!(
         "imezzo: capture ready: journalling changes under {}",
         cap.root().display()
@@ -47,5 +51,18 @@ pub fn run(root: PathBuf, json: bool, ring_bytes: u32) -> anyhow::Result<()> {
         "imezzo: capture stopped: events={} drops={} rescans={} ops={} coarsened={}",
         s.events, s.drops, s.rescans, s.ops, s.coarsened
     );
+    Ok(())
+}
+
+/// `imezzo capture --empty-probe`: an empty program on every syscall's exit until Ctrl-C.
+pub fn empty_probe() -> anyhow::Result<()> {
+    let probe = Probes::load_empty()?;
+    stop_on_signals();
+    eprintln!("imezzo: capture ready: an empty probe on every syscall's exit, nothing journalled");
+    while !STOP.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(probe);
+    eprintln!("imezzo: capture stopped: events=0 drops=0");
     Ok(())
 }

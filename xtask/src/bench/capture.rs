@@ -164,7 +164,10 @@ fn render(workloads: &[Workload], samples: &[Sample]) -> String {
         "Each workload runs as its own process on a fresh tmpfs under /tmp, with no watcher, under \
          `imezzo capture --root DIR --json` (stdout counted, started once it logs `capture ready`), \
          `inotifywait -m -r DIR` (once it reports `Watches established`) and `fatrace -c` \
-         (fanotify mount mark, cwd in DIR, 0.5 s to start); watchers stop on SIGINT once their output \
+         (fanotify mount mark, cwd in DIR, 0.5 s to start), and under `imezzo capture --empty-probe`, \
+         which attaches only an empty program where imezzo's probes hook every syscall's exit and \
+         journals nothing: the floor any eBPF capture pays (the `sys_exit` tracepoint enabled, a \
+         program call per syscall). Watchers stop on SIGINT once their output \
          settles. Rate: the workload's own measure (fio's write IOPS; imezzo-workload's create, write, \
          rename and unlink operations a second), median over rounds. vs none: median over rounds of \
          the ratio to the no-watcher run of the same round. Events: imezzo's own count from its exit \
@@ -180,6 +183,16 @@ fn render(workloads: &[Workload], samples: &[Sample]) -> String {
         out,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
+    let ratio_in_round = |round: u32, workload: usize, watcher: Watcher| {
+        let rate = |watcher: Watcher| {
+            samples
+                .iter()
+                .find(|s| s.round == round && s.workload == workload && s.watcher == watcher)
+                .map(|s| s.measured.rate)
+        };
+        let baseline = rate(Watcher::None)?;
+        (baseline > 0.0).then(|| rate(watcher).map(|r| r / baseline))?
+    };
     for (index, workload) in workloads.iter().enumerate() {
         for watcher in Watcher::ALL {
             let runs: Vec<&Sample> = samples
@@ -193,13 +206,7 @@ fn render(workloads: &[Workload], samples: &[Sample]) -> String {
             let ratio = median(
                 &mut runs
                     .iter()
-                    .filter_map(|s| {
-                        let baseline = samples.iter().find(|b| {
-                            b.round == s.round && b.workload == index && b.watcher == Watcher::None
-                        })?;
-                        (baseline.measured.rate > 0.0)
-                            .then(|| s.measured.rate / baseline.measured.rate)
-                    })
+                    .filter_map(|s| ratio_in_round(s.round, index, watcher))
                     .collect::<Vec<_>>(),
             );
             let seen: Vec<(&Seen, Duration)> = runs
@@ -240,6 +247,32 @@ fn render(workloads: &[Workload], samples: &[Sample]) -> String {
                 notes.join("; ").replace('|', "/"),
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "\nimezzo above the floor: in each round, the empty probe's ratio to the no-watcher run \
+         minus imezzo's, in points; median and range over rounds.\n"
+    );
+    for (index, workload) in workloads.iter().enumerate() {
+        let mut points: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.workload == index && s.watcher == Watcher::None)
+            .filter_map(|s| {
+                let floor = ratio_in_round(s.round, index, Watcher::EmptyProbe)?;
+                let imezzo = ratio_in_round(s.round, index, Watcher::Imezzo)?;
+                Some(100.0 * (floor - imezzo))
+            })
+            .collect();
+        let low = points.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = points.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let _ = match median(&mut points) {
+            Some(mid) => writeln!(
+                out,
+                "- {}: {mid:.1} points ({low:.1} to {high:.1})",
+                workload.label()
+            ),
+            None => writeln!(out, "- {}: not measured", workload.label()),
+        };
     }
     out
 }

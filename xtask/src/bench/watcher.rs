@@ -22,14 +22,18 @@ use crate::exec;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Watcher {
     None,
+    /// `imezzo capture --empty-probe`: an empty program where imezzo's probes hook every
+    /// syscall's exit, the floor of any eBPF capture.
+    EmptyProbe,
     Imezzo,
     Inotify,
     Fanotify,
 }
 
 impl Watcher {
-    pub const ALL: [Watcher; 4] = [
+    pub const ALL: [Watcher; 5] = [
         Watcher::None,
+        Watcher::EmptyProbe,
         Watcher::Imezzo,
         Watcher::Inotify,
         Watcher::Fanotify,
@@ -38,6 +42,7 @@ impl Watcher {
     pub fn label(self) -> &'static str {
         match self {
             Watcher::None => "none",
+            Watcher::EmptyProbe => "empty probe on sys_exit (floor)",
             Watcher::Imezzo => "imezzo capture --json",
             Watcher::Inotify => "inotifywait -m -r",
             Watcher::Fanotify => "fatrace -c (fanotify)",
@@ -103,9 +108,12 @@ const STDERR_TAIL: usize = 40;
 pub fn start(watcher: Watcher, programs: &Programs, dir: &Path) -> Result<Option<Running>> {
     let (mut cmd, ready) = match watcher {
         Watcher::None => return Ok(None),
-        Watcher::Imezzo => {
+        Watcher::Imezzo | Watcher::EmptyProbe => {
             let mut cmd = Command::new(&programs.imezzo);
             cmd.arg("capture").arg("--root").arg(dir).arg("--json");
+            if watcher == Watcher::EmptyProbe {
+                cmd.arg("--empty-probe");
+            }
             // Loading and attaching the probes and walking the tree may take a few seconds.
             (
                 cmd,
@@ -339,6 +347,7 @@ impl Running {
                 }
             }
             Watcher::Inotify => seen.drops = Some(tally.overflows),
+            Watcher::EmptyProbe => seen.events = None,
             Watcher::Fanotify | Watcher::None => {}
         }
         Ok(seen)
