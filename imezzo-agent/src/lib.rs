@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod journal;
+pub mod memory;
 pub mod op;
 pub mod protocol;
 pub mod replay;

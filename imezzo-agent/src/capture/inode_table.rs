@@ -7,7 +7,7 @@
 //!
 //! Memory is the constraint: the server keeps one entry per inode of the export, and a
 //! million-file export must fit in the agent's memory target. So an inode costs one record
-//! of 48 bytes (its number, first link and kind; names up to 22 bytes inline) in a hash
+//! of 40 bytes (its number, first link and kind; names up to 21 bytes inline) in a hash
 //! table keyed by inode, plus one 8-byte slot in a second table that finds a child by
 //! (parent, name) by hashing the child's own record: no per-directory maps, no full paths,
 //! no allocation per name in the common case. Links beyond an inode's first (hard links)
@@ -49,29 +49,51 @@ impl Kind {
     }
 }
 
-/// A name as stored: short names inline, longer ones on the heap.
+/// A name as stored, with its inode's kind: short names inline, longer ones on the heap. The
+/// kind lives here rather than in [`Node`] because there it would cost a record 8 bytes of
+/// padding; here it fills a byte the variants leave free (24 bytes either way).
 #[derive(Clone)]
 enum Name {
-    Short { len: u8, bytes: [u8; 22] },
-    Long(Box<[u8]>),
+    Short { kind: Kind, len: u8, bytes: [u8; SHORT_NAME] },
+    Long { kind: Kind, bytes: Box<[u8]> },
 }
 
+/// Names up to this long are stored inline.
+const SHORT_NAME: usize = 21;
+
 impl Name {
-    fn new(name: &[u8]) -> Name {
-        if name.len() <= 22 {
-            let mut bytes = [0u8; 22];
+    fn new(name: &[u8], kind: Kind) -> Name {
+        if name.len() <= SHORT_NAME {
+            let mut bytes = [0u8; SHORT_NAME];
             bytes[..name.len()].copy_from_slice(name);
-            Name::Short { len: name.len() as u8, bytes }
+            Name::Short { kind, len: name.len() as u8, bytes }
         } else {
-            Name::Long(name.into())
+            Name::Long { kind, bytes: name.into() }
         }
     }
 
     fn as_bytes(&self) -> &[u8] {
         match self {
-            Name::Short { len, bytes } => &bytes[..*len as usize],
-            Name::Long(b) => b,
+            Name::Short { len, bytes, .. } => &bytes[..*len as usize],
+            Name::Long { bytes, .. } => bytes,
         }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Name::Short { kind, .. } | Name::Long { kind, .. } => *kind,
+        }
+    }
+
+    fn set_kind(&mut self, to: Kind) {
+        match self {
+            Name::Short { kind, .. } | Name::Long { kind, .. } => *kind = to,
+        }
+    }
+
+    /// The same kind under another name.
+    fn renamed(&self, name: &[u8]) -> Name {
+        Name::new(name, self.kind())
     }
 }
 
@@ -84,11 +106,13 @@ impl std::fmt::Debug for Name {
 #[derive(Debug)]
 struct Node {
     ino: u64,
-    /// The first link: parent inode (0 for the root) and name.
+    /// The first link: parent inode (0 for the root) and name; and the inode's kind.
     parent: u64,
     name: Name,
-    kind: Kind,
 }
+
+// A million-file export keeps a million of these.
+const _: () = assert!(std::mem::size_of::<Node>() == 40);
 
 /// A link: parent directory's inode and name.
 type Link = (u64, Box<[u8]>);
@@ -142,7 +166,7 @@ impl Slab {
         let slots = &self.slots;
         if let Ok(entry) = self.by_ino.find_entry(self.hasher.hash_one(ino), |&i| slots[i as usize].ino == ino) {
             let (slot, _) = entry.remove();
-            self.slots[slot as usize] = Node { ino: FREE, parent: FREE, name: Name::new(b""), kind: Kind::Other };
+            self.slots[slot as usize] = Node { ino: FREE, parent: FREE, name: Name::new(b"", Kind::Other) };
             self.free.push(slot);
         }
     }
@@ -309,7 +333,7 @@ impl InodeTable {
             hasher: hashbrown::DefaultHashBuilder::default(),
             foreign: 0,
         };
-        t.nodes.insert(Node { ino: root, parent: 0, name: Name::new(b""), kind: Kind::Dir });
+        t.nodes.insert(Node { ino: root, parent: 0, name: Name::new(b"", Kind::Dir) });
         t
     }
 
@@ -335,7 +359,7 @@ impl InodeTable {
     }
 
     pub fn kind(&self, ino: u64) -> Option<Kind> {
-        self.node(ino).map(|n| n.kind)
+        self.node(ino).map(|n| n.name.kind())
     }
 
     fn node(&self, ino: u64) -> Option<&Node> {
@@ -424,11 +448,11 @@ impl InodeTable {
         }
         match self.node_mut(ino) {
             Some(node) => {
-                node.kind = kind;
+                node.name.set_kind(kind);
                 self.add_link(ino, parent, name);
             }
             None => {
-                self.nodes.insert(Node { ino, parent, name: Name::new(name), kind });
+                self.nodes.insert(Node { ino, parent, name: Name::new(name, kind) });
                 self.index_first(ino, parent, name);
             }
         }
@@ -467,13 +491,13 @@ impl InodeTable {
             match next {
                 Some((p, n)) => {
                     node.parent = p;
-                    node.name = Name::new(&n);
+                    node.name = node.name.renamed(&n);
                     self.extra.remove(&(p, n.clone()));
                     self.index_first(ino, p, &n);
                 }
                 None => {
                     node.parent = 0;
-                    node.name = Name::new(b"");
+                    node.name = node.name.renamed(b"");
                 }
             }
             return true;
@@ -521,7 +545,7 @@ impl InodeTable {
                     // the subtree are gone.
                     if level.contains(&n.parent) && !gone.contains(&n.ino) && !self.extra_of.contains_key(&n.ino) {
                         gone.insert(n.ino);
-                        if n.kind == Kind::Dir {
+                        if n.name.kind() == Kind::Dir {
                             frontier.push(n.ino);
                         }
                     }
@@ -599,7 +623,7 @@ impl InodeTable {
         if self.linkless(ino) {
             let node = self.node_mut(ino).expect("linkless implies present");
             node.parent = parent;
-            node.name = Name::new(name);
+            node.name = node.name.renamed(name);
             self.index_first(ino, parent, name);
         } else {
             self.extra.insert((parent, name.into()), ino);

@@ -316,8 +316,10 @@ impl Capture {
             ring_bytes: cfg.ring_bytes,
             instance: &instance,
         })?;
+        crate::memory::release_freed();
         let (table, found) = InodeTable::build_noting(&root, cfg.changed_since)
             .map_err(|e| CaptureError::RootUnreadable(root.clone(), e))?;
+        crate::memory::release_freed();
         let changed = cfg.changed_since.map(|_| {
             found
                 .into_iter()

@@ -18,6 +18,8 @@
 //! deepest first (creating or removing a child changes a directory's mtime).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::path_set::PathSet;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Write};
@@ -75,7 +77,7 @@ pub(crate) struct FullSync {
     fetcher: Fetcher,
     manifest_seq: u64,
     /// Every path the manifest named (the root excluded): what survives the final sweep.
-    names: HashSet<Vec<u8>>,
+    names: PathSet,
     /// Directories in manifest order, for the attribute pass: (path, attrs, xattrs omitted).
     dirs: Vec<(RelPath, Attrs, bool)>,
     /// Directories this sync created: nothing of the replica was in them before.
@@ -136,7 +138,7 @@ impl FullSync {
             tree: Arc::new(Tree::open(root)?),
             fetcher,
             manifest_seq: 0,
-            names: HashSet::new(),
+            names: PathSet::default(),
             dirs: Vec::new(),
             created_dirs: HashSet::new(),
             kept_dirs: BTreeMap::new(),
@@ -200,8 +202,8 @@ impl FullSync {
         let mut names: Vec<(Vec<u8>, bool)> = self
             .names
             .iter()
-            .filter(|n| !self.kept_dirs.contains_key(*n) && (self.recursive || **n != self.scope))
-            .map(|n| (n.clone(), !lone.contains(&n[..])))
+            .filter(|n| !self.kept_dirs.contains_key(*n) && (self.recursive || *n != self.scope))
+            .map(|n| (n.to_vec(), !lone.contains(n)))
             .collect();
         if self.recursive {
             names.push((self.scope.clone(), true));
@@ -247,7 +249,7 @@ impl FullSync {
             self.failed(path.as_bytes());
             return Ok(());
         }
-        self.names.insert(path.0.clone());
+        self.names.insert(path.as_bytes());
         // Placing an object may remove a directory at its path, with what is beneath: a
         // cached directory there is gone.
         if self

@@ -34,6 +34,7 @@
 
 mod fetch;
 mod full_sync;
+mod path_set;
 mod pending;
 mod session;
 mod state;
@@ -91,11 +92,11 @@ const WORK_QUEUE: usize = 1024;
 /// Most manifest entries per work item: the worker takes them in one wake-up instead of one
 /// each (waking it per small file cost about a quarter of the client's CPU in a full sync).
 const MANIFEST_BATCH: usize = 256;
-/// A batch closes once it holds this much inline file content.
+/// A batch closes once its entries hold this much memory (inline file content mostly).
 const MANIFEST_BATCH_BYTES: usize = 1 << 20;
-/// Most inline file content queued for the worker: `WORK_QUEUE` batches of it would be a
-/// gigabyte. 4 MiB keeps the worker fed as well as 16 did (50k small files, same time) with
-/// a peak RSS 10 MiB lower.
+/// Most memory of manifest entries queued for the worker (entries and their inline
+/// content): `WORK_QUEUE` batches of content would be a gigabyte. 4 MiB keeps the worker fed
+/// as well as 16 did (50k small files, same time) with a peak RSS 10 MiB lower.
 const MANIFEST_QUEUE_BYTES: usize = 4 << 20;
 /// Most bytes taken from a stream per read.
 const READ_CHUNK: usize = 256 << 10;

@@ -218,13 +218,12 @@ impl SessionCtx<'_> {
                         }
                     }
                     ClientOutput::ApplyManifest(e) => {
-                        let inline = |e: &ManifestEntry| e.data.as_ref().map_or(0, Vec::len);
-                        let mut bytes = inline(&e);
+                        let mut bytes = queued_bytes(&e);
                         let mut entries = vec![e];
                         while entries.len() < MANIFEST_BATCH && bytes < MANIFEST_BATCH_BYTES {
                             match session.poll_output() {
                                 Some(ClientOutput::ApplyManifest(e)) => {
-                                    bytes += inline(&e);
+                                    bytes += queued_bytes(&e);
                                     entries.push(e);
                                 }
                                 other => {
@@ -456,7 +455,18 @@ pub(super) async fn send_work(
     Ok(())
 }
 
-/// Waits until the worker's queue has room for `bytes` more of inline file content. The
+/// What a manifest entry holds in memory while it waits in the worker's queue: not only its
+/// inline content. Counting that alone let a million empty files queue up by the quarter
+/// million (a thousand batches), some 50 MB, whenever the network outran the worker.
+fn queued_bytes(e: &ManifestEntry) -> usize {
+    let xattrs: usize = e.attrs.xattrs.iter().map(|(name, value)| name.len() + value.len() + 48).sum();
+    std::mem::size_of::<ManifestEntry>()
+        + e.path.as_bytes().len()
+        + e.data.as_ref().map_or(0, Vec::len)
+        + xattrs
+}
+
+/// Waits until the worker's queue has room for `bytes` more of manifest entries. The
 /// worker gives room back as it applies (or drops, when it stops) what is queued, so this
 /// always ends.
 pub(super) async fn reserve_queue(

@@ -446,6 +446,7 @@ impl Worker {
             )));
         };
         let (stats, failed) = full.finish(seq)?;
+        crate::memory::release_freed();
         // Made durable with the persist that acknowledges the manifest, before it: a client
         // killed afterwards still fetches them again after its restart.
         for path in failed {
