@@ -137,6 +137,34 @@ fn create_through_a_symlinked_directory_journals_the_real_path() {
 }
 
 #[test]
+fn create_through_a_symlinked_directory_by_a_process_gone_before_the_drain_journals_the_real_path() {
+    // The path needs the file system to resolve (a symlink on the way) relative to a
+    // directory fd, and the process has closed the fd (it exited) long before its batch is
+    // drained: the directory's path comes from the table, not from /proc, and no rescan of
+    // the whole tree follows (with batches of 5 ms, tar met this in a fresh clone's CI).
+    let fs = Fs::tmpfs("create-via-symlink-gone");
+    fs.dirs("d/real");
+    std::os::unix::fs::symlink("real", fs.p("d/ln")).unwrap();
+    let mut cap = Capture::start(&fs.root);
+    let dir = std::ffi::CString::new(fs.p("d").as_os_str().as_bytes()).unwrap();
+    let name = std::ffi::CString::new("ln/f").unwrap();
+    // SAFETY: the child calls only async-signal-safe functions (open, openat, _exit).
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        unsafe {
+            let d = libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            let f = libc::openat(d, name.as_ptr(), O_WRONLY | O_CREAT, 0o644);
+            libc::_exit(if d >= 0 && f >= 0 { 0 } else { 1 });
+        }
+    }
+    assert!(child > 0, "fork failed");
+    let mut status = 0;
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child could not create ln/f");
+    cap.expect(&[json!({"op": "create", "path": "d/real/f", "mode": perm(&fs.p("d/real/f"))})]);
+}
+
+#[test]
 fn non_utf8_name_is_journalled_with_replacement_character() {
     let fs = Fs::tmpfs("non-utf8");
     let mut cap = Capture::start(&fs.root);

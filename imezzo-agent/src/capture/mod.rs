@@ -235,12 +235,11 @@ fn stat_time(sec: i64, nsec: i64) -> Timestamp {
 const POLL_MS: i32 = 2;
 /// While changes keep coming, one drain (one journal commit, one batch to each client)
 /// at most this often: each batch costs both agents a commit's fsync and a round of thread
-/// wake-ups whatever it holds. 5 ms cut both agents' CPU under pgbench by a third, but a
-/// path relative to a directory fd is resolved through /proc when the batch is drained,
-/// and a process that closed the fd by then (tar) costs a full resync: with 5 ms a fresh
-/// clone's CI met one (`replicate::client_killed_mid_stream_...`). Kept at 2 ms until
-/// such paths are resolved in the probe.
-const BUSY_BATCH: Duration = Duration::from_millis(2);
+/// wake-ups whatever it holds. 5 ms cut both agents' CPU under pgbench by a third (2 ms
+/// before). It once cost a rescan of the whole tree in a fresh clone's CI: a path the
+/// table could not resolve alone, relative to a directory fd tar had closed before the
+/// drain; such a path now starts from the directory's path in the table (`locate_slow`).
+const BUSY_BATCH: Duration = Duration::from_millis(5);
 /// How long a drain waits after a wake-up for the writes that follow the waking event.
 const WAKE_SETTLE: Duration = Duration::from_micros(200);
 
@@ -866,7 +865,7 @@ impl Capture {
     fn locate_raw(&self, start: DevIno, bytes: &[u8], tgid: u32, dirfd: i64) -> Located {
         if bytes.first() == Some(&b'/') {
             return match self.locate_abs(bytes) {
-                Located::Inside(parts) if !self.parent_known(&parts) => self.locate_slow(bytes, tgid, dirfd),
+                Located::Inside(parts) if !self.parent_known(&parts) => self.locate_slow(bytes, tgid, dirfd, None),
                 other => other,
             };
         }
@@ -878,7 +877,7 @@ impl Capture {
         } else {
             self.table.path_of(start.ino).map(|p| p.0)
         };
-        let Some(mut joined) = base else {
+        let Some(mut joined) = base.clone() else {
             // A directory on our device that is not in the tree: from an ancestor of the
             // root a path descends into it; from anywhere else only `..` climbs into it
             // (or a symlink, the documented limit of capture). Asking /proc about every
@@ -889,7 +888,7 @@ impl Capture {
             if bytes.is_empty() || !(climbs || self.ancestors.contains(&start.ino)) {
                 return Located::Outside;
             }
-            return self.locate_slow(bytes, tgid, dirfd);
+            return self.locate_slow(bytes, tgid, dirfd, None);
         };
         if !bytes.is_empty() {
             if !joined.is_empty() {
@@ -906,10 +905,10 @@ impl Capture {
                 } else {
                     // A symlinked directory on the way, or one we do not know yet: ask
                     // the file system where the path really leads.
-                    self.locate_slow(bytes, tgid, dirfd)
+                    self.locate_slow(bytes, tgid, dirfd, base.as_deref())
                 }
             }
-            _ => self.locate_slow(bytes, tgid, dirfd),
+            _ => self.locate_slow(bytes, tgid, dirfd, base.as_deref()),
         }
     }
 
@@ -937,18 +936,32 @@ impl Capture {
     /// /proc (the process's cwd or dirfd) or the table, the parent canonicalized, so
     /// symlinked directories and `..` lead where the kernel went. Racy by nature: used only
     /// when the table alone cannot answer.
-    fn locate_slow(&self, bytes: &[u8], tgid: u32, dirfd: i64) -> Located {
+    ///
+    /// A process may have closed its directory fd before the batch is drained (tar does):
+    /// then the start directory's path in the table (`start_dir`, when the table knows it)
+    /// stands in for it. That is its path at the event (the table follows the events in
+    /// order), so when the directory has been moved since, nothing is found there and the
+    /// tree is rescanned, as it always was without the table's answer; but most often the
+    /// directory is still where it was, and a whole rescan is saved.
+    fn locate_slow(&self, bytes: &[u8], tgid: u32, dirfd: i64, start_dir: Option<&[u8]>) -> Located {
+        let mut from_table = false;
         let base: PathBuf = if bytes.first() == Some(&b'/') {
             PathBuf::from("/")
-        } else if dirfd == AT_FDCWD {
-            match fs::read_link(format!("/proc/{tgid}/cwd")) {
-                Ok(p) => p,
-                Err(_) => return Located::Unknown(format!("process {tgid} exited before its path could be resolved")),
-            }
         } else {
-            match fs::read_link(format!("/proc/{tgid}/fd/{dirfd}")) {
-                Ok(p) => p,
-                Err(_) => return Located::Unknown(format!("process {tgid} closed its directory fd before its path could be resolved")),
+            let (link, gone) = if dirfd == AT_FDCWD {
+                (format!("/proc/{tgid}/cwd"), "exited")
+            } else {
+                (format!("/proc/{tgid}/fd/{dirfd}"), "closed its directory fd")
+            };
+            match (fs::read_link(link), start_dir) {
+                (Ok(p), _) => p,
+                (Err(_), Some(dir)) => {
+                    from_table = true;
+                    self.root.join(OsStr::from_bytes(dir))
+                }
+                (Err(_), None) => {
+                    return Located::Unknown(format!("process {tgid} {gone} before its path could be resolved"))
+                }
             }
         };
         let full = base.join(OsStr::from_bytes(bytes));
@@ -958,6 +971,11 @@ impl Capture {
             _ => (full.clone(), None),
         };
         let Ok(real_parent) = fs::canonicalize(&parent) else {
+            if from_table {
+                return Located::Unknown(format!(
+                    "process {tgid} closed its directory fd, and the directory has moved, before its path could be resolved"
+                ));
+            }
             // The directory is gone already; its removal will be journalled on its own.
             return Located::Outside;
         };
