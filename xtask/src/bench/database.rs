@@ -25,12 +25,7 @@ use clap::{value_parser, Args};
 use super::{
     median,
     replicate::{
-        self,
-        agents::Verdict,
-        peers::LsyncdDelay,
-        process,
-        scratch::ScratchDir,
-        trees::Snapshot,
+        self, agents::Verdict, peers::LsyncdDelay, process, scratch::ScratchDir, trees::Snapshot,
         Cost, Follower, Programs, Tool,
     },
 };
@@ -107,6 +102,8 @@ struct Run {
 
 struct Sample {
     tps: f64,
+    /// Seconds `pg_ctl stop -m fast` took.
+    shutdown: f64,
     /// What the watcher did, when there was one.
     followed: Option<Followed>,
 }
@@ -121,6 +118,11 @@ struct Followed {
     replica: Cost,
     /// PostgreSQL started on a copy of the replica, when asked: what it found.
     replica_check: Option<Result<String, String>>,
+    /// Lines of the watcher's output that mention an error or a warning.
+    complaints: Vec<String>,
+    /// The files the poll after the shutdown found missing or behind on the replica, in
+    /// turn, each with the last time (seconds after the shutdown) it was.
+    waited: Vec<(String, f64)>,
 }
 
 pub fn run(imezzo: &Path, args: &DatabaseArgs) -> Result<String> {
@@ -138,9 +140,8 @@ pub fn run(imezzo: &Path, args: &DatabaseArgs) -> Result<String> {
                 watcher.label()
             );
             progress(&format!("{label}..."));
-            let result = replicate::attempt(&label, || {
-                run_once(&programs, &pg, args, watcher, check)
-            })?;
+            let result =
+                replicate::attempt(&label, || run_once(&programs, &pg, args, watcher, check))?;
             if let Ok(sample) = &result {
                 progress(&format!("{label}: {}", sample.summary()));
             }
@@ -161,7 +162,7 @@ fn progress(text: &str) {
 
 impl Sample {
     fn summary(&self) -> String {
-        let mut text = format!("{:.0} tps", self.tps);
+        let mut text = format!("{:.0} tps, shutdown {:.3} s", self.tps, self.shutdown);
         if let Some(followed) = &self.followed {
             match &followed.caught_up {
                 Ok((matched, confirmed, verdict)) => {
@@ -170,6 +171,9 @@ impl Sample {
                         ", identical {matched:.3} s after the shutdown (verify done after {confirmed:.3} s, {})",
                         verdict.cell()
                     );
+                    if !followed.waited.is_empty() {
+                        let _ = write!(text, ", waited on {}", waited_text(&followed.waited));
+                    }
                 }
                 Err(last) => {
                     let _ = write!(text, ", never identical: {last}");
@@ -205,11 +209,12 @@ fn run_once(
     };
     let mut cluster = Cluster::init(pg, &export.join("pgdata"))?;
     cluster.start()?;
-    let init = exec::output(
-        cluster
-            .client("pgbench")
-            .args(["-i", "-s", &args.scale.to_string(), "postgres"]),
-    )?;
+    let init = exec::output(cluster.client("pgbench").args([
+        "-i",
+        "-s",
+        &args.scale.to_string(),
+        "postgres",
+    ]))?;
     check_output("pgbench -i", &init)?;
     // Every run starts from the same clean state: no dirty buffers left by the initialisation.
     cluster.sql("CHECKPOINT")?;
@@ -241,18 +246,22 @@ fn run_once(
     if let Some(follower) = follower.as_mut() {
         follower.check_alive()?;
     }
+    let stopping = Instant::now();
     cluster.stop()?;
     let stopped = Instant::now();
+    let shutdown = stopped.duration_since(stopping).as_secs_f64();
 
     let (Some(mut follower), Some(replica), Some(before), Some(after)) =
         (follower, replica, cpu_before, cpu_after)
     else {
         return Ok(Sample {
             tps,
+            shutdown,
             followed: None,
         });
     };
     let snapshot = Snapshot::take(&export)?;
+    let mut waited: Vec<(String, f64)> = Vec::new();
     let caught_up = replicate::wait_identical(
         &programs.imezzo,
         &export,
@@ -260,8 +269,19 @@ fn run_once(
         &snapshot,
         Duration::from_secs(args.deadline),
         || follower.check_alive(),
+        |path| {
+            let at = stopped.elapsed().as_secs_f64();
+            match waited.last_mut() {
+                Some((last, until)) if Path::new(last.as_str()) == path => *until = at,
+                _ => waited.push((path.display().to_string(), at)),
+            }
+        },
     )?;
     let confirmed = stopped.elapsed();
+    let complaints = follower.complaints();
+    for line in &complaints {
+        progress(&format!("the watcher said: {line}"));
+    }
     let (mut source, mut replica_cost) = follower.stop(before)?;
     let window = |before: Option<f64>, after: Option<f64>| Some((after? - before?).max(0.0));
     source.cpu = window(before.0, after.0);
@@ -279,11 +299,14 @@ fn run_once(
     });
     Ok(Sample {
         tps,
+        shutdown,
         followed: Some(Followed {
             caught_up,
             source,
             replica: replica_cost,
             replica_check,
+            complaints,
+            waited,
         }),
     })
 }
@@ -631,7 +654,8 @@ fn render(args: &DatabaseArgs, pg: &Postgres, runs: &[Run]) -> String {
             .collect();
         let (identical, confirmed, verdicts, source, replica) = if followed.is_empty() {
             let none = "-".to_string();
-            (none.clone(), none.clone(), none.clone(), none.clone(), none)
+            let side = "- | -".to_string();
+            (none.clone(), none.clone(), none, side.clone(), side)
         } else {
             let matched: Vec<f64> = followed
                 .iter()
@@ -686,19 +710,26 @@ fn render(args: &DatabaseArgs, pg: &Postgres, runs: &[Run]) -> String {
     let _ = writeln!(out, "Every run, in the order they ran:\n");
     let _ = writeln!(
         out,
-        "| round | order | watcher | tps | vs unwatched | identical after shutdown | verify done after | identical | source CPU s | replica CPU s | notes |"
+        "| round | order | watcher | tps | vs unwatched | shutdown | identical after shutdown | verify done after | identical | source CPU s | replica CPU s | notes |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for (index, run) in runs.iter().enumerate() {
         let cells = match &run.result {
-            Err(err) => format!("- | - | - | - | - | - | - | failed: {}", err.replace('|', "/")),
+            Err(err) => format!(
+                "- | - | - | - | - | - | - | - | failed: {}",
+                err.replace('|', "/")
+            ),
             Ok(sample) => {
                 let vs = ratios[index].map_or_else(|| "-".into(), |r| format!("{r:.2}"));
+                let shutdown = seconds(sample.shutdown);
                 match &sample.followed {
-                    None => format!("{:.0} | {vs} | - | - | - | - | - | ", sample.tps),
+                    None => format!(
+                        "{:.0} | {vs} | {shutdown} | - | - | - | - | - | ",
+                        sample.tps
+                    ),
                     Some(f) => {
                         let (matched, done, verdict) = match &f.caught_up {
                             Ok((m, d, verdict)) => (seconds(*m), seconds(*d), verdict.cell()),
@@ -708,19 +739,28 @@ fn render(args: &DatabaseArgs, pg: &Postgres, runs: &[Run]) -> String {
                                 "no".into(),
                             ),
                         };
+                        let mut notes = Vec::new();
+                        if !f.waited.is_empty() {
+                            notes.push(format!("waited on {}", waited_text(&f.waited)));
+                        }
+                        if let Some(first) = f.complaints.first() {
+                            notes.push(format!(
+                                "{} error or warning lines in the watcher's output, the first: {first}",
+                                f.complaints.len()
+                            ));
+                        }
+                        if let Some(check) = &f.replica_check {
+                            notes.push(format!(
+                                "PostgreSQL on a copy of the replica: {}",
+                                check.as_ref().unwrap_or_else(|err| err)
+                            ));
+                        }
                         format!(
-                            "{:.0} | {vs} | {matched} | {done} | {verdict} | {} | {} | {}",
+                            "{:.0} | {vs} | {shutdown} | {matched} | {done} | {verdict} | {} | {} | {}",
                             sample.tps,
                             cpu_cell(f.source.cpu),
                             cpu_cell(f.replica.cpu),
-                            f.replica_check
-                                .as_ref()
-                                .map(|check| format!(
-                                    "PostgreSQL on a copy of the replica: {}",
-                                    check.as_ref().unwrap_or_else(|err| err)
-                                ))
-                                .unwrap_or_default()
-                                .replace('|', "/")
+                            notes.join("; ").replace('|', "/")
                         )
                     }
                 }
@@ -761,8 +801,10 @@ fn render_method(args: &DatabaseArgs, pg: &Postgres, out: &mut String) {
          (which reads both trees whole, about twice the data directory's size, so it is not the poll itself) must confirm \
          the trees identical, else the poll goes on (a verify at most once a second). The time runs from the return of \
          `pg_ctl stop` to that poll; \"verify done after\" runs to verify's exit, an upper bound. \"never\": not identical \
-         within {deadline} s. Identical: verify's verdict (exit 0: yes). CPU: user+system seconds of each side over the \
-         pgbench run only (`/proc/PID/stat` before and after it; lsyncd's and the daemon's forked rsyncs included once \
+         within {deadline} s. Identical: verify's verdict (exit 0: yes). Shutdown: how long `pg_ctl stop` took. \
+         Waited on (notes): the files the poll found behind on the replica, in turn, each with the last time after the \
+         shutdown it still was (the poll walks the files in one fixed order and stops at the first one behind). \
+         CPU: user+system seconds of each side over the pgbench run only (`/proc/PID/stat` before and after it; lsyncd's and the daemon's forked rsyncs included once \
          reaped); source side: imezzo's server or lsyncd, replica side: imezzo's client or the rsync daemon. Peak RSS: \
          over the watcher's life (VmHWM; for lsyncd and rsyncd also the sum of VmRSS over the process tree, sampled). \
          {rounds} rounds, each runs every watcher once in an order rotated from round to round; vs unwatched: the ratio \
@@ -885,7 +927,11 @@ fn spread(mut values: Vec<f64>, show: impl Fn(f64) -> String) -> String {
 /// "median, max" of times to identical; runs that never got there make the max "never".
 fn median_max(mut seconds_each: Vec<f64>, never: usize) -> String {
     let Some(mid) = median(&mut seconds_each) else {
-        return if never > 0 { "never".into() } else { "-".into() };
+        return if never > 0 {
+            "never".into()
+        } else {
+            "-".into()
+        };
     };
     let max = if never > 0 {
         format!("never ({never} of {})", never + seconds_each.len())
@@ -893,6 +939,21 @@ fn median_max(mut seconds_each: Vec<f64>, never: usize) -> String {
         seconds(seconds_each[seconds_each.len() - 1])
     };
     format!("{}, {max}", seconds(mid))
+}
+
+/// The last few files the poll waited on: "global/pg_control until 1.16 s, ...".
+fn waited_text(waited: &[(String, f64)]) -> String {
+    const SHOWN: usize = 4;
+    let skipped = waited.len().saturating_sub(SHOWN);
+    let shown: Vec<String> = waited[skipped..]
+        .iter()
+        .map(|(path, until)| format!("{path} until {}", seconds(*until)))
+        .collect();
+    if skipped > 0 {
+        format!("{skipped} files, then {}", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
 }
 
 fn seconds(value: f64) -> String {
@@ -908,11 +969,7 @@ fn side_cells(costs: impl Iterator<Item = Cost>) -> String {
     let costs: Vec<Cost> = costs.collect();
     let mut cpu: Vec<f64> = costs.iter().filter_map(|c| c.cpu).collect();
     let peak = costs.iter().filter_map(|c| c.peak_kib).max();
-    format!(
-        "{} | {}",
-        cpu_cell(median(&mut cpu)),
-        replicate::mib(peak)
-    )
+    format!("{} | {}", cpu_cell(median(&mut cpu)), replicate::mib(peak))
 }
 
 #[cfg(test)]
@@ -932,7 +989,10 @@ mod tests {
 
     #[test]
     fn spreads_and_never() {
-        assert_eq!(spread(vec![0.9, 0.8, 1.0], |v| format!("{v:.2}")), "0.90 (0.80–1.00)");
+        assert_eq!(
+            spread(vec![0.9, 0.8, 1.0], |v| format!("{v:.2}")),
+            "0.90 (0.80–1.00)"
+        );
         assert_eq!(spread(vec![], |v| format!("{v:.2}")), "-");
         assert_eq!(median_max(vec![0.5, 0.25], 0), "375.0 ms, 500.0 ms");
         assert_eq!(median_max(vec![0.5], 1), "500.0 ms, never (1 of 2)");

@@ -279,7 +279,10 @@ fn progress(text: &str) {
 
 /// Runs one row. Ctrl-C ends the bench; any other failure is the row's result, reported in
 /// the section, and the bench goes on with the next row.
-pub(super) fn attempt<T>(label: &str, row: impl FnOnce() -> Result<T>) -> Result<Result<T, String>> {
+pub(super) fn attempt<T>(
+    label: &str,
+    row: impl FnOnce() -> Result<T>,
+) -> Result<Result<T, String>> {
     match row() {
         Ok(value) => Ok(Ok(value)),
         Err(err) => {
@@ -396,6 +399,20 @@ impl Follower {
         let (source, replica) = self.sides_mut();
         source.check_alive()?;
         replica.check_alive()
+    }
+
+    /// What each side printed about errors or warnings so far, each line prefixed by the side.
+    pub(super) fn complaints(&mut self) -> Vec<String> {
+        let (source, replica) = self.sides_mut();
+        let prefix = |side: &str, lines: Vec<String>| {
+            lines
+                .into_iter()
+                .map(|line| format!("{side}: {line}"))
+                .collect::<Vec<_>>()
+        };
+        let mut lines = prefix("source", source.complaints());
+        lines.extend(prefix("replica", replica.complaints()));
+        lines
     }
 
     /// CPU seconds of (source side, replica side) so far.
@@ -665,6 +682,7 @@ fn live_row(
         &snapshot,
         timeout,
         || follower.check_alive(),
+        |_| {},
     )?;
     let (source, replica_cost) = follower.stop(start_cpu)?;
     let (seconds, tail, verdict, note) = match caught_up {
@@ -696,7 +714,8 @@ fn live_row(
 
 /// Polls the replica against the snapshot of the export; once every file's size and mtime
 /// match, confirms with `imezzo verify` that every file is identical. Ok(when the files
-/// matched, verify's verdict), or Err(what verify said last) after `timeout`.
+/// matched, verify's verdict), or Err(what verify said last) after `timeout`. `waiting` is
+/// told, at each poll that found the replica behind, the first file it lacks.
 pub(super) fn wait_identical(
     imezzo: &Path,
     export: &Path,
@@ -704,19 +723,30 @@ pub(super) fn wait_identical(
     snapshot: &Snapshot,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<()>,
+    mut waiting: impl FnMut(&Path),
 ) -> Result<Result<(Instant, Verdict), String>> {
     let start = Instant::now();
     let mut catchup = Catchup::new();
     let mut last = format!("{} files expected, none compared yet", snapshot.len());
     let mut next_verify = Instant::now();
     loop {
-        if catchup.advance(snapshot, replica) && Instant::now() >= next_verify {
+        let matched = catchup.advance(snapshot, replica);
+        if !matched {
+            if let Some(path) = catchup.waiting_on(snapshot) {
+                waiting(path);
+            }
+        }
+        if matched && Instant::now() >= next_verify {
             let matched = Instant::now();
             let verdict = agents::verify(imezzo, export, replica)?;
             if verdict.files_identical() {
                 return Ok(Ok((matched, verdict)));
             }
             last = verdict_note(&verdict);
+            println!(
+                "xtask: bench: {:.3} s: every file's size and mtime matched, but verify: {last}",
+                start.elapsed().as_secs_f64()
+            );
             catchup.restart();
             // Verify reads both trees whole: not more than once a second.
             next_verify = Instant::now() + Duration::from_secs(1);
