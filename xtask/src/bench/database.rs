@@ -957,7 +957,7 @@ fn waited_text(waited: &[(String, f64)]) -> String {
         .map(|(path, until)| format!("{path} until {}", seconds(*until)))
         .collect();
     if skipped > 0 {
-        format!("{skipped} files, then {}", shown.join(", "))
+        format!("{skipped} more, then {}", shown.join(", "))
     } else {
         shown.join(", ")
     }
