@@ -5,6 +5,7 @@
 //! and its heading in [`Bench::heading`].
 
 mod capture;
+mod database;
 mod replicate;
 mod watcher;
 mod workload;
@@ -26,6 +27,10 @@ pub enum Bench {
     /// writes into a big file against rsync's delta transfer, CPU and memory of each side, and the
     /// server's memory with a million files exported.
     Replicate(replicate::ReplicateArgs),
+    /// PostgreSQL under pgbench on a loop-mounted ext4, unwatched, replicated by imezzo and by
+    /// lsyncd (delay = 0), alternating in rounds: the throughput pgbench keeps, and how soon after
+    /// the database's shutdown the replica is identical (installs PostgreSQL if missing).
+    Database(database::DatabaseArgs),
 }
 
 impl Bench {
@@ -34,12 +39,16 @@ impl Bench {
         match self {
             Bench::Capture(_) => "Capture",
             Bench::Replicate(_) => "Replicate",
+            Bench::Database(_) => "Database",
         }
     }
 }
 
 pub fn run(bench: Bench) -> Result<()> {
     deps::ensure()?;
+    if let Bench::Database(_) = bench {
+        deps::database()?;
+    }
     exec::require_root("benchmarking (scratch tmpfs mounts, eBPF probes)")?;
     let workspace = Workspace::locate()?;
     let imezzo = build::agent(&workspace)?;
@@ -48,6 +57,7 @@ pub fn run(bench: Bench) -> Result<()> {
     let body = match bench {
         Bench::Capture(args) => capture::run(&workspace, &imezzo, &args)?,
         Bench::Replicate(args) => replicate::run(&imezzo, &args)?,
+        Bench::Database(args) => database::run(&imezzo, &args)?,
     };
     let busy_after = other_cpu_load();
     let section = format!(

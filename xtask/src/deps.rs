@@ -26,12 +26,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "btrfs-progs",
 ];
 
+/// What `cargo xtask bench database` adds: PostgreSQL's server, its client programs (psql,
+/// pgbench, pg_amcheck) and its contrib extensions (amcheck).
+const DATABASE_PACKAGES: &[&str] = &["postgresql", "postgresql-contrib"];
+
 /// bpf-linker 0.13 defaults to LLVM 23, which Debian lacks; rustc's own LLVM is 22.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn ensure() -> Result<()> {
     rust_src()?;
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     bpf_linker()?;
     tracefs()?;
     bpffs()?;
@@ -71,18 +75,20 @@ fn rust_src() -> Result<()> {
     .context("could not add rust-src to the nightly toolchain")
 }
 
-fn debian_packages() -> Result<()> {
+/// The packages of the database bench, installed only when it runs.
+pub fn database() -> Result<()> {
+    debian_packages(DATABASE_PACKAGES)
+}
+
+fn debian_packages(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for &package in DEBIAN_PACKAGES {
+    for &package in packages {
         if !dpkg_installed(package)? {
             missing.push(package);
         }
     }
     if missing.is_empty() {
-        println!(
-            "xtask: Debian packages present ({})",
-            DEBIAN_PACKAGES.join(" ")
-        );
+        println!("xtask: Debian packages present ({})", packages.join(" "));
         return Ok(());
     }
     println!("xtask: installing {} (apt)...", missing.join(" "));

@@ -13,14 +13,14 @@
 //!   ([`pages`]); imezzo until the replica holds them, against rsync's delta transfer of it.
 //! * A million files exported: the server's memory, and the client's initial sync.
 
-mod agents;
+pub(super) mod agents;
 mod lag;
 mod observe;
 mod pages;
-mod peers;
-mod process;
-mod scratch;
-mod trees;
+pub(super) mod peers;
+pub(super) mod process;
+pub(super) mod scratch;
+pub(super) mod trees;
 
 use std::{
     fmt::Write as _,
@@ -165,10 +165,26 @@ impl Settings {
     }
 }
 
-struct Programs {
-    imezzo: PathBuf,
+pub(super) struct Programs {
+    pub(super) imezzo: PathBuf,
     rsync: PathBuf,
     lsyncd: PathBuf,
+}
+
+impl Programs {
+    /// imezzo's agent and the peers, found on PATH.
+    pub(super) fn find(imezzo: &Path) -> Result<Programs> {
+        let find = |name: &str| {
+            exec::find_program(name).with_context(|| {
+                format!("{name} is not installed: run `cargo xtask deps` (as root)")
+            })
+        };
+        Ok(Programs {
+            imezzo: imezzo.to_path_buf(),
+            rsync: find("rsync")?,
+            lsyncd: find("lsyncd")?,
+        })
+    }
 }
 
 /// How long an initial sync may take before the row is given up.
@@ -177,15 +193,7 @@ const SYNC_WITHIN: Duration = Duration::from_secs(1800);
 pub fn run(imezzo: &Path, args: &ReplicateArgs) -> Result<String> {
     let settings = Settings::from(args);
     check_memory(&settings)?;
-    let find = |name: &str| {
-        exec::find_program(name)
-            .with_context(|| format!("{name} is not installed: run `cargo xtask deps` (as root)"))
-    };
-    let programs = Programs {
-        imezzo: imezzo.to_path_buf(),
-        rsync: find("rsync")?,
-        lsyncd: find("lsyncd")?,
-    };
+    let programs = Programs::find(imezzo)?;
     let pool = Pool::new();
     let mut report = Report::default();
 
@@ -271,12 +279,15 @@ fn progress(text: &str) {
 
 /// Runs one row. Ctrl-C ends the bench; any other failure is the row's result, reported in
 /// the section, and the bench goes on with the next row.
-fn attempt<T>(label: &str, row: impl FnOnce() -> Result<T>) -> Result<Result<T, String>> {
+pub(super) fn attempt<T>(
+    label: &str,
+    row: impl FnOnce() -> Result<T>,
+) -> Result<Result<T, String>> {
     match row() {
         Ok(value) => Ok(Ok(value)),
         Err(err) => {
             exec::bail_if_interrupted()?;
-            println!("xtask: bench replicate: {label} failed: {err:#}");
+            println!("xtask: bench: {label} failed: {err:#}");
             let first = format!("{err:#}");
             let first = first.lines().next().unwrap_or("").to_string();
             Ok(Err(first))
@@ -307,13 +318,13 @@ fn check_memory(settings: &Settings) -> Result<()> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tool {
+pub(super) enum Tool {
     Imezzo,
     Lsyncd(LsyncdDelay),
 }
 
 impl Tool {
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Tool::Imezzo => "imezzo server + client",
             Tool::Lsyncd(delay) => delay.label(),
@@ -323,7 +334,7 @@ impl Tool {
 
 /// A replicator following `export` into `replica`, with what each side cost from a start
 /// point.
-enum Follower {
+pub(super) enum Follower {
     Imezzo {
         server: agents::Server,
         client: Daemon,
@@ -338,7 +349,12 @@ enum Follower {
 
 impl Follower {
     /// Starts `tool` and returns once the replica is a copy of the export as it is now.
-    fn start(programs: &Programs, tool: Tool, export: &Path, replica: &Path) -> Result<Follower> {
+    pub(super) fn start(
+        programs: &Programs,
+        tool: Tool,
+        export: &Path,
+        replica: &Path,
+    ) -> Result<Follower> {
         match tool {
             Tool::Imezzo => {
                 let nodes = Nodes::init(&programs.imezzo)?;
@@ -379,21 +395,35 @@ impl Follower {
         }
     }
 
-    fn check_alive(&mut self) -> Result<()> {
+    pub(super) fn check_alive(&mut self) -> Result<()> {
         let (source, replica) = self.sides_mut();
         source.check_alive()?;
         replica.check_alive()
     }
 
+    /// What each side printed about errors or warnings so far, each line prefixed by the side.
+    pub(super) fn complaints(&mut self) -> Vec<String> {
+        let (source, replica) = self.sides_mut();
+        let prefix = |side: &str, lines: Vec<String>| {
+            lines
+                .into_iter()
+                .map(|line| format!("{side}: {line}"))
+                .collect::<Vec<_>>()
+        };
+        let mut lines = prefix("source", source.complaints());
+        lines.extend(prefix("replica", replica.complaints()));
+        lines
+    }
+
     /// CPU seconds of (source side, replica side) so far.
-    fn cpu(&mut self) -> (Option<f64>, Option<f64>) {
+    pub(super) fn cpu(&mut self) -> (Option<f64>, Option<f64>) {
         let (source, replica) = self.sides_mut();
         (source.cpu_seconds(), replica.cpu_seconds())
     }
 
     /// Stops both sides (the replica's first) and returns their cost since `from` (CPU
     /// seconds as [`Follower::cpu`] gave them) and their peak memory over their whole life.
-    fn stop(&mut self, from: (Option<f64>, Option<f64>)) -> Result<(Cost, Cost)> {
+    pub(super) fn stop(&mut self, from: (Option<f64>, Option<f64>)) -> Result<(Cost, Cost)> {
         let (source, replica) = self.sides_mut();
         let replica_usage = replica.stop()?;
         let source_usage = source.stop()?;
@@ -406,9 +436,9 @@ impl Follower {
 
 /// CPU seconds and peak memory of one side of a row.
 #[derive(Clone, Copy, Debug, Default)]
-struct Cost {
-    cpu: Option<f64>,
-    peak_kib: Option<u64>,
+pub(super) struct Cost {
+    pub(super) cpu: Option<f64>,
+    pub(super) peak_kib: Option<u64>,
 }
 
 impl Cost {
@@ -652,6 +682,7 @@ fn live_row(
         &snapshot,
         timeout,
         || follower.check_alive(),
+        |_| {},
     )?;
     let (source, replica_cost) = follower.stop(start_cpu)?;
     let (seconds, tail, verdict, note) = match caught_up {
@@ -683,27 +714,39 @@ fn live_row(
 
 /// Polls the replica against the snapshot of the export; once every file's size and mtime
 /// match, confirms with `imezzo verify` that every file is identical. Ok(when the files
-/// matched, verify's verdict), or Err(what verify said last) after `timeout`.
-fn wait_identical(
+/// matched, verify's verdict), or Err(what verify said last) after `timeout`. `waiting` is
+/// told, at each poll that found the replica behind, the first file it lacks.
+pub(super) fn wait_identical(
     imezzo: &Path,
     export: &Path,
     replica: &Path,
     snapshot: &Snapshot,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<()>,
+    mut waiting: impl FnMut(&Path),
 ) -> Result<Result<(Instant, Verdict), String>> {
     let start = Instant::now();
     let mut catchup = Catchup::new();
     let mut last = format!("{} files expected, none compared yet", snapshot.len());
     let mut next_verify = Instant::now();
     loop {
-        if catchup.advance(snapshot, replica) && Instant::now() >= next_verify {
+        let matched = catchup.advance(snapshot, replica);
+        if !matched {
+            if let Some(path) = catchup.waiting_on(snapshot) {
+                waiting(path);
+            }
+        }
+        if matched && Instant::now() >= next_verify {
             let matched = Instant::now();
             let verdict = agents::verify(imezzo, export, replica)?;
             if verdict.files_identical() {
                 return Ok(Ok((matched, verdict)));
             }
             last = verdict_note(&verdict);
+            println!(
+                "xtask: bench: {:.3} s: every file's size and mtime matched, but verify: {last}",
+                start.elapsed().as_secs_f64()
+            );
             catchup.restart();
             // Verify reads both trees whole: not more than once a second.
             next_verify = Instant::now() + Duration::from_secs(1);
@@ -1277,14 +1320,14 @@ struct Report {
 }
 
 /// What a row's notes say of a verdict: verify's first lines when files differ.
-fn verdict_note(verdict: &Verdict) -> String {
+pub(super) fn verdict_note(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Differs(head) => head.clone(),
         _ => String::new(),
     }
 }
 
-fn ms(duration: Option<Duration>) -> String {
+pub(super) fn ms(duration: Option<Duration>) -> String {
     match duration {
         None => "lost".into(),
         Some(d) if d < Duration::from_millis(10) => format!("{:.2} ms", d.as_secs_f64() * 1e3),
@@ -1293,14 +1336,14 @@ fn ms(duration: Option<Duration>) -> String {
     }
 }
 
-fn mib(kib: Option<u64>) -> String {
+pub(super) fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(
         || "-".into(),
         |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
     )
 }
 
-fn yes_no(met: bool) -> &'static str {
+pub(super) fn yes_no(met: bool) -> &'static str {
     if met {
         "yes"
     } else {
@@ -1852,7 +1895,7 @@ fn fmt_secs(duration: Duration) -> String {
     }
 }
 
-fn lsyncd_version() -> String {
+pub(super) fn lsyncd_version() -> String {
     let Some(lsyncd) = exec::find_program("lsyncd") else {
         return String::new();
     };

@@ -232,6 +232,18 @@ impl Daemon {
         })
     }
 
+    /// Its output lines that mention an error or a warning (case-insensitive).
+    pub fn complaints(&self) -> Vec<String> {
+        lock(&self.lines)
+            .iter()
+            .filter(|line| {
+                let text = line.text.to_ascii_lowercase();
+                text.contains("error") || text.contains("warn")
+            })
+            .map(|line| line.text.clone())
+            .collect()
+    }
+
     /// The last lines of output, for error messages.
     pub fn tail(&self) -> String {
         let lines = lock(&self.lines);

@@ -198,6 +198,11 @@ impl Catchup {
         true
     }
 
+    /// The file the last walk stopped at, not yet matched on the replica.
+    pub fn waiting_on<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Path> {
+        snapshot.files.get(self.next).map(|(rel, ..)| rel.as_path())
+    }
+
     /// Starts over, after a full comparison found a difference.
     pub fn restart(&mut self) {
         self.next = 0;
