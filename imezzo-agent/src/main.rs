@@ -46,6 +46,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    imezzo_agent::memory::bound_heap();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
             writeln!(

@@ -102,7 +102,12 @@ const MANIFEST_QUEUE_BYTES: usize = 4 << 20;
 const READ_CHUNK: usize = 256 << 10;
 /// Repairs wait for the stream to be idle this long: with the master ahead, names that
 /// later entries will still move must not be filled with the master's current content.
-const REPAIR_IDLE: Duration = Duration::from_millis(1500);
+/// Entries arrive within milliseconds of their change (lag p99 under 25 ms at 10 000
+/// changes a second), so half a second without one means the master has paused. It bounds
+/// how soon a file written under a temporary name and renamed (how PostgreSQL, editors and
+/// package managers save) is whole on the replica once writing stops: 1.5 s made a
+/// database's replica identical about 1.8 s after its shutdown.
+const REPAIR_IDLE: Duration = Duration::from_millis(500);
 /// "in sync" is printed at most this often.
 const IN_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Durable points (a sync of the replica, its marks and the applied seq, then the `Ack`)
