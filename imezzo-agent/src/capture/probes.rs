@@ -120,14 +120,10 @@ impl Probes {
 
         // Tail-call targets first, then the dispatch table, then the entry points: once
         // attached, every syscall's exit goes through them.
-        let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Load(format!("kernel BTF: {}", chain(&e))))?;
+        let btf = kernel_btf()?;
         let mut targets = Vec::new();
         for name in ["imezzo_write", "imezzo_path"] {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
-                .try_into()
-                .map_err(|e| ProbeError::Load(chain(&e)))?;
+            let prog = tracing_program(&mut ebpf, name)?;
             prog.load("sys_exit", &btf).map_err(|e| load_error(name, &e))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
             targets.push(prog.fd().map_err(|e| ProbeError::Load(chain(&e)))?.try_clone().map_err(|e| ProbeError::Load(e.to_string()))?);
@@ -154,11 +150,7 @@ impl Probes {
         }
         entry_points.push(("imezzo_sys_exit", "sys_exit"));
         for (name, tracepoint) in entry_points {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
-                .try_into()
-                .map_err(|e| ProbeError::Load(chain(&e)))?;
+            let prog = tracing_program(&mut ebpf, name)?;
             prog.load(tracepoint, &btf).map_err(|e| load_error(name, &e))?;
             prog.attach().map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
@@ -185,13 +177,9 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .load(PROBE_OBJECT)
             .map_err(|e| load_error("the probe object", &e))?;
-        let btf = Btf::from_sys_fs().map_err(|e| ProbeError::Load(format!("kernel BTF: {}", chain(&e))))?;
+        let btf = kernel_btf()?;
         let name = "imezzo_empty";
-        let prog: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
-            .try_into()
-            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        let prog = tracing_program(&mut ebpf, name)?;
         prog.load("sys_exit", &btf).map_err(|e| load_error(name, &e))?;
         prog.attach().map_err(|e| ProbeError::Attach("imezzo_empty", chain(&e)))?;
         Ok(ebpf)
@@ -235,6 +223,18 @@ impl Probes {
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+}
+
+fn kernel_btf() -> Result<Btf, ProbeError> {
+    Btf::from_sys_fs().map_err(|e| ProbeError::Load(format!("kernel BTF: {}", chain(&e))))
+}
+
+/// The BTF-typed tracepoint program `name` of the loaded object.
+fn tracing_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| ProbeError::Load(format!("{name} missing from the object")))?
+        .try_into()
+        .map_err(|e| ProbeError::Load(chain(&e)))
 }
 
 fn name_static(name: &str) -> &'static str {
