@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Most decoded messages of a data answer held ahead of its sink ([`Fetcher::data`]): each
+/// `Data` is one read of the server's (`DATA_CHUNK`, 1 MiB), so about 4 MiB.
+const DATA_AHEAD: usize = 4;
+
 /// Requests to the server over fetch streams, usable from blocking threads.
 #[derive(Clone)]
 pub(crate) struct Fetcher {
@@ -51,30 +55,49 @@ impl Fetcher {
         request: Msg,
         on_event: &mut (dyn FnMut(FetchEvent) -> Result<(), FetchFail> + Send),
     ) -> Result<(), FetchFail> {
-        let (mut send, mut recv) = self
+        let mut recv = self.request(&request).await?;
+        while let Some(events) = self.next_events(&mut ex, &mut recv).await? {
+            for e in events {
+                on_event(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a stream and sends `request` on it, finishing the send side; the answer comes
+    /// on the returned receive side.
+    async fn request(&self, request: &Msg) -> Result<quinn::RecvStream, FetchFail> {
+        let (mut send, recv) = self
             .conn
             .open_bi()
             .await
             .map_err(|e| self.lose(format!("connection lost ({e})")))?;
-        let frame = protocol::encode(&request)
+        let frame = protocol::encode(request)
             .map_err(|e| FetchFail::Local(io::Error::other(e.to_string())))?;
         send.write_all(&frame)
             .await
             .map_err(|e| self.lose(format!("connection lost ({e})")))?;
         let _ = send.finish();
-        loop {
-            match recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    let events = ex
-                        .handle_stream_data(&chunk.bytes)
-                        .map_err(|r| self.violation(r))?;
-                    for e in events {
-                        on_event(e)?;
-                    }
-                }
-                Ok(None) => return ex.handle_stream_finished().map_err(|r| self.violation(r)),
-                Err(e) => return Err(self.lose(format!("a fetch stream failed ({e})"))),
-            }
+        Ok(recv)
+    }
+
+    /// The checked events of the answer's next piece on `recv` (possibly none); `None` once
+    /// the server finished the stream with the answer complete.
+    async fn next_events(
+        &self,
+        ex: &mut FetchExchange,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Option<Vec<FetchEvent>>, FetchFail> {
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => ex
+                .handle_stream_data(&chunk.bytes)
+                .map(Some)
+                .map_err(|r| self.violation(r)),
+            Ok(None) => ex
+                .handle_stream_finished()
+                .map(|()| None)
+                .map_err(|r| self.violation(r)),
+            Err(e) => Err(self.lose(format!("a fetch stream failed ({e})"))),
         }
     }
 
@@ -95,24 +118,57 @@ impl Fetcher {
         offset: u64,
         len: u64,
         ino: Option<u64>,
-        sink: &mut (dyn FnMut(u64, Vec<u8>) -> io::Result<()> + Send),
+        sink: &mut (dyn FnMut(u64, &[u8]) -> io::Result<()> + Send),
     ) -> Result<DataEnd, FetchFail> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (ex, request) = FetchExchange::data(id, path, offset, len, ino);
+        let (mut ex, request) = FetchExchange::data(id, path, offset, len, ino);
+        let mut recv = self.request(&request).await?;
+        // The answer is read and decoded by a task on the runtime while the caller's thread
+        // writes what came before (the sink's writes into the replica are the slow part):
+        // read inline, a sink that lagged left the stream's bytes to pile up in quinn, which
+        // past 2048 pieces copies all it holds into one fresh buffer, again and again (up to
+        // a fifth of the client's CPU in a 2 GiB initial sync, mostly page faults). The
+        // channel bounds what the task holds ahead of the sink to `DATA_AHEAD` messages;
+        // past that it stops reading and the stream's flow control holds the server back.
+        let (tx, mut rx) = mpsc::channel(DATA_AHEAD);
+        let this = self.clone();
+        self.rt.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = this.next_events(&mut ex, &mut recv) => next,
+                    // The caller gave up (its sink failed, or it was dropped): dropping the
+                    // stream stops it, even while the server sends nothing.
+                    () = tx.closed() => return,
+                };
+                let events = match next {
+                    Ok(Some(events)) => events,
+                    Ok(None) => return,
+                    Err(fail) => {
+                        let _ = tx.send(Err(fail)).await;
+                        return;
+                    }
+                };
+                for e in events {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
         let mut end = None;
-        self.exchange(ex, request, &mut |event| {
-            match event {
+        while let Some(event) = rx.recv().await {
+            match event? {
                 FetchEvent::Data { offset, bytes } => {
-                    sink(offset, bytes).map_err(FetchFail::Local)?
+                    sink(offset, &bytes).map_err(FetchFail::Local)?
                 }
                 FetchEvent::End { file_size } => end = Some(DataEnd::Done { file_size }),
                 FetchEvent::Gone => end = Some(DataEnd::Gone),
                 FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
                 FetchEvent::Attrs(..) | FetchEvent::Listing(_) | FetchEvent::ListingEnd { .. } => {}
             }
-            Ok(())
-        })
-        .await?;
+        }
+        // The channel closes when the task ends: after the stream finished with the answer
+        // complete, or after it sent the failure (or panicked: then `end` is missing).
         end.ok_or_else(|| FetchFail::Unreadable("the answer ended without DataEnd".into()))
     }
 
@@ -176,32 +232,23 @@ impl Fetcher {
     async fn stream_listing(&self, path: RelPath, recursive: bool, tx: &mpsc::Sender<Listed>) -> Result<(), FetchFail> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (mut ex, request) = FetchExchange::listing(id, path, recursive);
-        let (mut send, mut recv) =
-            self.conn.open_bi().await.map_err(|e| self.lose(format!("connection lost ({e})")))?;
-        let frame = protocol::encode(&request).map_err(|e| FetchFail::Local(io::Error::other(e.to_string())))?;
-        send.write_all(&frame).await.map_err(|e| self.lose(format!("connection lost ({e})")))?;
-        let _ = send.finish();
-        loop {
-            match recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    for event in ex.handle_stream_data(&chunk.bytes).map_err(|r| self.violation(r))? {
-                        let item = match event {
-                            FetchEvent::Listing(entries) => Listed::Entries(entries),
-                            FetchEvent::ListingEnd { seq } => Listed::End { seq },
-                            FetchEvent::Gone => Listed::Gone,
-                            FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
-                            _ => continue,
-                        };
-                        if tx.send(item).await.is_err() {
-                            // The worker gave up on it: so does the stream.
-                            return Ok(());
-                        }
-                    }
+        let mut recv = self.request(&request).await?;
+        while let Some(events) = self.next_events(&mut ex, &mut recv).await? {
+            for event in events {
+                let item = match event {
+                    FetchEvent::Listing(entries) => Listed::Entries(entries),
+                    FetchEvent::ListingEnd { seq } => Listed::End { seq },
+                    FetchEvent::Gone => Listed::Gone,
+                    FetchEvent::Unreadable { reason } => return Err(FetchFail::Unreadable(reason)),
+                    _ => continue,
+                };
+                if tx.send(item).await.is_err() {
+                    // The worker gave up on it: so does the stream.
+                    return Ok(());
                 }
-                Ok(None) => return ex.handle_stream_finished().map_err(|r| self.violation(r)),
-                Err(e) => return Err(self.lose(format!("a fetch stream failed ({e})"))),
             }
         }
+        Ok(())
     }
 }
 
@@ -272,7 +319,7 @@ impl DataSource for NetSource<'_> {
                 let rel = usize::try_from(at - offset)
                     .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
                 buf.resize(rel, 0);
-                buf.extend_from_slice(&bytes);
+                buf.extend_from_slice(bytes);
                 Ok(())
             },
         ));

@@ -430,7 +430,7 @@ impl FullSync {
                             0,
                             u64::MAX,
                             None,
-                            &mut |at, chunk| file.write_all_at(&chunk, at),
+                            &mut |at, chunk| file.write_all_at(chunk, at),
                         ));
                         match end {
                             Ok(DataEnd::Done { file_size }) => file_size,
@@ -735,7 +735,7 @@ fn fetch_file(
         u64::MAX,
         None,
         &mut |at, chunk| {
-            file.write_all_at(&chunk, at)?;
+            file.write_all_at(chunk, at)?;
             bytes += chunk.len() as u64;
             Ok(())
         },

@@ -363,7 +363,7 @@ impl Worker {
                         .data(path.clone(), offset, len, Some(ino), &mut |at, bytes| {
                             // Holes between chunks read as zeros.
                             buf.resize((at - offset) as usize, 0);
-                            buf.extend_from_slice(&bytes);
+                            buf.extend_from_slice(bytes);
                             Ok(())
                         })
                         .await

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::messages::{
-    entry_paths, inline_data_problem, AttachedData, INLINE_DATA_MAX, wire_path_problem, FrameDecoder, FrameError, FullSyncReason,
+    entry_paths, inline_data_problem, AttachedData, DataBytes, Frame, INLINE_DATA_MAX, wire_path_problem, FrameDecoder, FrameError, FullSyncReason,
     Links, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, MAX_CONTROL_BODY, MAX_DATA_BODY,
     MAX_LINK_NAMES,
 };
@@ -524,7 +524,7 @@ impl ClientSession {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchEvent {
     /// Bytes of the file at `offset` (increasing offsets; uncovered ranges are holes).
-    Data { offset: u64, bytes: Vec<u8> },
+    Data { offset: u64, bytes: DataBytes },
     /// The answer is complete; the file had this size when read.
     End { file_size: u64 },
     /// One entry per requested path, in order, and (when asked) each one's links, checked:
@@ -645,8 +645,8 @@ impl FetchExchange {
         self.decoder.push(bytes);
         let mut events = Vec::new();
         loop {
-            let msg = match self.decoder.next_msg() {
-                Ok(Some(msg)) => msg,
+            let frame = match self.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(events),
                 Err(FrameError::Version { theirs, ours }) => {
                     return Err(CloseReason::VersionMismatch {
@@ -658,9 +658,16 @@ impl FetchExchange {
                 Err(e) => return Err(self.violation(format!("sent {e}"))),
             };
             if self.done {
-                return Err(self.violation(format!("{} after the answer was complete", msg.name())));
+                let name = match &frame {
+                    Frame::Data { .. } => "Data",
+                    Frame::Other(msg) => msg.name(),
+                };
+                return Err(self.violation(format!("{name} after the answer was complete")));
             }
-            events.push(self.check(msg)?);
+            events.push(match frame {
+                Frame::Data { req_id, offset, bytes } => self.check_data(req_id, offset, bytes)?,
+                Frame::Other(msg) => self.check(msg)?,
+            });
         }
     }
 
@@ -675,10 +682,39 @@ impl FetchExchange {
         Ok(())
     }
 
+    /// A `Data` message: for this request, inside the unanswered part of the range asked.
+    fn check_data(&mut self, id: u64, offset: u64, bytes: DataBytes) -> Result<FetchEvent, CloseReason> {
+        self.check_id("Data", id)?;
+        let Expect::Data { end, next, .. } = &mut self.expect else {
+            return Err(self.violation("Data does not answer this request".into()));
+        };
+        let chunk_end = offset.checked_add(bytes.len() as u64);
+        if offset < *next || bytes.is_empty() || chunk_end.is_none_or(|e| e > *end) {
+            let (next, end) = (*next, *end);
+            return Err(self.violation(format!(
+                "Data of {} bytes at {offset}, outside the unanswered part [{next}, {end}) of the request",
+                bytes.len()
+            )));
+        }
+        *next = chunk_end.unwrap_or(*end);
+        Ok(FetchEvent::Data { offset, bytes })
+    }
+
+    fn check_id(&self, name: &str, id: u64) -> Result<(), CloseReason> {
+        if id != self.req_id {
+            return Err(self.violation(format!(
+                "{name} for request {id} on the stream of request {}",
+                self.req_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Any message but `Data` ([`check_data`](Self::check_data): the decoder hands it over
+    /// apart).
     fn check(&mut self, msg: Msg) -> Result<FetchEvent, CloseReason> {
         let id = match &msg {
-            Msg::Data { req_id, .. }
-            | Msg::DataEnd { req_id, .. }
+            Msg::DataEnd { req_id, .. }
             | Msg::Attrs { req_id, .. }
             | Msg::Gone { req_id }
             | Msg::Listing { req_id, .. }
@@ -696,26 +732,8 @@ impl FetchExchange {
                 return Err(self.violation(detail));
             }
         };
-        if id != self.req_id {
-            return Err(self.violation(format!(
-                "{} for request {id} on the stream of request {}",
-                msg.name(),
-                self.req_id
-            )));
-        }
+        self.check_id(msg.name(), id)?;
         match (&mut self.expect, msg) {
-            (Expect::Data { end, next, .. }, Msg::Data { offset, bytes, .. }) => {
-                let chunk_end = offset.checked_add(bytes.len() as u64);
-                if offset < *next || bytes.is_empty() || chunk_end.is_none_or(|e| e > *end) {
-                    let (next, end) = (*next, *end);
-                    return Err(self.violation(format!(
-                        "Data of {} bytes at {offset}, outside the unanswered part [{next}, {end}) of the request",
-                        bytes.len()
-                    )));
-                }
-                *next = chunk_end.unwrap_or(*end);
-                Ok(FetchEvent::Data { offset, bytes })
-            }
             (Expect::Data { start, next, .. }, Msg::DataEnd { file_size, .. }) => {
                 // Bytes cannot have come from past the file's end as it was read.
                 let next = *next;

@@ -25,7 +25,7 @@ pub use client::{
 };
 pub use messages::{
     decode_body, encode, encode_bytes, volume_id, wire_path_problem, xattrs_size_estimate, AttachedData,
-    EncodeError, FrameDecoder,
+    DataBytes, EncodeError, Frame, FrameDecoder,
     FrameError, FullSyncReason, Links, ManifestEntry, Msg, Side, Start, StreamKind, VolumeId, DATA_CHUNK,
     HEADER_LEN, INLINE_DATA_MAX, MAX_ATTRS_PATHS, MAX_CONTROL_BODY, MAX_LINK_NAMES, MAX_DATA_BODY, MAX_PATH_LEN,
     PROTOCOL_VERSION, BODY_AHEAD,
