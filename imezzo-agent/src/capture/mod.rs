@@ -890,7 +890,7 @@ impl Capture {
         } else {
             self.table.path_of(start.ino).map(|p| p.0)
         };
-        let Some(mut joined) = base.clone() else {
+        let Some(mut joined) = base else {
             // A directory on our device that is not in the tree: from an ancestor of the
             // root a path descends into it; from anywhere else only `..` climbs into it
             // (or a symlink, the documented limit of capture). Asking /proc about every
@@ -903,6 +903,8 @@ impl Capture {
             }
             return self.locate_slow(bytes, tgid, dirfd, None);
         };
+        // `joined[..start_len]` is the start directory's path, for the slow path.
+        let start_len = joined.len();
         if !bytes.is_empty() {
             if !joined.is_empty() {
                 joined.push(b'/');
@@ -918,10 +920,10 @@ impl Capture {
                 } else {
                     // A symlinked directory on the way, or one we do not know yet: ask
                     // the file system where the path really leads.
-                    self.locate_slow(bytes, tgid, dirfd, base.as_deref())
+                    self.locate_slow(bytes, tgid, dirfd, Some(&joined[..start_len]))
                 }
             }
-            _ => self.locate_slow(bytes, tgid, dirfd, base.as_deref()),
+            _ => self.locate_slow(bytes, tgid, dirfd, Some(&joined[..start_len])),
         }
     }
 
