@@ -18,6 +18,7 @@ use imezzo_agent::{
     client::{self, ClientError, ClientEvent, StateFile},
     config::{ClientOptions, Mode, ServerOptions},
     identity::{Identity, NodeId},
+    op::Op,
     protocol::ClientState,
     server::Server,
     transport::TransportError,
@@ -175,6 +176,20 @@ impl Pair {
         }
     }
 
+    /// The highest seq applied: `last`'s, or that of an `Applied` event still queued after
+    /// it (read once the client has stopped, so the queue is whole).
+    fn seen_applied_through(&mut self, last: ClientEvent) -> u64 {
+        let ClientEvent::Applied { seq, .. } = last else { panic!("not an Applied event: {last:?}") };
+        let mut through = seq;
+        while let Ok(e) = self.events.try_recv() {
+            self.seen.push(format!("{e:?}"));
+            if let ClientEvent::Applied { seq, .. } = e {
+                through = through.max(seq);
+            }
+        }
+        through
+    }
+
     fn wait_identical(&self, what: &str) {
         let deadline = Instant::now() + TIMEOUT;
         let opts = VerifyOptions::default();
@@ -279,6 +294,30 @@ fn a_restarted_client_resumes_from_its_last_applied_seq_without_a_full_sync() {
         other => panic!("a restarted client resyncs in full instead of resuming: {other:?}"),
     }
     p.wait_identical("after the restart");
+}
+
+#[test]
+fn a_clean_stop_right_after_an_apply_keeps_every_applied_seq_durable() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut p = Pair::new("clean-stop", |_| {});
+    p.start_client();
+    p.wait_event("initial sync", |e| matches!(e, ClientEvent::InitialSyncDone { .. }));
+    // Two batches a few ms apart: the first is made durable at once, the second's durable
+    // point is put off (a client syncs at most once per 25 ms), and the stop comes inside
+    // that wait, right after the second batch is applied.
+    sh(&format!("cd {} && echo one > first && sleep 0.008 && echo two > last", p.export.0.display()));
+    let last = p.wait_event("the last file applied", |e| {
+        matches!(e, ClientEvent::Applied { op: op @ Op::Write { .. }, .. } if op.path().as_bytes() == b"last")
+    });
+    p.stop_client();
+    let applied = p.seen_applied_through(last);
+    let state = StateFile::new(&p.client_state).load().unwrap();
+    assert_eq!(
+        state.last_applied,
+        Some(applied),
+        "a clean stop leaves every applied entry durable\nevents: {:#?}",
+        p.seen
+    );
 }
 
 #[test]

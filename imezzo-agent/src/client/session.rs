@@ -309,7 +309,16 @@ impl SessionCtx<'_> {
                 deferred_persist.map(|_| tokio::time::Instant::from_std(last_persist + PERSIST_EVERY));
             tokio::select! {
                 biased;
-                () = shutdown.as_mut() => return Outcome::Shutdown,
+                () = shutdown.as_mut() => {
+                    // A clean stop keeps the durable point it had put off: queued behind the
+                    // entries it covers, the worker syncs it before it stops. A worker whose
+                    // queue is full is busy for a while; the older point stands then (replay
+                    // from it is idempotent).
+                    if let (Some((volume_id, seq)), Some(w)) = (deferred_persist.take(), worker.as_ref()) {
+                        let _ = w.tx.try_send(Work::Persist { volume_id, seq });
+                    }
+                    return Outcome::Shutdown;
+                }
                 report = reports.recv() => match report {
                     Some(Report::Persisted { seq, full_sync: stats, pending }) => {
                         (pending_paths, last_activity, repair_asked) = (pending, Instant::now(), false);
