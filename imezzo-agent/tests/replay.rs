@@ -610,6 +610,31 @@ fn unlink_and_rmdir_remove_and_are_already_applied_when_absent() {
 }
 
 #[test]
+fn unlink_and_rmdir_remove_a_stale_object_of_the_other_kind_so_a_later_mkdir_is_the_masters() {
+    let mut p = Pair::new();
+    // The replica holds a stale directory (with a child) where the master unlinked a file,
+    // and a stale file where the master removed a directory.
+    new_dir(&p.r("c"), 0o7110);
+    fs::write(p.r("c/child"), b"stale").unwrap();
+    assert_eq!(
+        p.replay_twice(Op::Unlink { path: "c".into() }),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
+    fs::write(p.r("f"), b"stale").unwrap();
+    assert_eq!(
+        p.replay_twice(Op::Rmdir { path: "f".into() }),
+        (Applied::Changed, Applied::AlreadyApplied)
+    );
+    assert!(!p.r("c").exists() && !p.r("f").exists());
+    // The master's new directory of that name: the replica's is made anew, the master's.
+    new_dir(&p.m("c"), 0o715);
+    p.replay_twice(mkdir("c", 0o715));
+    let r = fs::metadata(p.r("c")).unwrap();
+    assert_eq!(r.mode() & 0o7777, 0o715);
+    assert_eq!(fs::read_dir(p.r("c")).unwrap().count(), 0, "no stale child");
+}
+
+#[test]
 fn rename_replaces_an_existing_file_and_is_done_when_the_source_is_gone() {
     let mut p = Pair::new();
     for (n, body) in [("old", &b"old bytes"[..]), ("new", b"new bytes")] {

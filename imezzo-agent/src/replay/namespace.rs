@@ -87,18 +87,19 @@ impl Replayer {
         if self.placed_after(&st, seq) {
             return Ok(Applied::AlreadyApplied);
         }
-        if is_kind(&st, libc::S_IFDIR) != dir {
-            return Ok(Applied::NeedsResync { path: path.clone() });
-        }
-        match sys::unlinkat(e.parent.as_fd(), &e.name, dir) {
+        // After the op the master has nothing at this name, whatever the replica holds
+        // there: the object the op removed; an object of another kind (the replica is stale:
+        // a full sync's tree from a later moment, a name an entry could not place); or a
+        // directory that is not empty (the master's was removed empty, or moved out of the
+        // export whole, which capture journals as this rmdir). Nothing beneath it can be
+        // named by a later entry (a tree moved back in arrives whole): it goes, subtree and
+        // all. (Left in place, a stale directory stood for a later mkdir of the same name,
+        // with its old mode, times and children.)
+        let is_dir = is_kind(&st, libc::S_IFDIR);
+        match sys::unlinkat(e.parent.as_fd(), &e.name, is_dir) {
             Ok(()) => {}
             Err(err) if errno(&err) == libc::ENOENT => return Ok(Applied::AlreadyApplied),
-            // The replica's directory is not empty: the master's was either removed empty
-            // (and the replica diverged) or moved out of the export whole, which capture
-            // journals as this rmdir. Either way nothing is at this name on the master after
-            // the op, and nothing beneath it can be named by a later entry (a tree moved
-            // back in arrives whole): the subtree goes.
-            Err(err) if matches!(errno(&err), libc::ENOTEMPTY | libc::EEXIST) => {
+            Err(err) if is_dir && matches!(errno(&err), libc::ENOTEMPTY | libc::EEXIST) => {
                 let mut freed = Vec::new();
                 beneath::remove_tree(e.parent.as_fd(), &e.name, &mut |st| {
                     freed.push(InodeId::of(st))
