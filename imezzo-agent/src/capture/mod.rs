@@ -1425,6 +1425,19 @@ impl Capture {
         let abs = self.abs(&path);
         if let (Some(parent), Ok(meta)) = (self.table.lookup(&tr[..tr.len() - 1]), fs::symlink_metadata(&abs)) {
             let kind = Kind::of(meta.file_type());
+            // The name read now may hold another object already: one the table knows by
+            // another name, which cannot be a further hard link of it (a directory, or a
+            // file with one link), came here by a rename whose event follows this one. What
+            // moved in has left the name, and the events that moved it on describe it where
+            // it went (from a name the table does not know). Described as this name, the
+            // object here would get a second name in the table and be journalled twice.
+            let known_elsewhere = meta.dev() == self.dev
+                && self.table.contains(meta.ino())
+                && self.table.lookup(&tr) != Some(meta.ino())
+                && (kind == Kind::Dir || meta.nlink() <= 1);
+            if known_elsewhere {
+                return;
+            }
             self.table.link(parent, tr[tr.len() - 1], meta.ino(), kind);
             if kind == Kind::Dir {
                 let _ = self.table.walk(&abs, meta.ino(), self.dev);
