@@ -776,6 +776,37 @@ fn a_name_moved_in_then_reused_before_the_drain_is_not_given_to_the_object_now_t
 }
 
 #[test]
+fn an_exchange_drained_after_a_rescan_that_saw_it_is_not_undone_in_the_table() {
+    // Drained together (the agent is stopped meanwhile): a path longer than the probes copy,
+    // whose drain walks the whole tree again, then an exchange the walk already saw. Applied
+    // to the new table, the exchange swapped it back, and every write to either file was
+    // journalled under the other's name from then on (differential seed 796574861007 on
+    // btrfs: a file's later writes journalled as another directory's file).
+    let fs = Fs::tmpfs("exchange-after-rescan");
+    // The probes' copy ends inside the first name: nothing short of the root is known.
+    let long = "l".repeat(250);
+    fs.dirs(&long);
+    fs.dirs("a");
+    fs.put("a/c", b"c");
+    fs.put("a/d", b"d");
+    let mut cap = Capture::start(&fs.root);
+    cap.signal(libc::SIGSTOP);
+    drop(sys::open(&fs.p(&format!("{long}/m")), O_WRONLY | O_CREAT, 0o644).unwrap());
+    sys::renameat2(AT_FDCWD, &fs.p("a/c"), AT_FDCWD, &fs.p("a/d"), libc::RENAME_EXCHANGE).unwrap();
+    cap.signal(libc::SIGCONT);
+    let ops = cap.mark();
+    assert!(
+        ops.iter().any(|o| o["op"] == "rescan" && o["path"] == ""),
+        "the long path rescans the whole tree: {}",
+        fmt_ops(&ops)
+    );
+    let f = sys::open(&fs.p("a/c"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"D", 1).unwrap();
+    drop(f);
+    cap.expect(&[json!({"op": "write", "path": "a/c", "offset": 1, "len": 1})]);
+}
+
+#[test]
 fn rename_of_a_file_from_the_root_to_the_sibling_is_journalled() {
     let fs = Fs::tmpfs("move-out");
     fs.put("leaving", b"data");

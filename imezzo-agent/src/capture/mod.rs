@@ -1350,7 +1350,21 @@ impl Capture {
                 }
                 let replaced = if exchange { None } else { self.table.lookup(&tr).filter(|&i| Some(i) != self.table.lookup(&fr)) };
                 if exchange {
-                    self.table.exchange((fp, fname), (tp, tname));
+                    // An exchange is its own inverse. Met by a table that shows it already (a
+                    // walk of the tree after it: a rescan drained before it, the start-up
+                    // build), it would swap the two back, and every later change to either
+                    // object would be journalled under the other's name (differential seed
+                    // 796574861007 on btrfs). When each name holds now what the table has
+                    // there, the table stays as it is; a later exchange back that is still to
+                    // be drained leaves them so too.
+                    let now = |r: &[&[u8]]| {
+                        fs::symlink_metadata(self.abs(&join(r))).ok().filter(|m| m.dev() == self.dev).map(|m| m.ino())
+                    };
+                    let (ia, ib) = (self.table.lookup(&fr), self.table.lookup(&tr));
+                    let shown = ia.is_some() && ia != ib && now(&fr) == ia && now(&tr) == ib;
+                    if !shown {
+                        self.table.exchange((fp, fname), (tp, tname));
+                    }
                 } else if from_known {
                     self.table.rename((fp, fname), (tp, tname));
                 } else {
