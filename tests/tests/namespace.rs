@@ -807,6 +807,38 @@ fn an_exchange_drained_after_a_rescan_that_saw_it_is_not_undone_in_the_table() {
 }
 
 #[test]
+fn a_rename_drained_after_a_rescan_that_saw_it_leaves_the_table_as_the_walk_found_it() {
+    // As above, with a rename and a new file at the old name: applied to the walked table,
+    // the rename moved the new file over the renamed one, whose writes then had no path.
+    let fs = Fs::tmpfs("rename-after-rescan");
+    let long = "l".repeat(250);
+    fs.dirs(&long);
+    fs.dirs("a");
+    fs.put("a/x", b"x");
+    let mut cap = Capture::start(&fs.root);
+    cap.signal(libc::SIGSTOP);
+    drop(sys::open(&fs.p(&format!("{long}/m")), O_WRONLY | O_CREAT, 0o644).unwrap());
+    sys::rename(&fs.p("a/x"), &fs.p("a/y")).unwrap();
+    drop(sys::open(&fs.p("a/x"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    cap.signal(libc::SIGCONT);
+    let ops = cap.mark();
+    assert!(
+        ops.iter().any(|o| o["op"] == "rescan" && o["path"] == ""),
+        "the long path rescans the whole tree: {}",
+        fmt_ops(&ops)
+    );
+    for (name, at) in [("a/y", 0), ("a/x", 1)] {
+        let f = sys::open(&fs.p(name), O_WRONLY, 0).unwrap();
+        sys::pwrite64(&f, b"W", at).unwrap();
+        drop(f);
+    }
+    cap.expect(&[
+        json!({"op": "write", "path": "a/y", "offset": 0, "len": 1}),
+        json!({"op": "write", "path": "a/x", "offset": 1, "len": 1}),
+    ]);
+}
+
+#[test]
 fn rename_of_a_file_from_the_root_to_the_sibling_is_journalled() {
     let fs = Fs::tmpfs("move-out");
     fs.put("leaving", b"data");

@@ -1348,29 +1348,28 @@ impl Capture {
                     }
                     return;
                 }
-                let replaced = if exchange { None } else { self.table.lookup(&tr).filter(|&i| Some(i) != self.table.lookup(&fr)) };
-                if exchange {
-                    // An exchange is its own inverse. Met by a table that shows it already (a
-                    // walk of the tree after it: a rescan drained before it, the start-up
-                    // build), it would swap the two back, and every later change to either
-                    // object would be journalled under the other's name (differential seed
-                    // 796574861007 on btrfs). When each name holds now what the table has
-                    // there, the table stays as it is; a later exchange back that is still to
-                    // be drained leaves them so too.
-                    let now = |r: &[&[u8]]| {
-                        fs::symlink_metadata(self.abs(&join(r))).ok().filter(|m| m.dev() == self.dev).map(|m| m.ino())
-                    };
-                    let (ia, ib) = (self.table.lookup(&fr), self.table.lookup(&tr));
-                    let shown = ia.is_some() && ia != ib && now(&fr) == ia && now(&tr) == ib;
-                    if !shown {
-                        self.table.exchange((fp, fname), (tp, tname));
-                    }
-                } else if from_known {
-                    self.table.rename((fp, fname), (tp, tname));
-                } else {
+                // Each name holding now what the table has there, two objects: the table was
+                // walked after this op (a rescan drained before it, the start-up build).
+                // Applied again, an exchange (its own inverse) would swap the two back and a
+                // rename would move what was made at the old name since over the object it
+                // moved; either way later changes would be journalled under the wrong names or
+                // none (differential seed 796574861007 on btrfs). The table stays as it is.
+                // (A later exchange back, still to be drained, leaves the names so too.)
+                let now = |r: &[&[u8]]| {
+                    fs::symlink_metadata(self.abs(&join(r))).ok().filter(|m| m.dev() == self.dev).map(|m| m.ino())
+                };
+                let (ia, ib) = (self.table.lookup(&fr), self.table.lookup(&tr));
+                let shown = distinct && ia.is_some() && ib.is_some() && ia != ib && now(&fr) == ia && now(&tr) == ib;
+                let replaced = if exchange || shown { None } else { ib.filter(|&i| Some(i) != ia) };
+                match (shown, exchange, from_known) {
+                    (true, _, _) => {}
+                    (false, true, _) => self.table.exchange((fp, fname), (tp, tname)),
+                    (false, false, true) => self.table.rename((fp, fname), (tp, tname)),
                     // What was at the destination is replaced even though the source was
                     // never learned.
-                    self.table.unlink(tp, tname);
+                    (false, false, false) => {
+                        self.table.unlink(tp, tname);
+                    }
                 }
                 out.push(Op::Rename {
                     path: join(&fr),
