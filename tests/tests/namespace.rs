@@ -775,6 +775,30 @@ fn a_name_moved_in_then_reused_before_the_drain_is_not_given_to_the_object_now_t
     ]);
 }
 
+/// A directory whose name ends the probes' copy of any path beneath it (nothing short of the
+/// root is known then), made before the agent starts.
+fn long_dir(fs: &Fs) -> String {
+    let long = "l".repeat(250);
+    fs.dirs(&long);
+    long
+}
+
+/// With the agent stopped, makes a path through `long` (whose drain walks the whole tree
+/// again) and then `changes`, so the agent drains them together, after the walk has seen the
+/// changes.
+fn drained_after_a_whole_tree_rescan(cap: &mut Capture, fs: &Fs, long: &str, changes: impl FnOnce()) {
+    cap.signal(libc::SIGSTOP);
+    drop(sys::open(&fs.p(&format!("{long}/m")), O_WRONLY | O_CREAT, 0o644).unwrap());
+    changes();
+    cap.signal(libc::SIGCONT);
+    let ops = cap.mark();
+    assert!(
+        ops.iter().any(|o| o["op"] == "rescan" && o["path"] == ""),
+        "the long path rescans the whole tree: {}",
+        fmt_ops(&ops)
+    );
+}
+
 #[test]
 fn an_exchange_drained_after_a_rescan_that_saw_it_is_not_undone_in_the_table() {
     // Drained together (the agent is stopped meanwhile): a path longer than the probes copy,
@@ -783,23 +807,14 @@ fn an_exchange_drained_after_a_rescan_that_saw_it_is_not_undone_in_the_table() {
     // journalled under the other's name from then on (differential seed 796574861007 on
     // btrfs: a file's later writes journalled as another directory's file).
     let fs = Fs::tmpfs("exchange-after-rescan");
-    // The probes' copy ends inside the first name: nothing short of the root is known.
-    let long = "l".repeat(250);
-    fs.dirs(&long);
+    let long = long_dir(&fs);
     fs.dirs("a");
     fs.put("a/c", b"c");
     fs.put("a/d", b"d");
     let mut cap = Capture::start(&fs.root);
-    cap.signal(libc::SIGSTOP);
-    drop(sys::open(&fs.p(&format!("{long}/m")), O_WRONLY | O_CREAT, 0o644).unwrap());
-    sys::renameat2(AT_FDCWD, &fs.p("a/c"), AT_FDCWD, &fs.p("a/d"), libc::RENAME_EXCHANGE).unwrap();
-    cap.signal(libc::SIGCONT);
-    let ops = cap.mark();
-    assert!(
-        ops.iter().any(|o| o["op"] == "rescan" && o["path"] == ""),
-        "the long path rescans the whole tree: {}",
-        fmt_ops(&ops)
-    );
+    drained_after_a_whole_tree_rescan(&mut cap, &fs, &long, || {
+        sys::renameat2(AT_FDCWD, &fs.p("a/c"), AT_FDCWD, &fs.p("a/d"), libc::RENAME_EXCHANGE).unwrap();
+    });
     let f = sys::open(&fs.p("a/c"), O_WRONLY, 0).unwrap();
     sys::pwrite64(&f, b"D", 1).unwrap();
     drop(f);
@@ -811,22 +826,14 @@ fn a_rename_drained_after_a_rescan_that_saw_it_leaves_the_table_as_the_walk_foun
     // As above, with a rename and a new file at the old name: applied to the walked table,
     // the rename moved the new file over the renamed one, whose writes then had no path.
     let fs = Fs::tmpfs("rename-after-rescan");
-    let long = "l".repeat(250);
-    fs.dirs(&long);
+    let long = long_dir(&fs);
     fs.dirs("a");
     fs.put("a/x", b"x");
     let mut cap = Capture::start(&fs.root);
-    cap.signal(libc::SIGSTOP);
-    drop(sys::open(&fs.p(&format!("{long}/m")), O_WRONLY | O_CREAT, 0o644).unwrap());
-    sys::rename(&fs.p("a/x"), &fs.p("a/y")).unwrap();
-    drop(sys::open(&fs.p("a/x"), O_WRONLY | O_CREAT, 0o644).unwrap());
-    cap.signal(libc::SIGCONT);
-    let ops = cap.mark();
-    assert!(
-        ops.iter().any(|o| o["op"] == "rescan" && o["path"] == ""),
-        "the long path rescans the whole tree: {}",
-        fmt_ops(&ops)
-    );
+    drained_after_a_whole_tree_rescan(&mut cap, &fs, &long, || {
+        sys::rename(&fs.p("a/x"), &fs.p("a/y")).unwrap();
+        drop(sys::open(&fs.p("a/x"), O_WRONLY | O_CREAT, 0o644).unwrap());
+    });
     for (name, at) in [("a/y", 0), ("a/x", 1)] {
         let f = sys::open(&fs.p(name), O_WRONLY, 0).unwrap();
         sys::pwrite64(&f, b"W", at).unwrap();
