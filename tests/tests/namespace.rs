@@ -822,6 +822,28 @@ fn an_exchange_drained_after_a_rescan_that_saw_it_is_not_undone_in_the_table() {
 }
 
 #[test]
+fn an_exchange_and_its_undoing_drained_together_keep_the_write_between_under_its_name_then() {
+    // Outside a drain with a walk, both names holding what the table has is an exchange back
+    // still to be drained: the table follows both, and the write between them is journalled
+    // under the name its file had then.
+    let fs = Fs::tmpfs("exchange-twice");
+    fs.dirs("a");
+    fs.put("a/c", b"c");
+    fs.put("a/d", b"d");
+    let mut cap = Capture::start(&fs.root);
+    cap.signal(libc::SIGSTOP);
+    let exchange = || sys::renameat2(AT_FDCWD, &fs.p("a/c"), AT_FDCWD, &fs.p("a/d"), libc::RENAME_EXCHANGE).unwrap();
+    exchange();
+    let f = sys::open(&fs.p("a/c"), O_WRONLY, 0).unwrap();
+    sys::pwrite64(&f, b"D", 1).unwrap();
+    drop(f);
+    exchange();
+    cap.signal(libc::SIGCONT);
+    let swap = json!({"op": "rename", "path": "a/c", "new_path": "a/d", "exchange": true});
+    cap.expect(&[swap.clone(), json!({"op": "write", "path": "a/c", "offset": 1, "len": 1}), swap]);
+}
+
+#[test]
 fn a_rename_drained_after_a_rescan_that_saw_it_leaves_the_table_as_the_walk_found_it() {
     // As above, with a rename and a new file at the old name: applied to the walked table,
     // the rename moved the new file over the renamed one, whose writes then had no path.

@@ -114,6 +114,9 @@ pub struct Capture {
     touched: TouchedMap,
     /// `Probes::aio_unread` when last checked.
     aio_unread: u64,
+    /// The table was walked during this drain (a rescan) or just before it (the start-up
+    /// build): events drained now may predate the walk, which already shows them.
+    walked: bool,
     /// Where the server asks which names an inode has (see [`Capture::serve_names`]).
     names: Option<std::sync::mpsc::Receiver<NamesQuery>>,
     _lock: fs::File,
@@ -362,6 +365,7 @@ impl Capture {
             ancestors,
             touched: Default::default(),
             aio_unread: 0,
+            walked: true,
             names: None,
             _lock: lock,
         })
@@ -434,6 +438,7 @@ impl Capture {
             let started = Instant::now();
             let drained_at = SystemTime::now();
             self.drain_with_runs(&mut out);
+            self.walked = false;
             self.flush(&mut out);
             if last_drop_check.elapsed() >= Duration::from_millis(20) || !out.is_empty() {
                 self.check_drops(&mut out);
@@ -670,6 +675,7 @@ impl Capture {
         self.flush(out);
         let name = refs[refs.len() - 1];
         self.table.unlink(parent, name);
+        self.walked = true;
         let abs = self.abs(&path);
         if let Ok(meta) = fs::symlink_metadata(&abs) {
             let kind = Kind::of(meta.file_type());
@@ -688,6 +694,7 @@ impl Capture {
     fn rescan(&mut self, reason: String, out: &mut Vec<Op>) {
         crate::report!(Warn, "capture: changes the probes could not resolve, tree rescanned", "{reason}: rescanning {}", self.root.display());
         self.flush(out);
+        self.walked = true;
         match InodeTable::build(&self.root) {
             Ok(t) => self.table = t,
             Err(e) => crate::report!(Error, "capture: rescans that failed", "rescan of {} failed: {e}", self.root.display()),
@@ -1348,18 +1355,20 @@ impl Capture {
                     }
                     return;
                 }
-                // Each name holding now what the table has there, two objects: the table was
-                // walked after this op (a rescan drained before it, the start-up build).
+                // In a drain with a walk of the table (a rescan drained before this op, the
+                // start-up build), each name holding now what the table has there, two
+                // objects: the walk came after this op.
                 // Applied again, an exchange (its own inverse) would swap the two back and a
                 // rename would move what was made at the old name since over the object it
                 // moved; either way later changes would be journalled under the wrong names or
                 // none (differential seed 796574861007 on btrfs). The table stays as it is.
-                // (A later exchange back, still to be drained, leaves the names so too.)
+                // (Only in such a drain: a later exchange back, still to be drained, leaves the
+                // names so too, and the writes between the two must follow the first.)
                 let now = |r: &[&[u8]]| {
                     fs::symlink_metadata(self.abs(&join(r))).ok().filter(|m| m.dev() == self.dev).map(|m| m.ino())
                 };
                 let (ia, ib) = (self.table.lookup(&fr), self.table.lookup(&tr));
-                let shown = distinct && ia.is_some() && ib.is_some() && ia != ib && now(&fr) == ia && now(&tr) == ib;
+                let shown = self.walked && distinct && ia.is_some() && ib.is_some() && ia != ib && now(&fr) == ia && now(&tr) == ib;
                 let replaced = if exchange || shown { None } else { ib.filter(|&i| Some(i) != ia) };
                 match (shown, exchange, from_known) {
                     (true, _, _) => {}
