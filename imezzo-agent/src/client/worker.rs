@@ -469,6 +469,8 @@ impl Worker {
         let cache = std::mem::take(&mut self.cache);
         let data = std::mem::take(&mut self.data);
         self.prefetched = self.prefetched.saturating_sub(1);
+        // Doubts a repair raised are moot: it placed the master's current objects.
+        drop(self.replayer.take_doubts());
         let (result, absent) = loop {
             let mut source = NetSource {
                 fetcher: &self.fetcher,
@@ -514,7 +516,9 @@ impl Worker {
         // Asked after the op, by names valid after it: whatever the master no longer had (a
         // parent whose times were to be restored, a renamed file's data) is fetched from its
         // current name once the stream is idle.
-        for p in absent {
+        // So is what replay decided against objects a full sync placed (their moment is
+        // unknown).
+        for p in absent.into_iter().chain(self.replayer.take_doubts()) {
             self.pending.insert(p.0, false);
         }
         match result {

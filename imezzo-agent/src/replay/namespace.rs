@@ -35,7 +35,11 @@ impl Replayer {
             if is_kind(st, libc::S_IFDIR) || matches!(what, Make::Dir { .. }) {
                 return Ok(Applied::NeedsResync { path: path.clone() });
             }
-            // Otherwise a stale non-directory is replaced, atomically, below.
+            // Otherwise a stale non-directory is replaced, atomically, below. One a full
+            // sync placed may be the master's from after this op: compared again later.
+            if self.mark(st).is_none() {
+                self.doubts.push(path.clone());
+            }
         }
         let master = self.master(path, data)?.filter(|a| a.kind == what.kind());
         let tmp = Temp::new(e.parent.as_fd(), matches!(what, Make::Dir { .. }));
@@ -176,6 +180,18 @@ impl Replayer {
         };
         if exchange && dst.is_none() {
             return self.missing(new_path, data);
+        }
+        // A full sync's object moved over another, or swapped: see `take_doubts`. (A
+        // marked source renamed over an unmarked destination, a save by rename, is not in
+        // doubt: the source is of this op's moment, the destination of one before.)
+        let doubtful = dst.as_ref().is_some_and(|d| {
+            self.mark(src_st).is_none() || (exchange && self.mark(d).is_none())
+        });
+        if doubtful {
+            self.doubts.push(new_path.clone());
+            if exchange {
+                self.doubts.push(path.clone());
+            }
         }
         if let (true, Some(dst_st)) = (exchange, &dst) {
             // Unmarked objects a full sync placed may already show the exchange: its walk
