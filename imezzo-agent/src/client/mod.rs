@@ -32,6 +32,7 @@
 //! diverged (or a `rescan` entry) makes the client resync in full at its next durable
 //! point: a full sync keeps every file whose size and mtime already match.
 
+mod durable;
 mod fetch;
 mod full_sync;
 mod path_set;
@@ -66,6 +67,7 @@ use crate::transport::{self, TransportError};
 pub use full_sync::FullSyncStats;
 pub use state::StateFile;
 
+use durable::*;
 use fetch::*;
 use pending::*;
 use session::*;

@@ -41,39 +41,57 @@ impl Pending {
 
     /// Saves the set durably when it changed (removes the file when empty).
     pub(super) fn save(&mut self, file: &Path) -> Result<(), ClientError> {
-        if !self.changed {
-            return Ok(());
+        match self.take_changes() {
+            Some(text) => Pending::write(file, text),
+            None => Ok(()),
         }
+    }
+
+    /// What [`Pending::save`] writes, as the set is now, for [`Pending::write`] later (on
+    /// the durable point's thread): `None` when unchanged since last taken, `Some(None)`
+    /// when the file is to go (the set is empty).
+    pub(super) fn take_changes(&mut self) -> Option<Option<String>> {
+        if !self.changed {
+            return None;
+        }
+        self.changed = false;
+        if self.paths.is_empty() {
+            return Some(None);
+        }
+        let mut text = String::new();
+        for (path, diverged) in &self.paths {
+            text.push(if *diverged { 'd' } else { 'p' });
+            text.push_str(&hex::encode(path));
+            text.push('\n');
+        }
+        Some(Some(text))
+    }
+
+    /// Replaces `file` durably with `text` (removes it for `None`).
+    pub(super) fn write(file: &Path, text: Option<String>) -> Result<(), ClientError> {
         let err = |action, error| ClientError::State {
             action,
             path: file.to_path_buf(),
             error,
         };
-        if self.paths.is_empty() {
-            match std::fs::remove_file(file) {
+        match text {
+            None => match std::fs::remove_file(file) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(err("remove", e)),
+            },
+            Some(text) => {
+                let tmp = file.with_extension("tmp");
+                let mut f = std::fs::File::create(&tmp).map_err(|e| err("write", e))?;
+                f.write_all(text.as_bytes()).map_err(|e| err("write", e))?;
+                f.sync_all().map_err(|e| err("fsync", e))?;
+                std::fs::rename(&tmp, file).map_err(|e| err("replace", e))?;
             }
-        } else {
-            let mut text = String::new();
-            for (path, diverged) in &self.paths {
-                text.push(if *diverged { 'd' } else { 'p' });
-                text.push_str(&hex::encode(path));
-                text.push('\n');
-            }
-            let tmp = file.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp).map_err(|e| err("write", e))?;
-            f.write_all(text.as_bytes()).map_err(|e| err("write", e))?;
-            f.sync_all().map_err(|e| err("fsync", e))?;
-            std::fs::rename(&tmp, file).map_err(|e| err("replace", e))?;
         }
         let dir = file.parent().unwrap_or(Path::new("."));
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| err("fsync the directory of", e))?;
-        self.changed = false;
-        Ok(())
+            .map_err(|e| err("fsync the directory of", e))
     }
 
     pub(super) fn clear(&mut self) {

@@ -20,6 +20,7 @@ impl WorkerHandle {
         let mut v = [0u8; 8];
         v.copy_from_slice(&volume[..8]);
         let worker = Worker {
+            syncer: Syncer::start(ctx.state_file.clone(), reports.clone())?,
             replayer: replayer.with_volume(u64::from_be_bytes(v)),
             fetcher,
             root: ctx.root.to_path_buf(),
@@ -54,6 +55,8 @@ pub(super) enum Stop {
 
 pub(super) struct Worker {
     pub(super) replayer: Replayer,
+    /// Makes durable points durable beside the replay (see [`super::durable`]).
+    pub(super) syncer: Syncer,
     pub(super) fetcher: Fetcher,
     pub(super) root: PathBuf,
     pub(super) state_file: StateFile,
@@ -175,7 +178,7 @@ impl Worker {
                     break;
                 }
             }
-            let done = match work {
+            let done = self.settle(false).and_then(|()| match work {
                 Work::BeginFullSync {
                     volume_id,
                     manifest_seq,
@@ -208,13 +211,28 @@ impl Worker {
                     }
                 }
                 Work::Repair => self.repair_and_sync(),
-            };
+            });
             if let Err(stop) = done {
                 self.stop(stop);
                 break;
             }
         }
+        // A clean stop keeps the durable point in flight; after an error it is moot.
+        if let Err(stop) = self.settle(true) {
+            self.stop(stop);
+        }
         self.replayer
+    }
+
+    /// Ends the durable point in flight once it is done (waiting for it when `wait`).
+    pub(super) fn settle(&mut self, wait: bool) -> Result<(), Stop> {
+        match self.syncer.finished(wait) {
+            Some(result) => {
+                let generation = result.map_err(Stop::Fatal)?;
+                self.replayer.end_sync(generation).map_err(|e| Stop::Fatal(e.into()))
+            }
+            None => Ok(()),
+        }
     }
 
     pub(super) fn stop(&self, stop: Stop) {
@@ -402,7 +420,9 @@ impl Worker {
         manifest_seq: u64,
     ) -> Result<(), Stop> {
         // Until the manifest is whole the replica is no state of the volume: a crash now
-        // must restart the full sync, not resume.
+        // must restart the full sync, not resume. (After the durable point in flight,
+        // whose state file would say otherwise.)
+        self.settle(true)?;
         self.state_file
             .store(&ClientState {
                 volume_id: Some(volume_id),
@@ -598,28 +618,28 @@ impl Worker {
     }
 
     pub(super) fn persist(&mut self, volume_id: VolumeId, seq: u64) -> Result<(), Stop> {
-        // Replica first, then its marks (inside `sync`), then what is still pending, then the
-        // record of what is applied: a crash between any two leaves a state that replays
-        // correctly (pending paths are fetched from the master's current state, so one
-        // saved ahead of its entry is merely fetched twice).
-        self.replayer.sync().map_err(|e| Stop::Fatal(e.into()))?;
-        self.pending.save(&self.pending_file).map_err(Stop::Fatal)?;
-        self.state_file
-            .store(&ClientState {
+        // Replica first, then its marks, then what is still pending, then the record of what
+        // is applied, on the durable-point thread while replay goes on: a crash between any
+        // two leaves a state that replays correctly (pending paths are fetched from the
+        // master's current state, so one saved ahead of its entry is merely fetched twice).
+        self.settle(true)?;
+        let point = self.replayer.begin_sync().map_err(|e| Stop::Fatal(e.into()))?;
+        let job = Job {
+            point,
+            pending: self.pending.take_changes(),
+            pending_file: self.pending_file.clone(),
+            state: ClientState {
                 volume_id: Some(volume_id),
                 last_applied: Some(seq),
-            })
-            .map_err(Stop::Fatal)?;
-        let pending = self.pending.paths.len();
-        let _ = self.reports.send(Report::Persisted {
-            seq,
-            full_sync: self.finished_full.take(),
-            pending,
-        });
-        if let Some(why) = self.needs_resync.take() {
-            let _ = self.reports.send(Report::Resync(why));
-        }
-        Ok(())
+            },
+            persisted: Report::Persisted {
+                seq,
+                full_sync: self.finished_full.take(),
+                pending: self.pending.paths.len(),
+            },
+            resync: self.needs_resync.take(),
+        };
+        self.syncer.begin(job).map_err(Stop::Fatal)
     }
 }
 
@@ -627,6 +647,7 @@ impl Worker {
     /// A repair, made durable (the replica, then the pending set; the applied seq does not
     /// move).
     pub(super) fn repair_and_sync(&mut self) -> Result<(), Stop> {
+        self.settle(true)?;
         self.repair()?;
         self.replayer.sync().map_err(|e| Stop::Fatal(e.into()))?;
         self.pending.save(&self.pending_file).map_err(Stop::Fatal)?;

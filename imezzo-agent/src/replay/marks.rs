@@ -26,6 +26,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, DatabaseError, Durability, ReadableTable, TableDefinition};
 
@@ -38,6 +39,11 @@ const META_FORMAT: &str = "format";
 const META_GENERATION: &str = "generation";
 const META_ROOT_DEV: &str = "root_dev";
 const META_ROOT_INO: &str = "root_ino";
+/// Where, in the log of the generation before, the changes this commit took end: a commit
+/// runs beside the replay that keeps appending (see [`MarkStore::begin_commit`]), so the
+/// records after this offset are changes made since, which only that log holds until it
+/// is rewritten under the new generation.
+const META_LOG_CUT: &str = "log_cut";
 
 /// The store format this code writes and reads.
 pub const FORMAT: u64 = 1;
@@ -125,14 +131,15 @@ impl<T, E: Into<redb::Error>> AtPath<T> for Result<T, E> {
 
 /// The redb file and the log of its unsynced changes.
 struct Files {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     log: File,
     log_path: PathBuf,
     /// Where the next record goes.
     log_end: u64,
-    /// The log still names an older generation (resetting it after a commit failed): it
-    /// must be reset before anything is appended, or a reopen would drop the new records.
+    /// The log still names an older generation (rewriting it after a commit failed, or a
+    /// log of the generation before resumed at open): it must be rewritten before anything
+    /// is appended, or a reopen would drop the new records.
     log_stale: bool,
     boot_id: [u8; BOOT_ID_LEN],
 }
@@ -160,6 +167,58 @@ pub struct MarkStore {
     clear_durable: bool,
     root_unsynced: bool,
     recovered: Recovered,
+    /// The log offset the last commit took changes up to ([`META_LOG_CUT`]), as loaded.
+    log_cut: Option<u64>,
+    /// A commit begun and not yet ended: see [`MarkStore::begin_commit`].
+    committing: bool,
+}
+
+/// The changes of a [`MarkStore`] up to one moment, to be committed to its redb file on any
+/// thread while the store takes further changes; see [`MarkStore::begin_commit`].
+pub struct PendingCommit {
+    db: Arc<Database>,
+    path: PathBuf,
+    changes: HashMap<InodeId, Option<Mark>>,
+    clear_durable: bool,
+    root: Option<InodeId>,
+    generation: u64,
+    log_cut: u64,
+}
+
+impl PendingCommit {
+    /// Commits the changes in one durable transaction; returns the new generation, for
+    /// [`MarkStore::end_commit`].
+    pub fn run(self) -> Result<u64, MarkStoreError> {
+        let path = &self.path;
+        let mut txn = self.db.begin_write().at(path)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            if self.clear_durable {
+                txn.delete_table(MARKS).at(path)?;
+            }
+            let mut table = txn.open_table(MARKS).at(path)?;
+            for (id, change) in &self.changes {
+                match change {
+                    Some(m) => {
+                        table.insert((id.dev, id.ino), (m.volume, m.seq, m.to_new_path)).at(path)?;
+                    }
+                    None => {
+                        table.remove((id.dev, id.ino)).at(path)?;
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META).at(path)?;
+            meta.insert(META_FORMAT, FORMAT).at(path)?;
+            meta.insert(META_GENERATION, self.generation).at(path)?;
+            meta.insert(META_LOG_CUT, self.log_cut).at(path)?;
+            if let Some(root) = self.root {
+                meta.insert(META_ROOT_DEV, root.dev).at(path)?;
+                meta.insert(META_ROOT_INO, root.ino).at(path)?;
+            }
+        }
+        txn.commit().at(path)?;
+        Ok(self.generation)
+    }
 }
 
 impl std::fmt::Debug for MarkStore {
@@ -189,6 +248,8 @@ impl MarkStore {
             clear_durable: false,
             root_unsynced: false,
             recovered: Recovered::Nothing,
+            log_cut: None,
+            committing: false,
         }
     }
 
@@ -218,7 +279,7 @@ impl MarkStore {
                     .map_err(|source| MarkStoreError::Io { path: dir.to_path_buf(), source })?;
             }
         }
-        let (generation, root, marks) = load(&db, &path)?;
+        let (generation, root, marks, log_cut) = load(&db, &path)?;
         let mut max_seq = HashMap::new();
         for m in marks.values() {
             bump(&mut max_seq, m);
@@ -235,7 +296,7 @@ impl MarkStore {
             .open(&log_path)
             .map_err(|source| MarkStoreError::Log { path: log_path.clone(), source })?;
         let mut store = MarkStore {
-            files: Some(Files { db, path, log, log_path, log_end: 0, log_stale: true, boot_id }),
+            files: Some(Files { db: Arc::new(db), path, log, log_path, log_end: 0, log_stale: true, boot_id }),
             marks,
             unsynced: HashMap::new(),
             log_buf: Vec::new(),
@@ -245,6 +306,8 @@ impl MarkStore {
             clear_durable: false,
             root_unsynced: false,
             recovered: Recovered::Nothing,
+            log_cut,
+            committing: false,
         };
         store.recover_log()?;
         Ok(store)
@@ -337,10 +400,7 @@ impl MarkStore {
                 self.log_buf.clear();
                 self.max_seq.clear();
                 self.clear_durable = true;
-                if let Some(f) = &mut self.files {
-                    f.log_stale = true;
-                }
-                self.reset_log()?;
+                self.rewrite_log()?;
             }
             None => {}
         }
@@ -350,58 +410,70 @@ impl MarkStore {
     }
 
     /// Commits every change since the last commit in one durable redb transaction, then
-    /// empties the log (M3). The replayer calls it from `Replayer::sync`, after the replica
-    /// itself is durable: committing before would let the store describe placements the
+    /// empties the log (M3): [`MarkStore::begin_commit`], `run` and
+    /// [`MarkStore::end_commit`] at once. The replayer takes those steps itself, after the
+    /// replica is durable: committing before would let the store describe placements the
     /// durable tree lacks.
+    #[cfg(test)]
     pub(crate) fn commit(&mut self) -> Result<(), MarkStoreError> {
+        match self.begin_commit() {
+            Some(c) => {
+                let generation = c.run()?;
+                self.end_commit(generation)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes every change since the last commit for a [`PendingCommit`], which may run on
+    /// another thread while this store takes further changes (the replay goes on while the
+    /// replica is synced); `None` when there is nothing to commit. Call
+    /// [`MarkStore::end_commit`] with its result before beginning another.
+    ///
+    /// Meanwhile the log keeps growing under the current generation: a crash before the
+    /// commit resumes all of it, one after resumes only what follows the commit's cut
+    /// ([`META_LOG_CUT`]), so the changes made beside the commit survive either way (M4).
+    pub(crate) fn begin_commit(&mut self) -> Option<PendingCommit> {
+        debug_assert!(!self.committing, "a mark commit begun while another is in flight");
         let Some(files) = &self.files else {
             self.unsynced.clear();
             self.clear_durable = false;
             self.root_unsynced = false;
-            return Ok(());
+            return None;
         };
-        if self.unsynced.is_empty() && !self.clear_durable && !self.root_unsynced {
-            self.log_buf.clear();
-            return Ok(());
-        }
-        let path = &files.path;
-        let mut txn = files.db.begin_write().at(path)?;
-        txn.set_durability(Durability::Immediate);
-        {
-            if self.clear_durable {
-                txn.delete_table(MARKS).at(path)?;
-            }
-            let mut table = txn.open_table(MARKS).at(path)?;
-            for (id, change) in &self.unsynced {
-                match change {
-                    Some(m) => {
-                        table.insert((id.dev, id.ino), (m.volume, m.seq, m.to_new_path)).at(path)?;
-                    }
-                    None => {
-                        table.remove((id.dev, id.ino)).at(path)?;
-                    }
-                }
-            }
-            let mut meta = txn.open_table(META).at(path)?;
-            meta.insert(META_FORMAT, FORMAT).at(path)?;
-            meta.insert(META_GENERATION, self.generation + 1).at(path)?;
-            if let Some(root) = self.root {
-                meta.insert(META_ROOT_DEV, root.dev).at(path)?;
-                meta.insert(META_ROOT_INO, root.ino).at(path)?;
-            }
-        }
-        txn.commit().at(path)?;
-        self.generation += 1;
-        self.unsynced.clear();
+        // Buffered removals are in `unsynced`: committed now, or lost with the log (M5).
         self.log_buf.clear();
-        self.clear_durable = false;
+        if self.unsynced.is_empty() && !self.clear_durable && !self.root_unsynced {
+            return None;
+        }
+        self.committing = true;
+        let commit = PendingCommit {
+            db: files.db.clone(),
+            path: files.path.clone(),
+            changes: std::mem::take(&mut self.unsynced),
+            clear_durable: std::mem::take(&mut self.clear_durable),
+            root: self.root,
+            generation: self.generation + 1,
+            // A stale log is rewritten before anything is appended to it: nothing after
+            // its end belongs to this commit's generation.
+            log_cut: files.log_end,
+        };
         self.root_unsynced = false;
-        // A log naming the previous generation is ignored at the next open even if this
-        // reset fails; `log_stale` makes the next append retry it.
+        Some(commit)
+    }
+
+    /// Records that the commit [`MarkStore::begin_commit`] gave out is durable as
+    /// `generation`, and rewrites the log under it with only the changes made since.
+    pub(crate) fn end_commit(&mut self, generation: u64) -> Result<(), MarkStoreError> {
+        self.committing = false;
+        self.generation = generation;
+        self.log_cut = None;
+        // The log still names the generation before; until rewritten, a reopen resumes it
+        // from the commit's cut, and `log_stale` makes the next append retry the rewrite.
         if let Some(f) = &mut self.files {
             f.log_stale = true;
         }
-        self.reset_log()
+        self.rewrite_log()
     }
 
     /// Reads the log at open: replays it when it follows the last commit during this boot,
@@ -429,17 +501,7 @@ impl MarkStore {
                 }
                 let n = records.len();
                 for (kind, id, mark) in records {
-                    match (kind, mark) {
-                        (KIND_SET, Some(m)) => {
-                            self.marks.insert(id, m);
-                            self.unsynced.insert(id, Some(m));
-                            bump(&mut self.max_seq, &m);
-                        }
-                        _ => {
-                            self.marks.remove(&id);
-                            self.unsynced.insert(id, None);
-                        }
-                    }
+                    resume(&mut self.marks, &mut self.unsynced, &mut self.max_seq, kind, id, mark);
                 }
                 if n > 0 {
                     log::info!(
@@ -449,6 +511,36 @@ impl MarkStore {
                     self.recovered = Recovered::Unsynced { changes: n };
                 }
                 Ok(())
+            }
+            // The log of the generation before: a commit that ran beside the replay went
+            // through, and the log was not rewritten after it. What follows the commit's cut
+            // was changed since; the rest is committed.
+            Some((generation, boot)) if generation + 1 == self.generation && self.log_cut.is_some() => {
+                let cut = self.log_cut.unwrap_or_default();
+                let skip = (cut.saturating_sub(HEADER_LEN as u64) / RECORD_LEN as u64) as usize;
+                let after: Vec<_> = records.into_iter().skip(skip).collect();
+                let n = after.len();
+                if n > 0 && boot != f.boot_id {
+                    log::warn!(
+                        "replay: the machine restarted while {n} mark changes in {} were unsynced: they are dropped, and \
+                         entries applied after the last sync will be replayed by presence alone; compare the replica with \
+                         the master",
+                        f.log_path.display()
+                    );
+                    self.recovered = Recovered::Dropped { changes: n };
+                    return self.rewrite_log();
+                }
+                for (kind, id, mark) in after {
+                    resume(&mut self.marks, &mut self.unsynced, &mut self.max_seq, kind, id, mark);
+                }
+                if n > 0 {
+                    log::info!(
+                        "replay: resumed {n} unsynced mark changes from {} (the last client stopped without syncing)",
+                        f.log_path.display()
+                    );
+                    self.recovered = Recovered::Unsynced { changes: n };
+                }
+                self.rewrite_log()
             }
             // Written after the last commit but before a restart of the machine: the page
             // cache that held the changes to the replica is gone, and which of them reached
@@ -462,24 +554,45 @@ impl MarkStore {
                     f.log_path.display()
                 );
                 self.recovered = Recovered::Dropped { changes: records.len() };
-                self.reset_log()
+                self.rewrite_log()
             }
-            // An older generation (the commit went through, the reset did not), or no
+            // An older generation (the commit went through, the rewrite did not), or no
             // usable header: everything in it is already committed or never was logged.
-            _ => self.reset_log(),
+            _ => self.rewrite_log(),
         }
     }
 
-    /// Writes a fresh header naming the current generation and boot, and cuts the log.
-    fn reset_log(&mut self) -> Result<(), MarkStoreError> {
+
+    /// Replaces the log with one naming the current generation and boot that holds every
+    /// change not yet committed. Built aside and renamed over the old one, so a crash at any
+    /// point leaves one of the two whole (a log cut in place and then rewritten lost, in
+    /// between, the changes it was to hold again).
+    fn rewrite_log(&mut self) -> Result<(), MarkStoreError> {
         let generation = self.generation;
         let Some(f) = &mut self.files else { return Ok(()) };
-        let header = encode_header(generation, &f.boot_id);
+        let mut bytes = Vec::with_capacity(HEADER_LEN + self.unsynced.len() * RECORD_LEN);
+        bytes.extend_from_slice(&encode_header(generation, &f.boot_id));
+        for (id, change) in &self.unsynced {
+            push_record(&mut bytes, if change.is_some() { KIND_SET } else { KIND_REMOVE }, *id, *change);
+        }
+        let mut tmp = f.log_path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         let err = |source| MarkStoreError::Log { path: f.log_path.clone(), source };
-        f.log.set_len(0).map_err(err)?;
-        f.log.write_all_at(&header, 0).map_err(err)?;
-        f.log_end = HEADER_LEN as u64;
+        let log = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
+        log.write_all_at(&bytes, 0).map_err(err)?;
+        std::fs::rename(&tmp, &f.log_path).map_err(err)?;
+        f.log = log;
+        f.log_end = bytes.len() as u64;
         f.log_stale = false;
+        self.log_buf.clear();
         Ok(())
     }
 
@@ -488,14 +601,9 @@ impl MarkStore {
     /// does not move, so the next write covers whatever part this one left.
     fn write_log(&mut self, record: &[u8]) -> Result<(), MarkStoreError> {
         if self.files.as_ref().is_some_and(|f| f.log_stale) {
-            // The changes of the current batch are all in `unsynced`; after the reset, the
-            // log must hold them again before anything new.
-            let mut all = Vec::with_capacity(self.unsynced.len() * RECORD_LEN);
-            for (id, change) in &self.unsynced {
-                push_record(&mut all, if change.is_some() { KIND_SET } else { KIND_REMOVE }, *id, *change);
-            }
-            self.reset_log()?;
-            self.log_buf = all;
+            // The changes not yet committed are all in `unsynced`: the rewritten log holds
+            // them before anything new.
+            self.rewrite_log()?;
         }
         let Some(f) = &mut self.files else { return Ok(()) };
         let mut out = std::mem::take(&mut self.log_buf);
@@ -514,6 +622,28 @@ impl MarkStore {
     }
 }
 
+/// One change read back from the log at open.
+fn resume(
+    marks: &mut HashMap<InodeId, Mark>,
+    unsynced: &mut HashMap<InodeId, Option<Mark>>,
+    max_seq: &mut HashMap<u64, u64>,
+    kind: u8,
+    id: InodeId,
+    mark: Option<Mark>,
+) {
+    match (kind, mark) {
+        (KIND_SET, Some(m)) => {
+            marks.insert(id, m);
+            unsynced.insert(id, Some(m));
+            bump(max_seq, &m);
+        }
+        _ => {
+            marks.remove(&id);
+            unsynced.insert(id, None);
+        }
+    }
+}
+
 fn bump(max_seq: &mut HashMap<u64, u64>, m: &Mark) {
     let e = max_seq.entry(m.volume).or_insert(m.seq);
     *e = (*e).max(m.seq);
@@ -521,9 +651,12 @@ fn bump(max_seq: &mut HashMap<u64, u64>, m: &Mark) {
 
 /// Reads generation, root and every mark; creates the tables of a new store.
 #[allow(clippy::type_complexity)]
-fn load(db: &Database, path: &Path) -> Result<(u64, Option<InodeId>, HashMap<InodeId, Mark>), MarkStoreError> {
+fn load(
+    db: &Database,
+    path: &Path,
+) -> Result<(u64, Option<InodeId>, HashMap<InodeId, Mark>, Option<u64>), MarkStoreError> {
     let txn = db.begin_write().at(path)?;
-    let (generation, root, marks) = {
+    let (generation, root, marks, log_cut) = {
         let meta = txn.open_table(META).at(path)?;
         let table = txn.open_table(MARKS).at(path)?;
         let get =
@@ -552,11 +685,11 @@ fn load(db: &Database, path: &Path) -> Result<(u64, Option<InodeId>, HashMap<Ino
             let (volume, seq, to_new_path) = v.value();
             marks.insert(InodeId { dev, ino }, Mark { volume, seq, to_new_path });
         }
-        (generation, root, marks)
+        (generation, root, marks, get(META_LOG_CUT)?)
     };
     // Keeps the tables of a new store; nothing else was written.
     txn.commit().at(path)?;
-    Ok((generation, root, marks))
+    Ok((generation, root, marks, log_cut))
 }
 
 /// This boot's id; all zeroes where the kernel does not tell (then no log is ever trusted
@@ -756,6 +889,45 @@ mod tests {
         let s = MarkStore::open(&path).unwrap();
         assert_eq!(s.recovered(), Recovered::Nothing);
         assert_eq!(s.get(id(1)), Some(mark(1)));
+    }
+
+    /// A commit runs beside further changes; `stop` says how far it got before the crash.
+    fn crash_during_a_commit_beside_changes(stop: usize) -> (tempfile::TempDir, MarkStore) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("m.redb");
+        let mut s = MarkStore::open(&path).unwrap();
+        s.set(id(1), mark(1)).unwrap();
+        s.set(id(2), mark(2)).unwrap();
+        let c = s.begin_commit().unwrap();
+        s.set(id(3), mark(3)).unwrap();
+        s.remove(id(2));
+        s.set(id(4), mark(4)).unwrap();
+        if stop >= 1 {
+            let generation = c.run().unwrap();
+            if stop >= 2 {
+                s.end_commit(generation).unwrap();
+            }
+        } else {
+            drop(c);
+        }
+        drop(s);
+        let s = MarkStore::open(&path).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn changes_made_beside_a_commit_survive_a_crash_before_during_or_after_it() {
+        // Before the commit ran, after it ran but before the log was rewritten, and after.
+        for stop in 0..3 {
+            let (_dir, s) = crash_during_a_commit_beside_changes(stop);
+            assert_eq!(
+                (s.get(id(1)), s.get(id(2)), s.get(id(3)), s.get(id(4))),
+                (Some(mark(1)), None, Some(mark(3)), Some(mark(4))),
+                "crash at stage {stop}"
+            );
+            let resumed = if stop == 0 { 5 } else { 3 };
+            assert_eq!(s.recovered(), Recovered::Unsynced { changes: resumed }, "crash at stage {stop}");
+        }
     }
 
     #[test]

@@ -52,14 +52,20 @@
 //!   operation meeting such an object sees it placed by s: if it comes before s it was
 //!   applied already, so it loses nothing by being skipped.
 //! - **M3, sync orders the two files.** [`Replayer::sync`] makes the replica durable
-//!   (`syncfs`) and only then commits every mark change since the last sync, in one redb
-//!   transaction. No operation is in flight during a sync, so every committed mark describes
-//!   a change already durable: the durable store is never ahead of the durable tree. The
-//!   caller acknowledges a seq only after the sync.
+//!   (`syncfs`) and only then commits every mark change up to its start, in one redb
+//!   transaction. Every committed mark describes a change made before the `syncfs`, so
+//!   already durable: the durable store is never ahead of the durable tree. The caller
+//!   acknowledges a seq only after the sync. The client runs the `syncfs` and the commit on
+//!   another thread while replay goes on ([`Replayer::begin_sync`], [`DurablePoint`]): the
+//!   marks are taken at the start, and changes made meanwhile keep theirs for the next sync
+//!   (the tree may then be ahead of the store, as between any two syncs).
 //! - **M4, between syncs the page cache holds both.** Every mark change is also appended to
 //!   `<store>.log`, never fsynced. A process crash (`kill -9`, a panic) loses neither the
 //!   replica's changes nor the log, so the next open during the same boot replays the log
-//!   and the marks are exactly as at the crash ([`Recovered::Unsynced`]). A machine restart
+//!   and the marks are exactly as at the crash ([`Recovered::Unsynced`]). A commit that
+//!   ran beside further changes records where in the log its changes end; until the log is
+//!   rewritten under the new generation (built aside, renamed over), an open resumes what
+//!   follows that cut. A machine restart
 //!   (power loss, kernel crash) keeps an unknown part of each, unordered, so the log (which
 //!   names its boot) is dropped ([`Recovered::Dropped`]) and the entries applied since the
 //!   last sync are replayed by presence alone, which can leave a difference where a name was
@@ -481,6 +487,27 @@ pub struct Replayer {
     doubts: Vec<RelPath>,
 }
 
+/// The replica's changes up to one moment and their marks, made durable by
+/// [`DurablePoint::run`] on any thread: see [`Replayer::begin_sync`].
+pub struct DurablePoint {
+    fd: OwnedFd,
+    root: PathBuf,
+    marks: Option<marks::PendingCommit>,
+}
+
+impl DurablePoint {
+    /// `syncfs` of the replica's file system, then the marks' commit (M3: the tree first;
+    /// marks committed before it could describe placements a power cut takes back).
+    /// Returns what [`Replayer::end_sync`] takes.
+    pub fn run(self) -> Result<Option<u64>, ReplayError> {
+        sys::syncfs(self.fd.as_fd()).map_err(|source| ReplayError::Sync { root: self.root, source })?;
+        Ok(match self.marks {
+            Some(c) => Some(c.run()?),
+            None => None,
+        })
+    }
+}
+
 impl Replayer {
     /// Opens the replica root (which must exist) and removes the temporaries a crash may
     /// have left: one walk of the tree's directories.
@@ -603,17 +630,38 @@ impl Replayer {
     /// (one call per batch however many files it touched), then one commit of the sequence
     /// marks (M3). Acknowledge a seq only after this returns `Ok`.
     pub fn sync(&mut self) -> Result<(), ReplayError> {
-        let err = |source| ReplayError::Sync {
-            root: self.root.path().to_path_buf(),
-            source,
-        };
+        let point = self.begin_sync()?;
+        let generation = point.run()?;
+        self.end_sync(generation)
+    }
+
+    /// [`Replayer::sync`] in three steps, so that the slow middle one runs on another
+    /// thread while this replayer goes on applying: takes the marks of every change applied
+    /// so far into a [`DurablePoint`], whose `run` syncs the replica's file system and then
+    /// commits them; pass its result to [`Replayer::end_sync`] before the next `begin_sync`
+    /// (or `sync`). Changes applied meanwhile are synced or not by that `syncfs`, but their
+    /// marks wait for the next durable point: the durable tree may be ahead of the durable
+    /// marks, never behind them (M3).
+    pub fn begin_sync(&mut self) -> Result<DurablePoint, ReplayError> {
         // syncfs refuses O_PATH descriptors: open the root for reading just for this.
-        let fd = sys::openat(self.root.fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
-            .map_err(err)?;
-        sys::syncfs(fd.as_fd()).map_err(err)?;
-        // M3: the tree first. A store committed before it could describe placements that a
-        // power cut then takes back from the tree.
-        self.marks.commit()?;
+        let fd = sys::openat(self.root.fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(|source| {
+            ReplayError::Sync {
+                root: self.root.path().to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(DurablePoint {
+            fd,
+            root: self.root.path().to_path_buf(),
+            marks: self.marks.begin_commit(),
+        })
+    }
+
+    /// Ends what [`Replayer::begin_sync`] began, with what its [`DurablePoint::run`] returned.
+    pub fn end_sync(&mut self, generation: Option<u64>) -> Result<(), ReplayError> {
+        if let Some(g) = generation {
+            self.marks.end_commit(g)?;
+        }
         Ok(())
     }
 
