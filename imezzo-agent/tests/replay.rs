@@ -790,6 +790,22 @@ fn a_make_over_a_full_sync_object_of_another_kind_leaves_the_name_in_doubt_until
 }
 
 #[test]
+fn a_full_sync_file_renamed_over_another_raises_no_doubt_when_the_master_agrees() {
+    // Right after a full sync every object is unmarked: `mv a b` over an existing b moves
+    // an object of unknown moment, but where b then looks like the master's b (kind, size,
+    // mtime), fetching it again whole would only cost.
+    let mut p = Pair::new();
+    for (n, body) in [("a", &b"the big old file"[..]), ("b", b"another")] {
+        new_file(&p.m(n), 0o644, body);
+        new_file(&p.r(n), 0o644, body);
+    }
+    times_as_the_walk_placed_them(&p, &["a", "b"]);
+    fs::rename(p.m("a"), p.m("b")).unwrap();
+    p.replay_twice(Op::Rename { path: "a".into(), new_path: "b".into(), exchange: false, noreplace: false });
+    assert!(p.replayer.take_doubts().is_empty());
+}
+
+#[test]
 fn a_save_by_rename_over_a_full_sync_file_and_objects_replay_placed_raise_no_doubt() {
     let mut p = Pair::new();
     new_file(&p.m("f"), 0o644, b"old");

@@ -599,8 +599,9 @@ impl Replayer {
     /// wrong. Replayed, a `RENAME_WHITEOUT` the walk had seen done moved the whiteout over
     /// the renamed file (soak seed 796580863014 on XFS); judged done, the whiteout's
     /// `mknod` then replaced a fifo the walk had placed from a later moment (seed 11 on
-    /// ext4). Rare: a replayed op marks what it places, so only the first ops after a full
-    /// sync over old objects can meet unmarked ones.
+    /// ext4). Only names that then differ from what the master holds there now are kept
+    /// (kind, and a non-directory's size and mtime), and a replayed op marks what it
+    /// places, so only the first ops after a full sync over old objects can raise one.
     pub fn take_doubts(&mut self) -> Vec<RelPath> {
         std::mem::take(&mut self.doubts)
     }
@@ -743,6 +744,7 @@ impl Replayer {
         seq: Option<u64>,
         data: &mut dyn DataSource,
     ) -> Result<Applied, ReplayError> {
+        let doubts_before = self.doubts.len();
         let r = match op {
             Op::Create { path, mode } => self.make(path, Make::Regular { mode: *mode }, seq, data),
             Op::Mkdir { path, mode } => self.make(path, Make::Dir { mode: *mode }, seq, data),
@@ -826,7 +828,29 @@ impl Replayer {
             }
             Err(e) => crate::report!(Warn, "replay: operations that failed", "replay: {e}"),
         }
+        self.keep_real_doubts(doubts_before, data);
         r
+    }
+
+    /// Drops the doubts the last op raised (from index `from`) where the replica now holds
+    /// what the master holds there (see `looks_like`): the op's outcome agrees with the
+    /// master's present, whichever moment the full sync's objects were of. (A file a full
+    /// sync placed, renamed over another, is then not fetched again whole.)
+    fn keep_real_doubts(&mut self, from: usize, data: &mut dyn DataSource) {
+        let raised: Vec<RelPath> = self.doubts.drain(from..).collect();
+        for path in raised {
+            let here = match self.target(&path, None) {
+                Ok(Lookup::Found(t)) => self.target_loc(&t).stat().ok().flatten(),
+                _ => None,
+            };
+            let agrees = match (here, self.master(&path, data)) {
+                (Some(st), Ok(Some(a))) => namespace::looks_like(&st, &a),
+                _ => false,
+            };
+            if !agrees {
+                self.doubts.push(path);
+            }
+        }
     }
 
     // ---- lookups -------------------------------------------------------------------

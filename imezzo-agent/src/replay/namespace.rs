@@ -404,7 +404,7 @@ impl Replayer {
 
 /// Whether the replica's object `st` could be the master's `a`: the same kind and, for a
 /// non-directory, the same size and mtime (a directory's own times follow its contents).
-fn looks_like(st: &libc::stat, a: &Attrs) -> bool {
+pub(super) fn looks_like(st: &libc::stat, a: &Attrs) -> bool {
     if FileKind::from_mode(st.st_mode) != Some(a.kind) {
         return false;
     }
