@@ -10,14 +10,16 @@
 //! A [`MarkStore`] holds every mark in memory (a lookup is one hash probe). Changes since
 //! the last sync are kept twice: in a set of unsynced changes that `sync` commits to the
 //! redb file in one transaction (M3), and appended to a log file beside it,
-//! `<store>.log`, which only the page cache keeps (M4). The log is what survives a
-//! process crash (`kill -9`) between two syncs; it is never fsynced, and it records the
-//! boot it was written in, so after a machine restart it is known to be untrustworthy and
-//! dropped.
+//! `<store>.log`, which only the page cache keeps (M4). Each commit records which log it
+//! took changes from and where they end in it (the cut); the log is kept across commits
+//! and rewritten with only the changes not yet committed once it passes
+//! [`LOG_COMPACT_BYTES`]. The log is what survives a process crash (`kill -9`) between two
+//! syncs; it is never fsynced, and it records the boot it was written in, so after a
+//! machine restart it is known to be untrustworthy and dropped.
 //!
 //! Log layout, all integers little-endian: a 64-byte header (magic `IMZMARK1`, format u32,
-//! 4 reserved bytes, the store's commit generation u64, the boot id as 36 ASCII bytes,
-//! CRC-32C of the preceding 60 bytes), then 40-byte records (kind u8: 1 set, 2 remove;
+//! 4 reserved bytes, the log's epoch u64 (the store's commit generation when it was
+//! written), the boot id as 36 ASCII bytes, CRC-32C of the preceding 60 bytes), then 40-byte records (kind u8: 1 set, 2 remove;
 //! flags u8: bit 0 `to_new_path`; 2 reserved bytes; dev, ino, volume, seq as u64;
 //! CRC-32C of the preceding 36 bytes). A torn or garbled record ends the log.
 
@@ -39,11 +41,16 @@ const META_FORMAT: &str = "format";
 const META_GENERATION: &str = "generation";
 const META_ROOT_DEV: &str = "root_dev";
 const META_ROOT_INO: &str = "root_ino";
-/// Where, in the log of the generation before, the changes this commit took end: a commit
-/// runs beside the replay that keeps appending (see [`MarkStore::begin_commit`]), so the
-/// records after this offset are changes made since, which only that log holds until it
-/// is rewritten under the new generation.
+/// The log a commit took its changes from (the epoch in its header) and where in it they
+/// end: the records after that offset were made since, and only the log holds them. A
+/// commit runs beside the replay that keeps appending (see [`MarkStore::begin_commit`]), and
+/// the log is kept across commits, rewritten only past [`LOG_COMPACT_BYTES`] (creating a
+/// file per commit cost the client measurable CPU in ext4's inode allocation).
+const META_LOG_EPOCH: &str = "log_epoch";
 const META_LOG_CUT: &str = "log_cut";
+/// A log longer than this is rewritten (with only the changes not yet committed) after a
+/// commit: about 26 000 records.
+const LOG_COMPACT_BYTES: u64 = 1 << 20;
 
 /// The store format this code writes and reads.
 pub const FORMAT: u64 = 1;
@@ -137,9 +144,10 @@ struct Files {
     log_path: PathBuf,
     /// Where the next record goes.
     log_end: u64,
-    /// The log still names an older generation (rewriting it after a commit failed, or a
-    /// log of the generation before resumed at open): it must be rewritten before anything
-    /// is appended, or a reopen would drop the new records.
+    /// The epoch in the log's header: the generation when it was (re)written.
+    log_epoch: u64,
+    /// The log must be rewritten before anything is appended (it was found unusable at
+    /// open, or a rewrite failed), or a reopen would drop the new records.
     log_stale: bool,
     boot_id: [u8; BOOT_ID_LEN],
 }
@@ -167,8 +175,9 @@ pub struct MarkStore {
     clear_durable: bool,
     root_unsynced: bool,
     recovered: Recovered,
-    /// The log offset the last commit took changes up to ([`META_LOG_CUT`]), as loaded.
-    log_cut: Option<u64>,
+    /// The log the last commit took changes from and where they end ([`META_LOG_CUT`]), as
+    /// loaded.
+    log_cut: Option<(u64, u64)>,
     /// A commit begun and not yet ended: see [`MarkStore::begin_commit`].
     committing: bool,
 }
@@ -182,6 +191,7 @@ pub struct PendingCommit {
     clear_durable: bool,
     root: Option<InodeId>,
     generation: u64,
+    log_epoch: u64,
     log_cut: u64,
 }
 
@@ -210,6 +220,7 @@ impl PendingCommit {
             let mut meta = txn.open_table(META).at(path)?;
             meta.insert(META_FORMAT, FORMAT).at(path)?;
             meta.insert(META_GENERATION, self.generation).at(path)?;
+            meta.insert(META_LOG_EPOCH, self.log_epoch).at(path)?;
             meta.insert(META_LOG_CUT, self.log_cut).at(path)?;
             if let Some(root) = self.root {
                 meta.insert(META_ROOT_DEV, root.dev).at(path)?;
@@ -296,7 +307,16 @@ impl MarkStore {
             .open(&log_path)
             .map_err(|source| MarkStoreError::Log { path: log_path.clone(), source })?;
         let mut store = MarkStore {
-            files: Some(Files { db: Arc::new(db), path, log, log_path, log_end: 0, log_stale: true, boot_id }),
+            files: Some(Files {
+                db: Arc::new(db),
+                path,
+                log,
+                log_path,
+                log_end: 0,
+                log_epoch: 0,
+                log_stale: true,
+                boot_id,
+            }),
             marks,
             unsynced: HashMap::new(),
             log_buf: Vec::new(),
@@ -430,8 +450,8 @@ impl MarkStore {
     /// replica is synced); `None` when there is nothing to commit. Call
     /// [`MarkStore::end_commit`] with its result before beginning another.
     ///
-    /// Meanwhile the log keeps growing under the current generation: a crash before the
-    /// commit resumes all of it, one after resumes only what follows the commit's cut
+    /// Meanwhile the log keeps growing: a crash before the commit resumes what follows the
+    /// previous commit's cut, one after resumes only what follows this one's
     /// ([`META_LOG_CUT`]), so the changes made beside the commit survive either way (M4).
     pub(crate) fn begin_commit(&mut self) -> Option<PendingCommit> {
         debug_assert!(!self.committing, "a mark commit begun while another is in flight");
@@ -455,7 +475,8 @@ impl MarkStore {
             root: self.root,
             generation: self.generation + 1,
             // A stale log is rewritten before anything is appended to it: nothing after
-            // its end belongs to this commit's generation.
+            // its end is a change.
+            log_epoch: files.log_epoch,
             log_cut: files.log_end,
         };
         self.root_unsynced = false;
@@ -463,17 +484,21 @@ impl MarkStore {
     }
 
     /// Records that the commit [`MarkStore::begin_commit`] gave out is durable as
-    /// `generation`, and rewrites the log under it with only the changes made since.
+    /// `generation`; past [`LOG_COMPACT_BYTES`], rewrites the log with only the changes made
+    /// since.
     pub(crate) fn end_commit(&mut self, generation: u64) -> Result<(), MarkStoreError> {
         self.committing = false;
         self.generation = generation;
         self.log_cut = None;
-        // The log still names the generation before; until rewritten, a reopen resumes it
-        // from the commit's cut, and `log_stale` makes the next append retry the rewrite.
-        if let Some(f) = &mut self.files {
-            f.log_stale = true;
+        match &mut self.files {
+            Some(f) if f.log_end > LOG_COMPACT_BYTES => {
+                // Until rewritten, a reopen resumes the log from the commit's cut; if this
+                // fails, `log_stale` makes the next append retry it.
+                f.log_stale = true;
+                self.rewrite_log()
+            }
+            _ => Ok(()),
         }
-        self.rewrite_log()
     }
 
     /// Reads the log at open: replays it when it follows the last commit during this boot,
@@ -489,9 +514,20 @@ impl MarkStore {
         let header = parse_header(&bytes);
         let records: Vec<(u8, InodeId, Option<Mark>)> =
             bytes.get(HEADER_LEN..).unwrap_or_default().chunks_exact(RECORD_LEN).map_while(parse_record).collect();
-        match header {
-            Some((generation, boot)) if boot == f.boot_id && generation == self.generation => {
+        // The records no commit has taken: those after the last commit's cut when this is
+        // the log it took them from, all of them when the log was rewritten since (its
+        // epoch is the current generation); none of an older log.
+        let fresh = match (header, self.log_cut) {
+            (Some((epoch, _)), Some((cut_epoch, cut))) if epoch == cut_epoch => {
+                Some((cut.saturating_sub(HEADER_LEN as u64) / RECORD_LEN as u64) as usize)
+            }
+            (Some((epoch, _)), _) if epoch == self.generation => Some(0),
+            _ => None,
+        };
+        match (header, fresh) {
+            (Some((epoch, boot)), Some(skip)) if boot == f.boot_id => {
                 f.log_end = (HEADER_LEN + records.len() * RECORD_LEN) as u64;
+                f.log_epoch = epoch;
                 f.log_stale = false;
                 // A torn record ends the log: cut it so appends follow the last whole one.
                 if bytes.len() as u64 != f.log_end {
@@ -499,61 +535,32 @@ impl MarkStore {
                         .set_len(f.log_end)
                         .map_err(|source| MarkStoreError::Log { path: f.log_path.clone(), source })?;
                 }
-                let n = records.len();
-                for (kind, id, mark) in records {
+                let log_path = f.log_path.clone();
+                let n = records.len().saturating_sub(skip);
+                for (kind, id, mark) in records.into_iter().skip(skip) {
                     resume(&mut self.marks, &mut self.unsynced, &mut self.max_seq, kind, id, mark);
                 }
                 if n > 0 {
                     log::info!(
                         "replay: resumed {n} unsynced mark changes from {} (the last client stopped without syncing)",
-                        f.log_path.display()
+                        log_path.display()
                     );
                     self.recovered = Recovered::Unsynced { changes: n };
                 }
                 Ok(())
             }
-            // The log of the generation before: a commit that ran beside the replay went
-            // through, and the log was not rewritten after it. What follows the commit's cut
-            // was changed since; the rest is committed.
-            Some((generation, boot)) if generation + 1 == self.generation && self.log_cut.is_some() => {
-                let cut = self.log_cut.unwrap_or_default();
-                let skip = (cut.saturating_sub(HEADER_LEN as u64) / RECORD_LEN as u64) as usize;
-                let after: Vec<_> = records.into_iter().skip(skip).collect();
-                let n = after.len();
-                if n > 0 && boot != f.boot_id {
-                    log::warn!(
-                        "replay: the machine restarted while {n} mark changes in {} were unsynced: they are dropped, and \
-                         entries applied after the last sync will be replayed by presence alone; compare the replica with \
-                         the master",
-                        f.log_path.display()
-                    );
-                    self.recovered = Recovered::Dropped { changes: n };
-                    return self.rewrite_log();
-                }
-                for (kind, id, mark) in after {
-                    resume(&mut self.marks, &mut self.unsynced, &mut self.max_seq, kind, id, mark);
-                }
-                if n > 0 {
-                    log::info!(
-                        "replay: resumed {n} unsynced mark changes from {} (the last client stopped without syncing)",
-                        f.log_path.display()
-                    );
-                    self.recovered = Recovered::Unsynced { changes: n };
-                }
-                self.rewrite_log()
-            }
             // Written after the last commit but before a restart of the machine: the page
             // cache that held the changes to the replica is gone, and which of them reached
             // the disk is unknown, so the log cannot describe the tree (M4).
-            Some((generation, _)) if generation == self.generation && !records.is_empty() => {
+            (Some(_), Some(skip)) if records.len() > skip => {
+                let n = records.len() - skip;
                 log::warn!(
-                    "replay: the machine restarted while {} mark changes in {} were unsynced: they are dropped, and \
+                    "replay: the machine restarted while {n} mark changes in {} were unsynced: they are dropped, and \
                      entries applied after the last sync will be replayed by presence alone; compare the replica with \
                      the master",
-                    records.len(),
                     f.log_path.display()
                 );
-                self.recovered = Recovered::Dropped { changes: records.len() };
+                self.recovered = Recovered::Dropped { changes: n };
                 self.rewrite_log()
             }
             // An older generation (the commit went through, the rewrite did not), or no
@@ -591,6 +598,7 @@ impl MarkStore {
         std::fs::rename(&tmp, &f.log_path).map_err(err)?;
         f.log = log;
         f.log_end = bytes.len() as u64;
+        f.log_epoch = generation;
         f.log_stale = false;
         self.log_buf.clear();
         Ok(())
@@ -654,7 +662,7 @@ fn bump(max_seq: &mut HashMap<u64, u64>, m: &Mark) {
 fn load(
     db: &Database,
     path: &Path,
-) -> Result<(u64, Option<InodeId>, HashMap<InodeId, Mark>, Option<u64>), MarkStoreError> {
+) -> Result<(u64, Option<InodeId>, HashMap<InodeId, Mark>, Option<(u64, u64)>), MarkStoreError> {
     let txn = db.begin_write().at(path)?;
     let (generation, root, marks, log_cut) = {
         let meta = txn.open_table(META).at(path)?;
@@ -685,7 +693,11 @@ fn load(
             let (volume, seq, to_new_path) = v.value();
             marks.insert(InodeId { dev, ino }, Mark { volume, seq, to_new_path });
         }
-        (generation, root, marks, get(META_LOG_CUT)?)
+        let log_cut = match (get(META_LOG_EPOCH)?, get(META_LOG_CUT)?) {
+            (Some(epoch), Some(cut)) => Some((epoch, cut)),
+            _ => None,
+        };
+        (generation, root, marks, log_cut)
     };
     // Keeps the tables of a new store; nothing else was written.
     txn.commit().at(path)?;
@@ -928,6 +940,31 @@ mod tests {
             let resumed = if stop == 0 { 5 } else { 3 };
             assert_eq!(s.recovered(), Recovered::Unsynced { changes: resumed }, "crash at stage {stop}");
         }
+    }
+
+    #[test]
+    fn the_log_is_kept_across_commits_and_rewritten_once_long() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("m.redb");
+        let log = dir.path().join("m.redb.log");
+        let mut s = MarkStore::open(&path).unwrap();
+        s.set(id(1), mark(1)).unwrap();
+        s.commit().unwrap();
+        let kept = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(kept, (HEADER_LEN + RECORD_LEN) as u64, "a short log is not rewritten");
+        let n = LOG_COMPACT_BYTES / RECORD_LEN as u64 + 10;
+        for i in 0..n {
+            s.set(id(100 + i), mark(2)).unwrap();
+        }
+        let c = s.begin_commit().unwrap();
+        s.set(id(7), mark(3)).unwrap();
+        let generation = c.run().unwrap();
+        s.end_commit(generation).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), (HEADER_LEN + RECORD_LEN) as u64);
+        drop(s);
+        let s = MarkStore::open(&path).unwrap();
+        assert_eq!(s.recovered(), Recovered::Unsynced { changes: 1 });
+        assert_eq!((s.get(id(1)), s.get(id(100 + n - 1)), s.get(id(7))), (Some(mark(1)), Some(mark(2)), Some(mark(3))));
     }
 
     #[test]

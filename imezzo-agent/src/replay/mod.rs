@@ -62,10 +62,10 @@
 //! - **M4, between syncs the page cache holds both.** Every mark change is also appended to
 //!   `<store>.log`, never fsynced. A process crash (`kill -9`, a panic) loses neither the
 //!   replica's changes nor the log, so the next open during the same boot replays the log
-//!   and the marks are exactly as at the crash ([`Recovered::Unsynced`]). A commit that
-//!   ran beside further changes records where in the log its changes end; until the log is
-//!   rewritten under the new generation (built aside, renamed over), an open resumes what
-//!   follows that cut. A machine restart
+//!   and the marks are exactly as at the crash ([`Recovered::Unsynced`]). Each commit
+//!   records where in the log the changes it took end (it may run beside further changes),
+//!   and an open resumes what follows that cut; the log is kept across commits and
+//!   rewritten (built aside, renamed over) only once long. A machine restart
 //!   (power loss, kernel crash) keeps an unknown part of each, unordered, so the log (which
 //!   names its boot) is dropped ([`Recovered::Dropped`]) and the entries applied since the
 //!   last sync are replayed by presence alone, which can leave a difference where a name was
