@@ -46,7 +46,7 @@ use std::future::Future;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,10 @@ const IN_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// taken at once. 25 ms: at 1 000 changes a second the durable points (three fsyncs each)
 /// were still a sixth of the client's CPU at 10 ms.
 const PERSIST_EVERY: Duration = Duration::from_millis(25);
+/// Full syncs asked in a row because the walk before raced with changes: under changes
+/// that never pause long enough for a walk, the client goes on from the last one (its
+/// differences then wait for the next full sync or repair).
+const MAX_VERIFICATIONS: u32 = 2;
 /// Entries whose paths are fetched ahead in one round trip.
 const PREFETCH_ENTRIES: usize = 256;
 /// Files at most this large that queued entries write are fetched ahead, whole.
@@ -242,6 +246,7 @@ pub async fn run(
     );
     tokio::pin!(shutdown);
     let mut backoff = MIN_BACKOFF;
+    let verifications = AtomicU32::new(0);
     let result = loop {
         let attempt = tokio::select! {
             () = &mut shutdown => break Ok(()),
@@ -298,6 +303,7 @@ pub async fn run(
             state_dir: &opts.state,
             state_file: &state_file,
             events: &events,
+            verifications: &verifications,
         };
         let (outcome, r) = ctx.run(hello, r, &mut shutdown).await;
         state = state_file.load().unwrap_or(state);

@@ -115,13 +115,16 @@ impl Pending {
         }
     }
 
-    /// The master had nothing at `path` at a repair.
-    pub(super) fn missed(&mut self, path: &[u8]) {
+    /// The master had nothing at `path` at a repair. Returns true when that was the last
+    /// time asked ([`PENDING_MISSES`]): the path is dropped.
+    pub(super) fn missed(&mut self, path: &[u8]) -> bool {
         let n = self.misses.entry(path.to_vec()).or_insert(0);
         *n += 1;
         if *n >= PENDING_MISSES {
             self.remove(path);
+            return true;
         }
+        false
     }
 
     /// The path an `Obsolete` op could not finish.

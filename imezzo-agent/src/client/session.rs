@@ -67,6 +67,9 @@ pub(super) struct SessionCtx<'a> {
     pub(super) state_dir: &'a Path,
     pub(super) state_file: &'a StateFile,
     pub(super) events: &'a EventSink,
+    /// Full syncs asked in a row because the one before raced with changes (see
+    /// [`MAX_VERIFICATIONS`]); zero again after a walk that did not race.
+    pub(super) verifications: &'a AtomicU32,
 }
 
 /// Decides when to report "in sync": at most once a second, and at least once after each
@@ -182,6 +185,12 @@ impl SessionCtx<'_> {
         let mut pending_paths = 0usize;
         let mut last_activity = Instant::now();
         let mut repair_asked = false;
+        // The manifest's walk raced with changes on the server: once all is applied and
+        // quiet, the whole tree is compared again (a new full sync, which keeps whatever
+        // matches). Replaying the entries after the manifest over a walk that saw some of
+        // them, or saw a directory twice or not at all across a rename, left fsstress's
+        // replicas with stale objects, missing links and old attributes.
+        let mut verify_owed = false;
         // A full sync some of whose paths failed: "initial sync done" waits for their repair.
         let mut initial_incomplete: Option<FullSyncStats> = None;
         // A durable point asked for within PERSIST_EVERY of the last one waits for the rest
@@ -241,7 +250,14 @@ impl SessionCtx<'_> {
                             _queued: queued,
                         }
                     }
-                    ClientOutput::ManifestComplete { seq } => Work::ManifestComplete { seq },
+                    ClientOutput::ManifestComplete { seq, raced } => {
+                        if !raced {
+                            self.verifications.store(0, Ordering::Relaxed);
+                        } else if self.verifications.load(Ordering::Relaxed) < MAX_VERIFICATIONS {
+                            verify_owed = true;
+                        }
+                        Work::ManifestComplete { seq }
+                    }
                     ClientOutput::Attached { through_seq, attrs, data } => {
                         Work::Attached(Attachment::new(through_seq, attrs, data))
                     }
@@ -297,13 +313,15 @@ impl SessionCtx<'_> {
             let all_durable = session.state().last_applied == Some(session.received_through());
             in_sync.update(
                 &session,
-                known && pending_paths == 0,
+                known && pending_paths == 0 && !verify_owed,
                 Instant::now(),
                 self.events,
             );
             let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
             let print_at = in_sync.deferred.map(tokio::time::Instant::from_std);
             let repair_at = (pending_paths > 0 && !repair_asked && all_durable && worker.is_some())
+                .then(|| tokio::time::Instant::from_std(last_activity + REPAIR_IDLE));
+            let verify_at = (verify_owed && full_sync_done && pending_paths == 0 && all_durable && worker.is_some())
                 .then(|| tokio::time::Instant::from_std(last_activity + REPAIR_IDLE));
             let persist_at =
                 deferred_persist.map(|_| tokio::time::Instant::from_std(last_persist + PERSIST_EVERY));
@@ -377,6 +395,12 @@ impl SessionCtx<'_> {
                             return o;
                         }
                     }
+                }
+                () = sleep_until(verify_at), if verify_at.is_some() => {
+                    self.verifications.fetch_add(1, Ordering::Relaxed);
+                    return Outcome::Resync(
+                        "the tree changed while the full sync walked it: comparing it whole again now that it is quiet".into(),
+                    );
                 }
                 () = sleep_until(repair_at), if repair_at.is_some() => {
                     repair_asked = true;

@@ -658,6 +658,28 @@ impl Worker {
         Ok(())
     }
 
+    /// Removes whatever the replica holds at `path`, which the master has had nothing at
+    /// through [`PENDING_MISSES`] repairs with every entry received applied.
+    pub(super) fn remove_stale(&mut self, path: &RelPath) -> Result<(), Stop> {
+        let fetcher = self.fetcher.clone();
+        let mut source = NetSource::new(&fetcher);
+        match self.replayer.apply(&Op::Unlink { path: path.clone() }, &mut source) {
+            Ok(Applied::Changed) => {
+                crate::report!(Info, "client: objects the master no longer has, removed at a repair",
+                    "removed {:?}: the master has had nothing there since the stream went idle", path.display());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(why) = self.fetcher.lost() {
+                    return Err(Stop::Lost(why));
+                }
+                crate::report!(Warn, "client: objects the master no longer has that could not be removed",
+                    "cannot remove {:?}, which the master no longer has: {e}", path.display());
+            }
+        }
+        Ok(())
+    }
+
     /// Fetches every pending path the master has now, whole, from its current state: the
     /// data and attributes replay could not take when the master had already moved on.
     pub(super) fn repair(&mut self) -> Result<(), Stop> {
@@ -700,8 +722,13 @@ impl Worker {
             };
             for ((path, diverged), (attrs, links)) in chunk.iter().zip(answer) {
                 // Absent at the master: a later entry renames or removes it; keep it a while.
+                // Still absent at the last repair that asks, with every entry applied: the
+                // replica must have nothing there either (an object a raced full sync
+                // placed, a rename's source the replica could not move).
                 let Some(attrs) = attrs else {
-                    self.pending.missed(path);
+                    if self.pending.missed(path) {
+                        self.remove_stale(&RelPath(path.clone()))?;
+                    }
                     continue;
                 };
                 let rel = RelPath(path.clone());
@@ -754,7 +781,7 @@ impl Worker {
                             return Err(Stop::Lost(why));
                         }
                         crate::report!(Warn, "client: paths that could not be fetched again yet", "cannot fetch {:?} again yet: {e}", rel.display());
-                        self.pending.missed(path);
+                        let _ = self.pending.missed(path);
                     }
                     // Failed on the replica, or refused: kept, and tried again later (the
                     // paths that did not fail are not held up, nor is the stream).
@@ -958,6 +985,8 @@ impl Worker {
                 Applied::Changed | Applied::AlreadyApplied | Applied::Obsolete => {}
             }
         }
+        // The ops set the master's xattrs; an object found in place may hold others.
+        self.replayer.converge_xattrs(path, &a.xattrs)?;
         if let Some(l) = links {
             for name in &l.names {
                 if name == path || !askable(name.as_bytes()) {

@@ -63,7 +63,8 @@ pub enum ClientOutput {
     ApplyManifest(ManifestEntry),
     /// The manifest is whole: remove every local object it did not name and finish its
     /// fetches. A `PersistAndAck` for `seq` follows.
-    ManifestComplete { seq: u64 },
+    /// `raced`: the server's tree changed while it was walked (see `Msg::ManifestEnd`).
+    ManifestComplete { seq: u64, raced: bool },
     /// The master's state for the entries up to `through_seq` that follow (see
     /// [`Msg::Attached`]): replay uses it instead of fetching it.
     Attached {
@@ -370,14 +371,15 @@ impl ClientSession {
                 self.out
                     .extend(entries.into_iter().map(ClientOutput::ApplyManifest));
             }
-            (Phase::Manifest { manifest_seq }, Msg::ManifestEnd { seq }) => {
+            (Phase::Manifest { manifest_seq }, Msg::ManifestEnd { seq, journal_last }) => {
                 if seq != manifest_seq {
                     return self.violation(format!(
                         "ManifestEnd {seq} for a manifest announced at {manifest_seq}"
                     ));
                 }
                 self.phase = Phase::Streaming;
-                self.out.push_back(ClientOutput::ManifestComplete { seq });
+                self.server_journal_last = self.server_journal_last.max(journal_last);
+                self.out.push_back(ClientOutput::ManifestComplete { seq, raced: journal_last > seq });
                 self.pending_persist = Some(seq);
             }
             (Phase::Streaming, Msg::Entries { from_seq, entries }) => {

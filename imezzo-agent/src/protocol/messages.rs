@@ -6,7 +6,7 @@ use crate::attrs::{Attrs, FileKind};
 use crate::op::{JournalEntry, Op, RelPath};
 
 /// The protocol version this agent speaks; it travels in every frame header.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Bytes of a frame header: `u32` body length then `u16` version, both little-endian.
 pub const HEADER_LEN: usize = 6;
 /// Largest body accepted on the control stream (both directions) and from a client on a
@@ -70,6 +70,9 @@ pub enum Msg {
     },
     ManifestEnd {
         seq: u64,
+        /// The journal's last seq the server knew when its walk ended: above `seq`, the
+        /// tree changed while it was walked, and the manifest may mix moments.
+        journal_last: u64,
     },
     Heartbeat {
         sent_through: u64,

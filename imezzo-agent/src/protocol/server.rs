@@ -324,7 +324,7 @@ impl ServerSession {
             return self.internal(&format!("a manifest ended while {}", self.phase.describe()));
         };
         self.flush_manifest(now);
-        self.send(now, Msg::ManifestEnd { seq: manifest_seq });
+        self.send(now, Msg::ManifestEnd { seq: manifest_seq, journal_last: self.journal_last });
         self.phase = Phase::Streaming;
         self.at_end = false;
         self.maybe_read();

@@ -133,6 +133,8 @@ struct Replica {
     applied: Vec<u64>,
     manifest: Vec<ManifestEntry>,
     manifest_complete: Option<u64>,
+    /// What the last `ManifestComplete` said of the walk racing with changes.
+    manifest_raced: Option<bool>,
     full_syncs: Vec<(u64, FullSyncReason)>,
     /// `inline_data` of each `StartManifest` the server asked for.
     inline_asked: Vec<bool>,
@@ -376,8 +378,9 @@ impl Pair {
                     self.server
                         .handle_manifest_entries(self.now, chunk.to_vec());
                 }
-                self.server.handle_manifest_end(self.now);
+                // The driver hears of appends while the walk runs.
                 self.server.handle_appended(self.now, self.journal.last_seq);
+                self.server.handle_manifest_end(self.now);
             }
             ServerOutput::Close(r) => self.server_close = Some(r),
         }
@@ -412,7 +415,10 @@ impl Pair {
                 }
                 r.manifest.push(e);
             }
-            ClientOutput::ManifestComplete { seq } => r.manifest_complete = Some(seq),
+            ClientOutput::ManifestComplete { seq, raced } => {
+                r.manifest_complete = Some(seq);
+                r.manifest_raced = Some(raced);
+            }
             ClientOutput::Apply(e) => {
                 r.tree.insert(e.op.path().0.clone(), e.seq);
                 r.applied.push(e.seq);
@@ -473,6 +479,7 @@ fn new_client_gets_a_full_sync_then_the_stream() {
     p.assert_open();
     assert_eq!(p.welcome(0), full_sync(5, FullSyncReason::NewClient));
     assert_eq!(p.replica.manifest_complete, Some(5));
+    assert_eq!(p.replica.manifest_raced, Some(false));
     assert_eq!(
         p.replica.manifest[0].path,
         RelPath::default(),
@@ -1052,6 +1059,7 @@ fn changes_racing_the_manifest_walk_are_streamed_after_it() {
         "what the walk raced with is replayed after it"
     );
     assert_eq!(p.replica.tree, p.journal.tree_at(8));
+    assert_eq!(p.replica.manifest_raced, Some(true), "the client is told the walk raced");
 }
 
 #[test]
@@ -1253,12 +1261,12 @@ fn violation_text(r: &CloseReason) -> String {
 #[test]
 fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     let mut f = frame(&hello(None, None));
-    f[4..6].copy_from_slice(&6u16.to_le_bytes());
+    f[4..6].copy_from_slice(&7u16.to_le_bytes());
     let r = server_closes_on(&[f.clone()], false);
     assert_eq!(r.code(), 1);
     assert_eq!(
         r.to_string(),
-        "this server speaks imezzo protocol 5 and the client speaks protocol 6: upgrade the server"
+        "this server speaks imezzo protocol 6 and the client speaks protocol 7: upgrade the server"
     );
 
     let mut c = ClientSession::new(ClientState::default(), Instant::now());
@@ -1267,7 +1275,7 @@ fn version_mismatch_is_refused_with_a_text_naming_the_side_to_upgrade() {
     match close {
         Some(ClientOutput::Close(r)) => assert_eq!(
             r.to_string(),
-            "this client speaks imezzo protocol 5 and the server speaks protocol 6: upgrade the client"
+            "this client speaks imezzo protocol 6 and the server speaks protocol 7: upgrade the client"
         ),
         other => panic!("{other:?}"),
     }
@@ -1779,7 +1787,7 @@ fn samples() -> Vec<Msg> {
                 data: Some(b"hello".to_vec()),
             }],
         },
-        Msg::ManifestEnd { seq: 9 },
+        Msg::ManifestEnd { seq: 9, journal_last: 9 },
         Msg::Heartbeat {
             sent_through: 9,
             journal_last: 12,
@@ -1851,14 +1859,14 @@ fn frames_split_at_every_byte_still_decode() {
     assert_eq!(got, samples());
 }
 
-/// The bytes of version 4 (body archives of sample messages). A change here means the wire
+/// The bytes of version 6 (body archives of sample messages). A change here means the wire
 /// format changed: bump `PROTOCOL_VERSION` and update docs/protocol.md, then this test.
 /// (Version 2 added the inode to write entries and to `Fetch`; version 3 the inline `data`
 /// of manifest entries; version 4 `links` to `FetchAttrs` and `Attrs`, and version 5 the
 /// `Attached` message, which these samples do not hold: only the header's version changed
-/// here.)
+/// here; version 6 `journal_last` to `ManifestEnd`, likewise.)
 #[test]
-fn version_5_wire_bytes_are_frozen() {
+fn version_6_wire_bytes_are_frozen() {
     let hello = hex::encode(frame(&hello(Some(VOLUME), Some(42))));
     let entries = hex::encode(frame(&Msg::Entries {
         from_seq: 1,
@@ -1873,14 +1881,14 @@ fn version_5_wire_bytes_are_frozen() {
             data: Some(b"hi".to_vec()),
         }],
     }));
-    assert_eq!(hello, HELLO_V5);
-    assert_eq!(entries, ENTRIES_V5);
-    assert_eq!(manifest, MANIFEST_V5);
+    assert_eq!(hello, HELLO_V6);
+    assert_eq!(entries, ENTRIES_V6);
+    assert_eq!(manifest, MANIFEST_V6);
 }
 
-const HELLO_V5: &str = "48000000050000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
-const ENTRIES_V5: &str = "b000000005006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
-const MANIFEST_V5: &str = "d80000000500642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const HELLO_V6: &str = "48000000060000010707070707070707070707070707070700000000000001000000000000002a000000000000001000000074657374ffffffff0000000000000000000000000000000000000000";
+const ENTRIES_V6: &str = "b000000006006631000000000000010000000000000008000000ecffffff020000000000000000000000000000000a0000000000000000000000000000000000000000000000010000000000000065000000000000000000000000000000000000000000000000000000000000000400000000000000010000000000000090ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+const MANIFEST_V6: &str = "d80000000600642f660068690000f8ffffff0300000000000000a40100000000000000000000010000000000000002000000000000000300000000000000040000000000000002000000000000000000000000000000000000000000000000000000a8ffffff00000000000000000000000000000000010000000000000001000000000000000100000080ffffff02000000000000000500000074ffffff01000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
 
 #[test]
 fn random_bytes_never_panic_the_decoder_or_the_sessions() {
@@ -2401,7 +2409,7 @@ fn seqs_at_the_end_of_the_seq_space_do_not_overflow() {
         ClientState::default(),
         &[
             full,
-            Msg::ManifestEnd { seq: u64::MAX },
+            Msg::ManifestEnd { seq: u64::MAX, journal_last: u64::MAX },
             Msg::Entries {
                 from_seq: 0,
                 entries: vec![entry(0)],

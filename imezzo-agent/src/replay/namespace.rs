@@ -228,14 +228,31 @@ impl Replayer {
             }
         }
         let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
-        if let Err(e) = sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags)
-        {
+        let mut replaced_stale = false;
+        let mut renamed = sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags);
+        let diverged = |e: &io::Error| matches!(errno(e), libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR);
+        if let (Err(e), false, Some(_)) = (&renamed, exchange, &dst) {
+            if diverged(e) {
+                // A directory over a file, anything over a non-empty directory: the master's
+                // rename succeeded, so what the replica holds at `new_path` is stale (a full
+                // sync's walk that raced with a rename saw the directory twice, under both
+                // names). It goes, subtree and all, as an unlink would take it, and the
+                // rename is made; the destination is compared whole once the stream is idle.
+                // (Refused instead, the source stayed where the master has nothing: fsstress
+                // under a full resync left such trees.)
+                let mut freed = Vec::new();
+                beneath::remove_tree(t.parent.as_fd(), &t.name, &mut |st| freed.push(InodeId::of(st)))
+                    .ctx(OP, new_path)?;
+                for id in freed {
+                    self.marks.remove(id);
+                }
+                replaced_stale = true;
+                renamed = sys::renameat2(f.parent.as_fd(), &f.name, t.parent.as_fd(), &t.name, flags);
+            }
+        }
+        if let Err(e) = renamed {
             self.unmark_all(ahead);
-            // A directory over a file, anything over a non-empty directory: diverged.
-            if matches!(
-                errno(&e),
-                libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR
-            ) {
+            if diverged(&e) {
                 return Ok(Applied::NeedsResync {
                     path: new_path.clone(),
                 });
@@ -267,6 +284,9 @@ impl Replayer {
         self.restore_dir_times(f.parent.as_fd(), &f.parent_rel, data);
         if t.parent_rel != f.parent_rel {
             self.restore_dir_times(t.parent.as_fd(), &t.parent_rel, data);
+        }
+        if replaced_stale {
+            return Ok(Applied::NeedsResync { path: new_path.clone() });
         }
         Ok(Applied::Changed)
     }

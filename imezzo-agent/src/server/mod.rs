@@ -701,6 +701,8 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                             stats.inline_files,
                             manifest_started.elapsed()
                         );
+                        // What was journalled while the walk ran tells the client it raced.
+                        session.handle_appended(now, *appended.borrow_and_update());
                         session.handle_manifest_end(now);
                     }
                     Some(WalkEvent::Failed(reason)) => {
