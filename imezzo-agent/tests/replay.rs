@@ -846,6 +846,37 @@ fn a_mkdir_found_done_still_gives_its_parent_the_masters_times() {
 }
 
 #[test]
+fn a_rename_onto_a_stale_non_empty_directory_replaces_it_and_asks_for_a_comparison() {
+    // A full sync's walk that raced with `mv a b` saw the directory under both names; the
+    // rename then met a non-empty b. Refused, a stayed where the master has nothing.
+    let mut p = Pair::new();
+    new_dir(&p.m("a"), 0o755);
+    new_file(&p.m("a/x"), 0o644, b"x");
+    fs::rename(p.m("a"), p.m("b")).unwrap();
+    new_dir(&p.r("a"), 0o755);
+    new_file(&p.r("a/x"), 0o644, b"x");
+    new_dir(&p.r("b"), 0o755);
+    new_file(&p.r("b/old"), 0o644, b"old");
+    let op = Op::Rename { path: "a".into(), new_path: "b".into(), exchange: false, noreplace: false };
+    assert_eq!(p.apply(op).unwrap(), Applied::NeedsResync { path: "b".into() });
+    assert!(!p.r("a").exists());
+    assert_eq!(fs::read(p.r("b/x")).unwrap(), b"x");
+    assert!(!p.r("b/old").exists());
+}
+
+#[test]
+fn converging_xattrs_removes_the_ones_the_master_lacks() {
+    let mut p = Pair::new();
+    new_dir(&p.r("d"), 0o755);
+    set_xattr(&p.r("d"), "user.k1", b"old");
+    set_xattr(&p.r("d"), "user.k2", b"gone on the master");
+    let wanted = vec![(b"user.k1".to_vec(), b"new".to_vec())];
+    p.replayer.converge_xattrs(&"d".into(), &wanted).unwrap();
+    let user: BTreeMap<_, _> = xattrs(&p.r("d")).into_iter().filter(|(n, _)| n.starts_with(b"user.")).collect();
+    assert_eq!(user, BTreeMap::from([(b"user.k1".to_vec(), b"new".to_vec())]));
+}
+
+#[test]
 fn two_files_exchanged_are_swapped_unless_the_replica_already_shows_the_swap() {
     let mut p = Pair::new();
     new_file(&p.m("a"), 0o600, b"");

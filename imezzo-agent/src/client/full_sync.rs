@@ -367,7 +367,8 @@ impl FullSync {
         })();
         if let Err(e) = placed {
             self.failed(path.as_bytes());
-            log::warn!("full sync: cannot place {:?}: {e}", path.display());
+            crate::report!(Warn, "full sync: objects that could not be placed (fetched again later)",
+                "full sync: cannot place {:?}: {e}", path.display());
         }
         Ok(())
     }

@@ -601,7 +601,8 @@ impl Worker {
                 if is_disk_full(&e) {
                     self.note_disk_full(&e);
                 } else {
-                    log::warn!("seq {}: {e}; the path is fetched again later", entry.seq);
+                    crate::report!(Warn, "client: entries that failed (their paths fetched again later)",
+                        "seq {}: {e}; the path is fetched again later", entry.seq);
                 }
                 self.pending.mark_op(&entry.op);
                 if let Op::Rename { path, .. } | Op::Link { path, .. } = &entry.op {

@@ -208,17 +208,14 @@ impl<T> Ctx<T> for io::Result<T> {
 }
 
 fn refuse_escape(path: &RelPath) -> ReplayError {
-    log::warn!(
-        "replay: refused path {:?}: it leads outside the root",
-        path.display()
-    );
+    crate::report!(Warn, "replay: paths refused", "replay: refused path {:?}: it leads outside the root", path.display());
     ReplayError::EscapesRoot {
         path: path.display().into_owned(),
     }
 }
 
 fn refuse_bad(path: &RelPath, why: &'static str) -> ReplayError {
-    log::warn!("replay: refused path {:?}: {why}", path.display());
+    crate::report!(Warn, "replay: paths refused", "replay: refused path {:?}: {why}", path.display());
     ReplayError::BadPath {
         path: path.display().into_owned(),
         why,
@@ -226,7 +223,7 @@ fn refuse_bad(path: &RelPath, why: &'static str) -> ReplayError {
 }
 
 fn bad_op(path: &RelPath, why: &'static str) -> ReplayError {
-    log::warn!("replay: refused operation on {:?}: {why}", path.display());
+    crate::report!(Warn, "replay: operations refused", "replay: refused operation on {:?}: {why}", path.display());
     ReplayError::BadOp {
         path: path.display().into_owned(),
         why,
@@ -1091,11 +1088,8 @@ impl Replayer {
                 // A namespace this file system or host does not allow (e.g. user.* on a
                 // symlink, security.* without the LSM): one attribute must not stall replay.
                 Err(e) if matches!(errno(&e), libc::ENOTSUP | libc::EPERM | libc::EACCES) => {
-                    log::warn!(
-                        "replay: cannot set xattr {} on {:?}: {e}",
-                        String::from_utf8_lossy(name),
-                        loc.name()
-                    )
+                    crate::report!(Warn, "replay: xattrs this file system or host does not allow",
+                        "replay: cannot set xattr {} on {:?}: {e}", String::from_utf8_lossy(name), loc.name())
                 }
                 Err(e) => return Err(e),
             }
@@ -1116,10 +1110,8 @@ impl Replayer {
         match data.attrs(rel) {
             Ok(Some(a)) if a.kind == FileKind::Directory => {
                 if let Err(e) = Loc::dir(dir).set_times(Some(a.atime), Some(a.mtime)) {
-                    log::warn!(
-                        "replay: cannot restore the times of directory {:?}: {e}",
-                        rel.display()
-                    );
+                    crate::report!(Warn, "replay: directory times that could not be restored",
+                        "replay: cannot restore the times of directory {:?}: {e}", rel.display());
                 }
             }
             Ok(_) => {}
