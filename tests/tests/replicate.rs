@@ -1684,7 +1684,7 @@ fn fake_full_sync(manifest: Vec<ManifestEntry>, then: Option<Vec<JournalEntry>>)
     entries.extend(manifest);
     out.extend(wire::frame(&Msg::Manifest { entries }));
     if let Some(journal) = then {
-        out.extend(wire::frame(&Msg::ManifestEnd { seq: 0 }));
+        out.extend(wire::frame(&Msg::ManifestEnd { seq: 0, journal_last: 0 }));
         out.extend(wire::frame(&Msg::Entries {
             from_seq: 1,
             entries: journal,
@@ -1991,7 +1991,7 @@ fn a_small_file_that_a_manifest_names_where_it_made_a_directory_replaces_it() {
         ],
         None,
     );
-    script.extend(wire::frame(&Msg::ManifestEnd { seq: 0 }));
+    script.extend(wire::frame(&Msg::ManifestEnd { seq: 0, journal_last: 0 }));
 
     let rt = wire::runtime();
     let ep = {
