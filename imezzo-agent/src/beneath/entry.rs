@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::sys::{cvt, cvt_size, errno, is_kind, list_xattrs_at, readlinkat, timespec};
+use super::sys::{cvt, cvt_size, errno, is_kind, list_xattr_names, readlinkat, timespec};
 use crate::attrs::{Attrs, FileKind};
 use crate::op::Timestamp;
 
@@ -167,7 +167,8 @@ impl Loc {
     }
 
     pub fn get_xattr(&self, name: &CStr) -> io::Result<Option<Vec<u8>>> {
-        let p = self.xattr_path();
+        // The path form only where the `*xattrat` one is missing (see `xattrat`).
+        let p = || self.xattr_path();
         let mut buf = vec![0u8; 256];
         loop {
             let mut args = XattrArgs { value: buf.as_mut_ptr() as u64, size: buf.len() as u32, flags: 0 };
@@ -179,14 +180,14 @@ impl Loc {
                     r
                 } else if self.follow {
                     libc::getxattr(
-                        p.as_ptr(),
+                        p().as_ptr(),
                         name.as_ptr(),
                         buf.as_mut_ptr().cast(),
                         buf.len(),
                     )
                 } else {
                     libc::lgetxattr(
-                        p.as_ptr(),
+                        p().as_ptr(),
                         name.as_ptr(),
                         buf.as_mut_ptr().cast(),
                         buf.len(),
@@ -208,7 +209,8 @@ impl Loc {
     }
 
     pub fn set_xattr(&self, name: &CStr, value: &[u8]) -> io::Result<()> {
-        let p = self.xattr_path();
+        // The path form only where the `*xattrat` one is missing (see `xattrat`).
+        let p = || self.xattr_path();
         let args = XattrArgs { value: value.as_ptr() as u64, size: value.len() as u32, flags: 0 };
         // SAFETY: valid C strings; `args` points at `value`, readable for its length.
         let r = unsafe {
@@ -218,7 +220,7 @@ impl Loc {
                 r as libc::c_int
             } else if self.follow {
                 libc::setxattr(
-                    p.as_ptr(),
+                    p().as_ptr(),
                     name.as_ptr(),
                     value.as_ptr().cast(),
                     value.len(),
@@ -226,7 +228,7 @@ impl Loc {
                 )
             } else {
                 libc::lsetxattr(
-                    p.as_ptr(),
+                    p().as_ptr(),
                     name.as_ptr(),
                     value.as_ptr().cast(),
                     value.len(),
@@ -239,15 +241,16 @@ impl Loc {
 
     /// Removes one xattr; `Ok(false)` when it was not there.
     pub fn remove_xattr(&self, name: &CStr) -> io::Result<bool> {
-        let p = self.xattr_path();
+        // The path form only where the `*xattrat` one is missing (see `xattrat`).
+        let p = || self.xattr_path();
         // SAFETY: valid C strings.
         let r = unsafe {
             if let Some(r) = self.xattrat(|dir, path, flags| libc::syscall(SYS_REMOVEXATTRAT, dir, path, flags, name.as_ptr())) {
                 r as libc::c_int
             } else if self.follow {
-                libc::removexattr(p.as_ptr(), name.as_ptr())
+                libc::removexattr(p().as_ptr(), name.as_ptr())
             } else {
-                libc::lremovexattr(p.as_ptr(), name.as_ptr())
+                libc::lremovexattr(p().as_ptr(), name.as_ptr())
             }
         };
         match cvt(r) {
@@ -258,28 +261,24 @@ impl Loc {
     }
 
     pub fn list_xattrs(&self) -> io::Result<Vec<Vec<u8>>> {
-        if XATTRAT.load(Ordering::Relaxed) == XATTRAT_MISSING {
-            return list_xattrs_at(&self.xattr_path(), self.follow);
-        }
-        let mut buf = vec![0u8; 1024];
-        let n = loop {
-            // SAFETY: valid C string; `buf` is writable for its length.
-            let r = unsafe {
-                self.xattrat(|dir, path, flags| {
-                    libc::syscall(SYS_LISTXATTRAT, dir, path, flags, buf.as_mut_ptr(), buf.len())
-                })
-            };
-            let Some(r) = r else {
-                return list_xattrs_at(&self.xattr_path(), self.follow);
-            };
-            match cvt_size(r) {
-                Ok(n) => break n,
-                Err(e) if errno(&e) == libc::ERANGE && buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-                Err(e) if errno(&e) == libc::ENOTSUP => break 0,
-                Err(e) => return Err(e),
+        // Resolved only when the `*xattrat` form is missing (see `xattrat`).
+        let mut path: Option<CString> = None;
+        list_xattr_names(|buf| {
+            // SAFETY: valid C strings; `buf` is writable for its length.
+            unsafe {
+                if let Some(r) = self.xattrat(|dir, p, flags| {
+                    libc::syscall(SYS_LISTXATTRAT, dir, p, flags, buf.as_mut_ptr(), buf.len())
+                }) {
+                    return r;
+                }
+                let p = path.get_or_insert_with(|| self.xattr_path());
+                if self.follow {
+                    libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                } else {
+                    libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                }
             }
-        };
-        Ok(buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect())
+        })
     }
 
     /// Runs one of the `*xattrat` system calls (Linux 6.13) on this object: they name an

@@ -165,18 +165,12 @@ pub(crate) fn readlinkat(dirfd: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
     }
 }
 
-pub(crate) fn list_xattrs_at(path: &CStr, follow: bool) -> io::Result<Vec<Vec<u8>>> {
+/// The xattr names `list` writes into a buffer (a `listxattr`-family call returning the
+/// bytes written, or -1 with errno), grown while the kernel says it is too small.
+pub(crate) fn list_xattr_names(mut list: impl FnMut(&mut [u8]) -> isize) -> io::Result<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; 1024];
     let n = loop {
-        // SAFETY: valid C string; `buf` is writable for its length.
-        let r = unsafe {
-            if follow {
-                libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            } else {
-                libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            }
-        };
-        match cvt_size(r) {
+        match cvt_size(list(&mut buf)) {
             Ok(n) => break n,
             Err(e) if errno(&e) == libc::ERANGE && buf.len() < 1 << 20 => {
                 buf.resize(buf.len() * 4, 0)
