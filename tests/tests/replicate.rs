@@ -399,6 +399,74 @@ fn large_file_grown_by_appends_then_truncated_ends_identical() {
     r.assert_no_panic();
 }
 
+/// Sparse files keep their holes on the replica whichever way their bytes come: a new
+/// client's full sync (fetched, inline, and through a link group) and replay. A fetch sends
+/// a small hole's zeroes as bytes; written out as data, they made fsstress replicas four
+/// times their master's allocation and filled a small replica (ENOSPC).
+#[test]
+fn sparse_files_keep_their_holes_through_a_full_sync_and_replay() {
+    let mut r = Replication::on("sparse", FsKind::Ext4);
+    let mut rng = Rng(7);
+    // (name, size, offsets of 4 KiB data blocks)
+    let shapes: [(&str, u64, &[u64]); 4] = [
+        ("eight-mib", 8 << 20, &[0, 6 << 20]),
+        ("inline-64k", 64 << 10, &[32 << 10]),
+        ("forty-mib", 40 << 20, &[0, 17 << 20, (39 << 20) + 8192]),
+        ("all-hole", 12 << 20, &[]),
+    ];
+    let make = |rng: &mut Rng, p: &Path, size: u64, at: &[u64]| {
+        let f = open_or_panic(p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644);
+        for &off in at {
+            ok(sys::pwrite64(&f, &rng.bytes(4096), off as i64));
+        }
+        ok(sys::ftruncate(&f, size as i64));
+    };
+    for (name, size, at) in shapes {
+        make(&mut rng, &r.e(name), size, at);
+    }
+    ok(sys::link(&r.e("eight-mib"), &r.e("eight-mib-link")));
+    // Blocks of written zeroes are data on the master, but only bytes are promised: the
+    // replica may make them holes.
+    std::fs::write(r.e("written-zeroes"), vec![0u8; 1 << 20]).unwrap();
+
+    let blocks = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p)
+            .unwrap_or_else(|e| panic!("{p:?}: {e}"))
+            .blocks()
+    };
+    // 512-byte sectors: what a file may hold beyond the master's (an extent block or two).
+    const SLACK: u64 = 64;
+    let check = |r: &Replication, names: &[&str], what: &str| {
+        for name in names {
+            let (m, c) = (blocks(&r.e(name)), blocks(&r.replica.p(name)));
+            assert!(
+                c <= m + SLACK,
+                "{what}: {name} takes {c} sectors on the replica against {m} on the master: \
+                 holes were written as data\n{}",
+                r.context()
+            );
+        }
+    };
+    r.start_server(&[]);
+    r.start_client();
+    r.assert_identical(CONVERGE_TIMEOUT, "a new client's full sync of sparse files");
+    check(&r, &["eight-mib", "eight-mib-link", "inline-64k", "forty-mib", "all-hole", "written-zeroes"], "full sync");
+
+    // Replay: a new sparse file, a file extended with a hole, and zeroes written over data
+    // (the replica punches them).
+    make(&mut rng, &r.e("new-sparse"), 10 << 20, &[4 << 20]);
+    {
+        let f = open_or_panic(&r.e("eight-mib"), libc::O_WRONLY, 0);
+        ok(sys::ftruncate(&f, 24 << 20));
+        ok(sys::pwrite64(&f, &rng.bytes(4096), 20 << 20));
+        ok(sys::pwrite64(&f, &[0u8; 4096], 0));
+    }
+    r.assert_identical(CONVERGE_TIMEOUT, "sparse files written while replicating");
+    check(&r, &["new-sparse", "eight-mib", "eight-mib-link"], "replay");
+    r.assert_no_panic();
+}
+
 #[test]
 fn hard_links_on_ext4_replicate_as_link_groups() {
     let mut r = Replication::on("links", FsKind::Ext4);
@@ -608,6 +676,59 @@ fn client_killed_mid_stream_resumes_without_a_full_resync_and_ends_identical() {
         "the restarted client did a full resync instead of resuming: {:?}\n{}",
         c.initial_syncs(),
         c.context()
+    );
+    r.assert_no_panic();
+}
+
+/// A change the server can only journal as a rescan (a chmod through a path longer than the
+/// probes copy) owes the client a full resync. The durable point covering the rescan used
+/// to record it as applied while the resync was owed in memory only: a client killed before
+/// that full sync began resumed after the rescan and said "in sync" with the old mode
+/// (differential seed 796591740069). The server is stopped at the kill so the resync
+/// cannot begin first.
+#[test]
+fn a_client_killed_before_the_full_sync_a_rescan_owes_it_resyncs_at_restart() {
+    let mut r = Replication::started("rescanowed");
+    let mut name = String::from("long-");
+    while name.len() < 255 {
+        name.push((b'a' + (name.len() % 26) as u8) as char);
+    }
+    r.export.put(&name, &[b'x'; 100]);
+    ok(sys::chmod(&r.e(&name), 0o644));
+    r.assert_identical(CONVERGE_TIMEOUT, "the long-named file replicated");
+    let state = r.client_node.state.join("client.state");
+    let applied = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| t.lines().find(|l| l.starts_with("last_applied")).map(str::to_owned))
+    };
+    // The durable point after the file's last entry.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = applied();
+    assert!(before.is_some(), "no last_applied line in {state:?}\n{}", r.context());
+
+    ok(sys::chmod(&r.e(&name), 0o7616));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let now = applied();
+        if now.is_some() && now != before {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client's state never moved past {before:?} after the chmod\n{}",
+            r.context()
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    r.server().agent.signal(libc::SIGSTOP);
+    r.client().kill9();
+    eprintln!("state at the kill: {after:?} (before the chmod: {before:?})");
+    r.server().agent.signal(libc::SIGCONT);
+    r.client().restart();
+    r.assert_identical(
+        CONVERGE_TIMEOUT,
+        "the set-id chmod journalled as a rescan, after the client's kill and restart",
     );
     r.assert_no_panic();
 }

@@ -297,6 +297,47 @@ pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }).map(drop)
 }
 
+/// Granularity of hole detection in [`pwrite_sparse`]: the page and the usual block size.
+pub const SPARSE_BLOCK: u64 = 4096;
+
+/// Writes `buf` at `off` into a regular file whose size is `eof`, leaving every all-zero
+/// block (aligned on file offsets) a hole, as the master's file most likely has it: such
+/// blocks are skipped at or past EOF (the caller's final `ftruncate` makes the hole) and
+/// punched below it (written as zeroes where the file system cannot punch). Returns the
+/// file's size after the writes. One copy of this rule serves replay and full sync alike:
+/// a fetch sends the zeroes of small holes, and writing them as data made replicas of
+/// sparse trees several times their master's allocation.
+pub fn pwrite_sparse(fd: BorrowedFd<'_>, buf: &[u8], off: u64, mut eof: u64) -> io::Result<u64> {
+    let mut i = 0usize;
+    while i < buf.len() {
+        // A run of blocks that are all zero, or all not.
+        let run = i;
+        let mut zero = None;
+        while i < buf.len() {
+            let abs = off + i as u64;
+            let next = (abs / SPARSE_BLOCK + 1) * SPARSE_BLOCK;
+            let seg_end = buf.len().min(i + (next - abs) as usize);
+            let z = buf[i..seg_end].iter().all(|&b| b == 0);
+            if *zero.get_or_insert(z) != z {
+                break;
+            }
+            i = seg_end;
+        }
+        let abs = off + run as u64;
+        let n = (i - run) as u64;
+        if zero == Some(false) {
+            pwrite_all(fd, &buf[run..i], abs)?;
+            eof = eof.max(abs + n);
+        } else if abs < eof {
+            let m = n.min(eof - abs);
+            if !punch_hole(fd, abs, m)? {
+                pwrite_all(fd, &buf[run..run + m as usize], abs)?;
+            }
+        }
+    }
+    Ok(eof)
+}
+
 /// Turns `[off, off+len)` into a hole; `Ok(false)` when the file system cannot punch
 /// holes (the caller writes zeroes instead).
 pub fn punch_hole(fd: BorrowedFd<'_>, off: u64, len: u64) -> io::Result<bool> {

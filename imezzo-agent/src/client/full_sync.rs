@@ -22,9 +22,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::path_set::PathSet;
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -420,9 +419,10 @@ impl FullSync {
             if existing.is_some_and(|st| is_kind(&st, libc::S_IFREG) && st.st_nlink > 1) {
                 let fd = sys::openat(dir.as_fd(), &name, libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0)?;
                 let file = File::from(fd);
+                let mut eof = file.metadata()?.len();
                 let size = match data {
                     Some(d) => {
-                        file.write_all_at(&d, 0)?;
+                        sys::pwrite_sparse(file.as_fd(), &d, 0, eof)?;
                         d.len() as u64
                     }
                     None => {
@@ -431,7 +431,10 @@ impl FullSync {
                             0,
                             u64::MAX,
                             None,
-                            &mut |at, chunk| file.write_all_at(chunk, at),
+                            &mut |at, chunk| {
+                                eof = sys::pwrite_sparse(file.as_fd(), chunk, at, eof)?;
+                                Ok(())
+                            },
                         ));
                         match end {
                             Ok(DataEnd::Done { file_size }) => file_size,
@@ -728,6 +731,7 @@ fn fetch_file(
         let _ = sys::unlinkat(dir, &tmp, false);
     };
     let mut bytes = 0u64;
+    let mut eof = 0u64;
     // The whole current file: bytes the file gained since the walk arrive now rather than
     // with the journal entry that follows.
     let end = fetcher.runtime().block_on(fetcher.data(
@@ -736,7 +740,7 @@ fn fetch_file(
         u64::MAX,
         None,
         &mut |at, chunk| {
-            file.write_all_at(chunk, at)?;
+            eof = sys::pwrite_sparse(file.as_fd(), chunk, at, eof)?;
             bytes += chunk.len() as u64;
             Ok(())
         },
@@ -768,8 +772,8 @@ fn write_inline(
     data: &[u8],
 ) -> io::Result<()> {
     let (tmp, file) = create_temp(dir)?;
-    let result = (&file)
-        .write_all(data)
+    let result = sys::pwrite_sparse(file.as_fd(), data, 0, 0)
+        .and_then(|_| file.set_len(data.len() as u64))
         .and_then(|()| finish_file(fetcher, dir, file, &tmp, name, path, attrs, xattrs_omitted));
     if result.is_err() {
         let _ = sys::unlinkat(dir, &tmp, false);

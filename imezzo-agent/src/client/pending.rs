@@ -22,6 +22,11 @@ pub(super) struct Pending {
     pub(super) misses: HashMap<Vec<u8>, u32>,
     /// Changed since last saved.
     pub(super) changed: bool,
+    /// Paths a listing named, with its seq: the entries up to that seq that are still to
+    /// come are older than the listing, which already saw what they did, so they neither
+    /// move nor drop these paths (a rename the replay skips as already applied would carry
+    /// a failed placement off to another name, and the failed one be taken for repaired).
+    pub(super) as_of: HashMap<Vec<u8>, u64>,
 }
 
 impl Pending {
@@ -100,6 +105,7 @@ impl Pending {
         }
         self.paths.clear();
         self.misses.clear();
+        self.as_of.clear();
     }
 
     pub(super) fn insert(&mut self, path: Vec<u8>, diverged: bool) {
@@ -108,8 +114,15 @@ impl Pending {
         self.changed = true;
     }
 
+    /// A path named by a listing as of `seq` (see [`Pending::as_of`]).
+    pub(super) fn insert_as_of(&mut self, path: Vec<u8>, diverged: bool, seq: u64) {
+        self.as_of.insert(path.clone(), seq);
+        self.insert(path, diverged);
+    }
+
     pub(super) fn remove(&mut self, path: &[u8]) {
         self.misses.remove(path);
+        self.as_of.remove(path);
         if self.paths.remove(path).is_some() {
             self.changed = true;
         }
@@ -196,6 +209,21 @@ impl Pending {
         for (suffix, d) in items {
             let mut p = prefix.to_vec();
             p.extend_from_slice(&suffix);
+            self.insert(p, d);
+        }
+    }
+
+    /// [`Pending::follow`] for the entry `seq`: the paths a listing named as of `seq` or
+    /// later stay where they are.
+    pub(super) fn follow_entry(&mut self, op: &Op, seq: u64) {
+        self.as_of.retain(|_, listed| *listed >= seq);
+        let held: Vec<(Vec<u8>, bool)> = self
+            .as_of
+            .keys()
+            .filter_map(|p| self.paths.remove_entry(p))
+            .collect();
+        self.follow(op);
+        for (p, d) in held {
             self.insert(p, d);
         }
     }
@@ -314,6 +342,31 @@ mod tests {
             new_path: "k".into(),
         });
         assert_eq!(paths(&p), ["h", "k"]);
+    }
+
+    #[test]
+    pub(super) fn a_path_a_listing_failed_to_place_stays_put_through_the_entries_it_already_saw() {
+        // A resync of "" listed the master as of seq 400 and could not place "b/e" (no
+        // room). Entries 237..=400 come after it, replay skips them as already applied, and
+        // they must not carry the path off: an exchange moved it to another name, which the
+        // repair then found right, and "b/e" stayed wrong while the client said "in sync".
+        let mut p = Pending::default();
+        p.insert_as_of(b"b/e".to_vec(), true, 400);
+        p.insert(b"x".to_vec(), false);
+        p.follow_entry(&rename("long", "b/e", true), 362);
+        p.follow_entry(&rename("b/b/a", "long", true), 366);
+        p.follow_entry(&Op::Unlink { path: "b/e".into() }, 380);
+        p.follow_entry(&rename("x", "y", false), 390);
+        assert_eq!(
+            paths(&p),
+            ["b/e", "y"],
+            "only the path named by the stream moves"
+        );
+        assert_eq!(p.paths.get(b"b/e".as_slice()), Some(&true));
+        // Past the listing's seq the path follows entries again.
+        p.follow_entry(&rename("b/e", "b/z", false), 401);
+        assert_eq!(paths(&p), ["b/z", "y"]);
+        assert!(p.as_of.is_empty());
     }
 
     #[test]

@@ -30,6 +30,7 @@ impl WorkerHandle {
             full: None,
             finished_full: None,
             needs_resync: None,
+            resync_owed: false,
             pending: Pending::load(&ctx.state_dir.join(PENDING_FILE)),
             pending_file: ctx.state_dir.join(PENDING_FILE),
             cache: HashMap::new(),
@@ -65,7 +66,13 @@ pub(super) struct Worker {
     pub(super) full: Option<full_sync::FullSync>,
     /// A full sync finished, not yet reported (it is with the next persist).
     pub(super) finished_full: Option<FullSyncStats>,
+    /// A full resync asked for and not yet reported to the session.
     pub(super) needs_resync: Option<String>,
+    /// A full resync owed, reported or not, until `begin_full_sync`: while it is, no durable
+    /// point says an entry is applied (the state file says `last_applied none`), so a
+    /// client killed before its full sync begins makes one at restart. (Held in memory only,
+    /// a rescan covered by a durable point was lost for good with a kill in that window.)
+    pub(super) resync_owed: bool,
     pub(super) pending: Pending,
     pub(super) pending_file: PathBuf,
     /// The master's attributes fetched ahead for the next `prefetched` entries.
@@ -444,6 +451,7 @@ impl Worker {
         }
         self.full = Some(full);
         self.needs_resync = None;
+        self.resync_owed = false;
         self.pending.clear();
         Ok(())
     }
@@ -532,7 +540,7 @@ impl Worker {
             }
             _ => {}
         }
-        self.pending.follow(&entry.op);
+        self.pending.follow_entry(&entry.op, entry.seq);
         // Asked after the op, by names valid after it: whatever the master no longer had (a
         // parent whose times were to be restored, a renamed file's data) is fetched from its
         // current name once the stream is idle.
@@ -625,13 +633,14 @@ impl Worker {
         // master's current state, so one saved ahead of its entry is merely fetched twice).
         self.settle(true)?;
         let point = self.replayer.begin_sync().map_err(|e| Stop::Fatal(e.into()))?;
+        self.resync_owed |= self.needs_resync.is_some();
         let job = Job {
             point,
             pending: self.pending.take_changes(),
             pending_file: self.pending_file.clone(),
             state: ClientState {
                 volume_id: Some(volume_id),
-                last_applied: Some(seq),
+                last_applied: (!self.resync_owed).then_some(seq),
             },
             persisted: Report::Persisted {
                 seq,
@@ -651,6 +660,14 @@ impl Worker {
         self.settle(true)?;
         self.repair()?;
         self.replayer.sync().map_err(|e| Stop::Fatal(e.into()))?;
+        if self.needs_resync.is_some() && !self.resync_owed {
+            // The pending set may have been given up for the resync (over PENDING_MAX
+            // paths): durably owed before the emptied set is saved.
+            self.resync_owed = true;
+            let mut state = self.state_file.load().map_err(Stop::Fatal)?;
+            state.last_applied = None;
+            self.state_file.store(&state).map_err(Stop::Fatal)?;
+        }
         self.pending.save(&self.pending_file).map_err(Stop::Fatal)?;
         let _ = self.reports.send(Report::Pending(self.pending.paths.len()));
         if let Some(why) = self.needs_resync.take() {
@@ -900,7 +917,7 @@ impl Worker {
                     // A name of a hard-link group whose other names are outside the listing:
                     // the repair asks the server for them and links them (a split group is
                     // mended there, never by a listing that sees one name).
-                    self.pending.insert(name.clone(), false);
+                    self.pending.insert_as_of(name.clone(), false, as_of);
                 }
             }
             for p in &covered {
@@ -910,8 +927,10 @@ impl Worker {
                 }
             }
             for p in failed {
-                // Retried by repair; a directory among them is compared whole again.
-                self.pending.insert(p, true);
+                // Retried by repair; a directory among them is compared whole again. Named
+                // as of the listing: the entries before `as_of` still to come must not
+                // move or drop it (see `Pending::as_of`).
+                self.pending.insert_as_of(p, true, as_of);
             }
             queue.extend(new_dirs.into_iter().map(|d| (RelPath(d), true)));
             queue.extend(differing.into_iter().map(|d| (RelPath(d), false)));

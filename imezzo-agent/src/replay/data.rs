@@ -149,35 +149,7 @@ impl Replayer {
                         source,
                     })?;
             buf.truncate(want as usize);
-            let mut i = 0usize;
-            while i < buf.len() {
-                // A run of blocks (aligned on file offsets) that are all zero, or all not.
-                let run = i;
-                let mut zero = None;
-                while i < buf.len() {
-                    let abs = pos + i as u64;
-                    let next = (abs / BLOCK + 1) * BLOCK;
-                    let seg_end = buf.len().min(i + (next - abs) as usize);
-                    let z = buf[i..seg_end].iter().all(|&b| b == 0);
-                    if *zero.get_or_insert(z) != z {
-                        break;
-                    }
-                    i = seg_end;
-                }
-                let abs = pos + run as u64;
-                let n = (i - run) as u64;
-                if zero == Some(false) {
-                    sys::pwrite_all(fd, &buf[run..i], abs).ctx(OP, path)?;
-                    eof = eof.max(abs + n);
-                } else if abs < eof {
-                    // Zeroes over existing data: punch, or write them where holes are not
-                    // supported. Past EOF nothing is written; the final size makes the hole.
-                    let m = n.min(eof - abs);
-                    if !sys::punch_hole(fd, abs, m).ctx(OP, path)? {
-                        sys::pwrite_all(fd, &buf[run..run + m as usize], abs).ctx(OP, path)?;
-                    }
-                }
-            }
+            eof = sys::pwrite_sparse(fd, &buf, pos, eof).ctx(OP, path)?;
             pos += buf.len() as u64;
             if (buf.len() as u64) < want {
                 break; // the master's file ends here

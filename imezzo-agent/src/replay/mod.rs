@@ -141,8 +141,6 @@ pub use crate::beneath::TEMP_PREFIX;
 
 /// Bytes asked of the data source at a time.
 const CHUNK: u64 = 8 << 20;
-/// Granularity of hole detection.
-const BLOCK: u64 = 4096;
 
 /// What applying one operation did.
 #[derive(Clone, Debug, PartialEq, Eq)]
