@@ -229,6 +229,12 @@ pub async fn run(
     let state_file = StateFile::new(&opts.state);
     let mut state = state_file.load()?;
     let (r, recovered) = open_replayer(&root, &opts.state).await?;
+    if recovered.is_some() && state.last_applied.is_some() {
+        // The marks' loss is known at this open only: owed durably, so that a client killed
+        // before the full sync begins still makes it at the next start.
+        state.last_applied = None;
+        state_file.store(&state)?;
+    }
     let mut replayer = Some(r);
     let mut force_full: Option<String> = recovered;
     let endpoint = transport::client_endpoint(&identity).map_err(ClientError::Transport)?;

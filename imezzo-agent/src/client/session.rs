@@ -31,6 +31,9 @@ pub(super) enum Work {
     },
     ManifestComplete {
         seq: u64,
+        /// The walk raced with changes and the session will ask for a verifying full sync:
+        /// owed durably until it begins (see `Worker::resync_owed`).
+        verify: bool,
     },
     /// The master's state the server read for the entries up to `through_seq` that
     /// follow (see [`Msg::Attached`](crate::protocol::Msg::Attached)).
@@ -256,7 +259,7 @@ impl SessionCtx<'_> {
                         } else if self.verifications.load(Ordering::Relaxed) < MAX_VERIFICATIONS {
                             verify_owed = true;
                         }
-                        Work::ManifestComplete { seq }
+                        Work::ManifestComplete { seq, verify: verify_owed }
                     }
                     ClientOutput::Attached { through_seq, attrs, data } => {
                         Work::Attached(Attachment::new(through_seq, attrs, data))

@@ -196,7 +196,7 @@ impl Worker {
                         "a manifest entry outside a full sync".into(),
                     ))),
                 },
-                Work::ManifestComplete { seq } => self.complete_full_sync(seq),
+                Work::ManifestComplete { seq, verify } => self.complete_full_sync(seq, verify),
                 Work::Attached(a) => {
                     self.attached = a;
                     Ok(())
@@ -467,7 +467,7 @@ impl Worker {
         std::fs::metadata(self.stamp_file()).ok().map(|m| (m.ctime(), m.ctime_nsec()))
     }
 
-    pub(super) fn complete_full_sync(&mut self, seq: u64) -> Result<(), Stop> {
+    pub(super) fn complete_full_sync(&mut self, seq: u64, verify: bool) -> Result<(), Stop> {
         let Some(full) = self.full.take() else {
             return Err(Stop::Fatal(ClientError::Worker(
                 "a manifest end outside a full sync".into(),
@@ -489,6 +489,10 @@ impl Worker {
             log::warn!("cannot record the full sync's time: {e}");
         }
         self.finished_full = Some(stats);
+        // A walk that raced with changes is no state of the volume until the verifying
+        // full sync the session asks for once quiet: a client killed before then makes one
+        // at restart.
+        self.resync_owed |= verify;
         Ok(())
     }
 
