@@ -7,11 +7,10 @@
 //!    client's manifest) can only miss what the journal will deliver after it;
 //! 3. the QUIC endpoint is bound; only now is the server "ready".
 //!
-//! The capture thread runs [`Capture::run_batches`] and hands each batch (one drain of the
-//! ring buffer, a few ms of changes) to the journal's commit thread, which appends it, with
-//! any batches queued behind it, as one group commit, then publishes the journal's last seq
-//! on a `watch` channel that wakes every session. A failed append stops the server: redb
-//! refuses writes after an I/O error, and carrying on would drop changes.
+//! The capture thread runs [`Capture::run_batches`] and appends each batch (one drain of the
+//! ring buffer, ~2 ms of changes) to the journal as one group commit, then publishes the
+//! journal's last seq on a `watch` channel that wakes every session. A failed append stops
+//! the server: redb refuses writes after an I/O error, and carrying on would drop changes.
 //!
 //! Per connection, a task completes the pinned handshake, then owns a [`ServerSession`] (the
 //! protocol's state machine) for the control stream: it feeds it the stream's bytes, the
@@ -361,35 +360,36 @@ impl CaptureThread {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                // The journal's commits run on a thread of their own: capture drains and
-                // resolves the next batch while one is made durable, and batches that queue
-                // behind a slow fsync are committed together.
-                let (to_commit, queued) = std::sync::mpsc::sync_channel(COMMIT_QUEUE);
-                let committer = {
-                    let stop = flag.clone();
-                    std::thread::Builder::new()
-                        .name("imezzo-journal".into())
-                        .spawn(move || commit_batches(&queued, &journal, &appended, &mark, &stop, &failed_tx))
-                };
-                let committer = match committer {
-                    Ok(t) => t,
-                    Err(e) => {
-                        log::error!("cannot start the journal's commit thread: {e}");
-                        return cap.stats();
-                    }
-                };
                 let mut broken = false;
+                let mut mark_failed = false;
                 cap.run_batches(&flag, &mut |batch, through| {
                     if broken {
                         return;
                     }
                     let ops: Vec<Op> = batch.into_iter().map(|e| e.op).collect();
-                    // Fails only once the committer stopped on a failed append.
-                    broken = to_commit.send((ops, through)).is_err();
+                    match journal.append(ops) {
+                        Ok(seqs) if !seqs.is_empty() => {
+                            appended.send_replace(seqs.end - 1);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            broken = true;
+                            flag.store(true, Ordering::Relaxed);
+                            failed_tx.send_replace(Some(e.to_string()));
+                            return;
+                        }
+                    }
+                    // Only after the batch is durable: the mark claims it is journalled.
+                    if let Err(e) = mark.write(through) {
+                        if !mark_failed {
+                            log::warn!(
+                                "cannot record capture progress in {} ({e}): a restart will compare the whole tree",
+                                mark.path().display()
+                            );
+                            mark_failed = true;
+                        }
+                    }
                 });
-                // The batches already drained are committed before the thread ends.
-                drop(to_commit);
-                let _ = committer.join();
                 cap.stats()
             })
             .map_err(|e| ServerError::CaptureThread(format!("cannot start it: {e}")))?;
@@ -446,60 +446,6 @@ impl Drop for CaptureThread {
 /// disconnected less than [`FLOOR_GRACE`] ago) still needs are kept, up to
 /// [`FLOOR_HOLD_FACTOR`] times `retain_bytes`: past that the slowest client is let go and
 /// resyncs in full when it comes back.
-/// Batches drained by capture and not yet handed to the journal; capture waits past this
-/// many, the ring buffer holding the changes meanwhile (as it did while the commit ran on
-/// capture's own thread).
-const COMMIT_QUEUE: usize = 64;
-/// At most this many entries in one commit of batches that queued together.
-const COMMIT_GROUP: usize = 1 << 16;
-
-/// The journal's commit loop: each batch capture drained, with whatever queued behind it,
-/// is appended as one group commit, then the journal's last seq is published and the
-/// `captured-through` mark moved. A failed append stops capture and the server: redb
-/// refuses writes after an I/O error, and carrying on would drop changes.
-fn commit_batches(
-    queued: &std::sync::mpsc::Receiver<(Vec<Op>, SystemTime)>,
-    journal: &Journal,
-    appended: &watch::Sender<u64>,
-    mark: &catchup::CapturedThrough,
-    stop: &AtomicBool,
-    failed: &watch::Sender<Option<String>>,
-) {
-    let mut mark_failed = false;
-    while let Ok((mut ops, mut through)) = queued.recv() {
-        while ops.len() < COMMIT_GROUP {
-            match queued.try_recv() {
-                Ok((more, t)) => {
-                    ops.extend(more);
-                    through = t;
-                }
-                Err(_) => break,
-            }
-        }
-        match journal.append(ops) {
-            Ok(seqs) if !seqs.is_empty() => {
-                appended.send_replace(seqs.end - 1);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                failed.send_replace(Some(e.to_string()));
-                return;
-            }
-        }
-        // Only after the batch is durable: the mark claims it is journalled.
-        if let Err(e) = mark.write(through) {
-            if !mark_failed {
-                log::warn!(
-                    "cannot record capture progress in {} ({e}): a restart will compare the whole tree",
-                    mark.path().display()
-                );
-                mark_failed = true;
-            }
-        }
-    }
-}
-
 async fn compact_loop(shared: Arc<Shared>, retain_bytes: u64) {
     let journal = shared.journal.clone();
     let mut last_full = Instant::now();
