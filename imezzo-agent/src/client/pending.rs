@@ -36,10 +36,14 @@ impl Pending {
             return p;
         };
         for line in text.lines() {
-            let (flag, hex_path) = line.split_at(line.len().min(1));
-            if let Ok(path) = hex::decode(hex_path.trim()) {
-                p.paths.insert(path, flag == "d");
+            let (flag, rest) = line.split_at(line.len().min(1));
+            // `<flag><hex path>[ <listing seq>]`
+            let mut fields = rest.split_whitespace();
+            let Some(Ok(path)) = fields.next().map(hex::decode) else { continue };
+            if let Some(Ok(seq)) = fields.next().map(str::parse::<u64>) {
+                p.as_of.insert(path.clone(), seq);
             }
+            p.paths.insert(path, flag == "d");
         }
         p
     }
@@ -67,6 +71,11 @@ impl Pending {
         for (path, diverged) in &self.paths {
             text.push(if *diverged { 'd' } else { 'p' });
             text.push_str(&hex::encode(path));
+            // Held where a listing put it until the stream passes the listing's seq, after
+            // a restart too (the entries before it are replayed again).
+            if let Some(seq) = self.as_of.get(path) {
+                text.push_str(&format!(" {seq}"));
+            }
             text.push('\n');
         }
         Some(Some(text))
@@ -223,9 +232,8 @@ impl Pending {
             .filter_map(|p| self.paths.remove_entry(p))
             .collect();
         self.follow(op);
-        for (p, d) in held {
-            self.insert(p, d);
-        }
+        // Put back as they were: unchanged, so not saved again for it.
+        self.paths.extend(held);
     }
 
     /// Follows a namespace entry: pending paths move with renames, are copied by links and
@@ -388,9 +396,14 @@ mod tests {
         let mut p = Pending::default();
         p.insert(b"a/b".to_vec(), false);
         p.insert(vec![b'n', 0xff, b'/', b'x'], true);
+        p.insert_as_of(b"listed".to_vec(), true, 400);
         p.save(&file).unwrap();
-        let back = Pending::load(&file);
+        let mut back = Pending::load(&file);
         assert_eq!(back.paths, p.paths);
+        assert_eq!(back.as_of, p.as_of, "a listing's seq survives a restart");
+        // Reloaded, the listed path is still held through the entries the listing saw.
+        back.follow_entry(&Op::Unlink { path: "listed".into() }, 399);
+        assert!(back.paths.contains_key(b"listed".as_slice()));
         p.clear();
         p.save(&file).unwrap();
         assert!(!file.exists());
