@@ -781,6 +781,22 @@ impl Worker {
                     // Still full: the rest waits for the next round.
                     continue;
                 }
+                // A directory above it is not on the replica (an earlier placement failed, or
+                // replay moved it off): nothing can be placed beneath it, and retrying the
+                // path itself failed for ever (fsstress round s08: 160 objects a round,
+                // "its parent is not a directory of the replica"). That directory is
+                // compared whole instead, which places the path with everything else there.
+                match self.replayer.missing_ancestor(&rel) {
+                    Ok(Some(missing)) => {
+                        self.pending.remove(path);
+                        self.retry.remove(path);
+                        self.pending.insert(missing.parent().unwrap_or_default().0, false);
+                        self.pending.insert(missing.0, true);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(Stop::Fatal(e.into())),
+                }
                 // A directory whose content is unknown: compared with the master's, whole.
                 if attrs.kind == FileKind::Directory && *diverged {
                     self.resync_dir(&rel, true)?;
@@ -879,6 +895,17 @@ impl Worker {
     pub(super) fn resync_dir(&mut self, scope: &RelPath, recursive: bool) -> Result<(), Stop> {
         let mut queue = vec![(scope.clone(), recursive)];
         while let Some((scope, recursive)) = queue.pop() {
+            // A scope whose directory above is not on the replica could place nothing:
+            // that directory is compared whole instead.
+            let (scope, recursive) = match self.replayer.missing_ancestor(&scope) {
+                Ok(Some(missing)) => {
+                    // Made in its parent, whose times the master's are then fetched again.
+                    self.pending.insert(missing.parent().unwrap_or_default().0, false);
+                    (missing, true)
+                }
+                Ok(None) => (scope, recursive),
+                Err(e) => return Err(Stop::Fatal(e.into())),
+            };
             let covered: Vec<Vec<u8>> = self
                 .pending
                 .paths
@@ -1004,7 +1031,14 @@ impl Worker {
         if a.kind == K::Directory && diverged {
             return Ok(false);
         }
-        let Some(ops) = a.recreate_ops(path) else {
+        // The root is never made, only given the master's attributes (its times, after a
+        // directory was made again in it).
+        let ops = if path.0.is_empty() && a.kind == K::Directory {
+            Some(vec![a.setattr_op(path)])
+        } else {
+            a.recreate_ops(path)
+        };
+        let Some(ops) = ops else {
             return Ok(false);
         };
         // Answers already read: replay asks the master again only about what is not here.

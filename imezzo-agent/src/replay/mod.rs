@@ -673,6 +673,19 @@ impl Replayer {
             .map(|st| st.st_nlink as u64))
     }
 
+    /// The shallowest proper ancestor of `path` that is not a directory of the replica
+    /// (absent, or another kind of object); `None` when every one is.
+    pub fn missing_ancestor(&self, path: &RelPath) -> Result<Option<RelPath>, ReplayError> {
+        let bytes = path.as_bytes();
+        for (i, _) in bytes.iter().enumerate().filter(|(_, &b)| b == b'/') {
+            let prefix = &bytes[..i];
+            if self.root.open_dir(prefix).ctx("stat", path)?.is_none() {
+                return Ok(Some(RelPath(prefix.to_vec())));
+            }
+        }
+        Ok(None)
+    }
+
     /// Removes every `.imezzo-tmp.*` beneath the root, and their marks; returns how many.
     pub fn sweep_temps(&mut self) -> Result<usize, ReplayError> {
         let (n, freed) = self.sweep()?;
