@@ -176,7 +176,7 @@ pub enum ReplayError {
         "refused operation on {path:?}: {why}; nothing was changed. The sender is faulty or hostile: check its version"
     )]
     BadOp { path: String, why: &'static str },
-    #[error("reading {path:?} from the master failed: {source}; nothing was changed, apply the operation again once the master answers")]
+    #[error("reading {path:?} from the server failed: {source}; nothing was changed: the path is fetched again once the stream is quiet")]
     Source { path: String, source: io::Error },
     #[error("{op} {path:?} failed in the replica: {source}; check the replica's file system (space, permissions), then apply the operation again or resync the path")]
     Io {
@@ -825,6 +825,11 @@ impl Replayer {
         match &r {
             Ok(a) => log::debug!("replay: {} {:?}: {a:?}", op_name(op), op.path().display()),
             // One kind per class of failure, so a summary line says which class it counts.
+            // The master moved on since the entry (the file renamed, removed or replaced): an
+            // ordinary race under a busy tree, repaired from the master's current state.
+            Err(e @ ReplayError::Source { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                crate::report!(Info, "replay: operations whose object the server no longer had (fetched again once quiet)", "replay: {e}")
+            }
             Err(e @ ReplayError::Source { .. }) => {
                 crate::report!(Warn, "replay: operations whose master state could not be read", "replay: {e}")
             }
