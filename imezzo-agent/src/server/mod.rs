@@ -627,7 +627,10 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                         }
                     };
                     if let Err(e) = send.write_chunk(frame).await {
-                        return format!("connection lost ({e})");
+                        return match e {
+                            quinn::WriteError::ConnectionLost(c) => describe_close(&c),
+                            e => format!("the control stream failed ({e})"),
+                        };
                     }
                 }
                 ServerOutput::ReadJournal { from, max } => {
@@ -676,7 +679,8 @@ async fn control(conn: &quinn::Connection, id: NodeId, shared: &Arc<Shared>) -> 
                 match chunk {
                     Ok(Some(chunk)) => session.handle_stream_data(now, &chunk.bytes),
                     Ok(None) => session.handle_stream_finished(now),
-                    Err(e) => return format!("connection lost ({e})"),
+                    Err(quinn::ReadError::ConnectionLost(c)) => return describe_close(&c),
+                    Err(e) => return format!("the control stream failed ({e})"),
                 }
             }
             read = async { match read_job.as_mut() { Some(job) => job.await, None => std::future::pending().await } },
