@@ -674,14 +674,25 @@ impl Replayer {
     }
 
     /// The shallowest proper ancestor of `path` that is not a directory of the replica
-    /// (absent, or another kind of object); `None` when every one is.
+    /// (absent, or a file or device where the master has a directory); `None` when every
+    /// one is, or when that ancestor is a symlink (never replaced for a path beneath it:
+    /// replay refuses such a path, loudly, as leading outside the root).
     pub fn missing_ancestor(&self, path: &RelPath) -> Result<Option<RelPath>, ReplayError> {
         let bytes = path.as_bytes();
         for (i, _) in bytes.iter().enumerate().filter(|(_, &b)| b == b'/') {
             let prefix = &bytes[..i];
-            if self.root.open_dir(prefix).ctx("stat", path)?.is_none() {
-                return Ok(Some(RelPath(prefix.to_vec())));
+            if self.root.open_dir(prefix).ctx("stat", path)?.is_some() {
+                continue;
             }
+            // Its parent is a directory (checked the step before, or the root).
+            let st = match self.root.parent(prefix).ctx("stat", path)? {
+                Some((dir, name)) => Loc::entry(dir.as_fd(), &name).stat().ctx("stat", path)?,
+                None => None,
+            };
+            if st.is_some_and(|st| is_kind(&st, libc::S_IFLNK)) {
+                return Ok(None);
+            }
+            return Ok(Some(RelPath(prefix.to_vec())));
         }
         Ok(None)
     }
