@@ -822,6 +822,35 @@ fn an_exchange_drained_after_a_rescan_that_saw_it_is_not_undone_in_the_table() {
 }
 
 #[test]
+fn a_mkdir_drained_after_an_exchange_took_its_name_gives_no_directory_two_names() {
+    // Drained late (the agent is stopped meanwhile): `mkdir de`, then an exchange that puts
+    // a directory capture already knows at `de`. The agent learns a new directory's inode
+    // by looking at its name when it drains the mkdir; it found the known directory there
+    // and gave it a second name, the exchange then did nothing, and the move of `df/d11`
+    // into `de` made that directory its own child: every later change beneath `de/d15` was
+    // journalled without "d15" and lost on the replica (fsstress round s17: 2 167 entries).
+    let fs = Fs::tmpfs("mkdir-then-exchange");
+    fs.dirs("df/d11");
+    let mut cap = Capture::start(&fs.root);
+    cap.signal(libc::SIGSTOP);
+    sys::mkdir(&fs.p("de"), 0o755).unwrap();
+    sys::renameat2(AT_FDCWD, &fs.p("df/d11"), AT_FDCWD, &fs.p("de"), libc::RENAME_EXCHANGE).unwrap();
+    sys::rename(&fs.p("df/d11"), &fs.p("de/d15")).unwrap();
+    cap.signal(libc::SIGCONT);
+    cap.mark();
+    fs.put("de/d15/f", b"x");
+    sys::chmod(&fs.p("de/d15/f"), 0o600).unwrap();
+    sys::chmod(&fs.p("de"), 0o700).unwrap();
+    let ops = cap.mark();
+    let paths: Vec<_> = ops
+        .iter()
+        .filter(|o| o["op"] == "setattr")
+        .map(|o| o["path"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(paths, ["de/d15/f", "de"], "setattrs journalled under other names: {}", fmt_ops(&ops));
+}
+
+#[test]
 fn an_exchange_and_its_undoing_drained_together_keep_the_write_between_under_its_name_then() {
     // Outside a drain with a walk, both names holding what the table has is an exchange back
     // still to be drained: the table follows both, and the write between them is journalled

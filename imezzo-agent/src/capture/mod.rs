@@ -1232,12 +1232,28 @@ impl Capture {
                     return;
                 };
                 let meta = fs::symlink_metadata(self.abs(&path)).ok();
+                let name = refs[refs.len() - 1];
+                // An inode the table already names elsewhere is not the one this call just
+                // made: the name was taken over since by an object capture already knew (a
+                // directory exchanged or renamed onto it before this event was drained).
+                // Taken for the new object, it got a second link: fsstress round s17, `mkdir
+                // de` drained after `renameat2(df/d11, de, RENAME_EXCHANGE)` gave d11's
+                // inode both names, the exchange then found one inode on both sides and did
+                // nothing, and `rename df/d11 de/d15` made that inode its own child: every
+                // later write, setattr, setxattr and link source under de/d15 was journalled
+                // without "d15" (1 352 entries), and the replica lost them in silence.
+                let known_elsewhere =
+                    |i: u64| self.table.contains(i) && self.table.lookup_child(parent, name) != Some(i);
                 let (ino, kind) = match (&meta, known_ino) {
                     (_, ino) if ino != 0 => (ino, known_kind),
                     // What is there now is what the call made only if it is of the kind the
                     // call makes: a name taken over since (a directory renamed over a device
                     // just made) must not lend the new object its type, mode or inode.
-                    (Some(m), _) if m.dev() == self.dev && Kind::of(m.file_type()) == known_kind => {
+                    (Some(m), _)
+                        if m.dev() == self.dev
+                            && Kind::of(m.file_type()) == known_kind
+                            && !known_elsewhere(m.ino()) =>
+                    {
                         (m.ino(), known_kind)
                     }
                     // Already gone (or replaced) by the time we look: the events that did it
@@ -1245,7 +1261,7 @@ impl Capture {
                     _ => (self.placeholder_ino(), known_kind),
                 };
                 let meta = meta.filter(|m| m.ino() == ino);
-                self.table.link(parent, refs[refs.len() - 1], ino, kind);
+                self.table.link(parent, name, ino, kind);
                 out.push(make(path, meta.as_ref()));
             }
             Located::Unknown(why) => self.rescan(why, out),
