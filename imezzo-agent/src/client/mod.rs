@@ -253,7 +253,6 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut backoff = MIN_BACKOFF;
     let verifications = AtomicU32::new(0);
-    let raced = session::Raced::default();
     let result = loop {
         let attempt = tokio::select! {
             () = &mut shutdown => break Ok(()),
@@ -311,7 +310,6 @@ pub async fn run(
             state_file: &state_file,
             events: &events,
             verifications: &verifications,
-            raced: &raced,
         };
         let (outcome, r) = ctx.run(hello, r, &mut shutdown).await;
         state = state_file.load().unwrap_or(state);

@@ -31,9 +31,9 @@ pub(super) enum Work {
     },
     ManifestComplete {
         seq: u64,
-        /// The walk raced with the entries up to this seq and the session will ask for a
-        /// verifying full sync: owed durably until it begins (see `Worker::resync_owed`).
-        verify: Option<u64>,
+        /// The walk raced with changes and the session will ask for a verifying full sync:
+        /// owed durably until it begins (see `Worker::resync_owed`).
+        verify: bool,
     },
     /// The master's state the server read for the entries up to `through_seq` that
     /// follow (see [`Msg::Attached`](crate::protocol::Msg::Attached)).
@@ -73,14 +73,7 @@ pub(super) struct SessionCtx<'a> {
     /// Full syncs asked in a row because the one before raced with changes (see
     /// [`MAX_VERIFICATIONS`]); zero again after a walk that did not race.
     pub(super) verifications: &'a AtomicU32,
-    /// What the verifying full sync is to fetch again (see `Worker::raced`): kept across
-    /// sessions, as that sync begins in the next one.
-    pub(super) raced: &'a Raced,
 }
-
-/// After a full sync whose walk raced with changes: the last seq that raced, and the paths
-/// the entries up to it named, followed through the entries after.
-pub(super) type Raced = Arc<Mutex<Option<(u64, Pending)>>>;
 
 /// Decides when to report "in sync": at most once a second, and at least once after each
 /// catch-up.
@@ -260,13 +253,13 @@ impl SessionCtx<'_> {
                             _queued: queued,
                         }
                     }
-                    ClientOutput::ManifestComplete { seq, raced, journal_last } => {
+                    ClientOutput::ManifestComplete { seq, raced } => {
                         if !raced {
                             self.verifications.store(0, Ordering::Relaxed);
                         } else if self.verifications.load(Ordering::Relaxed) < MAX_VERIFICATIONS {
                             verify_owed = true;
                         }
-                        Work::ManifestComplete { seq, verify: verify_owed.then_some(journal_last) }
+                        Work::ManifestComplete { seq, verify: verify_owed }
                     }
                     ClientOutput::Attached { through_seq, attrs, data } => {
                         Work::Attached(Attachment::new(through_seq, attrs, data))

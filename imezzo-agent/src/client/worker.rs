@@ -31,7 +31,6 @@ impl WorkerHandle {
             finished_full: None,
             needs_resync: None,
             resync_owed: false,
-            raced: ctx.raced.clone(),
             pending: Pending::load(&ctx.state_dir.join(PENDING_FILE)),
             pending_file: ctx.state_dir.join(PENDING_FILE),
             cache: HashMap::new(),
@@ -74,9 +73,6 @@ pub(super) struct Worker {
     /// client killed before its full sync begins makes one at restart. (Held in memory only,
     /// a rescan covered by a durable point was lost for good with a kill in that window.)
     pub(super) resync_owed: bool,
-    /// What the verifying full sync of a raced walk fetches again whatever its size and
-    /// mtime (see [`Raced`]).
-    pub(super) raced: Raced,
     pub(super) pending: Pending,
     pub(super) pending_file: PathBuf,
     /// The master's attributes fetched ahead for the next `prefetched` entries.
@@ -450,17 +446,7 @@ impl Worker {
         // What replay left pending is fetched whole by this sync, never kept by its size and
         // mtime: the pending set is cleared only because the sync covers it.
         full.refetch(self.pending.paths.keys().cloned());
-        let raced = lock(&self.raced).take();
-        if let Some((_, suspects)) = raced {
-            // The full sync that verifies a raced walk: only the files the entries racing
-            // with that walk named (followed through later renames) are fetched again
-            // whatever their size and mtime. The others were placed by that walk, or since
-            // by replay of entries that came after it, and are kept when their size and
-            // mtime are the master's, as a full sync keeps them. (By the rule below, every
-            // file replay had touched since the raced walk was fetched again: 3.4 GB in one
-            // fsstress round.)
-            full.refetch(suspects.paths.into_keys());
-        } else if let Some(t) = self.last_full_sync() {
+        if let Some(t) = self.last_full_sync() {
             full.keep_only_untouched_since(t);
         }
         self.full = Some(full);
@@ -481,7 +467,7 @@ impl Worker {
         std::fs::metadata(self.stamp_file()).ok().map(|m| (m.ctime(), m.ctime_nsec()))
     }
 
-    pub(super) fn complete_full_sync(&mut self, seq: u64, verify: Option<u64>) -> Result<(), Stop> {
+    pub(super) fn complete_full_sync(&mut self, seq: u64, verify: bool) -> Result<(), Stop> {
         let Some(full) = self.full.take() else {
             return Err(Stop::Fatal(ClientError::Worker(
                 "a manifest end outside a full sync".into(),
@@ -506,8 +492,7 @@ impl Worker {
         // A walk that raced with changes is no state of the volume until the verifying
         // full sync the session asks for once quiet: a client killed before then makes one
         // at restart.
-        self.resync_owed |= verify.is_some();
-        *lock(&self.raced) = verify.map(|through| (through, Pending::default()));
+        self.resync_owed |= verify;
         Ok(())
     }
 
@@ -560,14 +545,6 @@ impl Worker {
             _ => {}
         }
         self.pending.follow_entry(&entry.op, entry.seq);
-        if let Some((through, suspects)) = lock(&self.raced).as_mut() {
-            suspects.follow(&entry.op);
-            if entry.seq <= *through {
-                for p in entry.op.asked_paths() {
-                    suspects.insert(p.0, false);
-                }
-            }
-        }
         // Asked after the op, by names valid after it: whatever the master no longer had (a
         // parent whose times were to be restored, a renamed file's data) is fetched from its
         // current name once the stream is idle.
@@ -1124,8 +1101,3 @@ fn covers(scope: &[u8], recursive: bool, path: &[u8]) -> bool {
     rest.is_some_and(|r| !r.is_empty() && (recursive || !r.contains(&b'/')))
 }
 
-
-/// The raced walk's record, whatever a panicking holder left in it.
-fn lock(raced: &Raced) -> std::sync::MutexGuard<'_, Option<(u64, Pending)>> {
-    raced.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}

@@ -63,9 +63,8 @@ pub enum ClientOutput {
     ApplyManifest(ManifestEntry),
     /// The manifest is whole: remove every local object it did not name and finish its
     /// fetches. A `PersistAndAck` for `seq` follows.
-    /// `raced`: the server's tree changed while it was walked (see `Msg::ManifestEnd`), by
-    /// the entries after `seq` up to `journal_last`.
-    ManifestComplete { seq: u64, raced: bool, journal_last: u64 },
+    /// `raced`: the server's tree changed while it was walked (see `Msg::ManifestEnd`).
+    ManifestComplete { seq: u64, raced: bool },
     /// The master's state for the entries up to `through_seq` that follow (see
     /// [`Msg::Attached`]): replay uses it instead of fetching it.
     Attached {
@@ -380,7 +379,7 @@ impl ClientSession {
                 }
                 self.phase = Phase::Streaming;
                 self.server_journal_last = self.server_journal_last.max(journal_last);
-                self.out.push_back(ClientOutput::ManifestComplete { seq, raced: journal_last > seq, journal_last });
+                self.out.push_back(ClientOutput::ManifestComplete { seq, raced: journal_last > seq });
                 self.pending_persist = Some(seq);
             }
             (Phase::Streaming, Msg::Entries { from_seq, entries }) => {

@@ -415,7 +415,7 @@ impl Pair {
                 }
                 r.manifest.push(e);
             }
-            ClientOutput::ManifestComplete { seq, raced, .. } => {
+            ClientOutput::ManifestComplete { seq, raced } => {
                 r.manifest_complete = Some(seq);
                 r.manifest_raced = Some(raced);
             }
