@@ -117,6 +117,8 @@ pub struct Capture {
     /// The table was walked during this drain (a rescan) or just before it (the start-up
     /// build): events drained now may predate the walk, which already shows them.
     walked: bool,
+    /// What the start-up drain journalled, handed over with the first batch.
+    early: Vec<Op>,
     /// Where the server asks which names an inode has (see [`Capture::serve_names`]).
     names: Option<std::sync::mpsc::Receiver<NamesQuery>>,
     _lock: fs::File,
@@ -348,7 +350,7 @@ impl Capture {
             probes.pin_dir().display()
         );
         let ancestors = ancestors_on_device(&root, meta.dev());
-        Ok(Capture {
+        let mut cap = Capture {
             root,
             dev: meta.dev(),
             kernel_dev: kdev,
@@ -366,9 +368,22 @@ impl Capture {
             touched: Default::default(),
             aio_unread: 0,
             walked: true,
+            early: Vec::new(),
             names: None,
             _lock: lock,
-        })
+        };
+        // The events of the start-up walk's time are drained now, while the table is the
+        // walk's (it may already show them). Whatever comes after `start` returns is past
+        // the walk: left to the first drain of `run`, an exchange and its undoing made
+        // right after start-up were taken for one the walk had seen, and the write between
+        // them journalled under the other name (`namespace::an_exchange_and_its_undoing_...`
+        // failed when the test outran the first poll).
+        let mut early = Vec::new();
+        cap.drain_with_runs(&mut early);
+        cap.flush(&mut early);
+        cap.walked = false;
+        cap.early = early;
+        Ok(cap)
     }
 
     /// Answers [`NamesQuery`]s from `rx` from now on, between two drains of the ring buffer
@@ -418,7 +433,7 @@ impl Capture {
     /// then is in this batch or an earlier one. While nothing changes, an empty batch
     /// carries that time every [`IDLE_MARK`].
     pub fn run_batches(&mut self, stop: &AtomicBool, sink: &mut dyn FnMut(Vec<JournalEntry>, SystemTime)) {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.early);
         let mut last_drop_check = Instant::now();
         let mut idle = true;
         while !stop.load(Ordering::Relaxed) {
