@@ -3,6 +3,7 @@
 pub mod attrs;
 pub mod beneath;
 pub mod capture;
+mod checksum;
 pub mod client;
 pub mod config;
 pub mod identity;

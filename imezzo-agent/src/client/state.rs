@@ -56,7 +56,7 @@ impl StateFile {
             .filter(|l| !l.starts_with("check "))
             .flat_map(|l| [l, "\n"])
             .collect();
-        if check.is_some_and(|c| c != format!("{:016x}", checksum(summed.as_bytes()))) {
+        if check.is_some_and(|c| c != format!("{:016x}", crate::checksum::fnv1a(summed.as_bytes()))) {
             // A write torn by a power loss (or a file edited by hand): nothing in it can be
             // trusted, so the client starts over as a new one would, with a full sync.
             log::warn!(
@@ -120,7 +120,7 @@ impl StateFile {
         );
         let mut text = format!(
             "# imezzo client state: the replica's volume and the last journal seq applied and durable\n{lines}check {:016x}\n",
-            checksum(lines.as_bytes())
+            crate::checksum::fnv1a(lines.as_bytes())
         )
         .into_bytes();
         // Padded with blank lines to one sector.
@@ -146,11 +146,6 @@ impl StateFile {
             .and_then(|d| d.sync_all())
             .map_err(|e| err("fsync the directory of", e))
     }
-}
-
-/// FNV-1a of the state's lines: enough to tell a whole record from a torn one.
-fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 #[cfg(test)]

@@ -84,18 +84,13 @@ impl CapturedThrough {
     }
 }
 
-fn checksum(bytes: &[u8]) -> u64 {
-    // FNV-1a: enough to tell a whole record from a torn or foreign one.
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
 fn encode(t: SystemTime, volume: u128) -> [u8; RECORD] {
     let ns = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     let mut rec = [0u8; RECORD];
     rec[..8].copy_from_slice(MAGIC);
     rec[8..24].copy_from_slice(&volume.to_be_bytes());
     rec[24..32].copy_from_slice(&ns.to_le_bytes());
-    let sum = checksum(&rec[..32]);
+    let sum = crate::checksum::fnv1a(&rec[..32]);
     rec[32..].copy_from_slice(&sum.to_le_bytes());
     rec
 }
@@ -105,7 +100,7 @@ fn decode(rec: &[u8], volume: u128) -> Option<SystemTime> {
         return None;
     }
     let sum = u64::from_le_bytes(rec[32..40].try_into().ok()?);
-    if sum != checksum(&rec[..32]) || u128::from_be_bytes(rec[8..24].try_into().ok()?) != volume {
+    if sum != crate::checksum::fnv1a(&rec[..32]) || u128::from_be_bytes(rec[8..24].try_into().ok()?) != volume {
         return None;
     }
     let ns = u64::from_le_bytes(rec[24..32].try_into().ok()?);
