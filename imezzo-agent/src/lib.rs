@@ -9,6 +9,7 @@ pub mod config;
 pub mod identity;
 pub mod journal;
 pub mod memory;
+mod names;
 pub mod op;
 pub mod protocol;
 pub mod replay;

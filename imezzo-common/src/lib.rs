@@ -21,7 +21,9 @@ pub mod kind {
     /// `fallocate`: `a` = offset, `b` = length, `c` = mode.
     pub const FALLOCATE: u32 = 3;
     /// The dirty-inode safety net saw a data change outside any captured syscall
-    /// (a store through a shared mmap, io_uring, an in-kernel writer).
+    /// (a store through a shared mmap, io_uring, an in-kernel writer): `a` = the inode
+    /// state flags marked dirty (`u64::MAX` when the hook does not say), `b` = the task's
+    /// `PF_*` flags; both for diagnostics.
     pub const DIRTY: u32 = 4;
     /// A namespace or attribute syscall: the record is a [`super::PathEvent`].
     pub const PATH: u32 = 5;
@@ -166,6 +168,9 @@ pub struct KernelOffsets {
     pub regs_r8: u32,
     pub regs_r9: u32,
     pub regs_orig_ax: u32,
+    /// Not an offset: the value of `I_DIRTY_PAGES` among this kernel's inode state flags
+    /// (`enum inode_state_flags_t` since 6.12 or so, the constant 4 before).
+    pub i_dirty_pages: u32,
 }
 
 /// `s_magic` of a btrfs super block (and `f_type` of its `statfs`). A btrfs inode's device,

@@ -77,6 +77,7 @@ const AT_FDCWD: i64 = -100;
 const S_IFMT: u16 = 0o170000;
 const S_IFREG: u16 = 0o100000;
 const PF_IO_WORKER: u32 = 0x10;
+const PF_WQ_WORKER: u32 = 0x20;
 const PF_KTHREAD: u32 = 0x20_0000;
 
 mod nr {
@@ -790,14 +791,14 @@ pub fn imezzo_dirty(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_dirty(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    dirty_inode(ctx.arg(0))
+    dirty_inode(ctx.arg(0), ctx.arg(1))
 }
 
 #[btf_tracepoint(function = "xfs_update_time")]
 pub fn imezzo_xfs_time(ctx: BtfTracePointContext) -> i32 {
     // The argument is a `struct xfs_inode *`; its VFS inode is embedded in it.
     let ip: *const u8 = ctx.arg(0);
-    let _ = dirty_inode(ip.wrapping_add(off!(xfs_vfs_inode) as usize));
+    let _ = dirty_inode(ip.wrapping_add(off!(xfs_vfs_inode) as usize), u64::MAX);
     0
 }
 
@@ -880,7 +881,7 @@ fn try_uring_done(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// syscall probe reports (unless the task is inside a syscall the probes already cover or
 /// one that only reads): report it dirty, whole.
 #[inline(always)]
-fn dirty_inode(inode: *const u8) -> Result<(), i64> {
+fn dirty_inode(inode: *const u8, dirty_flags: u64) -> Result<(), i64> {
     let dev = inode_dev(inode)?;
     if dev != filt!(dev) {
         return Ok(());
@@ -896,9 +897,16 @@ fn dirty_inode(inode: *const u8) -> Result<(), i64> {
     // Which syscall is this task in? A page fault's entry stores its error code where a
     // syscall stores its number; neither collides with the quiet set below.
     let task = current_task();
-    // io_uring workers and kernel threads write on someone's behalf with no syscall of
-    // their own (their saved registers are zeroed): always report them.
     let flags: u32 = ld(task, off!(task_flags));
+    // A workqueue worker marks an inode dirty for its own bookkeeping while it writes
+    // pages out (ext4's flush worker, after the pages of a database's checkpoint: once per
+    // table, which then travelled whole). Its writes change no byte; a workqueue worker
+    // that does write for someone (ksmbd, a loop device) dirties the pages it writes.
+    if flags & PF_WQ_WORKER != 0 && flags & PF_IO_WORKER == 0 && dirty_flags & off!(i_dirty_pages) as u64 == 0 {
+        return Ok(());
+    }
+    // Other io_uring workers and kernel threads write on someone's behalf with no syscall
+    // of their own (their saved registers are zeroed): always report them.
     let in_thread = flags & (PF_KTHREAD | PF_IO_WORKER) != 0;
     let regs = unsafe { bpf_task_pt_regs(task as *mut aya_ebpf::bindings::task_struct) } as *const u8;
     let nr: u64 = ld(regs, off!(regs_orig_ax));
@@ -917,8 +925,8 @@ fn dirty_inode(inode: *const u8) -> Result<(), i64> {
                 nr: nr as u32,
                 cpu: 0,
                 file: DevIno { dev, _pad: 0, ino },
-                a: 0,
-                b: 0,
+                a: dirty_flags,
+                b: flags as u64,
                 c: 0,
             });
             entry.submit(data_wakeup());

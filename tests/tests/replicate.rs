@@ -323,6 +323,53 @@ fn writes_whose_file_is_renamed_away_or_exchanged_at_once_end_identical() {
 }
 
 #[test]
+fn a_file_saved_by_writing_a_temporary_and_renaming_it_arrives_while_the_master_never_pauses() {
+    // PostgreSQL's statistics, editors, package managers: write `NAME.tmp`, rename it over
+    // `NAME`. By the time anyone reads the master, only `NAME` holds the bytes. Replay kept
+    // such a file pending and fetched it once the stream had been idle for half a second,
+    // so under a writer that never pauses it never arrived (and a database's shutdown
+    // waited for the pause). The batch's renames are now followed to the file's new name.
+    let mut r = Replication::started("savebyrename");
+    r.export.dirs("d");
+    r.export.put("busy", b"");
+    r.assert_identical(CONVERGE_TIMEOUT, "before");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (stop, path) = (stop.clone(), r.e("busy"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&path, format!("tick {n}\n")).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    for i in 0..10 {
+        let content = format!("saved version {i}\n").repeat(40 + i);
+        r.export.put("d/state.tmp", content.as_bytes());
+        ok(sys::rename(&r.e("d/state.tmp"), &r.e("d/state")));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read(r.r("d/state")).ok().as_deref() != Some(content.as_bytes()) {
+            if Instant::now() > deadline {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!(
+                    "save {i} did not reach the replica within 5 s while the master kept changing\n{}",
+                    r.context()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    r.assert_identical(CONVERGE_TIMEOUT, "saves by rename");
+    let warned = r.client().agent.stderr_matching("names another file on the master now");
+    assert!(warned.is_empty(), "replay could not read a saved file's bytes: {warned:?}");
+    r.assert_no_panic();
+}
+
+#[test]
 fn a_tree_moved_in_from_outside_the_export_and_an_o_tmpfile_linked_in_replicate_without_a_full_resync(
 ) {
     let mut r = Replication::started("movein");

@@ -109,7 +109,22 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         regs_r8: f("pt_regs", "r8")?,
         regs_r9: f("pt_regs", "r9")?,
         regs_orig_ax: f("pt_regs", "orig_ax")?,
+        i_dirty_pages: enum_value(&btf, "inode_state_flags_t", "I_DIRTY_PAGES").unwrap_or(4),
     })
+}
+
+/// The value of `member` in the enum `name`, if the kernel's BTF has that enum.
+fn enum_value(btf: &Btf, name: &str, member: &str) -> Option<u32> {
+    for t in btf.resolve_types_by_name(name).ok()? {
+        if let Type::Enum(e) = t {
+            for m in &e.members {
+                if btf.resolve_name(m).ok()?.as_str() == member {
+                    return Some(m.val());
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Adds the offsets the probes need to report a btrfs inode's device as `stat(2)` does (its
@@ -165,6 +180,8 @@ mod tests {
         assert_eq!(o.regs_di, 14 * 8);
         assert!(o.file_inode > 0 && o.inode_ino > 0 && o.task_files > 0);
         assert_ne!(o.fs_root, o.fs_pwd);
+        // I_DIRTY_PAGES: 4 while it was a constant, a larger bit of the enum since (64 in 6.18).
+        assert!(o.i_dirty_pages.is_power_of_two() && o.i_dirty_pages >= 4, "{}", o.i_dirty_pages);
     }
 
     #[test]

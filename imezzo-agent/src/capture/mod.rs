@@ -825,7 +825,13 @@ impl Capture {
         match ev.kind {
             kind::WRITE if ev.c != 0 => self.add_run(ev.cpu, ev.c, ev.file.ino, ev.a, ev.a.saturating_add(ev.b)),
             kind::WRITE => self.pending.add(ev.file.ino, ev.a, ev.a.saturating_add(ev.b)),
-            kind::DIRTY => self.pending.add_whole(ev.file.ino),
+            kind::DIRTY => {
+                log::debug!(
+                    "capture: inode {} changed outside the write probes (process {}, syscall or fault code {}, dirty {:#x}, task flags {:#x}): journalled whole",
+                    ev.file.ino, ev.tgid, ev.nr, ev.a, ev.b
+                );
+                self.pending.add_whole(ev.file.ino)
+            }
             kind::TRUNCATE => {
                 self.flush(out);
                 self.note(ev.file.ino, &Op::Truncate { path: RelPath::default(), size: 0 });

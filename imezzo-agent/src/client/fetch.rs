@@ -268,6 +268,9 @@ pub(super) struct NetSource<'a> {
     pub(super) cache: &'a HashMap<RelPath, Option<Attrs>>,
     /// Contents fetched ahead ([`Worker::prefetch_data`]).
     pub(super) data: &'a DataCache,
+    /// (the entry's path, where its object is by now): asked about that path, the master
+    /// is asked about the other name ([`Worker::later`]).
+    pub(super) follow: Option<(RelPath, RelPath)>,
     /// Paths the master had nothing at when replay asked: what replay could not take
     /// from them is fetched later from wherever they went (see [`Pending`]).
     pub(super) absent: Vec<RelPath>,
@@ -282,6 +285,7 @@ impl<'a> NetSource<'a> {
             fetcher,
             cache: NO_CACHE.get_or_init(HashMap::new),
             data: NO_DATA.get_or_init(HashMap::new),
+            follow: None,
             absent: Vec::new(),
         }
     }
@@ -303,14 +307,18 @@ impl DataSource for NetSource<'_> {
         len: u64,
         ino: Option<u64>,
     ) -> io::Result<Vec<u8>> {
-        if let Some(pieces) = ino.and_then(|i| self.data.get(&(path.clone(), i))) {
+        let asked = match &self.follow {
+            Some((from, to)) if from == path => to,
+            _ => path,
+        };
+        if let Some(pieces) = ino.and_then(|i| self.data.get(&(asked.clone(), i))) {
             if let Some(bytes) = pieces.iter().find_map(|p| p.slice(offset, len)) {
                 return Ok(bytes.to_vec());
             }
         }
         let mut buf = Vec::new();
         let end = self.fetcher.rt.block_on(self.fetcher.data(
-            path.clone(),
+            asked.clone(),
             offset,
             len,
             ino,
@@ -344,13 +352,17 @@ impl DataSource for NetSource<'_> {
     }
 
     fn attrs(&mut self, path: &RelPath) -> io::Result<Option<Attrs>> {
-        let attrs = match self.cache.get(path) {
+        let asked = match &self.follow {
+            Some((from, to)) if from == path => to,
+            _ => path,
+        };
+        let attrs = match self.cache.get(asked) {
             Some(a) => a.clone(),
             None => {
                 let mut answer = self
                     .fetcher
                     .rt
-                    .block_on(self.fetcher.attrs(vec![path.clone()]))
+                    .block_on(self.fetcher.attrs(vec![asked.clone()]))
                     .map_err(fail_to_io)?;
                 answer.pop().flatten().map(Attrs::from)
             }

@@ -190,38 +190,6 @@ impl Pending {
         }
     }
 
-    /// Takes out `prefix` and every pending path beneath it, as (suffix, flag).
-    pub(super) fn take_subtree(&mut self, prefix: &[u8]) -> Vec<(Vec<u8>, bool)> {
-        let mut out = Vec::new();
-        self.misses.remove(prefix);
-        if let Some(d) = self.paths.remove(prefix) {
-            out.push((Vec::new(), d));
-        }
-        let mut lo = prefix.to_vec();
-        lo.push(b'/');
-        let mut hi = prefix.to_vec();
-        hi.push(b'/' + 1);
-        let keys: Vec<Vec<u8>> = self.paths.range(lo..hi).map(|(k, _)| k.clone()).collect();
-        for k in keys {
-            self.misses.remove(&k);
-            if let Some(d) = self.paths.remove(&k) {
-                out.push((k[prefix.len()..].to_vec(), d));
-            }
-        }
-        if !out.is_empty() {
-            self.changed = true;
-        }
-        out
-    }
-
-    pub(super) fn put_subtree(&mut self, prefix: &[u8], items: Vec<(Vec<u8>, bool)>) {
-        for (suffix, d) in items {
-            let mut p = prefix.to_vec();
-            p.extend_from_slice(&suffix);
-            self.insert(p, d);
-        }
-    }
-
     /// [`Pending::follow`] for the entry `seq`: the paths a listing named as of `seq` or
     /// later stay where they are.
     pub(super) fn follow_entry(&mut self, op: &Op, seq: u64) {
@@ -237,45 +205,13 @@ impl Pending {
     }
 
     /// Follows a namespace entry: pending paths move with renames, are copied by links and
-    /// dropped with removals.
+    /// dropped with removals ([`crate::names::follow`]).
     pub(super) fn follow(&mut self, op: &Op) {
-        if self.paths.is_empty() {
-            return;
-        }
-        match op {
-            Op::Rename {
-                path,
-                new_path,
-                exchange: false,
-                ..
-            } => {
-                // Whatever was at the destination is replaced.
-                self.take_subtree(new_path.as_bytes());
-                let moved = self.take_subtree(path.as_bytes());
-                self.put_subtree(new_path.as_bytes(), moved);
-            }
-            Op::Rename {
-                path,
-                new_path,
-                exchange: true,
-                ..
-            } => {
-                let a = self.take_subtree(path.as_bytes());
-                let b = self.take_subtree(new_path.as_bytes());
-                self.put_subtree(new_path.as_bytes(), a);
-                self.put_subtree(path.as_bytes(), b);
-            }
-            Op::Link { path, new_path } => {
-                if let Some(&d) = self.paths.get(path.as_bytes()) {
-                    self.insert(new_path.0.clone(), d);
-                }
-            }
-            Op::Unlink { path } => self.remove(path.as_bytes()),
-            Op::Rmdir { path } => {
-                self.take_subtree(path.as_bytes());
-            }
-            _ => {}
-        }
+        let misses = &mut self.misses;
+        let moved = crate::names::follow(&mut self.paths, op, |held, more| *held |= more, |old| {
+            misses.remove(old);
+        });
+        self.changed |= moved;
     }
 }
 

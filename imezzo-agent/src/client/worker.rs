@@ -35,6 +35,7 @@ impl WorkerHandle {
             pending_file: ctx.state_dir.join(PENDING_FILE),
             cache: HashMap::new(),
             data: HashMap::new(),
+            later: HashMap::new(),
             prefetched: 0,
             attached: Attachment::default(),
             retry: HashMap::new(),
@@ -80,6 +81,10 @@ pub(super) struct Worker {
     /// Bytes those entries write (small files whole, ranges of larger ones), by (path,
     /// inode), fetched ahead at once instead of one round trip per entry.
     pub(super) data: DataCache,
+    /// Where the object of an entry fetched ahead is once the later renames among those
+    /// entries are applied, by seq, where that is another name than the entry's: its
+    /// attributes and bytes are asked for there ([`crate::names::later_names`]).
+    pub(super) later: HashMap<u64, RelPath>,
     pub(super) prefetched: usize,
     /// The newest [`Attachment`] the server sent.
     pub(super) attached: Attachment,
@@ -268,11 +273,11 @@ impl Worker {
         }
         let mut paths: Vec<RelPath> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let mut entries = 0;
+        let mut window = Vec::new();
         let mut last_seq = 0;
         for work in std::iter::once(first).chain(queue.iter()) {
             let Work::Apply(entry) = work else { break };
-            entries += 1;
+            window.push(entry);
             last_seq = entry.seq;
             for q in entry.op.asked_paths() {
                 if seen.insert(q.clone()) {
@@ -280,6 +285,14 @@ impl Worker {
                 }
             }
         }
+        let entries = window.len();
+        // A file created or written and renamed within these entries (`write tmp; rename
+        // tmp f`) has only its new name on the master by now: its object is asked for
+        // there (the rename's entry asks about that name anyway), not left to a repair.
+        self.later = crate::names::later_names(window.iter().map(|e| &e.op), crate::names::completes_from_master)
+            .into_iter()
+            .map(|(i, name)| (window[i].seq, name))
+            .collect();
         self.cache.clear();
         // What the server attached for these entries needs no round trip.
         let attached = last_seq <= self.attached.through;
@@ -335,6 +348,7 @@ impl Worker {
             else {
                 continue;
             };
+            let path = self.later.get(&entry.seq).unwrap_or(path);
             let Some(Some(a)) = self.cache.get(path) else {
                 continue;
             };
@@ -503,11 +517,13 @@ impl Worker {
         self.prefetched = self.prefetched.saturating_sub(1);
         // Doubts a repair raised are moot: it placed the master's current objects.
         drop(self.replayer.take_doubts());
+        let follow = self.later.remove(&entry.seq).map(|to| (entry.op.path().clone(), to));
         let (result, absent) = loop {
             let mut source = NetSource {
                 fetcher: &self.fetcher,
                 cache: &cache,
                 data: &data,
+                follow: follow.clone(),
                 absent: Vec::new(),
             };
             let result = self.replayer.apply_entry(&entry, &mut source);

@@ -118,9 +118,16 @@ impl Export {
                 out.attrs.push((p, a));
             }
         }
+        // A file written, then renamed within the batch, holds its bytes under its new name
+        // by now: they are read there, from the same inode, and attached under that name
+        // (the client follows the batch's renames as well).
+        let later = crate::names::later_names(entries.iter().map(|e| &e.op), |op| {
+            matches!(op, Op::Write { ino: Some(_), .. })
+        });
         let mut whole_done = std::collections::HashSet::new();
-        for e in entries {
+        for (i, e) in entries.iter().enumerate() {
             let Op::Write { path, ino: Some(ino), offset, len, .. } = &e.op else { continue };
+            let path = later.get(&i).unwrap_or(path);
             let Some(&(at, size, small)) = found.get(path) else { continue };
             if at != *ino {
                 continue;
