@@ -345,7 +345,7 @@ fn a_file_saved_by_writing_a_temporary_and_renaming_it_arrives_while_the_master_
             }
         })
     };
-    for i in 0..10 {
+    for i in 0..20 {
         let content = format!("saved version {i}\n").repeat(40 + i);
         r.export.put("d/state.tmp", content.as_bytes());
         ok(sys::rename(&r.e("d/state.tmp"), &r.e("d/state")));

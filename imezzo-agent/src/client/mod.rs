@@ -125,6 +125,9 @@ const PERSIST_EVERY: Duration = Duration::from_millis(25);
 const MAX_VERIFICATIONS: u32 = 2;
 /// Entries whose paths are fetched ahead in one round trip.
 const PREFETCH_ENTRIES: usize = 256;
+/// Writes renamed away before their rename arrived, followed at once (past this many, the
+/// others wait for the pending repair at the next pause).
+const MOVED_WRITES_MAX: usize = 4096;
 /// Files at most this large that queued entries write are fetched ahead, whole.
 const PREFETCH_DATA_MAX: u64 = 256 << 10;
 /// Larger files' written ranges at most this long are fetched ahead...

@@ -36,6 +36,7 @@ impl WorkerHandle {
             cache: HashMap::new(),
             data: HashMap::new(),
             later: HashMap::new(),
+            moved_writes: Default::default(),
             prefetched: 0,
             attached: Attachment::default(),
             retry: HashMap::new(),
@@ -85,6 +86,10 @@ pub(super) struct Worker {
     /// entries are applied, by seq, where that is another name than the entry's: its
     /// attributes and bytes are asked for there ([`crate::names::later_names`]).
     pub(super) later: HashMap<u64, RelPath>,
+    /// Writes replay could not take bytes for, the master having moved their file on before
+    /// the move reached this client: (path, followed through later entries) -> the inode
+    /// written. See [`Worker::follow_moved_writes`].
+    pub(super) moved_writes: std::collections::BTreeMap<Vec<u8>, u64>,
     pub(super) prefetched: usize,
     /// The newest [`Attachment`] the server sent.
     pub(super) attached: Attachment,
@@ -467,6 +472,7 @@ impl Worker {
         self.needs_resync = None;
         self.resync_owed = false;
         self.pending.clear();
+        self.moved_writes.clear();
         Ok(())
     }
 
@@ -510,6 +516,63 @@ impl Worker {
         Ok(())
     }
 
+    /// A write whose file the master renamed before the rename reached this client (`write
+    /// tmp; rename tmp f` in two journal reads, so the window of [`Worker::later`] did not
+    /// hold both): replay found nothing (or another file) at its name and left the path
+    /// pending, to be fetched once the stream pauses, which a busy master may never do.
+    /// The inode written is followed by name through the entries after it, and once a rename
+    /// has carried it somewhere, the write is replayed there, whole, from that inode: what a
+    /// write entry for it at this point of the stream would do. When the name holds another
+    /// object by then, nothing is done (the pending path stays, as before).
+    pub(super) fn follow_moved_writes(
+        &mut self,
+        entry: &JournalEntry,
+        result: &Result<Applied, ReplayError>,
+        cache: &HashMap<RelPath, Option<Attrs>>,
+        data: &DataCache,
+    ) -> Result<(), Stop> {
+        if let (Op::Write { path, ino: Some(ino), .. }, Ok(Applied::Obsolete) | Err(ReplayError::Source { .. })) =
+            (&entry.op, result)
+        {
+            if self.moved_writes.len() < MOVED_WRITES_MAX {
+                self.moved_writes.insert(path.0.clone(), *ino);
+            }
+            return Ok(());
+        }
+        if self.moved_writes.is_empty()
+            || !crate::names::follow(&mut self.moved_writes, &entry.op, |held, newer| *held = newer, |_| {})
+        {
+            return Ok(());
+        }
+        let Op::Rename { path: from, new_path, exchange, .. } = &entry.op else {
+            return Ok(());
+        };
+        let mut carried = crate::names::take_subtree(&mut self.moved_writes, new_path.as_bytes())
+            .into_iter()
+            .map(|(suffix, ino)| ([new_path.as_bytes(), &suffix].concat(), ino))
+            .collect::<Vec<_>>();
+        if *exchange {
+            carried.extend(
+                crate::names::take_subtree(&mut self.moved_writes, from.as_bytes())
+                    .into_iter()
+                    .map(|(suffix, ino)| ([from.as_bytes(), &suffix].concat(), ino)),
+            );
+        }
+        for (path, ino) in carried {
+            let write = JournalEntry {
+                seq: entry.seq,
+                op: Op::Write { path: RelPath(path), offset: 0, len: u64::MAX, source: None, mode: None, ino: Some(ino) },
+            };
+            let mut source = NetSource { fetcher: &self.fetcher, cache, data, follow: None, absent: Vec::new() };
+            let r = self.replayer.apply_entry(&write, &mut source);
+            if let Some(why) = self.fetcher.lost() {
+                return Err(Stop::Lost(why));
+            }
+            log::debug!("client: the write renamed away before seq {} replayed at {}: {r:?}", entry.seq, write.op.path().display());
+        }
+        Ok(())
+    }
+
     pub(super) fn apply(&mut self, entry: JournalEntry) -> Result<(), Stop> {
         let mut attempt = 0;
         let cache = std::mem::take(&mut self.cache);
@@ -543,10 +606,6 @@ impl Worker {
                 result => break (result, source.absent),
             }
         };
-        if self.prefetched > 0 {
-            self.cache = cache;
-            self.data = data;
-        }
         // Names the op itself leaves (the destination of a rename or link) are marked after
         // the pending set follows the op; the others before.
         let moves = matches!(entry.op, Op::Rename { .. } | Op::Link { .. });
@@ -569,6 +628,12 @@ impl Worker {
         for p in absent.into_iter().chain(self.replayer.take_doubts()) {
             self.pending.insert(p.0, false);
         }
+        let followed = self.follow_moved_writes(&entry, &result, &cache, &data);
+        if self.prefetched > 0 {
+            self.cache = cache;
+            self.data = data;
+        }
+        followed?;
         match result {
             // Capture lost track of changes (events lost, a path it could not follow): a
             // full resync, whose manifest is consistent with one seq and supersedes every
@@ -726,6 +791,7 @@ impl Worker {
         }
         if self.pending.paths.len() > PENDING_MAX {
             self.pending.clear();
+        self.moved_writes.clear();
             self.needs_resync
                 .get_or_insert(format!("over {PENDING_MAX} paths to fetch again"));
             return Ok(());
