@@ -105,10 +105,11 @@ const READ_CHUNK: usize = 256 << 10;
 /// Repairs wait for the stream to be idle this long: with the master ahead, names that
 /// later entries will still move must not be filled with the master's current content.
 /// Entries arrive within milliseconds of their change (lag p99 under 25 ms at 10 000
-/// changes a second), so half a second without one means the master has paused. It bounds
-/// how soon a file written under a temporary name and renamed (how PostgreSQL, editors and
-/// package managers save) is whole on the replica once writing stops: 1.5 s made a
-/// database's replica identical about 1.8 s after its shutdown.
+/// changes a second), so half a second without one means the master has paused. A file
+/// written under a temporary name and renamed (how PostgreSQL, editors and package managers
+/// save) no longer waits for it: its bytes are read where the renames put it (`names.rs`,
+/// [`Worker::follow_moved_writes`]); what still does is a file whose name another object
+/// took before its rename reached the client.
 const REPAIR_IDLE: Duration = Duration::from_millis(500);
 /// "in sync" is printed at most this often.
 const IN_SYNC_EVERY: Duration = Duration::from_secs(1);
