@@ -157,22 +157,24 @@ pub(crate) fn later_names<'a>(
     track: impl Fn(&Op) -> bool,
 ) -> HashMap<usize, RelPath> {
     let ops: Vec<&Op> = ops.into_iter().collect();
+    let mut out = HashMap::new();
+    // Only a rename, or a link and the removal of the old name, gives an object another
+    // name: most batches have neither, and are not followed at all (every journal read of
+    // the server and every window of the client goes through here).
+    if !ops.iter().any(|op| matches!(op, Op::Rename { .. } | Op::Link { .. })) {
+        return out;
+    }
     // Names to the indexes of the operations whose object is there now.
     let mut names: BTreeMap<Vec<u8>, Vec<usize>> = BTreeMap::new();
-    let mut moved = false;
     for (i, op) in ops.iter().enumerate() {
         // A new object at a name: whatever was followed there is not it.
         if matches!(op, Op::Create { .. } | Op::Mkdir { .. } | Op::Mknod { .. } | Op::Symlink { .. }) {
             names.remove(op.path().as_bytes());
         }
-        moved |= follow(&mut names, op, |held, more| held.extend(more), |_| {});
+        follow(&mut names, op, |held, more| held.extend(more), |_| {});
         if track(op) {
             names.entry(op.path().0.clone()).or_default().push(i);
         }
-    }
-    let mut out = HashMap::new();
-    if !moved {
-        return out;
     }
     for (name, indexes) in names {
         for i in indexes {

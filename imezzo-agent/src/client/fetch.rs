@@ -289,6 +289,15 @@ impl<'a> NetSource<'a> {
             absent: Vec::new(),
         }
     }
+
+    /// The name the master is asked about for `path`: where [`NetSource::follow`] says the
+    /// entry's object is by now, or `path` itself.
+    fn asked<'p>(&'p self, path: &'p RelPath) -> &'p RelPath {
+        match &self.follow {
+            Some((from, to)) if from == path => to,
+            _ => path,
+        }
+    }
 }
 
 pub(super) fn fail_to_io(f: FetchFail) -> io::Error {
@@ -307,10 +316,7 @@ impl DataSource for NetSource<'_> {
         len: u64,
         ino: Option<u64>,
     ) -> io::Result<Vec<u8>> {
-        let asked = match &self.follow {
-            Some((from, to)) if from == path => to,
-            _ => path,
-        };
+        let asked = self.asked(path);
         if let Some(pieces) = ino.and_then(|i| self.data.get(&(asked.clone(), i))) {
             if let Some(bytes) = pieces.iter().find_map(|p| p.slice(offset, len)) {
                 return Ok(bytes.to_vec());
@@ -352,10 +358,7 @@ impl DataSource for NetSource<'_> {
     }
 
     fn attrs(&mut self, path: &RelPath) -> io::Result<Option<Attrs>> {
-        let asked = match &self.follow {
-            Some((from, to)) if from == path => to,
-            _ => path,
-        };
+        let asked = self.asked(path);
         let attrs = match self.cache.get(asked) {
             Some(a) => a.clone(),
             None => {

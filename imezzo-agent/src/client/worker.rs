@@ -547,16 +547,12 @@ impl Worker {
         let Op::Rename { path: from, new_path, exchange, .. } = &entry.op else {
             return Ok(());
         };
-        let mut carried = crate::names::take_subtree(&mut self.moved_writes, new_path.as_bytes())
-            .into_iter()
-            .map(|(suffix, ino)| ([new_path.as_bytes(), &suffix].concat(), ino))
-            .collect::<Vec<_>>();
-        if *exchange {
-            carried.extend(
-                crate::names::take_subtree(&mut self.moved_writes, from.as_bytes())
-                    .into_iter()
-                    .map(|(suffix, ino)| ([from.as_bytes(), &suffix].concat(), ino)),
-            );
+        // What the rename put in place: at its destination, and for an exchange at its
+        // source too.
+        let mut carried = Vec::new();
+        for side in [Some(new_path), exchange.then_some(from)].into_iter().flatten() {
+            let taken = crate::names::take_subtree(&mut self.moved_writes, side.as_bytes());
+            carried.extend(taken.into_iter().map(|(suffix, ino)| ([side.as_bytes(), &suffix].concat(), ino)));
         }
         for (path, ino) in carried {
             let write = JournalEntry {
