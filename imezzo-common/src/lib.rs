@@ -37,6 +37,9 @@ pub mod kind {
     pub const SYNCED: u32 = 8;
     /// A process holding such a mapping exited (its mappings are gone).
     pub const EXITED: u32 = 9;
+    /// Nothing changed: the agent asked to be woken (it slept long while idle) and a write
+    /// grew or started a run, which emits no record of its own.
+    pub const WAKE: u32 = 10;
 }
 
 /// An inode as the kernel names it. `dev` is the kernel's encoding, `major << 20 | minor`.
@@ -198,6 +201,8 @@ pub struct Filter {
     pub root_len: u32,
     /// Data events do not wake the agent (it polls every few milliseconds) until this many
     /// bytes wait in the ring buffer: a wakeup per write would cost more than the probe.
+    /// When the agent has been idle a while it sleeps long instead, asking (`imezzo_sleeping`)
+    /// to be woken by the next data event or write.
     pub wake_bytes: u32,
     /// Canonical absolute path of the root: an absolute path argument is kept only when
     /// it lies beneath it.

@@ -34,7 +34,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, map},
-    maps::{PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, PerCpuArray, ProgramArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use imezzo_common::{
@@ -62,6 +62,13 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROPS_SLOTS, 0);
 /// The current run of contiguous writes on each CPU (see `OpenRun`).
 #[map(name = "imezzo_runs")]
 static RUNS: PerCpuArray<OpenRun> = PerCpuArray::with_max_entries(1, 0);
+
+/// Non-zero while the agent sleeps long because nothing happened for a while. Data events
+/// do not wake it (`data_wakeup`), and a write that only grows this CPU's run emits nothing:
+/// the first of either after the agent set it clears it and wakes the agent, which then
+/// polls every couple of milliseconds again. Two CPUs may both see it set: one more wakeup.
+#[map(name = "imezzo_sleeping")]
+static SLEEPING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Processes (tgid) that made a shared writable mapping of a watched file: their munmap,
 /// msync and exit are reported. An LRU map: a full table forgets the oldest process, whose
@@ -141,13 +148,46 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Wakeup policy for data events: none until the agent has a good batch waiting.
+/// Wakeup policy for data events: none until the agent has a good batch waiting, unless it
+/// sleeps long (`SLEEPING`).
 #[inline(always)]
 fn data_wakeup() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= filt!(wake_bytes) as u64 {
+    if agent_sleeping() || EVENTS.query(BPF_RB_AVAIL_DATA) >= filt!(wake_bytes) as u64 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
+    }
+}
+
+/// Whether the agent sleeps long (see `SLEEPING`); clears the flag, so that the caller's
+/// wakeup is the only one.
+#[inline(always)]
+fn agent_sleeping() -> bool {
+    match SLEEPING.get_ptr_mut(0) {
+        // SAFETY: a u32 slot of an array map; a racing CPU at worst wakes the agent twice.
+        Some(flag) => unsafe {
+            if *flag == 0 {
+                false
+            } else {
+                *flag = 0;
+                true
+            }
+        },
+        None => false,
+    }
+}
+
+/// A run grew or started without a record: wakes a sleeping agent, which reads the runs.
+#[inline(always)]
+fn wake_for_run() {
+    if agent_sleeping() {
+        match EVENTS.reserve::<FdEvent>(0) {
+            Some(mut entry) => {
+                entry.write(FdEvent { kind: kind::WAKE, tgid: 0, nr: 0, cpu: 0, file: DevIno::default(), a: 0, b: 0, c: 0 });
+                entry.submit(BPF_RB_FORCE_WAKEUP);
+            }
+            None => count_drop(),
+        }
     }
 }
 
@@ -468,6 +508,7 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 run.seq += 1;
                 run.end = offset.wrapping_add(len);
                 run.seq += 1;
+                wake_for_run();
                 return Ok(());
             }
             let ino: u64 = rd(inode, off!(inode_ino))?;
@@ -482,6 +523,7 @@ fn try_write(ctx: &BtfTracePointContext) -> Result<(), i64> {
             run.start = offset;
             run.end = offset.wrapping_add(len);
             run.seq += 1;
+            wake_for_run();
             return Ok(());
         }
     };

@@ -738,13 +738,18 @@ pub fn perm(path: &Path) -> u32 {
     sys::lstat(path).unwrap().st_mode & 0o7777
 }
 
-/// The agent's summary line on stop: `imezzo: capture stopped: events=N drops=N rescans=N ops=N`.
+/// The agent's summary line on stop: `imezzo: capture stopped: events=N drops=N rescans=N ops=N
+/// coarsened=N polls=N woken=N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub events: u64,
     pub drops: u64,
     pub rescans: u64,
     pub ops: u64,
+    /// Times the capture loop woke to drain.
+    pub polls: u64,
+    /// Long idle sleeps the probes cut short.
+    pub woken: u64,
 }
 
 pub fn summary(stderr: &[String]) -> Option<Summary> {
@@ -763,6 +768,8 @@ pub fn summary(stderr: &[String]) -> Option<Summary> {
         drops: get("drops")?,
         rescans: get("rescans")?,
         ops: get("ops")?,
+        polls: get("polls")?,
+        woken: get("woken")?,
     })
 }
 

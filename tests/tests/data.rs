@@ -324,6 +324,38 @@ fn splice_from_a_pipe_into_a_root_file_journals_a_write_at_off_out() {
     cap.expect(&[write_op("f", 2000, 1500)]);
 }
 
+// ---------------------------------------------------------------- an idle capture
+
+#[test]
+fn an_idle_capture_sleeps_and_a_write_to_a_file_held_open_wakes_it() {
+    // A write that grows or starts a run puts nothing in the ring buffer: the agent used to
+    // find it by polling every 2 ms, 500 wakeups a second on an idle export. Now an idle
+    // loop sleeps long and the probes wake it at the next such write.
+    let fs = Fs::tmpfs("idle-wake");
+    fs.put("log", b"");
+    let mut cap = Capture::start(&fs.root);
+    let f = sys::open(&fs.p("log"), O_WRONLY | O_APPEND, 0).unwrap();
+    for i in 0..4u64 {
+        // Long past the quiet time after which the loop sleeps.
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(sys::write(&f, b"line\n").unwrap(), 5);
+        cap.ops_until_with(
+            |op| op["op"] == "write" && op["path"] == "log" && op["offset"].as_u64().unwrap_or(0) + op["len"].as_u64().unwrap_or(0) >= 5 * (i + 1),
+            Duration::from_secs(10),
+            &format!("the append {i} to the open file"),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, stderr) = cap.stop();
+    drop(f);
+    assert!(status.success(), "{stderr:?}");
+    let s = summary(&stderr).unwrap_or_else(|| panic!("no summary line in {stderr:?}"));
+    // About 3 s of test: a loop that never slept would have woken some 1 500 times.
+    assert!(s.polls < 600, "the idle loop kept polling: {s:?}");
+    // Each append came while the loop slept (the first may race the sleep's start).
+    assert!(s.woken >= 2, "the probes did not wake the sleeping loop: {s:?}");
+}
+
 // ---------------------------------------------------------------- fallocate
 
 #[test]

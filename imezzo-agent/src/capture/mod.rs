@@ -9,7 +9,10 @@
 use std::{
     ffi::OsStr,
     fs,
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -85,6 +88,10 @@ pub struct CaptureStats {
     /// Files whose written ranges were too many to keep exact within one batch, and were
     /// rounded out to blocks (see `extents`).
     pub coarsened: u64,
+    /// Times the loop woke to drain (every 2 ms while busy, 100 ms once idle).
+    pub polls: u64,
+    /// Long sleeps that the probes cut short: a write or data event woke the idle loop.
+    pub woken: u64,
 }
 
 pub struct Capture {
@@ -121,7 +128,78 @@ pub struct Capture {
     early: Vec<Op>,
     /// Where the server asks which names an inode has (see [`Capture::serve_names`]).
     names: Option<std::sync::mpsc::Receiver<NamesQuery>>,
+    /// Rung with each question and at stop, so a long idle sleep does not delay them.
+    waker: Option<CaptureWaker>,
+    /// `Probes::open_runs`'s sum of run counters at the last drain: a change means writes.
+    run_moves: u64,
     _lock: fs::File,
+}
+
+/// The asking side of [`NamesQuery`]s: each question wakes the capture loop.
+pub struct NamesAsker {
+    tx: mpsc::Sender<NamesQuery>,
+    waker: CaptureWaker,
+}
+
+/// The capture loop's side (see [`Capture::serve_names`]).
+pub struct NamesServed {
+    rx: mpsc::Receiver<NamesQuery>,
+    waker: CaptureWaker,
+}
+
+/// A channel for names questions, and the waker of the loop that answers them.
+pub fn names_channel() -> std::io::Result<(NamesAsker, NamesServed)> {
+    let (tx, rx) = mpsc::channel();
+    let waker = CaptureWaker::new()?;
+    Ok((NamesAsker { tx, waker: waker.clone() }, NamesServed { rx, waker }))
+}
+
+impl NamesAsker {
+    /// Sends `q`; false when the capture loop is gone.
+    pub fn ask(&self, q: NamesQuery) -> bool {
+        let sent = self.tx.send(q).is_ok();
+        self.waker.wake();
+        sent
+    }
+
+    /// What wakes the loop, for whoever stops it.
+    pub fn waker(&self) -> CaptureWaker {
+        self.waker.clone()
+    }
+}
+
+/// Wakes the capture loop from its sleep: an eventfd it polls beside the ring buffer.
+#[derive(Clone)]
+pub struct CaptureWaker(Arc<OwnedFd>);
+
+impl CaptureWaker {
+    pub fn new() -> std::io::Result<CaptureWaker> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a fresh fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        Ok(CaptureWaker(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: 8 valid bytes; a full counter (never, at one per question) only means
+        // the loop is awake already.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Takes the rings so far, so the next poll sleeps.
+    fn reset(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: 8 writable bytes; EAGAIN (not rung) is fine.
+        unsafe { libc::read(self.0.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+    }
 }
 
 /// A question for the capture thread: every path its inode table knows for each inode of
@@ -247,6 +325,13 @@ const POLL_MS: i32 = 2;
 const BUSY_BATCH: Duration = Duration::from_millis(5);
 /// How long a drain waits after a wake-up for the writes that follow the waking event.
 const WAKE_SETTLE: Duration = Duration::from_micros(200);
+/// Nothing happened for this long: the loop asks the probes to wake it at the next write
+/// and sleeps [`SLEEP_MS`] at a time instead of [`POLL_MS`] (an idle export cost 500
+/// wakeups a second, 2% of a core).
+const QUIET_BEFORE_SLEEP: Duration = Duration::from_millis(50);
+/// The longest sleep of an idle loop: what a write waits should the probe's wakeup be lost
+/// (a full ring buffer, which is counted and rescanned anyway, or a write racing the ask).
+const SLEEP_MS: i32 = 100;
 
 const AT_FDCWD: i64 = -100;
 
@@ -370,6 +455,8 @@ impl Capture {
             walked: true,
             early: Vec::new(),
             names: None,
+            waker: None,
+            run_moves: 0,
             _lock: lock,
         };
         // The events of the start-up walk's time are drained now, while the table is the
@@ -387,9 +474,11 @@ impl Capture {
     }
 
     /// Answers [`NamesQuery`]s from `rx` from now on, between two drains of the ring buffer
-    /// (so within a few milliseconds, however busy the export).
-    pub fn serve_names(&mut self, rx: std::sync::mpsc::Receiver<NamesQuery>) {
-        self.names = Some(rx);
+    /// (so within a few milliseconds, however busy the export). Whoever asks rings `waker`
+    /// after sending, and whoever stops the loop too: an idle loop sleeps long.
+    pub fn serve_names(&mut self, served: NamesServed) {
+        self.names = Some(served.rx);
+        self.waker = Some(served.waker);
     }
 
     fn answer_names(&mut self) {
@@ -436,12 +525,29 @@ impl Capture {
         let mut out = std::mem::take(&mut self.early);
         let mut last_drop_check = Instant::now();
         let mut idle = true;
+        let mut busy_at = Instant::now();
+        let mut asleep = false;
         while !stop.load(Ordering::Relaxed) {
-            let mut pfd = libc::pollfd { fd: self.probes.events_fd(), events: libc::POLLIN, revents: 0 };
+            let waker = self.waker.as_ref().map_or(-1, CaptureWaker::fd);
+            let mut pfds = [
+                libc::pollfd { fd: self.probes.events_fd(), events: libc::POLLIN, revents: 0 },
+                // A negative fd is ignored by poll.
+                libc::pollfd { fd: waker, events: libc::POLLIN, revents: 0 },
+            ];
             // Data events do not wake us (see `Filter::wake_bytes`): polling every couple of
             // milliseconds bounds their delay and lets a storm coalesce into few extents.
-            // SAFETY: one valid pollfd.
-            let woken = unsafe { libc::poll(&mut pfd, 1, POLL_MS) } > 0;
+            // Asleep, the probes wake us at the next data event or write.
+            let timeout = if asleep { SLEEP_MS } else { POLL_MS };
+            // SAFETY: two valid pollfds.
+            unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
+            let woken = pfds[0].revents != 0;
+            self.stats.polls += 1;
+            self.stats.woken += u64::from(asleep && woken);
+            if pfds[1].revents != 0 {
+                if let Some(w) = &self.waker {
+                    w.reset();
+                }
+            }
             if woken && idle {
                 // A namespace event woke an idle loop (an open, a create): the write and
                 // close that usually follow it within microseconds land in this same drain
@@ -450,6 +556,7 @@ impl Capture {
                 thread::sleep(WAKE_SETTLE);
             }
             let before = self.stats.events;
+            let moves_before = self.run_moves;
             let started = Instant::now();
             let drained_at = SystemTime::now();
             self.drain_with_runs(&mut out);
@@ -460,9 +567,22 @@ impl Capture {
                 last_drop_check = Instant::now();
             }
             self.check_touched(&mut out);
+            let moves = self.run_moves;
             self.emit(&mut out, drained_at, sink);
             self.answer_names();
-            idle = self.stats.events == before;
+            idle = self.stats.events == before && self.run_moves == moves_before;
+            if !idle {
+                busy_at = Instant::now();
+                asleep = false;
+            } else if asleep || busy_at.elapsed() >= QUIET_BEFORE_SLEEP {
+                // Asked at every sleep: a wakeup the probe owed but could not deliver (a
+                // full ring) must not leave us sleeping long for good.
+                self.probes.ask_wake();
+                // A write between the drain above and the ask put nothing in the ring and
+                // saw no flag: the runs tell.
+                let (_, after) = self.probes.open_runs();
+                asleep = after == moves;
+            }
             if !idle {
                 // Under a storm, drain in batches: a consumer that chases every event
                 // bounces the ring's cache lines and slows the writers it watches.
@@ -565,7 +685,8 @@ impl Capture {
     fn drain_with_runs(&mut self, out: &mut Vec<Op>) {
         self.drain(out);
         for attempt in 0..4 {
-            let runs = self.probes.open_runs();
+            let (runs, moves) = self.probes.open_runs();
+            self.run_moves = moves;
             let before = self.stats.events;
             self.drain(out);
             if self.stats.events == before || attempt == 3 {

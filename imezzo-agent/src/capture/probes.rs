@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::{
-    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
@@ -66,6 +66,7 @@ pub struct Probes {
     pub events: RingBuf<MapData>,
     drops: PerCpuArray<MapData, u64>,
     runs: PerCpuArray<MapData, OpenRun>,
+    sleeping: Array<MapData, u32>,
     pin_dir: PathBuf,
 }
 
@@ -155,7 +156,7 @@ impl Probes {
             prog.attach().map_err(|e| ProbeError::Attach(name_static(name), chain(&e)))?;
             prog.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
         }
-        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch", "imezzo_runs", "imezzo_mappers"] {
+        for name in ["imezzo_events", "imezzo_dispatch", "imezzo_drops", "imezzo_scratch", "imezzo_runs", "imezzo_mappers", "imezzo_sleeping"] {
             if let Some(map) = ebpf.map(name) {
                 map.pin(pin_dir.join(name)).map_err(|e| ProbeError::Pin(pin_dir.clone(), chain(&e)))?;
             }
@@ -167,7 +168,9 @@ impl Probes {
             .map_err(|e| ProbeError::Load(chain(&e)))?;
         let runs = PerCpuArray::try_from(ebpf.take_map("imezzo_runs").expect("write runs in object"))
             .map_err(|e| ProbeError::Load(chain(&e)))?;
-        Ok(Probes { _ebpf: ebpf, events, drops, runs, pin_dir })
+        let sleeping = Array::try_from(ebpf.take_map("imezzo_sleeping").expect("sleep flag in object"))
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        Ok(Probes { _ebpf: ebpf, events, drops, runs, sleeping, pin_dir })
     }
 
     /// Only the empty program on the exit of every syscall, attached and nothing else: what
@@ -203,17 +206,32 @@ impl Probes {
     /// The write run each CPU holds, as (cpu, run), for the runs that were stable while
     /// read: the probe makes `seq` odd while it changes a slot, so a slot read twice with
     /// the same even `seq` is consistent. A slot that was changing is skipped this time.
-    pub fn open_runs(&self) -> Vec<(u32, OpenRun)> {
+    /// The runs open on each CPU, and the sum of their sequence counters, which grows at
+    /// every write that grows, starts or ends a run (activity that puts nothing in the ring).
+    pub fn open_runs(&self) -> (Vec<(u32, OpenRun)>, u64) {
         let (Ok(first), Ok(second)) = (self.runs.get(&0, 0), self.runs.get(&0, 0)) else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
-        first
+        let moves = second.iter().fold(0u64, |sum, r| sum.wrapping_add(r.seq));
+        let open = first
             .iter()
             .zip(second.iter())
             .enumerate()
             .filter(|(_, (a, b))| a == b && a.seq % 2 == 0 && a.end > a.start)
             .map(|(cpu, (a, _))| (cpu as u32, *a))
-            .collect()
+            .collect();
+        (open, moves)
+    }
+
+    /// Asks the probes to wake the agent at the next data event or write, which otherwise
+    /// wake nobody (`Filter::wake_bytes`): set before the agent sleeps long while idle. The
+    /// fence orders the flag before the caller's next look at the runs, so a write that the
+    /// look misses sees the flag (a probe's plain load may still pass its own store to the
+    /// run on another CPU: then the write waits for the end of the long sleep, unlost).
+    pub fn ask_wake(&mut self) {
+        // An array slot always exists; a failed update only costs the long sleep.
+        let _ = self.sleeping.set(0, 1, 0);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn events_fd(&self) -> RawFd {

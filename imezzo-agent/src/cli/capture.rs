@@ -48,8 +48,8 @@ pub fn run(root: PathBuf, json: bool, ring_bytes: u32) -> anyhow::Result<()> {
     });
     let s = cap.stats();
     eprintln!(
-        "imezzo: capture stopped: events={} drops={} rescans={} ops={} coarsened={}",
-        s.events, s.drops, s.rescans, s.ops, s.coarsened
+        "imezzo: capture stopped: events={} drops={} rescans={} ops={} coarsened={} polls={} woken={}",
+        s.events, s.drops, s.rescans, s.ops, s.coarsened, s.polls, s.woken
     );
     Ok(())
 }

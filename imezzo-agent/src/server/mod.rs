@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::attrs::{Attrs, FileKind};
-use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats, NamesQuery};
+use crate::capture::{self, Capture, CaptureConfig, CaptureError, CaptureStats, CaptureWaker, NamesAsker, NamesQuery, NamesServed};
 use crate::config::ServerOptions;
 use crate::identity::{Identity, IdentityError, NodeId};
 use crate::journal::{Journal, JournalError};
@@ -133,7 +133,7 @@ struct Shared {
     /// Connections held, per node and in all (admission.rs).
     admission: admission::Admission,
     /// Asks the capture thread which names an inode has (for `FetchAttrs` with `links`).
-    names: std::sync::mpsc::Sender<NamesQuery>,
+    names: NamesAsker,
 }
 
 impl Shared {
@@ -181,7 +181,8 @@ impl Server {
                 })?,
             );
         let (appended_tx, appended) = watch::channel(journal.last_seq());
-        let (names, names_rx) = std::sync::mpsc::channel();
+        let (names, names_rx) = capture::names_channel().map_err(|e| ServerError::CaptureThread(format!("cannot make its eventfd: {e}")))?;
+        let waker = names.waker();
         let capture = CaptureThread::start(
             export_root.clone(),
             export.clone(),
@@ -190,6 +191,7 @@ impl Server {
             journal.clone(),
             appended_tx,
             names_rx,
+            waker,
         )
         .await?;
         let endpoint = transport::server_endpoint(&identity, opts.listen, opts.allow.clone())?;
@@ -300,10 +302,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServerError::CaptureThread(format!("a blocking task failed: {e}")))
 }
 
-/// The capture loop on its own OS thread: it polls the ring buffer every 2 ms and must not
-/// share a thread with anything that can stall it.
+/// The capture loop on its own OS thread: it polls the ring buffer every 2 ms (every 100 ms
+/// once idle, woken by the probes) and must not share a thread with anything that can stall
+/// it.
 struct CaptureThread {
     stop: Arc<AtomicBool>,
+    /// Rung at stop: an idle capture loop sleeps long.
+    waker: Option<CaptureWaker>,
     thread: Option<std::thread::JoinHandle<CaptureStats>>,
     /// Set once, with the reason, when an append fails.
     failed: watch::Receiver<Option<String>>,
@@ -317,7 +322,8 @@ impl CaptureThread {
         journal_existed: bool,
         journal: Arc<Journal>,
         appended: watch::Sender<u64>,
-        names: std::sync::mpsc::Receiver<NamesQuery>,
+        names: NamesServed,
+        waker: CaptureWaker,
     ) -> Result<CaptureThread, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (failed_tx, failed) = watch::channel(None);
@@ -395,6 +401,7 @@ impl CaptureThread {
             .map_err(|e| ServerError::CaptureThread(format!("cannot start it: {e}")))?;
         let mut this = CaptureThread {
             stop,
+            waker: Some(waker),
             thread: Some(thread),
             failed,
         };
@@ -416,6 +423,7 @@ impl CaptureThread {
     fn stopped() -> CaptureThread {
         CaptureThread {
             stop: Arc::new(AtomicBool::new(true)),
+            waker: None,
             thread: None,
             failed: watch::channel(None).1,
         }
@@ -428,6 +436,9 @@ impl CaptureThread {
 
     fn join(&mut self) -> CaptureStats {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(waker) = &self.waker {
+            waker.wake();
+        }
         self.thread
             .take()
             .and_then(|t| t.join().ok())
@@ -1042,9 +1053,10 @@ fn other_names(
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     // One more than the wire allows: the asked path itself is among them.
     let max = MAX_LINK_NAMES + 1;
-    let known = match s.names.send(NamesQuery { inos, max, reply: tx }) {
-        Ok(()) => rx.recv_timeout(NAMES_WAIT).unwrap_or_default(),
-        Err(_) => Vec::new(),
+    let known = if s.names.ask(NamesQuery { inos, max, reply: tx }) {
+        rx.recv_timeout(NAMES_WAIT).unwrap_or_default()
+    } else {
+        Vec::new()
     };
     let mut known = known.into_iter();
     let mut bytes = 0usize;

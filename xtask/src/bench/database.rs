@@ -4,7 +4,10 @@
 //! Every run gets a fresh loop-mounted ext4 image holding a fresh cluster, initialised by
 //! `pgbench -i`; then nothing, imezzo (the server on the image's mount, the client into a tmpfs)
 //! or lsyncd with `delay = 0` and an rsync daemon follows it while `pgbench` runs; then the
-//! cluster is shut down and the bench waits for the replica to be identical. Every round runs
+//! cluster is shut down and the bench waits for the replica to be identical. Two more watchers
+//! replicate nothing and split imezzo's cost: `imezzo capture --empty-probe` (the floor of any
+//! eBPF capture: a program call at every syscall's exit) and `imezzo capture --json` (the
+//! probes and the capture agent, no journal, no client). Every round runs
 //! every watcher once, in an order rotated from round to round, and a ratio is taken against
 //! the unwatched run of the same round, so that drift of the machine during the bench cancels
 //! out. PostgreSQL refuses to run as root: its server programs run as the `postgres` user
@@ -23,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use clap::{value_parser, Args};
 
 use super::{
-    median,
+    median, watcher,
     replicate::{
         self, agents::Verdict, peers::LsyncdDelay, process, scratch::ScratchDir, trees::Snapshot,
         Cost, Follower, Programs, Tool,
@@ -49,8 +52,9 @@ pub struct DatabaseArgs {
     /// pgbench's threads (`-j`).
     #[arg(long, default_value_t = 2, value_parser = value_parser!(u64).range(1..))]
     jobs: u64,
-    /// Rounds; each runs pgbench unwatched, under imezzo and under lsyncd, in an order rotated
-    /// from round to round (five take about 8 minutes on 2 cores).
+    /// Rounds; each runs pgbench unwatched, under the empty probe, under imezzo's capture alone,
+    /// under imezzo and under lsyncd, in an order rotated from round to round (five take about
+    /// 14 minutes on 2 cores).
     #[arg(long, default_value_t = 5, value_parser = value_parser!(u32).range(1..))]
     rounds: u32,
     /// Seconds the replica may take to become identical after the shutdown before the run
@@ -73,12 +77,25 @@ const PG_USER: &str = "postgres";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Watcher {
     Nothing,
+    /// Capture alone on the export, replicating nothing: what the probes and the capture
+    /// agent cost the database, apart from the journal and the client.
+    Capture(Probe),
     Follow(Tool),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    /// `imezzo capture --empty-probe`: the floor of any eBPF capture.
+    Empty,
+    /// `imezzo capture --json`, its output thrown away.
+    Imezzo,
+}
+
 impl Watcher {
-    const ALL: [Watcher; 3] = [
+    const ALL: [Watcher; 5] = [
         Watcher::Nothing,
+        Watcher::Capture(Probe::Empty),
+        Watcher::Capture(Probe::Imezzo),
         Watcher::Follow(Tool::Imezzo),
         Watcher::Follow(Tool::Lsyncd(LsyncdDelay::Zero)),
     ];
@@ -86,6 +103,8 @@ impl Watcher {
     fn label(self) -> &'static str {
         match self {
             Watcher::Nothing => "nothing watching",
+            Watcher::Capture(Probe::Empty) => "empty probe on sys_exit (floor; replicates nothing)",
+            Watcher::Capture(Probe::Imezzo) => "imezzo capture --json (probes and capture; replicates nothing)",
             Watcher::Follow(tool) => tool.label(),
         }
     }
@@ -104,8 +123,11 @@ struct Sample {
     tps: f64,
     /// Seconds `pg_ctl stop -m fast` took.
     shutdown: f64,
-    /// What the watcher did, when there was one.
+    /// What the watcher did, when there was one that replicates.
     followed: Option<Followed>,
+    /// CPU seconds of a capture watcher's process over the pgbench run (its probes run in
+    /// PostgreSQL's processes and count there).
+    capture_cpu: Option<f64>,
 }
 
 struct Followed {
@@ -127,6 +149,12 @@ struct Followed {
 
 pub fn run(imezzo: &Path, args: &DatabaseArgs) -> Result<String> {
     let programs = Programs::find(imezzo)?;
+    // The capture watchers run imezzo alone; the other two programs are the capture bench's.
+    let capture = watcher::Programs {
+        imezzo: imezzo.to_path_buf(),
+        inotifywait: PathBuf::new(),
+        fatrace: PathBuf::new(),
+    };
     let pg = Postgres::find()?;
     let mut runs = Vec::new();
     for round in 0..args.rounds {
@@ -141,7 +169,9 @@ pub fn run(imezzo: &Path, args: &DatabaseArgs) -> Result<String> {
             );
             progress(&format!("{label}..."));
             let result =
-                replicate::attempt(&label, || run_once(&programs, &pg, args, watcher, check))?;
+                replicate::attempt(&label, || {
+                    run_once(&programs, &capture, &pg, args, watcher, check)
+                })?;
             if let Ok(sample) = &result {
                 progress(&format!("{label}: {}", sample.summary()));
             }
@@ -195,6 +225,7 @@ impl Sample {
 /// and the wait for the replica.
 fn run_once(
     programs: &Programs,
+    capture: &watcher::Programs,
     pg: &Postgres,
     args: &DatabaseArgs,
     watcher: Watcher,
@@ -204,7 +235,7 @@ fn run_once(
     let image = Ext4Image::create(args.image_gib)?;
     let export = image.path();
     let replica = match watcher {
-        Watcher::Nothing => None,
+        Watcher::Nothing | Watcher::Capture(_) => None,
         Watcher::Follow(_) => Some(TmpfsDir::mount("imezzo-bench-replica")?),
     };
     let mut cluster = Cluster::init(pg, &export.join("pgdata"))?;
@@ -225,6 +256,19 @@ fn run_once(
         }
         _ => None,
     };
+    let mut capturing = match watcher {
+        Watcher::Capture(probe) => {
+            let kind = match probe {
+                Probe::Empty => watcher::Watcher::EmptyProbe,
+                Probe::Imezzo => watcher::Watcher::Imezzo,
+            };
+            watcher::start(kind, capture, &export)?
+        }
+        _ => None,
+    };
+    let capture_cpu_before = capturing
+        .as_ref()
+        .and_then(|c| process::proc_cpu_seconds(c.pid() as libc::pid_t));
     let cpu_before = follower.as_mut().map(Follower::cpu);
     let mut pgbench = cluster.client("pgbench");
     pgbench
@@ -234,6 +278,15 @@ fn run_once(
         .arg("postgres");
     let bench = process::run_measured(&mut pgbench)?;
     let cpu_after = follower.as_mut().map(Follower::cpu);
+    let capture_cpu = capturing.as_ref().and_then(|c| {
+        Some((process::proc_cpu_seconds(c.pid() as libc::pid_t)? - capture_cpu_before?).max(0.0))
+    });
+    if let Some(running) = capturing.as_mut() {
+        let seen = running.stop()?;
+        if let Some(drops) = seen.drops.filter(|d| *d > 0) {
+            bail!("imezzo capture lost {drops} events");
+        }
+    }
     if !bench.success {
         bail!(
             "pgbench failed ({}): {}",
@@ -258,6 +311,7 @@ fn run_once(
             tps,
             shutdown,
             followed: None,
+            capture_cpu,
         });
     };
     let snapshot = Snapshot::take(&export)?;
@@ -308,6 +362,7 @@ fn run_once(
             complaints,
             waited,
         }),
+        capture_cpu: None,
     })
 }
 
@@ -660,8 +715,9 @@ fn render(args: &DatabaseArgs, pg: &Postgres, runs: &[Run]) -> String {
             .collect();
         let (identical, confirmed, verdicts, source, replica) = if followed.is_empty() {
             let none = "-".to_string();
-            let side = "- | -".to_string();
-            (none.clone(), none.clone(), none, side.clone(), side)
+            let mut capture_cpu: Vec<f64> = samples.iter().filter_map(|(_, s)| s.capture_cpu).collect();
+            let source = format!("{} | -", cpu_cell(median(&mut capture_cpu)));
+            (none.clone(), none.clone(), none, source, "- | -".to_string())
         } else {
             let matched: Vec<f64> = followed
                 .iter()
@@ -733,8 +789,9 @@ fn render(args: &DatabaseArgs, pg: &Postgres, runs: &[Run]) -> String {
                 let shutdown = seconds(sample.shutdown);
                 match &sample.followed {
                     None => format!(
-                        "{:.0} | {vs} | {shutdown} | - | - | - | - | - | ",
-                        sample.tps
+                        "{:.0} | {vs} | {shutdown} | - | - | - | {} | - | ",
+                        sample.tps,
+                        cpu_cell(sample.capture_cpu)
                     ),
                     Some(f) => {
                         let (matched, done, verdict) = match &f.caught_up {
@@ -799,7 +856,11 @@ fn render_method(args: &DatabaseArgs, pg: &Postgres, out: &mut String) {
          lsyncd: the end of its start-up rsync) `pgbench -c {clients} -j {jobs} -T {seconds}` runs; tps is its \
          `tps = N (without initial connection time)`. Then `pg_ctl -m fast -w stop`, which returns once the server \
          has exited (its shutdown checkpoint written). \
-         Watchers: none; imezzo: `imezzo server --export MOUNT --state S --listen 127.0.0.1:0 --allow CLIENT` (state on the disk under /tmp) \
+         Watchers: none; two that replicate nothing and split imezzo's cost: `imezzo capture --root MOUNT --json --empty-probe` \
+         (an empty program where imezzo's probes hook every syscall's exit: the floor of any eBPF capture) and \
+         `imezzo capture --root MOUNT --json` (the probes and the capture agent, its output thrown away, no journal), \
+         each started before pgbench once it says `capture ready` and stopped with SIGINT after it, its CPU the capture \
+         process's own over the pgbench run (the probes' time counts in PostgreSQL's processes); imezzo: `imezzo server --export MOUNT --state S --listen 127.0.0.1:0 --allow CLIENT` (state on the disk under /tmp) \
          and `imezzo client --server 127.0.0.1:PORT --server-id SERVER --root REPLICA --state C --mode replicate` into a fresh tmpfs; \
          lsyncd{lsyncd_version} with `delay = 0` (`default.rsync`, `archive = true`, `--modify-window=-1`) to an rsync daemon on \
          127.0.0.1 whose module is a fresh tmpfs, as in the Replicate section's lag rows. \

@@ -283,6 +283,11 @@ impl Running {
 
     /// Waits for the watcher's output to settle, samples its peak RSS, stops it with SIGINT (as an
     /// operator's Ctrl-C would) and collects what it reported.
+    /// The watcher's process id (for its CPU time in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(&mut self) -> Result<Seen> {
         self.settle();
         let pid = self.child.id();
