@@ -181,12 +181,11 @@ fn agent_sleeping() -> bool {
 #[inline(always)]
 fn wake_for_run() {
     if agent_sleeping() {
-        match EVENTS.reserve::<FdEvent>(0) {
-            Some(mut entry) => {
-                entry.write(FdEvent { kind: kind::WAKE, tgid: 0, nr: 0, cpu: 0, file: DevIno::default(), a: 0, b: 0, c: 0 });
-                entry.submit(BPF_RB_FORCE_WAKEUP);
-            }
-            None => count_drop(),
+        // A full ring loses no change here (the agent is awake then, or wakes at the end
+        // of its sleep and reads the runs): not counted as a drop, which would rescan.
+        if let Some(mut entry) = EVENTS.reserve::<FdEvent>(0) {
+            entry.write(FdEvent { kind: kind::WAKE, tgid: 0, nr: 0, cpu: 0, file: DevIno::default(), a: 0, b: 0, c: 0 });
+            entry.submit(BPF_RB_FORCE_WAKEUP);
         }
     }
 }
