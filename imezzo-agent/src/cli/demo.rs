@@ -246,6 +246,10 @@ fn writer_main(
         }
         n += 1;
         let p = |rel: &str| root.join(rel);
+        // Taken before the change: the lag runs from it. A time taken after could reach the
+        // demo after the replayed operation did, which was then measured from the path's
+        // previous change (a chmod "lagged" 22 s behind the file's create).
+        let at = monotonic_ns();
         let pick = rng.below(100);
         let change: Option<String> = if files.len() < 20 || (pick < 12) {
             let name = format!("{}/new{n:05}.txt", dirs[rng.below(dirs.len())]);
@@ -293,7 +297,7 @@ fn writer_main(
             std::os::unix::fs::symlink("target-of-a-link", p(&name)).ok().map(|()| format!("symlink {name}"))
         };
         if let Some(change) = change {
-            if writeln!(rep, "{} {change}", monotonic_ns()).is_err() {
+            if writeln!(rep, "{at} {change}").is_err() {
                 return;
             }
         }
@@ -335,6 +339,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 struct Change {
     at_ns: u64,
     paths: Vec<String>,
+}
+
+impl Change {
+    /// Notes the change as the latest of each of its paths; counts one change.
+    fn record(self, last_change: &mut HashMap<String, u64>) -> u64 {
+        for p in self.paths {
+            last_change.insert(p, self.at_ns);
+        }
+        1
+    }
 }
 
 fn parse_report(line: &str) -> Option<Change> {
@@ -466,14 +480,17 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
         let end = stopping.or(until).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             c = reports.recv(), if stopping.is_none() => if let Some(c) = c {
-                changes += 1;
-                for p in c.paths {
-                    last_change.insert(p, c.at_ns);
-                }
+                changes += c.record(&mut last_change);
             },
             e = events.recv() => match e {
                 Some(ClientEvent::Applied { seq, op, at }) => {
                     applied += 1;
+                    // The report of the change this op replays was sent before capture saw
+                    // the change: take whatever has come, so the op is not measured from
+                    // an earlier change of its path.
+                    while let Some(c) = stopping.is_none().then(|| reports.try_recv().ok()).flatten() {
+                        changes += c.record(&mut last_change);
+                    }
                     let at_ns = monotonic_ns().saturating_sub(at.elapsed().as_nanos() as u64);
                     let changed = op_paths(&op).iter().filter_map(|p| last_change.get(p)).max().copied();
                     let line = JournalEntry { seq, op }.to_string();
