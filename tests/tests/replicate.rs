@@ -2282,6 +2282,33 @@ fn demo_with_a_duration_replicates_exits_0_with_an_identical_verify_and_leaves_n
     assert!(left.is_empty(), "the demo left mounts behind: {left:?}");
 }
 
+#[test]
+fn a_demo_stopped_while_its_client_is_already_in_sync_ends_without_waiting() {
+    // A change at 3 s and at 6 s, the stop at 7 s: the client said "in sync" for the last
+    // change before the stop and has nothing more to say. The demo waited 15 s for another
+    // "in sync" and ended saying the client did not catch up.
+    let mut demo = Agent::spawn(
+        "demo-quiet",
+        vec!["demo".into(), "--duration".into(), "7".into(), "--interval-ms".into(), "3000".into()],
+    );
+    let Some(st) = demo.wait_exit(Duration::from_secs(120)) else {
+        demo.kill9();
+        panic!("the demo did not exit within 120 s\n{}", demo.context());
+    };
+    assert!(st.success(), "the demo exited {st}\n{}", demo.context());
+    let all: Vec<String> = demo.stdout().into_iter().chain(demo.stderr()).collect();
+    assert!(
+        all.iter().any(|l| l.contains("operations replayed")),
+        "no summary line\n{}",
+        demo.context()
+    );
+    assert!(
+        !all.iter().any(|l| l.contains("did not catch up")),
+        "the demo waited for a client that was in sync\n{}",
+        demo.context()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The harness itself
 // ---------------------------------------------------------------------------

@@ -476,6 +476,9 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
     let mut applied = 0u64;
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut target: Option<u64> = None;
+    // The client says "in sync" once per seq, at most once a second: the last one may have
+    // come before the stop, and then none comes after it.
+    let mut in_sync: Option<u64> = None;
     loop {
         let end = stopping.or(until).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -504,6 +507,7 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
                     }
                 }
                 Some(ClientEvent::InSync { seq }) => {
+                    in_sync = Some(seq);
                     if target.is_some_and(|t| seq >= t) {
                         break;
                     }
@@ -533,6 +537,9 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
             let t = journal.last_seq();
             target = Some(t);
             println!("imezzo demo: changes stopped; waiting for the client to reach seq {t}");
+            if in_sync.is_some_and(|s| s >= t) {
+                break;
+            }
         }
     }
     let _ = stop_client.send(());
