@@ -54,7 +54,7 @@ pub struct DatabaseArgs {
     jobs: u64,
     /// Rounds; each runs pgbench unwatched, under the empty probe, under imezzo's capture alone,
     /// under imezzo and under lsyncd, in an order rotated from round to round (five take about
-    /// 14 minutes on 2 cores).
+    /// 17 minutes on 2 cores).
     #[arg(long, default_value_t = 5, value_parser = value_parser!(u32).range(1..))]
     rounds: u32,
     /// Seconds the replica may take to become identical after the shutdown before the run
