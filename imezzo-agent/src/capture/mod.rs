@@ -162,6 +162,9 @@ impl NamesAsker {
         sent
     }
 
+}
+
+impl NamesServed {
     /// What wakes the loop, for whoever stops it.
     pub fn waker(&self) -> CaptureWaker {
         self.waker.clone()
@@ -567,7 +570,6 @@ impl Capture {
                 last_drop_check = Instant::now();
             }
             self.check_touched(&mut out);
-            let moves = self.run_moves;
             self.emit(&mut out, drained_at, sink);
             self.answer_names();
             idle = self.stats.events == before && self.run_moves == moves_before;
@@ -581,7 +583,7 @@ impl Capture {
                 // A write between the drain above and the ask put nothing in the ring and
                 // saw no flag: the runs tell.
                 let (_, after) = self.probes.open_runs();
-                asleep = after == moves;
+                asleep = after == self.run_moves;
             }
             if !idle {
                 // Under a storm, drain in batches: a consumer that chases every event

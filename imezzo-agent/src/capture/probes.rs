@@ -206,8 +206,8 @@ impl Probes {
     /// The write run each CPU holds, as (cpu, run), for the runs that were stable while
     /// read: the probe makes `seq` odd while it changes a slot, so a slot read twice with
     /// the same even `seq` is consistent. A slot that was changing is skipped this time.
-    /// The runs open on each CPU, and the sum of their sequence counters, which grows at
-    /// every write that grows, starts or ends a run (activity that puts nothing in the ring).
+    /// Also the sum of every slot's `seq`, which grows at every write that grows, starts or
+    /// ends a run (activity that puts nothing in the ring).
     pub fn open_runs(&self) -> (Vec<(u32, OpenRun)>, u64) {
         let (Ok(first), Ok(second)) = (self.runs.get(&0, 0), self.runs.get(&0, 0)) else {
             return (Vec::new(), 0);

@@ -491,8 +491,10 @@ async fn demo(dirs: &DemoDirs, writer: Writer, args: &DemoArgs) -> anyhow::Resul
                     // The report of the change this op replays was sent before capture saw
                     // the change: take whatever has come, so the op is not measured from
                     // an earlier change of its path.
-                    while let Some(c) = stopping.is_none().then(|| reports.try_recv().ok()).flatten() {
-                        changes += c.record(&mut last_change);
+                    if stopping.is_none() {
+                        while let Ok(c) = reports.try_recv() {
+                            changes += c.record(&mut last_change);
+                        }
                     }
                     let at_ns = monotonic_ns().saturating_sub(at.elapsed().as_nanos() as u64);
                     let changed = op_paths(&op).iter().filter_map(|p| last_change.get(p)).max().copied();

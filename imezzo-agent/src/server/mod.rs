@@ -182,7 +182,6 @@ impl Server {
             );
         let (appended_tx, appended) = watch::channel(journal.last_seq());
         let (names, names_rx) = capture::names_channel().map_err(|e| ServerError::CaptureThread(format!("cannot make its eventfd: {e}")))?;
-        let waker = names.waker();
         let capture = CaptureThread::start(
             export_root.clone(),
             export.clone(),
@@ -191,7 +190,6 @@ impl Server {
             journal.clone(),
             appended_tx,
             names_rx,
-            waker,
         )
         .await?;
         let endpoint = transport::server_endpoint(&identity, opts.listen, opts.allow.clone())?;
@@ -323,9 +321,9 @@ impl CaptureThread {
         journal: Arc<Journal>,
         appended: watch::Sender<u64>,
         names: NamesServed,
-        waker: CaptureWaker,
     ) -> Result<CaptureThread, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let waker = names.waker();
         let (failed_tx, failed) = watch::channel(None);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ServerError>>();
         let flag = stop.clone();
