@@ -2245,25 +2245,25 @@ fn mounts_under_tmp() -> Vec<String> {
         .collect()
 }
 
+/// Runs `imezzo demo ARGS` to its end (it must exit 0 within 120 s, without a panic) and
+/// returns it with every line it printed, stdout then stderr.
+fn run_demo(name: &str, args: &[&str]) -> (Agent, Vec<String>) {
+    let argv = std::iter::once("demo").chain(args.iter().copied()).map(Into::into).collect();
+    let mut demo = Agent::spawn(name, argv);
+    let Some(st) = demo.wait_exit(Duration::from_secs(120)) else {
+        demo.kill9();
+        panic!("imezzo demo {args:?} did not exit within 120 s\n{}", demo.context());
+    };
+    assert!(st.success(), "imezzo demo {args:?} exited {st}\n{}", demo.context());
+    assert!(!demo.panicked(), "the demo panicked\n{}", demo.context());
+    let all = demo.stdout().into_iter().chain(demo.stderr()).collect();
+    (demo, all)
+}
+
 #[test]
 fn demo_with_a_duration_replicates_exits_0_with_an_identical_verify_and_leaves_no_mounts() {
     let before = mounts_under_tmp();
-    let mut demo = Agent::spawn("demo", vec!["demo".into(), "--duration".into(), "8".into()]);
-    let st = demo.wait_exit(Duration::from_secs(120));
-    let Some(st) = st else {
-        demo.kill9();
-        panic!(
-            "imezzo demo --duration 8 did not exit within 120 s\n{}",
-            demo.context()
-        );
-    };
-    assert!(
-        st.success(),
-        "imezzo demo --duration 8 exited {st}\n{}",
-        demo.context()
-    );
-    assert!(!demo.panicked(), "the demo panicked\n{}", demo.context());
-    let all: Vec<String> = demo.stdout().into_iter().chain(demo.stderr()).collect();
+    let (demo, all) = run_demo("demo", &["--duration", "8"]);
     let verdict = all
         .iter()
         .rev()
@@ -2276,9 +2276,10 @@ fn demo_with_a_duration_replicates_exits_0_with_an_identical_verify_and_leaves_n
         demo.context()
     );
     let after = mounts_under_tmp();
-    // The demo's own mounts only: other tests and tools may mount under /tmp meanwhile.
-    let left: Vec<&String> =
-        after.iter().filter(|m| !before.contains(m) && m.contains("/imezzo-demo-")).collect();
+    // The demo's own mounts only (its directory is named for its pid): other tests, another
+    // demo among them, and tools may mount under /tmp meanwhile.
+    let own = format!("/imezzo-demo-{}/", demo.pid);
+    let left: Vec<&String> = after.iter().filter(|m| !before.contains(m) && m.contains(&own)).collect();
     assert!(left.is_empty(), "the demo left mounts behind: {left:?}");
 }
 
@@ -2287,16 +2288,7 @@ fn a_demo_stopped_while_its_client_is_already_in_sync_ends_without_waiting() {
     // A change at 3 s and at 6 s, the stop at 7 s: the client said "in sync" for the last
     // change before the stop and has nothing more to say. The demo waited 15 s for another
     // "in sync" and ended saying the client did not catch up.
-    let mut demo = Agent::spawn(
-        "demo-quiet",
-        vec!["demo".into(), "--duration".into(), "7".into(), "--interval-ms".into(), "3000".into()],
-    );
-    let Some(st) = demo.wait_exit(Duration::from_secs(120)) else {
-        demo.kill9();
-        panic!("the demo did not exit within 120 s\n{}", demo.context());
-    };
-    assert!(st.success(), "the demo exited {st}\n{}", demo.context());
-    let all: Vec<String> = demo.stdout().into_iter().chain(demo.stderr()).collect();
+    let (demo, all) = run_demo("demo-quiet", &["--duration", "7", "--interval-ms", "3000"]);
     assert!(
         all.iter().any(|l| l.contains("operations replayed")),
         "no summary line\n{}",
